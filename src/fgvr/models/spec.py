@@ -1,0 +1,201 @@
+"""Model specs: the immutable value that names one loaded model, and the config registry of known names.
+
+A spec's `key` is what the registry dedupes on, so everything that changes the loaded weights or where
+they live is part of it (path and revision, family, dtype, device, quantisation, pixel caps), and every
+spelling of the same thing normalises to one key ("cuda" and "cuda:0", "bf16" and "bfloat16",
+relative and absolute paths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+FAMILIES = ("efficientnet", "clip", "siglip", "qwen2_5_vl")
+
+_DTYPES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}
+_QUANT = {None: None, "": None, "none": None, "int8": "int8", "8bit": "int8", "nf4": "nf4", "4bit": "nf4"}
+
+# Qwen2.5-VL: one visual token per 28x28 patch group. The model card advises 256-1280 tokens per image;
+# the processor's own default (16,384 tokens) is what makes a single photo cost gigabytes.
+QWEN_PATCH = 28
+DEFAULT_MAX_VISUAL_TOKENS = 1280
+DEFAULT_MAX_PIXELS = DEFAULT_MAX_VISUAL_TOKENS * QWEN_PATCH * QWEN_PATCH
+DEFAULT_MIN_PIXELS = 4 * QWEN_PATCH * QWEN_PATCH
+
+
+class SpecError(ValueError):
+    """A spec that names nothing loadable; the message says what to fetch or type instead."""
+
+
+def normalise_device(device: str | None) -> str:
+    """'cuda' and 'cuda:0' are one device; 'auto' picks CUDA where it exists."""
+    d = (device or "cpu").strip().lower()
+    if d == "auto":
+        import torch
+
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cuda":
+        return "cuda:0"
+    if d.startswith("cuda:") and d[5:].isdigit():
+        return f"cuda:{int(d[5:])}"
+    if d in ("cpu", "meta", "mps"):
+        return d
+    raise SpecError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+
+
+def normalise_dtype(dtype: str | None) -> str:
+    d = (dtype or "float32").strip().lower()
+    if d not in _DTYPES:
+        raise SpecError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+    return _DTYPES[d]
+
+
+def folder_digest(path: Path) -> str:
+    """A cheap content fingerprint of a model folder: config text plus each weight file's name and size.
+
+    Hashing gigabytes of weights on every start would cost more than loading them; name+size+config
+    changes whenever a different checkpoint is dropped in.
+    """
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".json" and f.stat().st_size < 1_000_000:
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides what a loaded model is. Build through `ModelSpec.create` or `parse_spec`."""
+
+    family: str
+    source: str  # an absolute local folder, or a packaged-weights name (efficientnet-lite0)
+    revision: str = ""  # file digest of the folder, or the package version
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantization: str | None = None
+    max_pixels: int | None = None
+    min_pixels: int | None = None
+    image_size: int | None = None  # input resolution for fixed-size encoders
+
+    @classmethod
+    def create(
+        cls,
+        family: str,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        quantization: str | None = None,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        image_size: int | None = None,
+    ) -> "ModelSpec":
+        family = family.strip().lower().replace("-", "_").replace(".", "_")
+        if family not in FAMILIES:
+            raise SpecError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+        quant = _QUANT.get(quantization.lower() if isinstance(quantization, str) else quantization, "?")
+        if quant == "?":
+            raise SpecError(f"unknown quantisation {quantization!r}: use int8 or nf4")
+        src = str(source)
+        if family != "efficientnet":
+            p = Path(src).expanduser()
+            src = str(p.resolve())
+            if revision is None and p.is_dir():
+                revision = folder_digest(p)
+        if family == "qwen2_5_vl":
+            max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+            min_pixels = min_pixels or DEFAULT_MIN_PIXELS
+        return cls(
+            family=family,
+            source=src,
+            revision=revision or "",
+            dtype=normalise_dtype(dtype),
+            device=normalise_device(device),
+            quantization=quant,
+            max_pixels=max_pixels,
+            min_pixels=min_pixels,
+            image_size=image_size,
+        )
+
+    @property
+    def key(self) -> str:
+        """The normalised identity the registry dedupes on."""
+        parts = [self.family, self.source]
+        if self.revision:
+            parts.append("@" + self.revision)
+        parts += [self.dtype, self.device, self.quantization or "noquant"]
+        if self.max_pixels:
+            parts.append(f"maxpx={self.max_pixels}")
+        if self.min_pixels:
+            parts.append(f"minpx={self.min_pixels}")
+        if self.image_size:
+            parts.append(f"size={self.image_size}")
+        return "|".join(parts)
+
+    @property
+    def name(self) -> str:
+        """Short human name for tables and logs."""
+        return Path(self.source).name if self.family != "efficientnet" else self.source
+
+    def replace(self, **changes) -> "ModelSpec":
+        """A copy with some fields changed, re-normalised (e.g. the same model on another device)."""
+        fields = dataclasses.asdict(self) | changes
+        return ModelSpec.create(fields.pop("family"), fields.pop("source"), **fields)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _detect_family(folder: Path) -> str:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise SpecError(
+            f"{folder} has no config.json: point at a folder saved by transformers' save_pretrained "
+            "(CLIP, SigLIP or Qwen2.5-VL)"
+        )
+    model_type = json.loads(cfg.read_text()).get("model_type", "")
+    table = {"clip": "clip", "siglip": "siglip", "qwen2_5_vl": "qwen2_5_vl"}
+    if model_type not in table:
+        raise SpecError(f"{cfg}: model_type {model_type!r} is not supported; use CLIP, SigLIP or Qwen2.5-VL")
+    return table[model_type]
+
+
+def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None, **kw) -> ModelSpec:
+    """Turn what a user types (`efficientnet-lite0`, a local model folder) into a spec.
+
+    Names of models that must be fetched by hand (clip-vit-b32, qwen2.5-vl-7b) are refused with the place
+    to put them, because nothing downloads at run time.
+    """
+    t = text.strip()
+    low = t.lower()
+    if low in ("efficientnet-lite0", "efficientnet-lite2", "lite0", "lite2"):
+        variant = "efficientnet-lite" + low[-1]
+        return ModelSpec.create("efficientnet", variant, revision="0.1.0", dtype=dtype, device=device, **kw)
+    p = Path(t).expanduser()
+    if p.is_dir():
+        return ModelSpec.create(_detect_family(p), p, dtype=dtype, device=device, **kw)
+    from fgvr.models.configs import HUB_IDS
+
+    if low in HUB_IDS:
+        raise SpecError(
+            f"{t!r} is not on this machine and nothing is downloaded at run time. Fetch "
+            f"{HUB_IDS[low]} (e.g. `huggingface-cli download {HUB_IDS[low]} --local-dir models/{low}`) "
+            f"and pass the folder: --encoder/--vlm models/{low}"
+        )
+    raise SpecError(
+        f"{t!r} is neither a known model name (efficientnet-lite0, efficientnet-lite2) nor a local model "
+        "folder; pass the path of a folder saved with save_pretrained"
+    )
