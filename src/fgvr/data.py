@@ -1,0 +1,340 @@
+"""Data input: an image folder or a CSV manifest -> a `Dataset`; the k-shot split; robust image decoding.
+
+Two layouts are read:
+
+* a folder `root/<class>/<image>`: the class name is the folder name with `_` read as a space, unless a
+  classes file maps folder names to class names;
+* a CSV manifest with a `path,label` header: relative paths are relative to the CSV file's folder.
+
+Class ids are indices into the sorted list of class names, so the same data gives the same ids on every
+machine. The k-shot split is per class and depends only on the seed, the class name and the file names,
+never on the order the file system lists them in.
+
+`load_image` is the one place images are decoded. Whatever arrives (grayscale, RGBA, palette, CMYK, 16-bit,
+EXIF-rotated, huge) leaves as an RGB `PIL.Image`; anything that is not a decodable image raises
+`ImageError(path, reason)` so callers can skip it, list it and go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Files with these suffixes are treated as images; anything else in a class folder is listed as ignored
+# (not silently dropped) so a stray `notes.txt` shows up in the build summary.
+IMAGE_SUFFIXES = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
+)
+
+# Largest image we agree to decode at all (a 16k x 16k photo). Pillow's own default (89 Mpx) warns on
+# ordinary panoramas; far larger headers are decompression bombs. We treat Pillow's bomb warning as an
+# error, so the limit here is the one that applies.
+MAX_IMAGE_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS)
+
+# Images are downscaled while decoding so that memory stays bounded: no encoder here looks at more than
+# ~1,000 px per side (Qwen2.5-VL's default cap is 1280 visual tokens = ~1 Mpx).
+DEFAULT_MAX_SIDE = 2048
+
+
+class DataError(ValueError):
+    """The dataset as a whole cannot be read (no classes, an empty class, a bad manifest line)."""
+
+
+class ImageError(Exception):
+    """One file is not a usable image. Callers skip it and record `reason` next to `path`."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+class FewShotWarning(UserWarning):
+    """A class has fewer images than the requested k; all of them are used."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str  # the class name (not the id)
+
+
+@dataclass
+class Dataset:
+    """Samples plus the class list; a class's id is its index in `classes`.
+
+    `ignored` lists files found in class folders that are not image files by name, with the reason, so a
+    build can report them next to the files that failed to decode.
+    """
+
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+
+    def class_id(self, label: str) -> int:
+        return self._index()[label]
+
+    def _index(self) -> dict[str, int]:
+        idx = self.__dict__.get("_idx")
+        if idx is None or len(idx) != len(self.classes):
+            idx = {c: i for i, c in enumerate(self.classes)}
+            self.__dict__["_idx"] = idx
+        return idx
+
+    def by_class(self) -> dict[str, list[Sample]]:
+        out: dict[str, list[Sample]] = {c: [] for c in self.classes}
+        for s in self.samples:
+            out[s.label].append(s)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading a dataset
+
+
+def folder_to_class_name(folder: str) -> str:
+    """`Black_footed_Albatross` -> `Black footed Albatross` (the common convention of FGVR datasets)."""
+    return folder.replace("_", " ")
+
+
+def read_classes_file(path: Path) -> dict[str, str]:
+    """A mapping from folder name (or CSV label) to class name.
+
+    Accepted forms: a JSON object `{"folder": "Class name", ...}`, or a UTF-8 text file with one class per
+    line, either `folder<TAB>Class name` or just `name` (the folder/label is taken verbatim as the class
+    name, underscores kept). Blank lines and lines starting with `#` are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"classes file {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
+        obj = json.loads(text)
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+            raise DataError(f"classes file {path}: expected a JSON object mapping folder names to class names")
+        mapping = dict(obj)
+    else:
+        mapping = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            key, sep, name = line.partition("\t")
+            key, name = (key, name) if sep else (line, line)
+            if not key or not name:
+                raise DataError(f"classes file {path}, line {lineno}: expected `folder<TAB>class name`")
+            if key in mapping:
+                raise DataError(f"classes file {path}, line {lineno}: {key!r} appears twice")
+            mapping[key] = name
+    names = list(mapping.values())
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"classes file {path}: class name(s) {dup} given to more than one folder/label")
+    return mapping
+
+
+def read_dataset(source: str | Path, classes_file: str | Path | None = None) -> Dataset:
+    """An image folder (`root/<class>/<image>`) or a `.csv` manifest (`path,label`) -> `Dataset`.
+
+    With a classes file, it is the full class list: every folder/label must appear in it and every entry
+    must have images, so a typo cannot silently drop or invent a class.
+    """
+    source = Path(source)
+    mapping = read_classes_file(Path(classes_file)) if classes_file is not None else None
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return _read_manifest(source, mapping, classes_file)
+    if not source.exists():
+        raise DataError(f"{source} does not exist: pass an image folder (root/<class>/<image>) or a .csv manifest")
+    if not source.is_dir():
+        raise DataError(f"{source} is neither a folder nor a .csv manifest (path,label)")
+    return _read_folder(source, mapping, classes_file)
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _read_folder(root: Path, mapping: dict[str, str] | None, classes_file) -> Dataset:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    if not folders:
+        raise DataError(
+            f"{root} has no class folders: expected one subfolder per class, e.g. {root}/<class>/<image>.jpg"
+        )
+    if mapping is not None:
+        unknown = [f.name for f in folders if f.name not in mapping]
+        if unknown:
+            raise DataError(f"class folder(s) {unknown} in {root} are not in classes file {classes_file}")
+        missing = sorted(set(mapping) - {f.name for f in folders})
+        if missing:
+            raise DataError(f"classes file {classes_file} names folder(s) {missing} that are not in {root}")
+    samples: list[Sample] = []
+    ignored: list[tuple[Path, str]] = []
+    names: dict[str, Path] = {}
+    for folder in folders:
+        name = mapping[folder.name] if mapping is not None else folder_to_class_name(folder.name)
+        if name in names:
+            raise DataError(
+                f"folders {names[name]} and {folder} both give the class name {name!r}; rename one "
+                "or pass a classes file"
+            )
+        names[name] = folder
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p)
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        ignored += [(p, f"not an image file type ({p.suffix or 'no suffix'})") for p in files
+                    if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if not images:
+            raise DataError(f"class folder {folder} contains no image files; add images or remove the folder")
+        samples += [Sample(p, name) for p in images]
+    return Dataset(root=root, classes=sorted(names), samples=samples, ignored=ignored)
+
+
+def _read_manifest(path: Path, mapping: dict[str, str] | None, classes_file) -> Dataset:
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"manifest {path} is empty: expected a header `path,label` and one row per image")
+    header = [h.strip().lower() for h in rows[0]]
+    if "path" not in header or "label" not in header:
+        raise DataError(f"manifest {path}: the first line must be the header `path,label` (got {rows[0]})")
+    ip, il = header.index("path"), header.index("label")
+    samples: list[Sample] = []
+    seen_labels: set[str] = set()
+    for lineno, row in enumerate(rows[1:], 2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= max(ip, il) or not row[ip].strip() or row[il] == "":
+            raise DataError(f"manifest {path}, line {lineno}: expected `path,label`, got {row}")
+        label = row[il]
+        if mapping is not None:
+            if label not in mapping:
+                raise DataError(f"manifest {path}, line {lineno}: label {label!r} is not in classes file {classes_file}")
+            label = mapping[label]
+        seen_labels.add(row[il])
+        p = Path(row[ip].strip())
+        samples.append(Sample(p if p.is_absolute() else path.parent / p, label))
+    if not samples:
+        raise DataError(f"manifest {path} has a header but no rows")
+    if mapping is not None:
+        missing = sorted(set(mapping) - seen_labels)
+        if missing:
+            raise DataError(f"classes file {classes_file} names label(s) {missing} with no rows in {path}")
+    return Dataset(root=path.parent, classes=sorted({s.label for s in samples}), samples=samples)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the k-shot split
+
+
+def split_k_shot(dataset: Dataset, k: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(support, rest): k images per class drawn with `seed`, and every other image (for validation).
+
+    Per class, files are sorted by path and shuffled by a generator seeded with (seed, class name), so a
+    class's draw does not depend on directory listing order or on which other classes exist. A class with
+    fewer than k images gives all of them to the support set and warns. Both lists are ordered by class id.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    support: list[Sample] = []
+    rest: list[Sample] = []
+    for name, items in dataset.by_class().items():
+        items = sorted(items, key=lambda s: str(s.path))
+        random.Random(f"{seed}\x00{name}").shuffle(items)
+        if len(items) < k:
+            warnings.warn(f"class {name!r} has {len(items)} image(s), fewer than k={k}: using all of them",
+                          FewShotWarning, stacklevel=2)
+        support += items[:k]
+        rest += items[k:]
+    return support, rest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoding one image
+
+
+def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE) -> Image.Image:
+    """Decode `path` to an RGB image with EXIF orientation applied, longest side at most `max_side`.
+
+    Large JPEGs are decoded at a reduced scale (`draft`) so a 24 Mpx photo never occupies 72 MB before being
+    shrunk. Transparency is composited on white (what a viewer shows), 16-bit data is scaled to 8 bits
+    rather than clipped. Raises `ImageError(path, reason)` for anything that is not a decodable image.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot read: {e.strerror or e}") from None
+    if size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageError(path, f"image is {w}x{h}, over the {MAX_IMAGE_PIXELS:,} pixel limit")
+                if max_side and max(w, h) > max_side and im.format == "JPEG":
+                    r = max_side / max(w, h)
+                    im.draft(im.mode if im.mode in ("RGB", "L", "CMYK") else "RGB",
+                             (max(1, round(w * r)), max(1, round(h * r))))
+                im.load()
+                out = ImageOps.exif_transpose(im)
+                out = _to_rgb(out)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError(path, "not an image (unknown or unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, f"refused as a decompression bomb: {e}") from None
+    except MemoryError:
+        raise ImageError(path, "out of memory while decoding") from None
+    except Exception as e:  # truncated data, bad headers, codec errors: all mean "this file is unusable"
+        msg = str(e) or type(e).__name__
+        reason = "truncated image data" if "truncated" in msg.lower() else f"cannot decode: {msg}"
+        raise ImageError(path, reason) from None
+    if max_side and max(out.size) > max_side:
+        out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return out
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_to_rgb(im)
+    if (mode == "P" and "transparency" in im.info) or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit single-channel images -> 8-bit gray -> RGB, by scaling, never by clipping."""
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        a8 = (a.astype(np.float32) / 257.0).round()
+    elif im.mode == "F" and a.size and np.nanmin(a) >= 0.0 and np.nanmax(a) <= 1.0:
+        a8 = (a * 255.0).round()
+    else:
+        a = a.astype(np.float64)
+        lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
+        if im.mode == "I" and lo >= 0 and hi <= 255:
+            a8 = a
+        elif im.mode == "I" and lo >= 0 and hi <= 65535:
+            a8 = (a / 257.0).round()
+        else:
+            a8 = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+    gray = Image.fromarray(np.nan_to_num(a8).clip(0, 255).astype(np.uint8))
+    return gray.convert("RGB")
