@@ -1,0 +1,231 @@
+"""The dual system end to end for a batch of image files:
+
+    decode (once) -> encode (once, batched) -> System 1 over all classes -> trigger
+        -> System 2 on the triggered samples (batched, with the experience rules for their candidates)
+        -> deterministic decision -> one `Result` per image
+
+Each image is decoded once and the decoded image is what both the encoder and System 2 see. An unreadable
+file gives an error `Result` and the batch goes on. Without a System 2 the pipeline still runs: samples the
+trigger picks are marked `escalated-unavailable` and keep their fast answer, so a run without a VLM shows
+how much work a VLM would have been given.
+
+`slow_all=True` runs System 2 on every sample but still decides with the trigger. It costs System 2 on all
+images, and buys the exact accuracy-vs-budget curve for every budget from one run (see `fgvr.report`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fgvr.data import ImageError, load_image
+from fgvr.decision import DEFAULT_WEIGHT, decide
+from fgvr.fast_path import system1
+from fgvr.slow_path import SlowAnswer, SlowPath, SlowQuery
+from fgvr.trigger import Trigger
+
+PATH_FAST = "fast"
+PATH_SLOW = "slow"
+PATH_UNAVAILABLE = "escalated-unavailable"  # the trigger fired, no System 2 configured: fast answer stands
+PATH_SLOW_FAILED = "escalated-failed"  # the trigger fired, System 2 raised: fast answer stands, error logged
+PATH_ERROR = "error"  # the image could not be read: no answer
+
+
+@dataclass
+class Candidate:
+    id: int
+    name: str
+    fast: float  # System 1's posterior, renormalised over the candidates
+    slow: float | None = None  # System 2's probability (None when it did not run)
+    final: float | None = None  # the decision's probability when it was used, else the fast one
+
+
+@dataclass
+class Result:
+    """One image's answer and everything that produced it (`to_dict` is the JSON line)."""
+
+    path: str
+    path_taken: str
+    prediction: int | None = None
+    prediction_name: str | None = None
+    confidence: float | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    fast_prediction: int | None = None  # System 1's top-1
+    slow_prediction: int | None = None  # the decision's top-1 whenever System 2 ran (also when not used)
+    slow_ran: bool = False
+    rationale: str | None = None
+    rules_used: list[str] = field(default_factory=list)
+    slow_tokens_in: int = 0
+    slow_tokens_out: int = 0
+    trigger: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds; batched stages are shared equally
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DualSystem:
+    """System 1 + trigger + optional System 2 + decision over one knowledge base.
+
+    `encoder` is a loaded `fgvr.encoder.Encoder` (leased from the registry by the caller, so the caller
+    decides how long it stays loaded). `slow` is any `SlowPath` or None. `experience` is anything with
+    `retrieve(candidate_ids, n) -> list[Rule]` (an `fgvr.experience.ExperienceLibrary`).
+    A trigger with a budget and no threshold is calibrated here on the base's support set, leave-one-out.
+    """
+
+    def __init__(
+        self,
+        kb: Any,
+        encoder: Any,
+        slow: SlowPath | None,
+        trigger: Trigger,
+        k: int = 5,
+        weight: float = DEFAULT_WEIGHT,
+        experience: Any = None,
+        *,
+        n_rules: int = 3,
+        w: float | None = None,
+        tau: float | None = None,
+        slow_all: bool = False,
+        slow_batch: int = 8,
+        encode_batch: int = 32,
+    ) -> None:
+        self.kb, self.encoder, self.slow, self.trigger = kb, encoder, slow, trigger
+        self.k, self.weight, self.experience, self.n_rules = k, weight, experience, n_rules
+        self.w, self.tau = w, tau
+        self.slow_all = slow_all and slow is not None
+        self.slow_batch, self.encode_batch = max(1, slow_batch), max(1, encode_batch)
+        if k < 1:
+            raise ValueError(f"top-k must be at least 1, got {k}")
+        if not (0.0 <= weight <= 1.0):
+            raise ValueError(f"decision weight must lie in [0, 1], got {weight}")
+        if trigger.threshold is None:
+            trigger.calibrate_on_support(kb, w=w, tau=tau)
+
+    # ------------------------------------------------------------------------------------------------
+    def classify_paths(self, paths: Sequence[str | Path]) -> list[Result]:
+        """Classify image files; results in input order, one per path (error records included)."""
+        t0 = time.perf_counter()
+        results: list[Result | None] = [None] * len(paths)
+        images, ok = [], []
+        for i, p in enumerate(paths):
+            t = time.perf_counter()
+            try:
+                images.append(load_image(p))
+                ok.append(i)
+            except ImageError as e:
+                results[i] = Result(path=str(p), path_taken=PATH_ERROR, error=e.reason,
+                                    timings={"decode": time.perf_counter() - t})
+        decode_s = time.perf_counter() - t0
+        if ok:
+            for i, r in zip(ok, self.classify_images(images, [str(paths[i]) for i in ok])):
+                r.timings = {"decode": decode_s / len(ok), **r.timings}
+                r.timings["total"] = sum(v for key, v in r.timings.items() if key != "total")
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def classify_images(self, images: list, paths: list[str]) -> list[Result]:
+        """The same on already decoded RGB images (the CLI and evaluate go through classify_paths)."""
+        n = len(images)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            emb = self.encoder.encode_images(images, batch_size=self.encode_batch)
+        encode_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        fast = system1(self.kb, emb, w=self.w, tau=self.tau, k=self.k)
+        fast_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        decisions = self.trigger.decide(fast, self.kb)
+        trigger_s = time.perf_counter() - t
+
+        escalate = [i for i, d in enumerate(decisions) if d.go_slow]
+        run_slow = list(range(n)) if self.slow_all else (escalate if self.slow is not None else [])
+        answers, slow_errors, slow_s = self._run_slow(images, paths, fast, run_slow)
+
+        classes = self.kb.classes
+        out = []
+        t_dec = time.perf_counter()
+        for i in range(n):
+            ids = fast.topk_ids[i].tolist()
+            fast_p = fast.candidates_probs(i)
+            cands = [Candidate(c, classes[c], p) for c, p in zip(ids, fast_p)]
+            r = Result(path=paths[i], path_taken=PATH_FAST, fast_prediction=ids[0], trigger=decisions[i].to_dict())
+            ans = answers.get(i)
+            final = fast_p
+            if ans is not None:
+                slow_p = decide(fast_p, ans.probs, self.weight)
+                r.slow_ran = True
+                r.slow_prediction = ids[max(range(len(ids)), key=lambda j: slow_p[j])]
+                r.rationale, r.rules_used = ans.rationale, list(ans.rules_used)
+                r.slow_tokens_in, r.slow_tokens_out = int(ans.tokens_in), int(ans.tokens_out)
+                for c, sp in zip(cands, ans.probs):
+                    c.slow = float(sp)
+                if decisions[i].go_slow:
+                    final = slow_p
+                    r.path_taken = PATH_SLOW
+            elif decisions[i].go_slow:
+                r.path_taken = PATH_SLOW_FAILED if i in slow_errors else PATH_UNAVAILABLE
+                if i in slow_errors:
+                    r.error = slow_errors[i]
+            for c, fp in zip(cands, final):
+                c.final = float(fp)
+            best = max(range(len(ids)), key=lambda j: final[j])
+            r.prediction, r.prediction_name, r.confidence = ids[best], classes[ids[best]], float(final[best])
+            r.candidates = cands
+            r.timings = {"encode": encode_s / n, "fast": fast_s / n, "trigger": trigger_s / n,
+                         "slow": slow_s.get(i, 0.0)}
+            out.append(r)
+        decide_s = (time.perf_counter() - t_dec) / n
+        for r in out:
+            r.timings["decide"] = decide_s
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    def _rules(self, candidates: list[int]) -> list:
+        if self.experience is None or self.n_rules <= 0:
+            return []
+        return list(self.experience.retrieve(candidates, self.n_rules))
+
+    def _run_slow(self, images: list, paths: list[str], fast, idx: list[int]
+                  ) -> tuple[dict[int, SlowAnswer], dict[int, str], dict[int, float]]:
+        """System 2 on samples `idx`, in batches of `slow_batch`. A batch that raises is logged per sample
+        (its samples keep the fast answer) and the run goes on; a malformed answer counts as a failure."""
+        answers: dict[int, SlowAnswer] = {}
+        errors: dict[int, str] = {}
+        seconds: dict[int, float] = {}
+        if self.slow is None:
+            return answers, errors, seconds
+        for start in range(0, len(idx), self.slow_batch):
+            chunk = idx[start:start + self.slow_batch]
+            queries = []
+            for i in chunk:
+                cands = fast.topk_ids[i].tolist()
+                queries.append(SlowQuery(image=images[i], candidates=cands, rules=self._rules(cands), path=paths[i]))
+            t = time.perf_counter()
+            try:
+                got = self.slow.rank(queries)
+                if len(got) != len(queries):
+                    raise RuntimeError(f"System 2 returned {len(got)} answers for {len(queries)} queries")
+            except Exception as e:  # noqa: BLE001 - one failing batch must not end a long run
+                msg = f"System 2 ({getattr(self.slow, 'name', type(self.slow).__name__)}) failed: {type(e).__name__}: {e}"
+                print(f"fgvr: {msg}; the fast answers stand for {len(chunk)} image(s)", file=sys.stderr)
+                for i in chunk:
+                    errors[i] = msg
+                continue
+            share = (time.perf_counter() - t) / len(chunk)
+            for i, q, a in zip(chunk, queries, got):
+                p = list(a.probs)
+                if len(p) != len(q.candidates) or any(not (x >= 0) for x in p) or sum(p) <= 0:
+                    errors[i] = f"System 2 gave {len(p)} probabilities for {len(q.candidates)} candidates: {p}"
+                    continue
+                answers[i] = a
+                seconds[i] = a.seconds if a.seconds > 0 else share
+        return answers, errors, seconds

@@ -1,0 +1,170 @@
+"""The dual system end to end on solid-colour images with a stand-in encoder and System 2: decode once,
+error records, escalation without a System 2, batching of slow samples, rules from the experience seam,
+the decision applied, slow_all mode. (The real Lite0 end-to-end lives in tests/test_evaluate.py.)"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fgvr.pipeline import PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem
+from fgvr.slow_path import SlowAnswer
+from fgvr.trigger import Trigger
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "orange": (230, 140, 20),
+           "purple": (140, 30, 200)}
+
+
+class ColourEncoder:
+    """Embeds an image as its normalised mean colour (3-d) plus a constant: a stand-in for a real encoder."""
+
+    embed_dim = 4
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode_images(self, images, batch_size=64):
+        self.calls += 1
+        x = torch.tensor([[*(np.asarray(im.resize((4, 4)), dtype=np.float32).reshape(-1, 3).mean(0) / 255), 0.2]
+                          for im in images])
+        return torch.nn.functional.normalize(x, dim=1)
+
+
+def colour_kb(enc):
+    classes = sorted(COLOURS)
+    imgs = [Image.new("RGB", (8, 8), COLOURS[c]) for c in classes]
+    protos = enc.encode_images(imgs)
+    return SimpleNamespace(classes=classes, prototypes=protos, exemplars=protos,
+                           exemplar_labels=torch.arange(len(classes)), text_prototypes=None,
+                           fusion={"w": 1.0, "tau": 0.02}, stats=None)
+
+
+class PickLast:
+    """A System 2 that is sure the LAST candidate is right; records what it was asked."""
+
+    name = "pick-last"
+
+    def __init__(self):
+        self.batches = []
+
+    def rank(self, queries):
+        self.batches.append(queries)
+        out = []
+        for q in queries:
+            p = [0.01] * len(q.candidates)
+            p[-1] = 1.0
+            z = sum(p)
+            out.append(SlowAnswer(probs=[x / z for x in p], rationale="last one", tokens_in=10, tokens_out=2,
+                                  rules_used=[r for r in q.rules]))
+        return out
+
+
+class Boom:
+    name = "boom"
+
+    def rank(self, queries):
+        raise RuntimeError("out of memory (pretend)")
+
+
+@pytest.fixture()
+def images(tmp_path):
+    paths = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        mixed = tuple((a + b) // 2 for a, b in zip(rgb, (128, 128, 128))) if i % 2 else rgb
+        p = tmp_path / f"{i}_{name}.png"
+        Image.new("RGB", (16, 16), mixed).save(p)
+        paths.append(p)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    return paths[:2] + [bad] + paths[2:]
+
+
+def test_error_record_and_order(images):
+    enc = ColourEncoder()
+    ds = DualSystem(colour_kb(enc), enc, None, Trigger(threshold=2.0), k=3)
+    res = ds.classify_paths(images)
+    assert [r.path for r in res] == [str(p) for p in images]
+    assert res[2].path_taken == PATH_ERROR and res[2].prediction is None and "not an image" in res[2].error
+    assert enc.calls == 2  # KB build + ONE batched encode of the readable images
+    pure = [r for r in res if r.path_taken != PATH_ERROR and "_" in r.path]
+    assert res[0].prediction_name == "red"  # solid red image
+    assert all(r.path_taken == PATH_FAST for r in pure)
+    json.dumps([r.to_dict() for r in res])  # JSON-ready
+
+
+def test_without_system2_the_fast_answer_stands(images):
+    enc = ColourEncoder()
+    ds = DualSystem(colour_kb(enc), enc, None, Trigger(threshold=-1.0), k=3)  # everything triggers
+    res = [r for r in ds.classify_paths(images) if r.path_taken != PATH_ERROR]
+    assert all(r.path_taken == PATH_UNAVAILABLE for r in res)
+    assert all(r.prediction == r.fast_prediction and not r.slow_ran for r in res)
+    assert all(r.candidates[0].final == r.candidates[0].fast for r in res)
+
+
+def test_slow_path_batched_with_rules_and_decided(images):
+    enc = ColourEncoder()
+    kb = colour_kb(enc)
+    slow = PickLast()
+    asked = []
+    experience = SimpleNamespace(retrieve=lambda cands, n: asked.append((list(cands), n)) or [f"rule-for-{cands[0]}"])
+    ds = DualSystem(kb, enc, slow, Trigger(threshold=-1.0), k=3, weight=1.0, experience=experience,
+                    n_rules=2, slow_batch=2)
+    res = [r for r in ds.classify_paths(images) if r.path_taken != PATH_ERROR]
+    assert [len(b) for b in slow.batches] == [2, 2, 1]
+    assert all(n == 2 for _, n in asked) and len(asked) == 5
+    for r in res:
+        assert r.path_taken == PATH_SLOW and r.slow_ran
+        assert r.prediction == r.candidates[-1].id  # weight 1: System 2 alone
+        assert r.rules_used == [f"rule-for-{r.candidates[0].id}"]
+        assert r.slow_tokens_in == 10 and r.rationale == "last one"
+        assert abs(sum(c.final for c in r.candidates) - 1) < 1e-9
+    # weight 0: System 1 alone, although System 2 ran
+    ds0 = DualSystem(kb, enc, PickLast(), Trigger(threshold=-1.0), k=3, weight=0.0)
+    assert all(r.prediction == r.fast_prediction for r in ds0.classify_paths(images) if r.prediction is not None)
+
+
+def test_only_triggered_samples_go_slow_unless_slow_all(images):
+    enc = ColourEncoder()
+    kb = colour_kb(enc)
+    probe = DualSystem(kb, enc, None, Trigger(threshold=2.0), k=3).classify_paths(images)
+    scores = sorted(r.trigger["score"] for r in probe if r.trigger)
+    thr = (scores[1] + scores[2]) / 2  # the three most uncertain go slow
+    slow = PickLast()
+    res = DualSystem(kb, enc, slow, Trigger(threshold=thr), k=3, weight=1.0).classify_paths(images)
+    assert sum(len(b) for b in slow.batches) == 3
+    assert sorted(r.path_taken for r in res) == sorted([PATH_ERROR, PATH_FAST, PATH_FAST, PATH_SLOW, PATH_SLOW, PATH_SLOW])
+    for r in res:
+        if r.path_taken == PATH_FAST:
+            assert not r.slow_ran and r.slow_prediction is None and r.prediction == r.fast_prediction
+    # slow_all: System 2 on everything, decisions unchanged, slow answers logged for the curve
+    slow_all = PickLast()
+    res2 = DualSystem(kb, enc, slow_all, Trigger(threshold=thr), k=3, weight=1.0, slow_all=True).classify_paths(images)
+    assert sum(len(b) for b in slow_all.batches) == 5
+    assert [r.path_taken for r in res2] == [r.path_taken for r in res]
+    assert [r.prediction for r in res2] == [r.prediction for r in res]
+    assert all(r.slow_ran and r.slow_prediction == r.candidates[-1].id for r in res2 if r.path_taken != PATH_ERROR)
+
+
+def test_failing_system2_is_logged_and_the_run_goes_on(images, capsys):
+    enc = ColourEncoder()
+    res = DualSystem(colour_kb(enc), enc, Boom(), Trigger(threshold=-1.0), k=2).classify_paths(images)
+    ok = [r for r in res if r.path_taken != PATH_ERROR]
+    assert all(r.path_taken == PATH_SLOW_FAILED and "out of memory" in r.error for r in ok)
+    assert all(r.prediction == r.fast_prediction for r in ok)
+    assert "System 2 (boom) failed" in capsys.readouterr().err
+
+
+def test_budget_trigger_is_calibrated_on_the_support_set():
+    enc = ColourEncoder()
+    kb = colour_kb(enc)
+    kb.exemplars = torch.cat([kb.prototypes, kb.prototypes * 0.9 + 0.1])
+    kb.exemplars = torch.nn.functional.normalize(kb.exemplars, dim=1)
+    kb.exemplar_labels = torch.arange(5).repeat(2)
+    trig = Trigger(budget=0.4)
+    DualSystem(kb, enc, None, trig)
+    assert trig.threshold is not None and 0 <= trig.threshold <= 1
