@@ -1,0 +1,171 @@
+"""CLIP and SigLIP dual encoders through transformers, from a local folder saved with save_pretrained.
+
+Image embeddings are the towers' projected features (CLIP) or pooled features (SigLIP), L2-normalised,
+float32 on the CPU. Text embeddings live in the same space, which is what text prototypes need.
+
+Long texts: CLIP's text tower reads 77 positions, SigLIP's 64. A VLM-written class description is often
+longer, and the stock tokenizer call truncates it silently, so the tail of the description (often the
+discriminative part) would be lost. We split the token sequence into chunks that fit, wrap each chunk in
+the tokenizer's own special tokens, embed every chunk, and average the normalised chunk embeddings.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from fgvr.encoder import Encoder, l2_normalise, torch_dtype
+from fgvr.models.families import hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.models.spec import ModelSpec, SpecError
+
+
+def _model_class(family: str):
+    from transformers import CLIPModel, SiglipModel
+
+    return {"clip": CLIPModel, "siglip": SiglipModel}[family]
+
+
+def _check_folder(spec: ModelSpec) -> Path:
+    path = Path(spec.source)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    from fgvr.models.configs import HUB_IDS
+
+    names = ", ".join(f"{k} ({v})" for k, v in HUB_IDS.items() if k.startswith(("clip", "siglip")))
+    raise SpecError(
+        f"{spec.family} folder {path} does not exist or has no config.json / *.safetensors. Nothing is "
+        f"downloaded at run time: fetch one of {names}, e.g. `huggingface-cli download "
+        f"openai/clip-vit-base-patch32 --local-dir models/clip-vit-b32`, and pass that folder."
+    )
+
+
+def estimate_bytes(spec: ModelSpec) -> int:
+    """Parameter + buffer bytes from config.json on the meta device: counts the non-persistent buffers
+    (position ids) the safetensors header does not hold, in the dtype the spec loads."""
+    from transformers import AutoConfig
+
+    from fgvr.models.footprint import meta_bytes
+
+    config = AutoConfig.from_pretrained(_check_folder(spec))
+    cls = _model_class(spec.family)
+    return meta_bytes(lambda: cls._from_config(config, **hf_dtype_kwargs(torch_dtype(spec.dtype))))
+
+
+def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (CLIP: <sot> / <eot>; SigLIP: - / </s>).
+
+    Found by encoding a probe with and without special tokens, so it works for any tokenizer class
+    without knowing how its post-processor is configured.
+    """
+    plain = tokenizer("a photo", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a photo")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k], full[k + len(plain) :]
+    raise ValueError("cannot locate the text inside the tokenizer's special tokens")
+
+
+class CLIPEncoder(Encoder):
+    """A CLIP or SigLIP model with its tokenizer and image processor."""
+
+    has_text = True
+
+    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any, image_processor: Any) -> None:
+        self.spec, self.model, self.tokenizer, self.image_processor = spec, model, tokenizer, image_processor
+        self.device, self.dtype = torch.device(spec.device), torch_dtype(spec.dtype)
+        cfg = model.config
+        self.embed_dim = getattr(cfg, "projection_dim", None) or cfg.vision_config.hidden_size
+        ip = image_processor
+        crop = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
+        self.image_size = int(crop.get("height") or crop.get("shortest_edge"))
+        if spec.image_size and spec.image_size != self.image_size:
+            raise SpecError(
+                f"{spec.name} takes {self.image_size}px images (its position embeddings fix that); "
+                f"drop image_size={spec.image_size} from the spec"
+            )
+        limit = cfg.text_config.max_position_embeddings
+        if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
+            limit = min(limit, tokenizer.model_max_length)
+        self.text_limit = limit  # tokens per chunk, special tokens included
+        self.prefix, self.suffix = _special_tokens_around(tokenizer)
+        # SigLIP was trained on texts padded to the full 64 tokens without an attention mask; CLIP pools
+        # at the end-of-text token under a causal mask, so padding to the batch's longest is exact.
+        self.pad_to_limit = spec.family == "siglip"
+
+    def torch_modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _weights(self) -> torch.Tensor:
+        return next(self.model.parameters())  # follow the weights if the registry moved them
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        return out["pixel_values"].float()
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        p = self._weights()
+        with torch.inference_mode():
+            feats = self.model.get_image_features(pixel_values=pixels.to(device=p.device, dtype=p.dtype))
+        return l2_normalise(feats).cpu()
+
+    def chunk_ids(self, text: str) -> list[list[int]]:
+        """Token ids of `text` cut into tower-sized chunks, each wrapped in the special tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        body = self.text_limit - len(self.prefix) - len(self.suffix)
+        pieces = [ids[i : i + body] for i in range(0, len(ids), body)] or [[]]
+        return [self.prefix + piece + self.suffix for piece in pieces]
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """(N,D) float32 CPU, L2-normalised; a text longer than the tower's limit is the normalised mean
+        of its chunks' embeddings (never truncated)."""
+        chunks, owner = [], []
+        for i, t in enumerate(texts):
+            for c in self.chunk_ids(t):
+                chunks.append(c)
+                owner.append(i)
+        if not chunks:
+            return torch.zeros(0, self.embed_dim)
+        p = self._weights()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        embs = []
+        with torch.inference_mode():
+            for s in range(0, len(chunks), batch_size):
+                batch = chunks[s : s + batch_size]
+                width = self.text_limit if self.pad_to_limit else max(len(c) for c in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, c in enumerate(batch):
+                    ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+                    mask[r, : len(c)] = 1
+                kwargs = {"input_ids": ids.to(p.device)}
+                if not self.pad_to_limit:
+                    kwargs["attention_mask"] = mask.to(p.device)
+                embs.append(l2_normalise(self.model.get_text_features(**kwargs)).cpu())
+        per_chunk = torch.cat(embs)
+        owner_t = torch.tensor(owner)
+        summed = torch.zeros(len(texts), per_chunk.shape[1]).index_add_(0, owner_t, per_chunk)
+        return l2_normalise(summed)
+
+
+def load(spec: ModelSpec) -> CLIPEncoder:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if spec.quantization:
+        raise SpecError(f"{spec.family} encoders are small; load them in fp16/bf16, not {spec.quantization}")
+    path = _check_folder(spec)
+    t0 = time.perf_counter()
+    model = _model_class(spec.family).from_pretrained(path, **hf_dtype_kwargs(torch_dtype(spec.dtype)))
+    model = model.to(spec.device).eval().requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **hf_tokenizer_kwargs())
+    except (ImportError, ValueError) as e:  # SigLIP's sentencepiece tokenizer without sentencepiece
+        raise SpecError(f"cannot load the tokenizer in {path}: {e} (SigLIP needs `pip install sentencepiece`)") from e
+    # The slow processors need only PIL and numpy; the fast ones need torchvision.
+    image_processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+    enc = CLIPEncoder(spec, model, tokenizer, image_processor)
+    enc.load_seconds = time.perf_counter() - t0
+    return enc

