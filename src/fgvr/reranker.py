@@ -1,0 +1,320 @@
+"""The CPU System 2: a visual re-ranker. It looks again, more carefully, at the few candidates System 1 proposed.
+
+It is named for what it is: a second, stronger *visual* comparison, not reasoning. Where a VLM would read
+lettered options, this re-ranker
+
+1. encodes the query with a bigger encoder (EfficientNet-Lite2 by default) under test-time augmentation:
+   the image and its mirror image, features averaged (the mirror's feature map is flipped back first, so
+   spatial cells line up);
+2. keeps coarse *spatial* layout as well as the pooled vector: the feature map average-pooled to a
+   `grid`x`grid` layout. System 1's pooled embedding throws away where things are, and for fine-grained
+   classes that differ in where a part sits (sleeve length, collar, heel) the layout is the evidence;
+3. matches against the candidates' support exemplars, encoded the same way once and cached: a score
+   mixing the best exemplar (nearest neighbour) with the class mean (prototype);
+4. returns a softmax over the candidates only, at a temperature chosen on the support set
+   (leave-one-out negative log-likelihood), so its probabilities combine sensibly with System 1's.
+
+It meets `fgvr.slow_path.SlowPath` (name 'visual-reranker') and gets its encoder only through the
+registry. Its feature pipeline is exposed (`features`, `scores_from_features`) so a benchmark can cache
+query features once and reuse them; `rank` is the same computation end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fgvr.fast_path import best_exemplar_scores
+from fgvr.slow_path import SlowAnswer, SlowQuery
+
+DEFAULT_ENCODER = "efficientnet-lite2"
+DEFAULT_IMAGE_SIZE = 260  # Lite2's native resolution; System 1 runs Lite0 at 224
+DEFAULT_VIEWS = ("identity", "flip")
+DEFAULT_GRID = 3
+DEFAULT_TEMPERATURE = 0.05  # used only when the support set cannot tell (one shot per class)
+TEMPERATURES = tuple(float(t) for t in torch.logspace(math.log10(0.003), math.log10(0.5), 25))
+PROTO_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class RerankerError(ValueError):
+    """A re-ranker that cannot be built as asked (no support images, mismatched labels); says what to do."""
+
+
+def _view(pixels: torch.Tensor, view: str) -> torch.Tensor:
+    if view == "identity":
+        return pixels
+    if view == "flip":
+        return pixels.flip(-1)
+    if view.startswith("crop"):  # "crop90": central 90% crop, resized back to the input size
+        frac = int(view[4:]) / 100.0
+        h, w = pixels.shape[-2:]
+        ch, cw = max(1, round(h * frac)), max(1, round(w * frac))
+        top, left = (h - ch) // 2, (w - cw) // 2
+        crop = pixels[..., top : top + ch, left : left + cw]
+        return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+    raise RerankerError(f"unknown test-time view {view!r}: use identity, flip or cropNN (e.g. crop90)")
+
+
+def describe(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int) -> torch.Tensor:
+    """(N,3,H,W) preprocessed pixels -> (N,D') L2-normalised descriptors, averaged over the TTA views.
+
+    The descriptor is [pooled, grid layout], each part L2-normalised and weighted equally, so a dot product
+    is the mean of the two cosines. Encoders that expose no feature map (`.model.extract_features`) give the
+    pooled embedding only.
+    """
+    fmap_fn = getattr(getattr(encoder, "model", None), "extract_features", None)
+    if grid <= 0 or fmap_fn is None:
+        pooled = torch.stack([encoder.encode_pixels(_view(pixels, v)).float().cpu() for v in views]).mean(0)
+        return F.normalize(pooled, dim=-1)
+    p = next(encoder.model.parameters())
+    pooled, layout = [], []
+    for view in views:
+        with torch.inference_mode():
+            fmap = fmap_fn(_view(pixels, view).to(device=p.device, dtype=p.dtype)).float().cpu()
+        if view == "flip":
+            fmap = fmap.flip(-1)  # put the mirror image's cells back where the original's are
+        pooled.append(F.normalize(fmap.mean(dim=(2, 3)), dim=-1))
+        layout.append(F.normalize(F.adaptive_avg_pool2d(fmap, grid).flatten(1), dim=-1))
+    pooled_mean = F.normalize(torch.stack(pooled).mean(0), dim=-1)
+    layout_mean = F.normalize(torch.stack(layout).mean(0), dim=-1)
+    return torch.cat([pooled_mean, layout_mean], dim=1) / math.sqrt(2)
+
+
+def match_scores(
+    queries: torch.Tensor,
+    exemplars: torch.Tensor,
+    exemplar_labels: torch.Tensor,
+    num_classes: int,
+    proto_weight: float,
+) -> torch.Tensor:
+    """(B,D') query descriptors -> (B,C) scores: proto_weight * prototype cosine + (1 - it) * best exemplar."""
+    labels = exemplar_labels.long()
+    sums = torch.zeros(num_classes, exemplars.shape[1], dtype=exemplars.dtype).index_add_(0, labels, exemplars)
+    protos = F.normalize(sums, dim=-1)
+    s_proto = queries @ protos.T
+    s_ex = best_exemplar_scores(queries @ exemplars.T, labels, num_classes)
+    s_ex = torch.where(torch.isinf(s_ex), s_proto, s_ex)
+    return proto_weight * s_proto + (1 - proto_weight) * s_ex
+
+
+def candidate_softmax(scores: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B,C) scores and (B,k) candidate ids -> (B,k) probabilities over the candidates, same order."""
+    return torch.softmax(scores.gather(1, candidates.long()) / temperature, dim=1)
+
+
+def support_loo_scores(
+    exemplars: torch.Tensor, labels: torch.Tensor, num_classes: int, proto_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each support descriptor scored against the support set without itself: (N,C) scores, (N,) usable.
+
+    An image whose class has no other exemplar cannot be scored fairly for its own class, so it is marked
+    unusable (it would only teach the temperature that the right answer scores -inf).
+    """
+    labels = labels.long()
+    n = exemplars.shape[0]
+    sums = torch.zeros(num_classes, exemplars.shape[1], dtype=exemplars.dtype).index_add_(0, labels, exemplars)
+    counts = torch.bincount(labels, minlength=num_classes)
+    protos = F.normalize(sums, dim=-1)
+    s_proto = exemplars @ protos.T
+    own = sums[labels] - exemplars
+    rows = torch.arange(n)
+    s_proto[rows, labels] = (exemplars * F.normalize(own, dim=-1)).sum(1)
+    sims = exemplars @ exemplars.T
+    sims[rows, rows] = -math.inf
+    s_ex = best_exemplar_scores(sims, labels, num_classes)
+    s_ex = torch.where(torch.isinf(s_ex), s_proto, s_ex)
+    usable = counts[labels] > 1
+    return proto_weight * s_proto + (1 - proto_weight) * s_ex, usable
+
+
+def fit_on_support(
+    exemplars: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[float, float, dict[str, Any]]:
+    """(proto_weight, temperature, log) chosen by leave-one-out on the support set, never on test data.
+
+    proto_weight maximises LOO accuracy (ties: the more prototype-heavy, which is the smoother choice);
+    the temperature then minimises LOO negative log-likelihood over all classes. One shot per class leaves
+    nothing to hold out: the defaults are returned and the log says so.
+    """
+    labels = labels.long()
+    best = None
+    for a in PROTO_WEIGHTS:
+        scores, usable = support_loo_scores(exemplars, labels, num_classes, a)
+        if not bool(usable.any()):
+            return 0.5, DEFAULT_TEMPERATURE, {"fitted": False, "reason": "one support image per class"}
+        acc = float((scores[usable].argmax(1) == labels[usable]).float().mean())
+        if best is None or acc >= best[1]:
+            best = (a, acc, scores, usable)
+    a, acc, scores, usable = best
+    s, y = scores[usable], labels[usable]
+    nll = [float(F.cross_entropy(s / t, y)) for t in TEMPERATURES]
+    t = TEMPERATURES[min(range(len(nll)), key=nll.__getitem__)]
+    return a, t, {"fitted": True, "loo_accuracy": acc, "loo_nll": min(nll), "n": int(usable.sum())}
+
+
+class VisualReranker:
+    """System 2 on CPU: re-rank System 1's candidates by matching a TTA'd Lite2 view against their exemplars.
+
+    `support_paths[i]` has class id `support_labels[i]` (ids index the knowledge base's classes). The
+    support descriptors are computed once, on first use, and cached in memory and, with `cache_dir`, on
+    disk (keyed by encoder, views, grid and the files' names, sizes and modification times).
+    """
+
+    name = "visual-reranker"
+
+    def __init__(
+        self,
+        support_paths: Sequence[str | os.PathLike],
+        support_labels: Sequence[int],
+        num_classes: int,
+        *,
+        encoder: str = DEFAULT_ENCODER,
+        image_size: int | None = DEFAULT_IMAGE_SIZE,
+        device: str = "cpu",
+        views: Sequence[str] = DEFAULT_VIEWS,
+        grid: int = DEFAULT_GRID,
+        proto_weight: float | None = None,
+        temperature: float | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> None:
+        from fgvr.models import parse_spec
+
+        if len(support_paths) == 0:
+            raise RerankerError("the visual re-ranker needs support images to compare against; the base has none")
+        if len(support_paths) != len(support_labels):
+            raise RerankerError(f"{len(support_paths)} support paths but {len(support_labels)} labels")
+        for v in views:
+            _view(torch.zeros(1, 3, 4, 4), v)  # unknown view names fail here, not mid-run
+        self.support_paths = [Path(p) for p in support_paths]
+        self.support_labels = torch.as_tensor(list(support_labels), dtype=torch.long)
+        self.num_classes = int(num_classes)
+        if int(self.support_labels.max()) >= self.num_classes or int(self.support_labels.min()) < 0:
+            raise RerankerError(f"support labels must lie in 0..{self.num_classes - 1}")
+        self.spec = parse_spec(encoder, device=device, image_size=image_size)
+        self.views = tuple(views)
+        self.grid = int(grid)
+        self.proto_weight = proto_weight
+        self.temperature = temperature
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.batch_size = batch_size
+        self.progress = progress
+        self.fit_log: dict[str, Any] = {}
+        self._support: torch.Tensor | None = None
+
+    @classmethod
+    def from_knowledge_base(cls, kb: Any, **kwargs: Any) -> "VisualReranker":
+        """Built from a knowledge base's support manifest (`kb.support_paths`, aligned with `exemplar_labels`)."""
+        paths = getattr(kb, "support_paths", None)
+        if not paths:
+            raise RerankerError(
+                f"knowledge base {getattr(kb, 'path', '') or ''} lists no support image paths; "
+                "rebuild it with `fgvr build-kb` so the visual re-ranker can find the exemplars"
+            )
+        if kb.path is not None and "cache_dir" not in kwargs:
+            kwargs["cache_dir"] = Path(kb.path) / "reranker-cache"
+        return cls(paths, kb.exemplar_labels.tolist(), len(kb.classes), **kwargs)
+
+    # --- features --------------------------------------------------------------------------------------
+    def features(self, images: Sequence[Image.Image], progress: bool = False) -> torch.Tensor:
+        """(N,D') TTA descriptors of PIL images, in batches, through a registry lease."""
+        from fgvr.models import registry
+
+        out = []
+        steps = range(0, len(images), self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc=f"re-ranker ({self.spec.name})", unit="batch", file=sys.stderr)
+        with registry.use(self.spec) as enc:
+            for i in steps:
+                out.append(describe(enc, enc.preprocess(images[i : i + self.batch_size]), self.views, self.grid))
+        if not out:
+            raise RerankerError("no images to describe")
+        return torch.cat(out)
+
+    def _cache_key(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.spec.key, list(self.views), self.grid]).encode())
+        for p, y in zip(self.support_paths, self.support_labels.tolist()):
+            st = p.stat()
+            h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
+        return h.hexdigest()[:20]
+
+    def support_features(self) -> torch.Tensor:
+        """The exemplars' descriptors: computed once (per process, and per cache_dir on disk)."""
+        if self._support is not None:
+            return self._support
+        from fgvr.data import load_image
+
+        cache = None
+        if self.cache_dir is not None:
+            cache = self.cache_dir / f"support-{self._cache_key()}.safetensors"
+            if cache.is_file():
+                from safetensors.torch import load_file
+
+                self._support = load_file(str(cache))["descriptors"]
+                return self._support
+        images = [load_image(p) for p in self.support_paths]  # ImageError names the file
+        feats = self.features(images, progress=self.progress)
+        if cache is not None:
+            from safetensors.torch import save
+
+            from fgvr.io import atomic_write_bytes
+
+            atomic_write_bytes(cache, save({"descriptors": feats.contiguous()}))
+        self._support = feats
+        return feats
+
+    def calibrate(self) -> None:
+        """Choose proto_weight and temperature on the support set (leave-one-out) unless given."""
+        if self.proto_weight is not None and self.temperature is not None:
+            return
+        a, t, log = fit_on_support(self.support_features(), self.support_labels, self.num_classes)
+        self.proto_weight = a if self.proto_weight is None else self.proto_weight
+        self.temperature = t if self.temperature is None else self.temperature
+        self.fit_log = log | {"proto_weight": self.proto_weight, "temperature": self.temperature}
+
+    def scores_from_features(self, query_features: torch.Tensor) -> torch.Tensor:
+        """(B,D') query descriptors -> (B,C) match scores against every class."""
+        self.calibrate()
+        return match_scores(query_features, self.support_features(), self.support_labels, self.num_classes,
+                             float(self.proto_weight))
+
+    def probs_from_features(self, query_features: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B,D') descriptors and (B,k) candidate ids -> (B,k) probabilities over each row's candidates."""
+        return candidate_softmax(self.scores_from_features(query_features), candidates, float(self.temperature))
+
+    # --- the SlowPath interface ------------------------------------------------------------------------
+    def rank(self, queries: Sequence[SlowQuery]) -> list[SlowAnswer]:
+        """One batch of queries: a distribution over each query's candidates (variable lengths allowed)."""
+        if not queries:
+            return []
+        t0 = time.perf_counter()
+        for q in queries:
+            if not q.candidates:
+                raise RerankerError(f"query {q.path or ''} has no candidates to re-rank")
+            bad = [c for c in q.candidates if not 0 <= int(c) < self.num_classes]
+            if bad:
+                raise RerankerError(f"query {q.path or ''}: candidate ids {bad} outside 0..{self.num_classes - 1}")
+        self.calibrate()
+        feats = self.features([q.image for q in queries])
+        scores = self.scores_from_features(feats)
+        per = (time.perf_counter() - t0) / len(queries)
+        answers = []
+        for i, q in enumerate(queries):
+            cand = torch.as_tensor([int(c) for c in q.candidates]).unsqueeze(0)
+            probs = candidate_softmax(scores[i : i + 1], cand, float(self.temperature))[0]
+            answers.append(SlowAnswer(probs=probs.double().tolist(), rationale=None, seconds=per))
+        return answers
