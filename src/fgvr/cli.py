@@ -27,10 +27,272 @@ def cli() -> None:
 # --- memory (issue 2) -------------------------------------------------------------------------------
 
 
+@cli.group()
+def memory() -> None:
+    """What the models take: plan before loading, report after."""
+
+
+@memory.command("plan")
+@click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
+              help="qwen2.5-vl-3b/7b/32b/72b, a local Qwen2.5-VL folder, or 'none'.")
+@click.option("--encoder", default="clip-vit-b32", show_default=True,
+              help="clip-vit-b32/b16/l14, siglip-base, efficientnet-lite0/2, a local folder, or 'none'.")
+@click.option("--dtype", default="bf16", show_default=True, help="Compute dtype: bf16, fp16 or fp32.")
+@click.option("--encoder-dtype", default=None, help="Encoder dtype, if not --dtype.")
+@click.option("--budget", default="18GiB", show_default=True, help="GPU budget: 18GiB, 18GB, 16e9 ...")
+@click.option("--max-pixels", type=int, default=None, help="Pixel cap per image (default 1280 visual tokens).")
+@click.option("--max-visual-tokens", type=int, default=None, help="Pixel cap as visual tokens (x 28x28 pixels).")
+@click.option("--quant", type=click.Choice(["int8", "nf4"]), default=None, help="Quantise the VLM (bitsandbytes).")
+@click.option("--image-size", default="1024x1024", show_default=True, help="Reference image HxW for token counts.")
+@click.option("--text-tokens", type=int, default=400, show_default=True, help="Prompt text tokens per query.")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Generated tokens per query.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visual_tokens, quant, image_size,
+                text_tokens, new_tokens, as_json) -> None:
+    """Will the models fit the GPU budget? Sizes from the real architectures on the meta device.
+
+    \b
+    Prints each model's weights, the KV cache per 1k tokens, the visual tokens and working memory of
+    one System 2 generation at the pixel cap, the total and whether it fits; where it does not, each
+    change (encoder off the GPU, lower pixel cap, int8, nf4) evaluated, cheapest first.
+    """
+    import json as _json
+
+    from fgvr.models.footprint import parse_bytes
+    from fgvr.models.plan import make_plan, parse_image_size
+    from fgvr.models.spec import QWEN_PATCH, SpecError
+
+    if max_pixels and max_visual_tokens:
+        raise click.UsageError("give --max-pixels or --max-visual-tokens, not both")
+    if max_visual_tokens:
+        max_pixels = max_visual_tokens * QWEN_PATCH * QWEN_PATCH
+    try:
+        plan = make_plan(
+            None if vlm.lower() == "none" else vlm,
+            None if encoder.lower() == "none" else encoder,
+            dtype, parse_bytes(budget), quantization=quant, max_pixels=max_pixels,
+            image_size=parse_image_size(image_size), text_tokens=text_tokens, new_tokens=new_tokens,
+            encoder_dtype=encoder_dtype,
+        )
+    except (SpecError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(_json.dumps(plan.to_json(), indent=2) if as_json else plan.format())
+
+
+@memory.command("report")
+@click.option("--load", "specs", multiple=True, metavar="SPEC",
+              help="Load this model first (efficientnet-lite0, a model folder); repeatable.")
+@click.option("--device", default="cpu", show_default=True, help="Device for --load: cpu, cuda, cuda:N.")
+@click.option("--dtype", default=None, help="Dtype for --load (default: the family's).")
+@click.option("--budget", "budgets", multiple=True, metavar="DEVICE=SIZE", help="e.g. cuda:0=18GiB; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def memory_report(specs, device, dtype, budgets, as_json) -> None:
+    """What this process's registry holds: per model and per device, estimated vs measured bytes.
+
+    A fresh process holds nothing; --load loads models through the registry first, so the report shows
+    real measured numbers (and the load time of each).
+    """
+    import json as _json
+    import time
+
+    from fgvr.models import MemoryBudgetError, SpecError, parse_spec, registry
+
+    for b in budgets:
+        dev, _, size = b.partition("=")
+        if not size:
+            raise click.UsageError(f"--budget {b!r}: write DEVICE=SIZE, e.g. cuda:0=18GiB")
+        try:
+            registry.set_budget(dev, size)
+        except (SpecError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    for text in specs:
+        try:
+            spec = parse_spec(text, device=device, dtype=dtype)
+            t0 = time.perf_counter()
+            with registry.use(spec):
+                pass
+            click.echo(f"loaded {spec.name} in {time.perf_counter() - t0:.2f} s", err=True)
+        except (SpecError, MemoryBudgetError, FileNotFoundError, ImportError) as exc:
+            raise click.ClickException(str(exc)) from None
+    rep = registry.report()
+    click.echo(_json.dumps(rep.to_json(), indent=2) if as_json else rep.format())
+
+
 # --- knowledge base (issue 3) -----------------------------------------------------------------------
 
 
+@cli.command("build-kb")
+@click.argument("data", type=click.Path(exists=True, path_type=str))
+@click.option("--shots", "-k", type=click.IntRange(min=1), default=5, show_default=True, help="support images per class")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the k-shot draw")
+@click.option("--encoder", default="efficientnet-lite0", show_default=True,
+              help="efficientnet-lite0 / efficientnet-lite2, or a local CLIP/SigLIP folder")
+@click.option("--vlm", default=None, help="a local Qwen2.5-VL folder: writes one description per class")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=str), help="knowledge-base directory to write")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--augment", default="", help="comma list of augmentations averaged per image: flip,crop")
+@click.option("--classes-file", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="folder/label -> class name (JSON object, or `folder<TAB>name` lines)")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="decoding threads (default min(4, CPUs))")
+def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augment, classes_file, workers) -> None:
+    """Build a knowledge base from an image folder (DATA/<class>/<image>) or a CSV manifest (path,label).
+
+    Resumable: rerun the same command after an interruption and finished classes are reused.
+    """
+    import warnings
+
+    from fgvr.data import DataError
+    from fgvr.knowledge_base import KnowledgeBaseError, build_knowledge_base
+    from fgvr.models.spec import SpecError
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        click.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show_warning
+    try:
+        _, summary = build_knowledge_base(
+            data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm, device=device, batch_size=batch_size,
+            augment=augment, classes_file=classes_file, workers=workers,
+        )
+    except (DataError, KnowledgeBaseError, SpecError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"knowledge base written to {out}")
+    click.echo(summary.format())
+
+
+@cli.group("kb")
+def kb_group() -> None:
+    """Inspect a knowledge base."""
+
+
+@kb_group.command("show")
+@click.argument("kb_path", metavar="KB", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--max-classes", type=int, default=50, show_default=True, help="rows of the per-class table")
+def kb_show_cmd(kb_path, max_classes) -> None:
+    """Print what a knowledge base holds: classes, k, encoder, sizes, statistics, fusion, skipped files,
+    descriptions (and experience rules, when the base has them)."""
+    from pathlib import Path
+
+    from fgvr.knowledge_base import KnowledgeBaseError, describe, load_knowledge_base
+
+    try:
+        kb = load_knowledge_base(kb_path)
+    except KnowledgeBaseError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(describe(kb, max_classes=max_classes))
+    # Hook for the experience library (issue 5): rules stored under KB/experience/ are listed by
+    # fgvr.experience.describe_rules(kb_path) -> str, when that module provides it.
+    if (Path(kb_path) / "experience").is_dir():
+        import fgvr.experience as experience
+
+        describe_rules = getattr(experience, "describe_rules", None)
+        if describe_rules is not None:
+            click.echo("")
+            click.echo(describe_rules(Path(kb_path)))
+
+
 # --- classify / evaluate (issue 4) ------------------------------------------------------------------
+
+
+def _system_options(f):
+    """Options shared by `classify` and `evaluate`: which System 2, the trigger, the decision."""
+    opts = [
+        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (option scoring)."),
+        click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker (no VLM needed)."),
+        click.option("--slow-budget", type=click.FloatRange(0, 1), default=None,
+                     help="Fraction of images to send slow; threshold calibrated on the base's support set "
+                          "(default 0.3 unless --threshold)."),
+        click.option("--threshold", type=float, default=None, help="Trigger threshold on the doubt score in [0,1]."),
+        click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2."),
+        click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                     help="System 2's weight in the decision (0: System 1 alone, 1: System 2 alone)."),
+        click.option("--encoder", metavar="SPEC", default=None,
+                     help="Query encoder (default: the base's own; another one is refused)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--rules", "n_rules", type=click.IntRange(0), default=3, show_default=True,
+                     help="Experience rules per query (those whose classes meet the candidates)."),
+        click.option("--rationale", is_flag=True, help="Ask the VLM for a short rationale too."),
+        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _open_system(kb, o: dict, slow_all: bool = False):
+    from fgvr.pipeline import open_system
+
+    return open_system(kb, encoder=o["encoder"], vlm=o["vlm"], reranker=o["reranker"], budget=o["slow_budget"],
+                       threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
+                       rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+
+
+def _user_errors():
+    """The error types that mean 'bad input': shown as a one-line message, not a traceback."""
+    from fgvr.data import DataError
+    from fgvr.evaluate import EvaluateError
+    from fgvr.knowledge_base import KnowledgeBaseError
+    from fgvr.models.spec import SpecError
+
+    return (DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError)
+
+
+@cli.command()
+@click.argument("kb", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_system_options
+def classify(kb, images, **o) -> None:
+    """Classify IMAGES with the knowledge base KB: one JSON line per image on stdout.
+
+    Each line: prediction (class id and name), confidence, the path taken (fast, slow, escalated-unavailable
+    when no System 2 is given, error for an unreadable file), candidates with fast/slow/final scores,
+    rationale, rules used, timings and every input of the trigger's decision.
+    """
+    import json
+
+    try:
+        with _open_system(kb, o) as system:
+            for i in range(0, len(images), o["batch_size"]):
+                for r in system.classify_paths(images[i:i + o["batch_size"]]):
+                    click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command()
+@click.argument("kb", type=click.Path(file_okay=False))
+@click.argument("data", type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: results.jsonl (resumable), summary.json, report.md + PNGs.")
+@click.option("--limit", type=click.IntRange(0), default=None, help="Evaluate at most N images (a seeded spread).")
+@click.option("--slow-all", is_flag=True,
+              help="Run System 2 on every image (decisions still by the trigger) for the exact budget curve.")
+@click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
+              help="Folder/label -> class name mapping for DATA (see fgvr build-kb).")
+@_system_options
+def evaluate(kb, data, out, limit, slow_all, classes_file, **o) -> None:
+    """Evaluate on the labelled folder or CSV DATA: exact-match accuracy on class ids, per class, confusion,
+    slow-path rate, accuracy per path, System 2 calls and tokens, latency, peak memory. Killed runs resume."""
+    import json
+    from pathlib import Path
+
+    from fgvr.data import read_dataset
+    from fgvr.evaluate import run_evaluation
+
+    try:
+        dataset = read_dataset(Path(data), classes_file)
+        with _open_system(kb, o, slow_all=slow_all) as system:
+            config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
+                      "data": str(Path(data).resolve()), "limit": limit}
+            s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"])
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+    short = {k: s[k] for k in ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",
+                               "unknown_classes", "n_errors")}
+    short["latency_p50_s"] = s["latency_s"]["p50"]
+    click.echo(json.dumps(short))
+    click.echo(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'report.md'}", err=True)
 
 
 # --- experience library (issue 5) -------------------------------------------------------------------

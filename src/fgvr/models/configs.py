@@ -16,3 +16,123 @@ HUB_IDS: dict[str, str] = {
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
     "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct",
 }
+
+
+# --- architecture configs -----------------------------------------------------------------------------
+# The fields of each model's config.json that decide its shapes, as published with the weights (hub ids
+# above). `fgvr memory plan` builds the networks from these on the meta device: no weights needed.
+
+_QWEN_COMMON = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "use_cache": True,
+    "torch_dtype": "bfloat16",
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+
+
+def _qwen(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, tie: bool,
+          window_layers: int, vision_intermediate: int) -> dict:
+    return _QWEN_COMMON | {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tie,
+        "max_window_layers": window_layers,
+        "vision_config": {
+            "depth": 32,
+            "hidden_act": "silu",
+            "hidden_size": 1280,
+            "intermediate_size": vision_intermediate,
+            "num_heads": 16,
+            "in_chans": 3,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+
+
+QWEN2_5_VL: dict[str, dict] = {
+    # 3B ties its input embedding and lm_head (stored once); 7B/32B/72B do not.
+    "qwen2.5-vl-3b": _qwen(2048, 11008, 36, 16, 2, 151936, True, 70, 3420),
+    "qwen2.5-vl-7b": _qwen(3584, 18944, 28, 28, 4, 152064, False, 28, 3420),
+    "qwen2.5-vl-32b": _qwen(5120, 27648, 64, 40, 8, 152064, False, 64, 3456),
+    "qwen2.5-vl-72b": _qwen(8192, 29568, 80, 64, 8, 152064, False, 80, 3456),
+}
+
+
+def _clip(text: tuple[int, int, int, int], vision: tuple[int, int, int, int], patch: int, proj: int) -> dict:
+    (th, ti, tl, ta), (vh, vi, vl, va) = text, vision
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": proj,
+        "logit_scale_init_value": 2.6592,
+        "text_config": {
+            "hidden_size": th, "intermediate_size": ti, "num_hidden_layers": tl, "num_attention_heads": ta,
+            "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu",
+            "projection_dim": proj, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+        },
+        "vision_config": {
+            "hidden_size": vh, "intermediate_size": vi, "num_hidden_layers": vl, "num_attention_heads": va,
+            "image_size": 224, "patch_size": patch, "hidden_act": "quick_gelu", "projection_dim": proj,
+        },
+    }
+
+
+CLIP: dict[str, dict] = {
+    "clip-vit-b32": _clip((512, 2048, 12, 8), (768, 3072, 12, 12), 32, 512),
+    "clip-vit-b16": _clip((512, 2048, 12, 8), (768, 3072, 12, 12), 16, 512),
+    "clip-vit-l14": _clip((768, 3072, 12, 12), (1024, 4096, 24, 16), 14, 768),
+}
+
+SIGLIP: dict[str, dict] = {
+    "siglip-base": {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "max_position_embeddings": 64, "vocab_size": 32000},
+        "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "image_size": 224, "patch_size": 16},
+    },
+}
+
+# EfficientNet-Lite: the network comes from efficientnet-lite-pytorch by name; input size as TF's builder.
+EFFICIENTNET: dict[str, dict] = {
+    "efficientnet-lite0": {"model_name": "efficientnet-lite0", "image_size": 224},
+    "efficientnet-lite2": {"model_name": "efficientnet-lite2", "image_size": 260},
+}
+
+
+def architecture(name: str) -> tuple[str, dict] | None:
+    """(family, config) for a known model name, or None."""
+    low = name.strip().lower()
+    for family, table in (("qwen2_5_vl", QWEN2_5_VL), ("clip", CLIP), ("siglip", SIGLIP),
+                          ("efficientnet", EFFICIENTNET)):
+        if low in table:
+            return family, table[low]
+    return None

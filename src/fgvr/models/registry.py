@@ -196,9 +196,13 @@ class Registry:
     """A ledger of loaded models with budgets per device. Production uses the process-wide one
     (`process_registry()` / this module's functions); tests build their own with fake loaders."""
 
-    def __init__(self, loader: Loader | None = None, estimator: Estimator | None = None) -> None:
+    def __init__(self, loader: Loader | None = None, estimator: Estimator | None = None,
+                 measure: Callable[[Any], int] | None = None) -> None:
+        """`loader(spec)` and `estimator(spec)` default to the model families; `measure(obj)` to the unique
+        bytes of `obj.torch_modules()`. Tests inject fakes (e.g. the sizes of models this machine lacks)."""
         self._loader = loader or _default_loader
         self._estimator = estimator or _default_estimator
+        self._measure = measure or (lambda obj: module_bytes(*torch_modules(obj)))
         self._lock = threading.RLock()  # guards the ledger; never held while a model loads
         self._entries: dict[str, _Entry] = {}
         self._budgets: dict[str, int | None] = {}
@@ -271,7 +275,7 @@ class Registry:
                     self._move(obj, spec.device)
                 else:
                     obj = self._loader(spec)
-                measured = module_bytes(*torch_modules(obj))
+                measured = int(self._measure(obj))
             except BaseException:
                 with self._lock:
                     if previous == "offloaded":
@@ -343,7 +347,7 @@ class Registry:
             try:
                 r.probe_used = probe_for(r.device).used_bytes()
             except ProbeUnavailable as exc:
-                r.probe_note = str(exc).split(":")[-1].strip()[:80] or "cannot measure"
+                r.probe_note = str(exc)
         return MemoryReport(models, rows)
 
     # --- internals (call with self._lock held unless said otherwise) ----------------------------------
