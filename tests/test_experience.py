@@ -139,3 +139,231 @@ def test_duplicates_by_minilm_similarity():
                     "shirts have buttons down the front, t-shirts don't")
     assert not sim.same("Shirts have buttons down the front.", "Coats reach below the hip.")
     assert TextSimilarity(use_model=False).same("Shirts: buttons!", "shirts buttons")
+
+
+# --- build: a small labelled folder and a knowledge base on the tiny CLIP ----------------------------------
+
+COLOURS = {"coat": (200, 40, 40), "pullover": (40, 200, 40), "shirt": (40, 40, 200), "T-shirt": (200, 200, 40)}
+
+
+@pytest.fixture(scope="module")
+def kb_and_data(tmp_path_factory, tiny_clip_dir):
+    """4 classes x 5 images (32x32); the base takes 2 per class, 3 per class are held out (12 images)."""
+    from fgvr.knowledge_base import build_knowledge_base
+
+    root = tmp_path_factory.mktemp("exp-data")
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (data / name).mkdir(parents=True)
+        for i in range(5):
+            a = np.clip(np.array(rgb) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(data / name / f"{i}.png")
+    kb = root / "kb"
+    build_knowledge_base(data, kb, shots=2, seed=0, encoder=str(tiny_clip_dir), progress=False)
+    return kb, data
+
+
+@pytest.fixture
+def kb_copy(kb_and_data, tmp_path):
+    import shutil
+
+    kb, data = kb_and_data
+    dst = tmp_path / "kb"
+    shutil.copytree(kb, dst)
+    return dst, data
+
+
+def _labels(data: Path) -> dict[str, str]:
+    from fgvr.data import read_dataset
+
+    return {str(s.path): s.label for s in read_dataset(data).samples}
+
+
+class ScriptedSlow:
+    """A stand-in System 2 whose answers follow a script (decision tests only):
+
+    * it confuses every shirt for a T-shirt, unless a rule mentioning buttons is in its prompt;
+    * a rule whose text starts with 'harmful' makes it answer 'coat' for every image;
+    * any other rule changes nothing.
+    `kill_after`: SIGKILL this process when rank() is called that many times (the resume test).
+    """
+
+    name = "scripted"
+
+    def __init__(self, labels: dict[str, str], classes: list[str], kill_after: int | None = None):
+        self.labels, self.classes, self.kill_after = labels, classes, kill_after
+        self.calls = 0
+        self.queries = []
+
+    def rank(self, queries):
+        self.calls += 1
+        if self.kill_after is not None and self.calls >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = []
+        for q in queries:
+            self.queries.append(q)
+            names = [self.classes[c] for c in q.candidates]
+            truth = self.labels[q.path]
+            said = "T-shirt" if truth == "shirt" else truth
+            if any("button" in r.text.lower() for r in q.rules):
+                said = truth
+            if any(r.text.lower().startswith("harmful") for r in q.rules):
+                said = "coat"
+            probs = [0.97 if n == said else 0.03 / (len(names) - 1) for n in names]
+            out.append(SlowAnswer(probs=probs, rules_used=[r.id for r in q.rules]))
+        return out
+
+
+class ScriptedReflector:
+    """Answers per held-out shirt image (in processing order) and attempt: script[i] = (first, retry).
+    Keyed by image, not by call count, so that a resumed process answers as the killed one would have."""
+
+    def __init__(self, script: list[tuple[str, str]], order: list[str] | None = None):
+        self.script, self.order, self.requests = script, order, []
+
+    def reflect(self, requests):
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            i = self.order.index(r.path) if self.order else 0
+            out.append(self.script[min(i, len(self.script) - 1)][1 if r.strict else 0])
+        return out
+
+
+HELPFUL = ("```json\n{'classes': ['shirt', 'T-shirt'], 'cue': 'buttons', "
+           "'rule': 'Shirts have buttons down the front; T-shirts don't.', 'applies_when': 'tops',}\n```")
+IDLE = '{"classes": ["shirt", "T-shirt"], "cue": "attention", "rule": "Look carefully at the garment."}'
+SCRIPT = [
+    # first shirt: no JSON at all, then (strict retry) a harmful rule
+    ("Hmm, I think it was a shirt because of the collar.",
+     '{"classes": ["shirt", "T-shirt"], "cue": "nothing", "rule": "Harmful: when unsure, say coat."}'),
+    (IDLE, IDLE),  # second shirt: a rule that changes nothing
+    (HELPFUL, HELPFUL),  # third shirt: the rule that helps (single quotes, fences, trailing comma)
+]
+
+
+def _held_out_shirts(kb: Path, data: Path) -> list[str]:
+    from fgvr.data import read_dataset
+
+    m = json.loads((kb / "manifest.json").read_text())
+    support = {str((Path(m["data"]["root"]) / s["path"]).resolve()) for s in m["support"]}
+    return [str(s.path) for s in read_dataset(data).samples
+            if s.label == "shirt" and str(Path(s.path).resolve()) not in support]
+
+
+def _run_scripted(kb: Path, data: Path, slow=None, reflector=None, **kw):
+    from fgvr.data import read_dataset
+
+    classes = json.loads((kb / "manifest.json").read_text())["classes"]
+    names = [c["name"] for c in sorted(classes, key=lambda c: c["id"])]
+    slow = slow or ScriptedSlow(_labels(data), names)
+    reflector = reflector or ScriptedReflector(SCRIPT, _held_out_shirts(kb, data))
+    summary = build_experience(kb, read_dataset(data), rounds=kw.pop("rounds", 2), k=4, weight=1.0,
+                               slow=slow, reflector=reflector, similarity=TextSimilarity(use_model=False),
+                               show_progress=False, **kw)
+    return summary, slow, reflector
+
+
+def _log(kb: Path) -> list[dict]:
+    return [json.loads(x) for x in (kb / "experience" / "log.jsonl").read_text().splitlines()]
+
+
+def test_build_keeps_the_helpful_rule_and_rejects_harmful_and_idle_ones(kb_copy):
+    kb, data = kb_copy
+    summary, slow, refl = _run_scripted(kb, data)
+    # 12 held-out images, none of them a support image; the 3 shirts are wrong before any rule
+    support = {str((Path(json.loads((kb / "manifest.json").read_text())["data"]["root"]) / s["path"]).resolve())
+               for s in json.loads((kb / "manifest.json").read_text())["support"]}
+    assert summary.images == 12 and not ({q.path for q in slow.queries} & support)
+    assert summary.accuracy_first == 0.75 and summary.accuracy_last == 1.0
+
+    lib = ExperienceLibrary.load(kb)
+    assert len(lib.rules) == 1
+    rule = lib.rules[0]
+    assert rule.text == "Shirts have buttons down the front; T-shirts don't." and rule.cue == "buttons"
+    assert rule.classes == ["shirt", "T-shirt"]
+    # every held-out image has shirt or T-shirt among its 4 candidates, so all 12 are re-run
+    assert (rule.support, rule.fixed, rule.broken, rule.effect) == (12, 3, 0, 0.25)
+
+    events = [(e["event"], e.get("reason")) for e in _log(kb)]
+    assert events == [("rejected", "accuracy on its images dropped"), ("rejected", "fixed no image"),
+                      ("accepted", None)]
+    harmful = _log(kb)[0]
+    assert harmful["trial"] == {"n": 12, "before": 9, "after": 3, "fixed": 0, "broken": 6, "effect": -0.5}
+    assert harmful["rule"]["rule"].startswith("Harmful")  # the rejected rule's history stays in the log
+    # the garbage answer was retried once with the strict prompt, then parsed
+    assert [r.strict for r in refl.requests] == [False, True, False, False]
+    assert all(r.truth == "shirt" and r.predicted == "T-shirt" for r in refl.requests)
+    assert summary.rounds_run == 2 and (summary.accepted, summary.rejected, summary.parse_failed) == (1, 2, 0)
+
+
+def test_retrieved_rules_reach_the_prompt_and_are_recorded(kb_copy):
+    """After the build, the dual system's slow path gets the kept rule for images whose candidates it
+    concerns, and each answer records it."""
+    kb, data = kb_copy
+    _, slow, _ = _run_scripted(kb, data)
+    last = slow.queries[-12:]  # the final accuracy pass over the 12 images
+    with_rules = [q for q in slow.queries if q.rules]
+    assert with_rules and all([r.id for r in q.rules] == ["r1"] for q in last)
+
+
+def test_unparseable_answers_are_logged_and_skipped(kb_copy):
+    kb, data = kb_copy
+    garbage = [("", "null"), ("{'classes': ['dog'], 'rule': 'dogs bark'}", "{{{{"), ("[]", "{'rule': ''}")]
+    summary, _, refl = _run_scripted(kb, data, reflector=ScriptedReflector(garbage, _held_out_shirts(kb, data)),
+                                     rounds=1)
+    assert summary.parse_failed == 3 and summary.accepted == 0  # the 3 shirts, each tried twice
+    assert len(refl.requests) == 6 and [r.strict for r in refl.requests[:2]] == [False, True]
+    log = _log(kb)
+    assert [e["event"] for e in log] == ["parse_failed"] * 3
+    assert log[0]["answers"] == ["", "null"] and "no JSON object" in log[0]["reason"]
+    assert json.loads((kb / "experience" / "rules.json").read_text())["rules"] == []
+
+
+def test_a_reflector_that_raises_does_not_abort_the_build(kb_copy):
+    class Broken:
+        def reflect(self, requests):
+            raise RuntimeError("CUDA out of memory")
+
+    kb, data = kb_copy
+    summary, _, _ = _run_scripted(kb, data, reflector=Broken(), rounds=1)
+    assert summary.parse_failed == 3
+    assert "CUDA out of memory" in _log(kb)[0]["reason"]
+
+
+_RESUME_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from pathlib import Path
+    import test_experience as t
+    kb, data, kill = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    names = [c["name"] for c in sorted(t.json.loads((kb / "manifest.json").read_text())["classes"],
+                                       key=lambda c: c["id"])]
+    slow = t.ScriptedSlow(t._labels(data), names, kill_after=kill or None)
+    t._run_scripted(kb, data, slow=slow)
+""")
+
+
+def test_build_resumes_after_sigkill(kb_copy, tmp_path, kb_and_data):
+    import shutil
+
+    kb, data = kb_copy
+    reference = tmp_path / "reference"
+    shutil.copytree(kb_and_data[0], reference)
+    _run_scripted(reference, data)
+
+    cmd = [sys.executable, "-c", _RESUME_SCRIPT, str(HERE), str(kb), str(data)]
+    # rank() calls: 1 = first accuracy pass, 2 = harmful trial, 3 = idle trial (killed inside it)
+    killed = subprocess.run(cmd + ["3"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    progress = json.loads((kb / "experience" / "progress.json").read_text())
+    assert progress["round"] == 1 and len(progress["done"]) >= 1  # the harmful rule's image was checkpointed
+    assert [e["event"] for e in _log(kb)] == ["rejected"]
+
+    done = subprocess.run(cmd + ["0"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    strip = lambda log: [{k: v for k, v in e.items() if k != "time"} for e in log]  # noqa: E731
+    assert strip(_log(kb)) == strip(_log(reference))  # same decisions, none logged twice
+    assert (json.loads((kb / "experience" / "rules.json").read_text())
+            == json.loads((reference / "experience" / "rules.json").read_text()))
