@@ -301,6 +301,30 @@ def evaluate(kb, data, out, limit, slow_all, classes_file, **o) -> None:
 # --- demo (issue 6) ---------------------------------------------------------------------------------
 
 
+@cli.command()
+@click.option("--shots", "-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Support images per class (from the train split).")
+@click.option("--test-images", type=click.IntRange(min=1), default=None,
+              help="Held-out test images (from the test split)  [default: 500; 100 with --quick]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of both samples.")
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
+              help="Where the images, knowledge base and run go (reruns reuse them).")
+@click.option("--slow-budget", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Fraction of images to send to System 2 (calibrated on the support set).")
+@click.option("--quick", is_flag=True, help="A smaller test sample, for a first look.")
+def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
+    """The whole system on real images, CPU only: Fashion-MNIST -> image folder -> k-shot knowledge base
+    (EfficientNet-Lite0) -> dual system with the visual re-ranker as System 2 -> accuracy and report."""
+    from fgvr import demo as demo_mod
+    from fgvr.fashion_mnist import FashionMNISTMissing, IdxError
+    from fgvr.reranker import RerankerError
+
+    try:
+        demo_mod.main(out, shots, test_images, seed, slow_budget, quick)
+    except (FashionMNISTMissing, IdxError, RerankerError, *_user_errors()) as e:
+        raise click.ClickException(str(e)) from None
+
+
 def main() -> None:
     cli()
 
