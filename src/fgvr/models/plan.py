@@ -9,6 +9,7 @@ language-model prefill activations, logits) so each term can be checked against 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -197,11 +198,17 @@ def quantised_bytes(model, quantization: str | None) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=64)
+def _measure_meta(family: str, config_json: str, dtype: str, quantization: str | None) -> tuple[int, int]:
+    """(params, bytes) of an architecture; cached because a plan evaluates the same model several times."""
+    model = build_meta(family, json.loads(config_json), dtype)
+    return module_params(model), quantised_bytes(model, quantization)
+
+
 def model_size(name_or_folder: str, role: str, dtype: str, quantization: str | None = None) -> ModelSize:
     label, family, cfg = resolve(name_or_folder)
-    model = build_meta(family, cfg, dtype)
-    return ModelSize(label, role, family, normalise_dtype(dtype), quantization, module_params(model),
-                     quantised_bytes(model, quantization))
+    params, nbytes = _measure_meta(family, json.dumps(cfg, sort_keys=True), normalise_dtype(dtype), quantization)
+    return ModelSize(label, role, family, normalise_dtype(dtype), quantization, params, nbytes)
 
 
 def estimate_spec_bytes(spec: ModelSpec) -> int:
@@ -209,7 +216,7 @@ def estimate_spec_bytes(spec: ModelSpec) -> int:
     _, family, cfg = resolve(spec.source)
     if family == "efficientnet" and spec.image_size:
         cfg = cfg | {"image_size": spec.image_size}
-    return quantised_bytes(build_meta(family, cfg, spec.dtype), spec.quantization)
+    return _measure_meta(family, json.dumps(cfg, sort_keys=True), spec.dtype, spec.quantization)[1]
 
 
 # --- the working memory of one System 2 generation ---------------------------------------------------------
