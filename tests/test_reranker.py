@@ -127,8 +127,7 @@ def test_from_knowledge_base_needs_support_paths():
     class KB:
         path = None
         classes = ["a", "b"]
-        exemplar_labels = torch.tensor([0, 1])
-        support_paths: list = []
+        manifest = {"support": []}
 
     with pytest.raises(rr.RerankerError, match="lists no support image paths"):
         rr.VisualReranker.from_knowledge_base(KB())
