@@ -138,3 +138,111 @@ def test_read_results_tolerates_torn_tail_and_missing_newline(tmp_path):
     f.write_text('{"path": "a"}\n{"path": "b"}')
     assert [r["path"] for r in read_results(f)] == ["a", "b"]
     assert f.read_text().endswith("}\n")
+
+
+# ------------------------------------------------------------------------------------------------------
+# end to end with the real EfficientNet-Lite0 and the real CLI
+
+
+def _pattern_images(root: Path, per_class: int, seed: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    masks = {"red_disc": ((yy - 16) ** 2 + (xx - 16) ** 2 < 100, (220, 30, 30)),
+             "blue_stripes": ((xx // 4) % 2 == 0, (30, 40, 220)),
+             "green_checker": (((xx // 8) + (yy // 8)) % 2 == 0, (30, 200, 40))}
+    for name, (mask, rgb) in masks.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = np.full((32, 32, 3), 128, np.int64)
+            a[mask] = rgb
+            a += rng.integers(-25, 25, a.shape)
+            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(scope="session")
+def lite0_setup(tmp_path_factory):
+    """A Lite0 base (3 classes x 3 shots) and one uninterrupted `fgvr evaluate` run over 14 test images
+    (12 of known classes, 1 of a class the base does not know, 1 unreadable)."""
+    from click.testing import CliRunner
+
+    from fgvr.cli import cli
+    from fgvr.knowledge_base import build_knowledge_base
+
+    root = tmp_path_factory.mktemp("lite0")
+    _pattern_images(root / "support", 3, seed=0)
+    _pattern_images(root / "test", 4, seed=1)
+    (root / "test" / "yellow_half").mkdir()
+    Image.new("RGB", (32, 32), (240, 230, 30)).save(root / "test" / "yellow_half" / "0.png")
+    (root / "test" / "red_disc" / "broken.png").write_bytes(b"garbage")
+    build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
+    full = CliRunner().invoke(cli, ["evaluate", str(root / "kb"), str(root / "test"), "--slow-budget", "0.3",
+                                    "--batch-size", "8", "--out", str(root / "full")])
+    assert full.exit_code == 0, full.output
+    return root, full
+
+
+def _stable(summary):
+    return {k: summary[k] for k in STABLE}
+
+
+def test_cli_classify_and_evaluate_end_to_end_with_lite0(lite0_setup, tmp_path):
+    from click.testing import CliRunner
+
+    from fgvr.cli import cli
+
+    root, full = lite0_setup
+    assert "yellow half" in full.stderr and "not in the knowledge base" in full.stderr
+    s = json.loads((root / "full" / "summary.json").read_text())
+    assert s["n_images"] == 14 and s["n_errors"] == 1 and s["unknown_classes"] == ["yellow half"]
+    assert s["accuracy_system1_alone"] > 0.5  # three easy patterns: Lite0 features separate them
+    assert s["paths"].get("escalated-unavailable", {"n": 0})["n"] == round(s["slow_rate"] * 13)
+    assert (root / "full" / "report.md").is_file() and (root / "full" / "confusion.png").is_file()
+    r = CliRunner().invoke(cli, ["classify", str(root / "kb"), str(root / "test" / "red_disc" / "0.png"),
+                                 str(root / "test" / "red_disc" / "broken.png"), "--threshold", "0.9"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert lines[0]["prediction_name"] == "red disc" and lines[0]["path_taken"] == "fast"
+    assert lines[1]["path_taken"] == "error"
+    # another encoder's base is refused with a clear message (before any model is loaded)
+    r = CliRunner().invoke(cli, ["evaluate", str(root / "kb"), str(root / "test"), "--out", str(tmp_path / "x"),
+                                 "--encoder", "efficientnet-lite2"])
+    assert r.exit_code != 0 and "not comparable" in r.output and "efficientnet-lite0" in r.output
+
+
+def test_evaluate_resumes_after_kill_9(lite0_setup, tmp_path):
+    """A real `fgvr evaluate` process is killed with SIGKILL mid-run, rerun, and ends with no duplicate and
+    the same summary as the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = lite0_setup
+    run = tmp_path / "killed"
+    exe = [sys.executable, "-c", "from fgvr.cli import main; main()", "evaluate", str(root / "kb"),
+           str(root / "test"), "--slow-budget", "0.3", "--out", str(run)]
+    proc = subprocess.Popen([*exe, "--batch-size", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = run / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_text().count("\n") >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = results.read_text().count("\n")
+    assert 2 <= done_before < 14
+
+    again = subprocess.run([*exe, "--batch-size", "8"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    recs = [json.loads(x) for x in results.read_text().splitlines()]
+    assert len(recs) == 14 and len({r["path"] for r in recs}) == 14
+    a = json.loads((root / "full" / "summary.json").read_text())
+    b = json.loads((run / "summary.json").read_text())
+    assert _stable(a) == _stable(b)
+    assert b["run"]["images_this_process"] == 14 - done_before

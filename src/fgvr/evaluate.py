@@ -117,16 +117,28 @@ def append_results(path: Path, records: Iterable[dict[str, Any]]) -> None:
 # planning
 
 
-def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed: int = 0
-         ) -> tuple[list[tuple[str, str, int | None]], list[str]]:
+def support_files(kb: Any) -> set[str]:
+    """Resolved paths of the base's support images (from its manifest), to keep them out of a test set."""
+    manifest = getattr(kb, "manifest", None) or {}
+    root = Path(manifest.get("data", {}).get("root") or ".")
+    out = set()
+    for s in manifest.get("support", []):
+        p = Path(s["path"])
+        out.add(str((p if p.is_absolute() else root / p).resolve()))
+    return out
+
+
+def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed: int = 0,
+         exclude: set[str] = frozenset()) -> tuple[list[tuple[str, str, int | None]], list[str]]:
     """[(resolved path, label name, kb class id or None)] in a fixed order, and the unknown class names.
 
-    The order is a seeded shuffle of the sorted paths, so `--limit N` takes a spread over classes (not the
-    first class's images) and is the same on every restart.
+    Paths in `exclude` (the base's support images: evaluating on them would measure memory, not
+    recognition) are left out. The order is a seeded shuffle of the sorted paths, so `--limit N` takes a
+    spread over classes (not the first class's images) and is the same on every restart.
     """
     index = {c: i for i, c in enumerate(kb_classes)}
     unknown = sorted(c for c in dataset.classes if c not in index)
-    items = sorted((str(Path(s.path).resolve()), s.label) for s in dataset.samples)
+    items = sorted((p, s.label) for s in dataset.samples if (p := str(Path(s.path).resolve())) not in exclude)
     random.Random(seed).shuffle(items)
     if limit is not None:
         items = items[: max(0, limit)]
@@ -164,7 +176,12 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
               "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
               "system2": getattr(system.slow, "name", None) if system.slow is not None else None}
     check_config(out, config)
-    items, unknown = plan(dataset, kb.classes, limit)
+    support = support_files(kb)
+    items, unknown = plan(dataset, kb.classes, limit, exclude=support)
+    n_support = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in support)
+    if n_support:
+        print(f"fgvr: leaving out {n_support} image(s) of {dataset.root} that are in the knowledge base's "
+              "support set", file=sys.stderr)
     if unknown:
         n_unknown = sum(1 for _, _, cid in items if cid is None)
         print(f"fgvr: test class(es) not in the knowledge base: {', '.join(unknown)}. Their {n_unknown} "
@@ -207,6 +224,7 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
 
     records = [r for r in read_results(results_file) if r["path"] in {p for p, _, _ in items}]
     summary = summarise(records, kb.classes, unknown)
+    summary["support_images_excluded"] = n_support
     summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
                       "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
                       "peak_memory": peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))}

@@ -117,7 +117,7 @@ def _posterior(logits: torch.Tensor, tau: float, k: int, w: float) -> FastResult
         topk_ids=top.indices[:, :k].contiguous(),
         topk_probs=top.values[:, :k].contiguous(),
         margin=p1 - p2,
-        entropy=entropy.clamp(0.0, 1.0),
+        entropy=entropy.clamp(0.0, 1.0) + 0.0,  # + 0.0 turns -0.0 into 0.0
         w=w,
         tau=tau,
     )

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -229,3 +230,71 @@ class DualSystem:
                 answers[i] = a
                 seconds[i] = a.seconds if a.seconds > 0 else share
         return answers, errors, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# assembling a system from a knowledge base on disk (what `fgvr classify` and `fgvr evaluate` do)
+
+
+@contextmanager
+def open_system(
+    kb_path: str | Path,
+    *,
+    encoder: str | None = None,
+    vlm: str | None = None,
+    reranker: bool = False,
+    budget: float | None = None,
+    threshold: float | None = None,
+    k: int = 5,
+    weight: float = DEFAULT_WEIGHT,
+    device: str = "cpu",
+    rationale: bool = False,
+    n_rules: int = 3,
+    slow_all: bool = False,
+    slow_batch: int = 8,
+) -> Iterator[DualSystem]:
+    """Load the base, lease its encoder from the registry for the duration, and wire up System 2.
+
+    `encoder` defaults to the one the base was built with; naming another one is refused by
+    `load_knowledge_base` (embeddings of different encoders are not comparable). `vlm` (a Qwen2.5-VL folder)
+    or `reranker` picks System 2; neither means none (escalations are marked unavailable). The trigger uses
+    `threshold` when given, else `budget` (default 0.3) calibrated on the base's support set.
+    """
+    from fgvr.knowledge_base import load_knowledge_base
+    from fgvr.models import registry
+    from fgvr.models.spec import ModelSpec, parse_spec
+
+    if vlm and reranker:
+        raise ValueError("choose one System 2: --vlm SPEC or --reranker, not both")
+    if threshold is not None and budget is not None:
+        raise ValueError("give --threshold or --slow-budget, not both")
+    if threshold is None and budget is None:
+        budget = 0.3
+    if encoder is not None:
+        spec = parse_spec(encoder, device=device)
+        kb = load_knowledge_base(kb_path, encoder=spec)  # refuses another encoder's base
+    else:
+        kb = load_knowledge_base(kb_path)
+        spec = ModelSpec(**kb.encoder_spec).replace(device=device)
+    slow: SlowPath | None = None
+    if vlm:
+        from fgvr.slow_path import VlmReasoner
+
+        vspec = parse_spec(vlm, device=device)
+        if vspec.family != "qwen2_5_vl":
+            raise ValueError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {vspec.family} model")
+        slow = VlmReasoner(vspec, kb.classes, kb.descriptions, rationale=rationale, max_rules=n_rules)
+    elif reranker:
+        from fgvr.reranker import VisualReranker
+
+        slow = VisualReranker.from_knowledge_base(kb, device=device)
+    experience = None
+    if slow is not None and kb.path is not None:
+        from fgvr.experience import ExperienceLibrary
+
+        lib = ExperienceLibrary.load(kb.path, classes=kb.classes)
+        experience = lib if lib.rules else None
+    trigger = Trigger(threshold=threshold, budget=budget if threshold is None else None)
+    with registry.use(spec) as enc:
+        yield DualSystem(kb, enc, slow, trigger, k=k, weight=weight, experience=experience, n_rules=n_rules,
+                         slow_all=slow_all, slow_batch=slow_batch)
