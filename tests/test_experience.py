@@ -367,3 +367,63 @@ def test_build_resumes_after_sigkill(kb_copy, tmp_path, kb_and_data):
     assert strip(_log(kb)) == strip(_log(reference))  # same decisions, none logged twice
     assert (json.loads((kb / "experience" / "rules.json").read_text())
             == json.loads((reference / "experience" / "rules.json").read_text()))
+
+
+def test_no_label_in_any_reasoning_prompt_with_the_tiny_qwen(kb_copy, tmp_path, kb_and_data, tiny_qwen_dir,
+                                                            monkeypatch):
+    """The real reasoner and reflector on the tiny random Qwen2.5-VL. Every chat the VLM sees is captured.
+    Relabelling every held-out image must leave every reasoning prompt unchanged (they cannot depend on the
+    label), while the reflection prompts, whose job is to name the true class, change with it. The random
+    model's reflections are not JSON: they are logged and the build goes on."""
+    import shutil
+
+    import fgvr.slow_path as sp
+    from fgvr.data import Dataset, Sample, read_dataset
+    from fgvr.experience import VlmReflector
+    from fgvr.models import parse_spec
+
+    captured: list[str] = []
+    real = sp.render_chat
+
+    def spy(processor, messages):
+        text = real(processor, messages)
+        captured.append(text)
+        return text
+
+    monkeypatch.setattr(sp, "render_chat", spy)
+    spec = parse_spec(str(tiny_qwen_dir), max_pixels=16 * 28 * 28)
+    kb, data = kb_copy
+    ds = read_dataset(data)
+    held_out = set(_held_out_shirts(kb, data))  # only used to check the relabelling below
+    support = {str((Path(json.loads((kb / "manifest.json").read_text())["data"]["root"]) / s["path"]).resolve())
+               for s in json.loads((kb / "manifest.json").read_text())["support"]}
+    shift = {c: ds.classes[(i + 1) % len(ds.classes)] for i, c in enumerate(ds.classes)}
+    relabelled = Dataset(ds.root, ds.classes, [
+        s if str(Path(s.path).resolve()) in support else Sample(s.path, shift[s.label]) for s in ds.samples])
+    assert held_out and all(Sample(Path(p), "shirt") not in relabelled.samples for p in held_out)
+
+    runs = []
+    for dataset, where in ((ds, kb), (relabelled, tmp_path / "kb2")):
+        if where != kb:
+            shutil.copytree(kb_and_data[0], where)
+        captured.clear()
+        summary = build_experience(where, dataset, spec, rounds=1, k=3, max_per_class=2, weight=1.0,
+                                   reflector=VlmReflector(spec, max_new_tokens=4),
+                                   similarity=TextSimilarity(use_model=False), show_progress=False)
+        reasoning = [p for p in captured if "Answer with the letter only." in p]
+        reflection = [p for p in captured if "the correct class is" in p]
+        assert len(reasoning) + len(reflection) == len(captured)
+        runs.append((summary, reasoning, reflection, _log(where)))
+
+    (s1, reason1, refl1, log1), (s2, reason2, refl2, log2) = runs
+    assert reason1 and reason1 == reason2  # identical prompts whatever the labels
+    for p in reason1:
+        assert "correct" not in p and "You answered" not in p
+    # the reflections did see the labels (and differ between the runs), and nothing crashed
+    assert refl1 and refl2 and refl1 != refl2
+    for log, refl in ((log1, refl1), (log2, refl2)):
+        failed = [e for e in log if e["event"] == "parse_failed"]
+        assert len(failed) * 2 == len(refl)  # each wrong answer: first try + strict retry, then skipped
+        for e in failed:
+            assert any(f'the correct class is "{e["truth"]}"' in p for p in refl)
+    assert s1.rules == 0 and s1.images == 8

@@ -509,6 +509,8 @@ class _Log:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()  # present from the start, so an empty log means "no decision yet", not "no build"
         self.keys: set[tuple] = set()
         self.rejected: list[dict] = []  # rejected rule proposals, for "never propose it again"
         if path.is_file():
