@@ -192,3 +192,45 @@ def test_memory_report_command_loads_and_reports():
     rec = next(m for m in data["models"] if m["name"] == "efficientnet-lite0" and m["device"] == "cpu")
     assert rec["measured_bytes"] == rec["estimated_bytes"] > 0 and rec["state"] == "loaded"
     assert any(d["device"] == "cpu" and d["probe_used"] for d in data["devices"])
+
+
+# --- benchmarks/gpu_memory.py: what can be checked without a GPU ------------------------------------------
+
+
+def _gpu_memory_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_memory.py"
+    spec = importlib.util.spec_from_file_location("gpu_memory_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_memory_benchmark_says_no_gpu_and_exits_0():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_memory.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "no CUDA GPU here" in out.stdout
+
+
+def test_gpu_memory_benchmark_inputs_drive_the_real_architecture(tiny_qwen_dir):
+    """The benchmark's random-weight build and processor-shaped inputs run through Qwen2.5-VL's generate
+    and scoring forward (here the tiny config on CPU), so the one GPU run does not fail on shapes."""
+    gm = _gpu_memory_module()
+    cfg = json.loads((tiny_qwen_dir / "config.json").read_text())
+    model = gm.build_random("qwen2_5_vl", cfg, "fp32", "cpu")
+    assert module_bytes(model) == estimate_spec_bytes(parse_spec(str(tiny_qwen_dir)))
+    inputs = gm.system2_inputs(cfg, (300, 200), 1280 * 28 * 28, 30, 2, "cpu")
+    n_image = int((inputs["input_ids"][0] == gm.IMAGE_PAD).sum())
+    assert n_image == visual_tokens_for(300, 200, 1280 * 28 * 28)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                             pad_token_id=gm.IM_END, eos_token_id=gm.IM_END)
+        last = model(**inputs, logits_to_keep=1).logits
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 2) and last.shape[:2] == (2, 1)

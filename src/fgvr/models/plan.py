@@ -56,6 +56,7 @@ class Workload:
     lm_activation_bytes: int
     logits_bytes: int
     working_bytes: int  # KV + the larger of the two activation peaks + logits
+    full_logits_bytes: int = 0  # NOT in the total: a forward without logits_to_keep=1 adds this per row
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Plan:
                 f"  LM prefill activations       {format_bytes(w.lm_activation_bytes)}",
                 f"  logits                       {format_bytes(w.logits_bytes)}",
                 f"  working memory               {format_bytes(w.working_bytes)}",
+                f"  (a scoring forward that keeps logits for every position, not just the last, adds "
+                f"{format_bytes(w.full_logits_bytes)} per prompt: pass logits_to_keep=1)",
             ]
         lines.append(f"  CUDA context (allowance)     {format_bytes(self.context_bytes)}")
         spare = self.budget - self.total_bytes
@@ -287,7 +290,7 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
         image_tokens=visual_tokens_for(image_size[0], image_size[1], max_pixels), text_tokens=text_tokens,
         new_tokens=new_tokens, kv_bytes_per_token=kv_per_token, kv_bytes_per_1k=kv_per_token * 1000,
         kv_bytes=kv, vision_activation_bytes=vision, lm_activation_bytes=lm, logits_bytes=logits,
-        working_bytes=working,
+        working_bytes=working, full_logits_bytes=seq * vocab * b,
     )
 
 
