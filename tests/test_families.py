@@ -130,8 +130,10 @@ def test_long_text_is_chunked_not_truncated(which, tiny_clip_dir, tiny_siglip_di
         assert n_tokens > 2 * limit and len(chunks) >= 3 and all(len(c) <= limit for c in chunks)
         body = sum(len(c) - len(enc.prefix) - len(enc.suffix) for c in chunks)
         assert body == n_tokens  # every token is read once
+        bodies = [enc.tokenizer.decode(c[len(enc.prefix) : len(c) - len(enc.suffix)]) for c in chunks]
+        assert all(b.rstrip().endswith(".") for b in bodies)  # cut between sentences, not inside words
         whole = enc.encode_texts([description])
-        first_chunk = enc.tokenizer.decode(chunks[0][len(enc.prefix) : limit - len(enc.suffix)])
+        first_chunk = bodies[0]
         truncated = enc.encode_texts([first_chunk])
         short = enc.encode_texts(["a cardinal."])
         # a short text's embedding does not depend on what else is in the batch (padding is inert)

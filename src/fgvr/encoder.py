@@ -74,6 +74,7 @@ class Encoder:
     image_size: int
     device: torch.device
     dtype: torch.dtype
+    load_seconds: float = 0.0  # set by the loader: weights read + moved, for reports
 
     def torch_modules(self) -> list[torch.nn.Module]:
         """What the registry measures, moves and leak-checks."""

@@ -113,11 +113,33 @@ class CLIPEncoder(Encoder):
         return l2_normalise(feats).cpu()
 
     def chunk_ids(self, text: str) -> list[list[int]]:
-        """Token ids of `text` cut into tower-sized chunks, each wrapped in the special tokens."""
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        """Token ids of `text` cut into tower-sized chunks, each wrapped in the special tokens.
+
+        Cuts fall after a sentence end where one lies in the back half of a chunk, else before a word,
+        so a chunk is a readable piece of the description rather than half a word.
+        """
+        fast = getattr(self.tokenizer, "is_fast", False)
+        enc = self.tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=fast)
+        ids = enc["input_ids"]
+        # how good a cut just before token i is: 2 after a sentence end, 1 between words, 0 inside a word
+        quality = [0] * len(ids)
+        for i, (start, _) in enumerate(enc["offset_mapping"] if fast else []):
+            before = text[:start]
+            if before[-1:].isspace() or text[start : start + 1].isspace():  # byte-level BPE keeps the space
+                quality[i] = 2 if before.rstrip().endswith((".", ";", "!", "?")) else 1
         body = self.text_limit - len(self.prefix) - len(self.suffix)
-        pieces = [ids[i : i + body] for i in range(0, len(ids), body)] or [[]]
-        return [self.prefix + piece + self.suffix for piece in pieces]
+        pieces, i = [], 0
+        while i < len(ids):
+            end = min(i + body, len(ids))
+            if end < len(ids):
+                for q in (2, 1):
+                    cut = next((j for j in range(end, i + body // 2, -1) if quality[j] >= q), None)
+                    if cut is not None:
+                        end = cut
+                        break
+            pieces.append(ids[i:end])
+            i = end
+        return [self.prefix + piece + self.suffix for piece in (pieces or [[]])]
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """(N,D) float32 CPU, L2-normalised; a text longer than the tower's limit is the normalised mean
