@@ -12,6 +12,7 @@ What this loader decides, and why:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -176,9 +177,10 @@ def load(spec: ModelSpec) -> QwenVL:
     if quant is not None:
         # bitsandbytes quantises while placing the weights, so the device goes in here, not via .to().
         kwargs.update(quantization_config=quant, device_map={"": spec.device})
+    elif spec.device.startswith("cuda") and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = {"": spec.device}  # straight to the GPU, no full copy in host memory first
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    if quant is None:
-        model = model.to(spec.device)
+    model = model.to(spec.device) if "device_map" not in kwargs else model
     model.eval().requires_grad_(False)
     processor = load_processor(spec)
     return QwenVL(spec, model, processor, processor.tokenizer, load_seconds=time.perf_counter() - t0)
