@@ -236,24 +236,25 @@ def test_load_refuses_other_encoder_version_and_damage(main_kb, tmp_path):
 
 
 def test_rebuild_replaces_the_base_wholesale_and_never_overwrites_other_folders(tmp_path, lite0):
-    a = _make_folder(tmp_path / "a", {"red": ("red", 2), "green": ("green", 2), "blue": ("blue", 2)})
-    b = _make_folder(tmp_path / "b", {"white": ("white", 2), "red": ("red", 2)}, seed0=50)
+    a = _make_folder(tmp_path / "a", {"red": ("red", 1), "green": ("green", 1), "blue": ("blue", 1)})
+    b = _make_folder(tmp_path / "b", {"white": ("white", 1), "red": ("red", 1)}, seed0=50)
     out = tmp_path / "kb"
-    _quiet_build(a, out, shots=2, seed=0, batch_size=8)
+    _quiet_build(a, out, shots=1, seed=0, batch_size=8)
     (out / "stray.txt").write_text("left by someone")
-    kb, _ = _quiet_build(b, out, shots=2, seed=0, batch_size=8)
+    kb, _ = _quiet_build(b, out, shots=1, seed=0, batch_size=8)
     loaded = load_knowledge_base(out)
-    assert loaded.classes == ["red", "white"] == kb.classes and loaded.exemplars.shape[0] == 4
+    assert loaded.classes == ["red", "white"] == kb.classes and loaded.exemplars.shape[0] == 2
+    assert loaded.stats.excluded == 2 and "default" in loaded.fusion["source"]  # k=1: nothing to fit on
     assert sorted(p.name for p in out.iterdir()) == ["descriptions.json", "manifest.json", "tensors.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "kb"]  # no temp / old / partial dirs left
     with pytest.raises(KnowledgeBaseError, match="not a knowledge base.*refusing"):
-        _quiet_build(b, a, shots=2, seed=0)
+        _quiet_build(b, a, shots=1, seed=0)
     assert sorted(p.name for p in a.iterdir()) == ["blue", "green", "red"]
 
 
 def test_augmentations_are_averaged_per_image(tmp_path, lite0):
-    data = _make_folder(tmp_path / "d", {"red": ("red", 2), "blue": ("blue", 2)})
-    kb, _ = _quiet_build(data, tmp_path / "kb", shots=2, seed=0, augment="flip", batch_size=3)
+    data = _make_folder(tmp_path / "d", {"red": ("red", 1), "blue": ("blue", 1)})
+    kb, _ = _quiet_build(data, tmp_path / "kb", shots=1, seed=0, augment="flip", batch_size=3)
     assert kb.manifest["augmentations"] == ["flip"]
     img = load_image(data / kb.support_paths[0])
     views = augmented_views(img, ("flip",))
@@ -262,7 +263,7 @@ def test_augmentations_are_averaged_per_image(tmp_path, lite0):
     assert torch.allclose(kb.exemplars[0], expected, atol=1e-4)
     assert not torch.allclose(kb.exemplars[0], lite0.encode_images([img])[0], atol=1e-3)
     with pytest.raises(KnowledgeBaseError, match="rotate"):
-        _quiet_build(data, tmp_path / "kb2", shots=2, seed=0, augment="flip,rotate")
+        _quiet_build(data, tmp_path / "kb2", shots=1, seed=0, augment="flip,rotate")
 
 
 def test_a_class_with_no_usable_image_is_an_error_naming_it_and_work_is_kept(tmp_path, lite0):
