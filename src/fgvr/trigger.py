@@ -122,15 +122,16 @@ class Trigger:
         num_classes = fast.probs.shape[1]
         pred = fast.topk_ids[:, 0].cpu()
         m, n = _precision_counts(kb, num_classes)
-        lb_per_class = beta_lower_bound(m, n, self.alpha)
+        m, n = m[pred], n[pred]
+        lb = beta_lower_bound(m, n, self.alpha)  # only for the predicted classes: B values, not C
         return {
             "top1": (1.0 - fast.topk_probs[:, 0].double().cpu()).clamp(0, 1),
             "margin": (1.0 - fast.margin.double().cpu()).clamp(0, 1),
             "entropy": fast.entropy.double().cpu().clamp(0, 1),
-            "precision": 1.0 - lb_per_class[pred],
-            "_m": m[pred],
-            "_n": n[pred],
-            "_lb": lb_per_class[pred],
+            "precision": 1.0 - lb,
+            "_m": m,
+            "_n": n,
+            "_lb": lb,
         }
 
     def scores(self, fast: FastResult, kb: Any) -> torch.Tensor:
