@@ -12,6 +12,7 @@ What this loader decides, and why:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import time
@@ -47,8 +48,9 @@ QWEN25_VL_CHAT_TEMPLATE = (
 )
 
 
+@functools.cache
 def _image_only_processor_class():
-    """Built on first use so that importing this module does not import transformers."""
+    """Built once, on first use, so that importing this module does not import transformers."""
     from transformers import Qwen2_5_VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
