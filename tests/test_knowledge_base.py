@@ -404,3 +404,15 @@ def test_cli_build_and_show(main_data, tmp_path, lite0):
     assert r.exit_code != 0 and "no class folders" in r.output
     r = runner.invoke(cli, ["kb", "show", str(main_data)])
     assert r.exit_code != 0 and "not a knowledge base" in r.output
+
+
+def test_build_from_csv_manifest(tmp_path, lite0):
+    imgs = _make_folder(tmp_path / "imgs", {"r": ("red", 1), "b": ("blue", 1)})
+    man = tmp_path / "lists" / "train.csv"
+    man.parent.mkdir()
+    man.write_text('path,label\n../imgs/r/img00.png,"Fox, red"\n../imgs/b/img00.png,Blue jay\n', encoding="utf-8")
+    kb, summary = _quiet_build(man, tmp_path / "kb", shots=1, seed=0)
+    assert kb.classes == ["Blue jay", "Fox, red"] and summary.images_used == 2
+    root = Path(kb.manifest["data"]["root"])
+    resolved = [(Path(p) if Path(p).is_absolute() else root / p).resolve() for p in kb.support_paths]
+    assert resolved == [(imgs / "b" / "img00.png").resolve(), (imgs / "r" / "img00.png").resolve()]
