@@ -168,3 +168,29 @@ def test_budget_trigger_is_calibrated_on_the_support_set():
     trig = Trigger(budget=0.4)
     DualSystem(kb, enc, None, trig)
     assert trig.threshold is not None and 0 <= trig.threshold <= 1
+
+
+def test_dual_system_with_the_tiny_qwen_reasoner_and_experience_rules(images, tiny_qwen_dir):
+    """The real System 2 seam: the tiny random Qwen2.5-VL scores lettered options for the triggered samples,
+    with the experience library's rules for their candidates; the decision combines its distribution."""
+    from fgvr.experience import ExperienceLibrary, Rule
+    from fgvr.models.spec import parse_spec
+    from fgvr.slow_path import VlmReasoner
+
+    enc = ColourEncoder()
+    kb = colour_kb(enc)
+    rule = Rule(id="r1", classes=["orange", "red"], cue="hue", text="Orange is lighter than red.", effect=0.1)
+    lib = ExperienceLibrary([rule], classes=kb.classes)
+    vlm = VlmReasoner(parse_spec(str(tiny_qwen_dir)), kb.classes, rationale=True, rationale_tokens=4)
+    res = DualSystem(kb, enc, vlm, Trigger(threshold=-1.0), k=3, experience=lib).classify_paths(images)
+    ok = [r for r in res if r.path_taken != PATH_ERROR]
+    assert ok and all(r.path_taken == PATH_SLOW and r.slow_ran for r in ok)
+    for r in ok:
+        slow = [c.slow for c in r.candidates]
+        assert len(slow) == 3 and abs(sum(slow) - 1) < 1e-4
+        assert abs(sum(c.final for c in r.candidates) - 1) < 1e-9
+        assert r.prediction in [c.id for c in r.candidates]
+        assert r.slow_tokens_in > 0 and isinstance(r.rationale, str)
+        names = {c.name for c in r.candidates}
+        assert r.rules_used == (["r1"] if names & {"orange", "red"} else [])
+    assert json.loads(json.dumps(ok[0].to_dict()))["path_taken"] == PATH_SLOW
