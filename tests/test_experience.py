@@ -132,8 +132,13 @@ def test_rules_file_versioned_atomic_and_described(tmp_path):
         ExperienceLibrary.load(tmp_path)
 
 
-def test_duplicates_by_minilm_similarity():
-    sim = TextSimilarity()
+@pytest.fixture(scope="module")
+def minilm():
+    return TextSimilarity()
+
+
+def test_duplicates_by_minilm_similarity(minilm):
+    sim = minilm
     assert sim.method == "minilm"  # the offline package is a dependency: the fallback must not be silent here
     assert sim.same("Shirts have buttons down the front; T-shirts do not.",
                     "shirts have buttons down the front, t-shirts don't")
@@ -191,8 +196,10 @@ class ScriptedSlow:
 
     name = "scripted"
 
-    def __init__(self, labels: dict[str, str], classes: list[str], kill_after: int | None = None):
+    def __init__(self, labels: dict[str, str], classes: list[str], kill_after: int | None = None,
+                 stubborn: frozenset = frozenset()):
         self.labels, self.classes, self.kill_after = labels, classes, kill_after
+        self.stubborn = stubborn  # images the buttons rule does not fix
         self.calls = 0
         self.queries = []
 
@@ -206,7 +213,7 @@ class ScriptedSlow:
             names = [self.classes[c] for c in q.candidates]
             truth = self.labels[q.path]
             said = "T-shirt" if truth == "shirt" else truth
-            if any("button" in r.text.lower() for r in q.rules):
+            if any("button" in r.text.lower() for r in q.rules) and q.path not in self.stubborn:
                 said = truth
             if any(r.text.lower().startswith("harmful") for r in q.rules):
                 said = "coat"
@@ -427,3 +434,50 @@ def test_no_label_in_any_reasoning_prompt_with_the_tiny_qwen(kb_copy, tmp_path, 
         for e in failed:
             assert any(f'the correct class is "{e["truth"]}"' in p for p in refl)
     assert s1.rules == 0 and s1.images == 8
+
+
+def test_cli_build_experience_and_kb_show(kb_copy, tiny_qwen_dir, tiny_clip_dir):
+    from click.testing import CliRunner
+
+    from fgvr.cli import cli
+
+    kb, data = kb_copy
+    runner = CliRunner()
+    res = runner.invoke(cli, ["build-experience", str(kb), str(data), "--vlm", str(tiny_qwen_dir),
+                              "--max-per-class", "1", "--top-k", "3", "--max-pixels", str(16 * 28 * 28)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 4 and summary["rounds_run"] == 1
+    assert json.loads((kb / "experience" / "rules.json").read_text())["format_version"] == 1
+
+    bad = runner.invoke(cli, ["build-experience", str(kb), str(data), "--vlm", str(tiny_clip_dir)])
+    assert bad.exit_code != 0 and "must be a Qwen2.5-VL model folder" in bad.output
+
+    ExperienceLibrary([_rule(1, ["shirt", "T-shirt"], 0.25, support=12)], CLASSES, kb / "experience").save()
+    show = runner.invoke(cli, ["kb", "show", str(kb)])
+    assert show.exit_code == 0, show.output
+    assert "experience: 1 rule(s)" in show.output and "[shirt / T-shirt]  effect +0.250" in show.output
+
+
+def test_a_paraphrase_of_a_kept_rule_is_merged_not_trialled(kb_copy, minilm):
+    """The buttons rule fixes two of the three shirts; the third shirt's reflection says the same thing in
+    other words: MiniLM calls it a duplicate over the same classes, so it is merged (no second rule, no
+    re-run)."""
+    from fgvr.data import read_dataset
+
+    kb, data = kb_copy
+    shirts = _held_out_shirts(kb, data)
+    names = [c["name"] for c in sorted(json.loads((kb / "manifest.json").read_text())["classes"],
+                                       key=lambda c: c["id"])]
+    slow = ScriptedSlow(_labels(data), names, stubborn=frozenset(shirts[2:]))
+    paraphrase = '{"classes": ["T-shirt", "shirt"], "cue": "buttons", "rule": "shirts have buttons down the front, t-shirts don\'t"}'
+    reflector = ScriptedReflector([(HELPFUL, HELPFUL), (HELPFUL, HELPFUL), (paraphrase, paraphrase)], shirts)
+    summary = build_experience(kb, read_dataset(data), rounds=1, k=4, weight=1.0, slow=slow, reflector=reflector,
+                               similarity=minilm, show_progress=False)
+    assert summary.similarity == "minilm"
+    lib = ExperienceLibrary.load(kb)
+    assert len(lib.rules) == 1 and lib.rules[0].proposals == 2
+    assert (lib.rules[0].fixed, lib.rules[0].broken) == (2, 0)
+    assert [(e["event"], e.get("into")) for e in _log(kb)] == [("accepted", None), ("merged", "r1")]
+    assert "trial" not in _log(kb)[1]  # merged without a re-run
+    assert summary.merged == 1 and summary.accuracy_last == 11 / 12

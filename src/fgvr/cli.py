@@ -298,6 +298,51 @@ def evaluate(kb, data, out, limit, slow_all, classes_file, **o) -> None:
 # --- experience library (issue 5) -------------------------------------------------------------------
 
 
+@cli.command("build-experience")
+@click.argument("kb", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--vlm", metavar="SPEC", required=True, help="The Qwen2.5-VL model folder that reasons and reflects.")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="Passes over the held-out images (stops early when a pass keeps no new rule).")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
+@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="System 2's weight in the decision, as in `fgvr evaluate`.")
+@click.option("--rules", "n_rules", type=click.IntRange(0), default=3, show_default=True,
+              help="Rules per prompt (those whose classes meet the candidates).")
+@click.option("--max-per-class", type=click.IntRange(1), default=None,
+              help="Use at most N held-out images per class (each costs VLM calls).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default=None, help="VLM dtype: bf16, fp16 or fp32 (default fp32).")
+@click.option("--max-pixels", type=int, default=None, help="Pixel cap per image (default 1280 visual tokens).")
+@click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
+              help="Folder/label -> class name mapping for DATA (see fgvr build-kb).")
+@click.option("--fresh", is_flag=True, help="Ignore a previous build's progress (accepted rules are kept).")
+def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_class, device, dtype, max_pixels,
+                         classes_file, fresh) -> None:
+    """Learn experience rules for KB from the VLM's mistakes on the labelled images in DATA that did not
+    build the base. A rule is kept only if re-running the images it touches does not lower their accuracy
+    and it fixes at least one; history in KB/experience/log.jsonl. Killed builds resume."""
+    import json
+    from pathlib import Path
+
+    from fgvr.data import read_dataset
+    from fgvr.experience import ExperienceError, build_experience, describe_rules
+    from fgvr.models import parse_spec
+
+    try:
+        spec = parse_spec(vlm, device=device, dtype=dtype, max_pixels=max_pixels)
+        if spec.family != "qwen2_5_vl":
+            raise ValueError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {spec.family} model")
+        summary = build_experience(kb, read_dataset(Path(data), classes_file), spec, rounds, k=top_k,
+                                   weight=weight, n_rules=n_rules, max_per_class=max_per_class,
+                                   device=device, fresh=fresh)
+    except (ExperienceError, *_user_errors()) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(summary.to_json()))
+    click.echo(describe_rules(kb), err=True)
+
+
+
 # --- demo (issue 6) ---------------------------------------------------------------------------------
 
 

