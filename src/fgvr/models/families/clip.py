@@ -31,13 +31,14 @@ def _model_class(family: str):
 
 def _check_folder(spec: ModelSpec) -> Path:
     path = Path(spec.source)
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    # The OpenAI CLIP repos carry both model.safetensors and pytorch_model.bin; either loads.
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         return path
     from fgvr.models.configs import HUB_IDS
 
     names = ", ".join(f"{k} ({v})" for k, v in HUB_IDS.items() if k.startswith(("clip", "siglip")))
     raise SpecError(
-        f"{spec.family} folder {path} does not exist or has no config.json / *.safetensors. Nothing is "
+        f"{spec.family} folder {path} does not exist or has no config.json and weights. Nothing is "
         f"downloaded at run time: fetch one of {names}, e.g. `huggingface-cli download "
         f"openai/clip-vit-base-patch32 --local-dir models/clip-vit-b32`, and pass that folder."
     )
