@@ -143,6 +143,8 @@ def test_duplicates_by_minilm_similarity(minilm):
     assert sim.same("Shirts have buttons down the front; T-shirts do not.",
                     "shirts have buttons down the front, t-shirts don't")
     assert not sim.same("Shirts have buttons down the front.", "Coats reach below the hip.")
+    # the inverted rule is close in embedding space (0.93) but must not count as the same rule
+    assert not sim.same("Shirts have buttons down the front.", "T-shirts have buttons down the front.")
     assert TextSimilarity(use_model=False).same("Shirts: buttons!", "shirts buttons")
 
 
@@ -481,3 +483,18 @@ def test_a_paraphrase_of_a_kept_rule_is_merged_not_trialled(kb_copy, minilm):
     assert [(e["event"], e.get("into")) for e in _log(kb)] == [("accepted", None), ("merged", "r1")]
     assert "trial" not in _log(kb)[1]  # merged without a re-run
     assert summary.merged == 1 and summary.accuracy_last == 11 / 12
+
+
+def test_log_survives_a_line_cut_by_a_kill(tmp_path):
+    from fgvr.experience import _Log
+
+    f = tmp_path / "experience" / "log.jsonl"
+    f.parent.mkdir()
+    f.write_text('{"round": 1, "image": "a", "event": "rejected", "rule": {"classes": ["shirt"], "rule": "x"}}\n'
+                 '{"round": 1, "image": "b", "ev')  # killed mid-write
+    log = _Log(f)
+    assert log.rejected == [{"classes": ["shirt"], "rule": "x"}]
+    log.write("rejected", 1, "a", rule={"classes": ["shirt"], "rule": "x"})  # already logged: not again
+    log.write("accepted", 1, "c", id="r1")
+    lines = f.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["event"] == "accepted"

