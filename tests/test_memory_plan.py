@@ -71,9 +71,10 @@ def _nonpersistent_buffer_bytes(modules) -> int:
 
 
 @pytest.mark.parametrize("which,dtype", [
-    ("efficientnet-lite0", "fp32"), ("tiny_clip_dir", "fp32"), ("tiny_qwen_dir", "fp32"), ("tiny_qwen_dir", "bf16"),
+    ("efficientnet-lite0", "fp32"), ("tiny_clip_dir", "fp32"), ("tiny_siglip_dir", "fp32"), ("tiny_qwen_dir", "fp32"),
+    ("tiny_qwen_dir", "bf16"),
 ])
-def test_footprint_known_before_loading_equals_measured(which, dtype, request, capsys):
+def test_footprint_known_before_loading_equals_measured(which, dtype, request):
     """The family estimate (meta device), the plan's own estimate, and the safetensors header all agree
     with the bytes of the parameters and buffers once loaded through the registry."""
     source = which if which.startswith("efficientnet") else str(request.getfixturevalue(which))
@@ -88,8 +89,6 @@ def test_footprint_known_before_loading_equals_measured(which, dtype, request, c
             header = safetensors_bytes(source, dtype=getattr(torch, spec.dtype))
             assert header + _nonpersistent_buffer_bytes(modules) == measured
     assert estimated == planned == measured == rec.measured_bytes == rec.estimated_bytes
-    with capsys.disabled():
-        print(f"\n  footprint {spec.name} {dtype}: estimated {estimated} B, measured {measured} B")
 
 
 def test_safetensors_header_is_read_without_the_data(tiny_clip_dir):

@@ -138,6 +138,31 @@ def test_loading_one_key_does_not_block_another():
     assert sorted(k.split("|")[1] for k in fam.loads) == ["/models/fast", "/models/slow"]
 
 
+def test_a_load_in_flight_holds_its_bytes_on_the_ledger():
+    """Two different models loading at once cannot both pass the budget check: the first one's estimate
+    is reserved before its load starts."""
+    fam = FakeFamilies({"first": 6 * GB, "second": 6 * GB})
+    in_flight, finish = threading.Event(), threading.Event()
+
+    def loader(spec):
+        if spec.name == "first":
+            in_flight.set()
+            assert finish.wait(timeout=10)
+        return fam.load(spec)
+
+    reg = Registry(loader=loader, estimator=fam.size, measure=lambda o: o.nbytes)
+    reg.set_budget("cuda:0", 10 * GB)
+    t = threading.Thread(target=lambda: reg.acquire(fake_spec("first")))
+    t.start()
+    assert in_flight.wait(timeout=10)
+    assert reg.report().device("cuda:0").current == 6 * GB  # reserved while loading
+    with pytest.raises(MemoryBudgetError):
+        reg.acquire(fake_spec("second"))
+    finish.set()
+    t.join(timeout=10)
+    assert [k.split("|")[1] for k in fam.loads] == ["/models/first"]
+
+
 def test_registry_module_under_two_names_is_one_registry(monkeypatch):
     """The trap of the incident: the same file imported as two modules must not make two singletons."""
     path = Path(registry_module.__file__)
