@@ -27,6 +27,7 @@ import itertools
 import sys
 import threading
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -285,7 +286,7 @@ class Registry:
                         except Exception:  # half moved: drop it rather than guess where it lives
                             self._unload_locked(entry)
                     else:
-                        entry.state, entry.obj = "unloaded", None
+                        entry.state, entry.obj = ("leaked" if entry.leaks else "unloaded"), None
                     entry.reserved = 0
                 raise
             with self._lock:
@@ -293,6 +294,10 @@ class Registry:
                 if previous != "offloaded":
                     entry.loads += 1
                 self._note_peak(spec.device)
+                budget = self.budget(spec.device)
+                if measured > need and budget is not None and self.held_bytes(spec.device) > budget:
+                    warnings.warn(f"{spec.name} measured {format_bytes(measured)} against an estimate of "
+                                  f"{format_bytes(need)}: {spec.device} is now over its budget", stacklevel=3)
                 return self._lease(entry)
 
     def release(self, spec: ModelSpec) -> None:
