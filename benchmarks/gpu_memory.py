@@ -235,8 +235,12 @@ def run(args: argparse.Namespace) -> dict:
           score(1, last_only=False), "(what slow_path does without logits_to_keep)")
     phase("option scoring forward, logits_to_keep=1", w.working_bytes, score(1, last_only=True))
     if args.batch > 1:
-        phase(f"option scoring forward, batch {args.batch}, every position", None, score(args.batch, False),
-              "(plan has no batch term: compare by hand)")
+        wb = make_plan(args.vlm, args.encoder, args.dtype, budget, max_pixels=max_pixels, image_size=image_size,
+                       text_tokens=args.text_tokens, new_tokens=args.new_tokens, batch=args.batch).workload
+        phase(f"option scoring forward, batch {args.batch}, every position", wb.working_bytes + wb.full_logits_bytes,
+              score(args.batch, False), "(slow_path's default batch)")
+        phase(f"option scoring forward, batch {args.batch}, logits_to_keep=1", wb.working_bytes,
+              score(args.batch, True))
 
     rep = reg.report()
     measured_total = probe.read()

@@ -46,9 +46,11 @@ def memory() -> None:
 @click.option("--image-size", default="1024x1024", show_default=True, help="Reference image HxW for token counts.")
 @click.option("--text-tokens", type=int, default=400, show_default=True, help="Prompt text tokens per query.")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Generated tokens per query.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Prompts per VLM forward (System 2 scores queries in batches).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visual_tokens, quant, image_size,
-                text_tokens, new_tokens, as_json) -> None:
+                text_tokens, new_tokens, batch, as_json) -> None:
     """Will the models fit the GPU budget? Sizes from the real architectures on the meta device.
 
     \b
@@ -72,7 +74,7 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
             None if encoder.lower() == "none" else encoder,
             dtype, parse_bytes(budget), quantization=quant, max_pixels=max_pixels,
             image_size=parse_image_size(image_size), text_tokens=text_tokens, new_tokens=new_tokens,
-            encoder_dtype=encoder_dtype,
+            batch=batch, encoder_dtype=encoder_dtype,
         )
     except (SpecError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -268,10 +270,13 @@ def classify(kb, images, **o) -> None:
 @click.option("--limit", type=click.IntRange(0), default=None, help="Evaluate at most N images (a seeded spread).")
 @click.option("--slow-all", is_flag=True,
               help="Run System 2 on every image (decisions still by the trigger) for the exact budget curve.")
+@click.option("--calibrate", type=click.Choice(["run", "support"]), default="run", show_default=True,
+              help="Where --slow-budget's threshold comes from: this run's own trigger scores (the budget is "
+                   "met on the run; images are encoded first, then decided) or the base's support set.")
 @click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
               help="Folder/label -> class name mapping for DATA (see fgvr build-kb).")
 @_system_options
-def evaluate(kb, data, out, limit, slow_all, classes_file, **o) -> None:
+def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> None:
     """Evaluate on the labelled folder or CSV DATA: exact-match accuracy on class ids, per class, confusion,
     slow-path rate, accuracy per path, System 2 calls and tokens, latency, peak memory. Killed runs resume."""
     import json
@@ -285,7 +290,8 @@ def evaluate(kb, data, out, limit, slow_all, classes_file, **o) -> None:
         with _open_system(kb, o, slow_all=slow_all) as system:
             config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
                       "data": str(Path(data).resolve()), "limit": limit}
-            s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"])
+            s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"],
+                               calibrate=calibrate)
     except _user_errors() as e:
         raise click.ClickException(str(e)) from None
     short = {k: s[k] for k in ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",

@@ -49,6 +49,7 @@ class Workload:
     image_tokens: int  # the reference image resized under the cap, as the processor does
     text_tokens: int
     new_tokens: int
+    batch: int  # prompts per forward (slow_path scores several queries at once)
     kv_bytes_per_token: int
     kv_bytes_per_1k: int
     kv_bytes: int
@@ -95,7 +96,8 @@ class Plan:
             lines += [
                 "",
                 f"VLM working memory for one System 2 generation ({w.visual_tokens} visual tokens at the cap, "
-                f"{w.text_tokens} text tokens, {w.new_tokens} new tokens):",
+                f"{w.text_tokens} text tokens, {w.new_tokens} new tokens"
+                + (f", batch of {w.batch}" if w.batch > 1 else "") + "):",
                 f"  pixel cap                    max_pixels={w.max_pixels} -> at most {w.visual_tokens} visual "
                 f"tokens (a {w.image_size[0]}x{w.image_size[1]} image: {w.image_tokens})",
                 f"  KV cache per 1k tokens       {format_bytes(w.kv_bytes_per_1k)} ({w.kv_bytes_per_token:,} B/token)",
@@ -105,7 +107,7 @@ class Plan:
                 f"  logits                       {format_bytes(w.logits_bytes)}",
                 f"  working memory               {format_bytes(w.working_bytes)}",
                 f"  (a scoring forward that keeps logits for every position, not just the last, adds "
-                f"{format_bytes(w.full_logits_bytes)} per prompt: pass logits_to_keep=1)",
+                f"{format_bytes(w.full_logits_bytes)}: pass logits_to_keep=1)",
             ]
         lines.append(f"  CUDA context (allowance)     {format_bytes(self.context_bytes)}")
         spare = self.budget - self.total_bytes
@@ -242,7 +244,7 @@ def visual_tokens_for(height: int, width: int, max_pixels: int, min_pixels: int 
 
 
 def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int] = (1024, 1024),
-             text_tokens: int = 400, new_tokens: int = 32) -> Workload:
+             text_tokens: int = 400, new_tokens: int = 32, batch: int = 1) -> Workload:
     """Working memory of one generation, term by term, for a Qwen2.5-VL config.
 
     The peaks of the vision tower and of the language model's prefill do not overlap (the vision features
@@ -284,13 +286,15 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
     vocab = text.get("vocab_size", config.get("vocab_size"))
     logits = vocab * 4 * 3  # last position: logits, processed scores, probabilities (fp32)
     kv = (seq + new_tokens) * kv_per_token
+    # A batch of prompts runs every term side by side: each grows with the batch.
+    kv, vision, lm, logits = kv * batch, vision * batch, lm * batch, logits * batch
     working = kv + max(vision, lm) + logits
     return Workload(
         max_pixels=max_pixels, visual_tokens=tokens, image_size=tuple(image_size),
         image_tokens=visual_tokens_for(image_size[0], image_size[1], max_pixels), text_tokens=text_tokens,
-        new_tokens=new_tokens, kv_bytes_per_token=kv_per_token, kv_bytes_per_1k=kv_per_token * 1000,
+        new_tokens=new_tokens, batch=batch, kv_bytes_per_token=kv_per_token, kv_bytes_per_1k=kv_per_token * 1000,
         kv_bytes=kv, vision_activation_bytes=vision, lm_activation_bytes=lm, logits_bytes=logits,
-        working_bytes=working, full_logits_bytes=seq * vocab * b,
+        working_bytes=working, full_logits_bytes=seq * vocab * b * batch,
     )
 
 
@@ -312,6 +316,7 @@ def make_plan(
     image_size: tuple[int, int] = (1024, 1024),
     text_tokens: int = 400,
     new_tokens: int = 32,
+    batch: int = 1,
     encoder_dtype: str | None = None,
     context_bytes: int = CUDA_CONTEXT_BYTES,
 ) -> Plan:
@@ -326,7 +331,7 @@ def make_plan(
         models.append(model_size(vlm, "vlm", dtype, quantization))
     if encoder:
         models.append(model_size(encoder, "encoder", encoder_dtype or dtype))
-    work = workload(vlm_cfg, dtype, max_pixels, image_size, text_tokens, new_tokens) if vlm_cfg else None
+    work = workload(vlm_cfg, dtype, max_pixels, image_size, text_tokens, new_tokens, batch) if vlm_cfg else None
     total = _total(models, work, context_bytes)
     plan = Plan(budget, models, work, context_bytes, total, total <= budget)
     if plan.fits or not vlm:
@@ -346,7 +351,7 @@ def make_plan(
                 m.weight_bytes = vlm_bytes[quant]
                 m.quantization = quant
         px = tokens * QWEN_PATCH * QWEN_PATCH if tokens else max_pixels
-        w = workload(vlm_cfg, dtype, px, image_size, text_tokens, new_tokens)
+        w = workload(vlm_cfg, dtype, px, image_size, text_tokens, new_tokens, batch)
         return _total(ms, w, context_bytes)
 
     has_encoder = any(m.role == "encoder" for m in models)
