@@ -134,6 +134,13 @@ def test_kv_cache_and_visual_tokens():
     assert smaller.working_bytes < w.working_bytes
 
 
+def test_batch_scales_the_working_memory():
+    one = workload(QWEN2_5_VL["qwen2.5-vl-7b"], "bf16", 1280 * 28 * 28)
+    four = workload(QWEN2_5_VL["qwen2.5-vl-7b"], "bf16", 1280 * 28 * 28, batch=4)
+    assert four.kv_bytes == 4 * one.kv_bytes and four.working_bytes == 4 * one.working_bytes
+    assert four.full_logits_bytes == 4 * one.full_logits_bytes == 4 * (1280 + 400) * 152064 * 2
+
+
 def test_plan_fits_and_the_cheapest_change_is_found():
     ok = make_plan("qwen2.5-vl-7b", "clip-vit-b32", "bf16", parse_bytes("18GiB"))
     assert ok.fits and not ok.options
