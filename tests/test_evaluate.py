@@ -91,6 +91,58 @@ def test_resume_after_torn_line_gives_no_duplicates_and_same_summary(tmp_path, d
         assert resumed[key] == full[key], key
 
 
+def budget_system(budget, slow=None):
+    enc = ColourEncoder()
+    return DualSystem(colour_kb(enc), enc, slow, Trigger(budget=budget), k=3, weight=1.0), enc
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_budget_calibrated_on_the_run_is_met(tmp_path, data, budget):
+    system, _ = budget_system(budget)
+    s = run_evaluation(system, data, tmp_path / "b", {"kb": "c", "encoder": "e", "data": "d"}, batch_size=5,
+                       progress=False, report=False)
+    assert abs(s["slow_rate"] - budget) <= 1 / 24 + 1e-9  # 24 readable images
+    assert s["trigger"]["calibrated_on"] == "run" and s["config"]["calibrated_on_images"] == 24
+    assert (tmp_path / "b" / "embeddings").is_dir()
+
+
+def test_run_calibrated_resume_reuses_embeddings_and_threshold(tmp_path, data):
+    system, _ = budget_system(0.3, PickLast())
+    full = run_evaluation(system, data, tmp_path / "a", {"kb": "c", "encoder": "e", "data": "d"}, batch_size=4,
+                          progress=False, report=False)
+    # killed during pass 2: run.json (with the threshold), all embeddings, 7 results and a torn line
+    b = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(tmp_path / "a" / "embeddings", b / "embeddings")
+    shutil.copy(tmp_path / "a" / "run.json", b / "run.json")
+    lines = (tmp_path / "a" / "results.jsonl").read_text().splitlines(keepends=True)
+    (b / "results.jsonl").write_text("".join(lines[:7]) + lines[7][:40])
+    system_b, enc_b = budget_system(0.3, PickLast())
+    calls_before = enc_b.calls
+    resumed = run_evaluation(system_b, data, b, {"kb": "c", "encoder": "e", "data": "d"}, batch_size=4,
+                             progress=False, report=False)
+    assert enc_b.calls == calls_before  # nothing encoded again
+    assert resumed["trigger"]["threshold"] == full["trigger"]["threshold"]
+    for key in STABLE:
+        assert resumed[key] == full[key], key
+    # killed during pass 1: only the first embedding chunk on disk, no results yet
+    c = tmp_path / "c"
+    (c / "embeddings").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "embeddings" / "chunk-000000.safetensors", c / "embeddings")
+    shutil.copy(tmp_path / "a" / "run.json", c / "run.json")
+    stored = json.loads((c / "run.json").read_text())
+    del stored["calibrated_threshold"]
+    (c / "run.json").write_text(json.dumps(stored))
+    system_c, enc_c = budget_system(0.3, PickLast())
+    calls_before = enc_c.calls
+    again = run_evaluation(system_c, data, c, {"kb": "c", "encoder": "e", "data": "d"}, batch_size=4,
+                           progress=False, report=False)
+    assert enc_c.calls - calls_before == 6  # 25 images, 4 per batch: chunk 0 reused, 6 batches encoded
+    for key in STABLE:
+        assert again[key] == full[key], key
+
+
 def test_restart_with_other_settings_is_refused(tmp_path, data):
     run_evaluation(system(), data, tmp_path / "r", {"kb": "c", "encoder": "e", "data": "d"}, limit=3,
                    progress=False, report=False)

@@ -71,6 +71,19 @@ class Result:
         return asdict(self)
 
 
+@dataclass
+class EncodedBatch:
+    """Files decoded and encoded once: error Results (None where readable), the readable indices, their
+    embeddings (len(ok), D), the decoded images (or None), and per-image decode / encode seconds."""
+
+    errors: list[Result | None]
+    ok: list[int]
+    embeddings: torch.Tensor
+    images: list | None
+    decode_s: float
+    encode_s: float
+
+
 class DualSystem:
     """System 1 + trigger + optional System 2 + decision over one knowledge base.
 
@@ -112,8 +125,18 @@ class DualSystem:
     # ------------------------------------------------------------------------------------------------
     def classify_paths(self, paths: Sequence[str | Path]) -> list[Result]:
         """Classify image files; results in input order, one per path (error records included)."""
+        enc = self.encode_paths(paths)
+        results = list(enc.errors)
+        done = self.classify_embeddings(enc.embeddings, [str(paths[i]) for i in enc.ok], enc.images,
+                                        {"decode": enc.decode_s, "encode": enc.encode_s})
+        for i, r in zip(enc.ok, done):
+            results[i] = r
+        return results  # type: ignore[return-value]
+
+    def encode_paths(self, paths: Sequence[str | Path], keep_images: bool = True) -> "EncodedBatch":
+        """Decode each file once and encode the readable ones in one batched pass."""
         t0 = time.perf_counter()
-        results: list[Result | None] = [None] * len(paths)
+        errors: list[Result | None] = [None] * len(paths)
         images, ok = [], []
         for i, p in enumerate(paths):
             t = time.perf_counter()
@@ -121,24 +144,36 @@ class DualSystem:
                 images.append(load_image(p))
                 ok.append(i)
             except ImageError as e:
-                results[i] = Result(path=str(p), path_taken=PATH_ERROR, error=e.reason,
-                                    timings={"decode": time.perf_counter() - t})
-        decode_s = time.perf_counter() - t0
-        if ok:
-            for i, r in zip(ok, self.classify_images(images, [str(paths[i]) for i in ok])):
-                r.timings = {"decode": decode_s / len(ok), **r.timings}
-                r.timings["total"] = sum(v for key, v in r.timings.items() if key != "total")
-                results[i] = r
-        return results  # type: ignore[return-value]
+                errors[i] = Result(path=str(p), path_taken=PATH_ERROR, error=e.reason,
+                                   timings={"decode": time.perf_counter() - t})
+        decode_s = (time.perf_counter() - t0) / max(1, len(ok))
+        t = time.perf_counter()
+        if images:
+            with torch.inference_mode():
+                emb = self.encoder.encode_images(images, batch_size=self.encode_batch)
+        else:
+            emb = torch.zeros(0, getattr(self.encoder, "embed_dim", self.kb.prototypes.shape[1]))
+        encode_s = (time.perf_counter() - t) / max(1, len(ok))
+        return EncodedBatch(errors, ok, emb, images if keep_images else None, decode_s, encode_s)
 
     def classify_images(self, images: list, paths: list[str]) -> list[Result]:
-        """The same on already decoded RGB images (the CLI and evaluate go through classify_paths)."""
-        n = len(images)
+        """The same on already decoded RGB images."""
         t = time.perf_counter()
         with torch.inference_mode():
             emb = self.encoder.encode_images(images, batch_size=self.encode_batch)
-        encode_s = time.perf_counter() - t
+        return self.classify_embeddings(emb, paths, images, {"encode": (time.perf_counter() - t) / max(1, len(images))})
 
+    def classify_embeddings(self, emb: torch.Tensor, paths: list[str], images: list | None = None,
+                            timings: dict[str, float] | None = None) -> list[Result]:
+        """System 1, trigger, System 2, decision for already encoded images.
+
+        `images`: the decoded images aligned with `emb`, or None: then only the images that go to System 2
+        are decoded (again) here, which is what a run that encoded everything first needs.
+        `timings`: per-image seconds of the stages already done (decode, encode), copied into each Result.
+        """
+        n = len(paths)
+        if n == 0:
+            return []
         t = time.perf_counter()
         fast = system1(self.kb, emb, w=self.w, tau=self.tau, k=self.k)
         fast_s = time.perf_counter() - t
@@ -181,12 +216,12 @@ class DualSystem:
             best = max(range(len(ids)), key=lambda j: final[j])
             r.prediction, r.prediction_name, r.confidence = ids[best], classes[ids[best]], float(final[best])
             r.candidates = cands
-            r.timings = {"encode": encode_s / n, "fast": fast_s / n, "trigger": trigger_s / n,
-                         "slow": slow_s.get(i, 0.0)}
+            r.timings = {**(timings or {}), "fast": fast_s / n, "trigger": trigger_s / n, "slow": slow_s.get(i, 0.0)}
             out.append(r)
         decide_s = (time.perf_counter() - t_dec) / n
         for r in out:
             r.timings["decide"] = decide_s
+            r.timings["total"] = sum(r.timings.values())
         return out
 
     # ------------------------------------------------------------------------------------------------
@@ -195,7 +230,7 @@ class DualSystem:
             return []
         return list(self.experience.retrieve(candidates, self.n_rules))
 
-    def _run_slow(self, images: list, paths: list[str], fast, idx: list[int]
+    def _run_slow(self, images: list | None, paths: list[str], fast, idx: list[int]
                   ) -> tuple[dict[int, SlowAnswer], dict[int, str], dict[int, float]]:
         """System 2 on samples `idx`, in batches of `slow_batch`. A batch that raises is logged per sample
         (its samples keep the fast answer) and the run goes on; a malformed answer counts as a failure."""
@@ -207,9 +242,17 @@ class DualSystem:
         for start in range(0, len(idx), self.slow_batch):
             chunk = idx[start:start + self.slow_batch]
             queries = []
-            for i in chunk:
+            for i in list(chunk):
+                try:
+                    image = images[i] if images is not None else load_image(paths[i])
+                except ImageError as e:  # readable when encoded, not now (file changed or removed)
+                    errors[i] = f"cannot decode the image again for System 2: {e.reason}"
+                    chunk.remove(i)
+                    continue
                 cands = fast.topk_ids[i].tolist()
-                queries.append(SlowQuery(image=images[i], candidates=cands, rules=self._rules(cands), path=paths[i]))
+                queries.append(SlowQuery(image=image, candidates=cands, rules=self._rules(cands), path=paths[i]))
+            if not queries:
+                continue
             t = time.perf_counter()
             try:
                 got = self.slow.rank(queries)

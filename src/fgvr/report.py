@@ -147,7 +147,8 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     curve = summary["budget_curve"]
     lines += ["## Accuracy against slow-path budget", "",
               f"From this run's logged scores, {curve['exact']} (images ranked by the trigger's score; the top "
-              "b·N take System 2's decided answer). Run with `--slow-all` for the whole curve.", "",
+              "b·N take System 2's decided answer)."
+              + ("" if curve["exact"] == "all budgets" else " Run with `--slow-all` for the whole curve."), "",
               "![accuracy vs budget](budget_curve.png)", "",
               "| budget | accuracy |", "| --- | --- |"]
     lines += [f"| {p['budget']:.2f} | {_fmt(p['accuracy'], True)} |" for p in curve["points"]]
