@@ -43,37 +43,42 @@ def test_l2_normalise_is_float32_and_safe_on_zero_rows():
 
 
 @pytest.fixture(scope="module")
-def lite0():
-    # the real weights at a 96px input: the contract does not depend on the size, the CPU time does
+def lite0_spec():
+    # the real weights at a 96px input: the contract does not depend on the size, the CPU time does.
+    # Tests lease it themselves (loaded once, the registry keeps it), so the unload below can be verified.
     spec = parse_spec("efficientnet-lite0", image_size=96)
-    with registry.use(spec) as enc:
-        yield enc
-    registry.unload(spec)
+    yield spec
+    assert registry.unload(spec) == "unloaded"
 
 
-def test_efficientnet_meets_the_encoder_contract(lite0, sample_photos):
-    assert isinstance(lite0, Encoder)
-    pixels = lite0.preprocess(sample_photos)
+def test_efficientnet_meets_the_encoder_contract(lite0_spec, sample_photos):
+    with registry.use(lite0_spec) as lite0:
+        assert isinstance(lite0, Encoder)
+        pixels = lite0.preprocess(sample_photos)
+        emb = lite0.encode_pixels(pixels)
+        dim = lite0.embed_dim
     assert pixels.shape == (2, 3, 96, 96) and pixels.dtype == torch.float32
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0  # (x-127)/128 of 0..255
-    emb = lite0.encode_pixels(pixels)
-    assert emb.shape == (2, lite0.embed_dim) and emb.dtype == torch.float32 and emb.device.type == "cpu"
+    assert emb.shape == (2, dim) and emb.dtype == torch.float32 and emb.device.type == "cpu"
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
     assert not emb.requires_grad
 
 
-def test_encode_images_batches_equal_one_batch(lite0, sample_photos):
+def test_encode_images_batches_equal_one_batch(lite0_spec, sample_photos):
     images = sample_photos + [sample_photos[0].rotate(90, expand=True)]
-    one = lite0.encode_images(images, batch_size=64)
-    many = lite0.encode_images(images, batch_size=2)
+    with registry.use(lite0_spec) as lite0:
+        one = lite0.encode_images(images, batch_size=64)
+        many = lite0.encode_images(images, batch_size=2)
+        empty = lite0.encode_images([])
     torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
-    assert lite0.encode_images([]).shape == (0, 1280)
+    assert empty.shape == (0, 1280)
 
 
-def test_image_only_encoder_refuses_text_clearly(lite0):
-    assert lite0.has_text is False
-    with pytest.raises(NoTextTowerError, match="image-only"):
-        lite0.encode_texts(["a photo of a cardinal"])
+def test_image_only_encoder_refuses_text_clearly(lite0_spec):
+    with registry.use(lite0_spec) as lite0:
+        assert lite0.has_text is False
+        with pytest.raises(NoTextTowerError, match="image-only"):
+            lite0.encode_texts(["a photo of a cardinal"])
 
 
 def test_clip_meets_the_encoder_contract(tiny_clip_dir, sample_photos):

@@ -26,6 +26,12 @@ def _loaded_bytes(obj) -> int:
     return module_bytes(*obj.torch_modules())
 
 
+def _unload_verified(spec: ModelSpec) -> None:
+    """Unload and check nothing of the family's object (encoder, processor, hooks) keeps the weights alive;
+    callers drop their own references first."""
+    assert registry.unload(spec) == "unloaded"
+
+
 def _check_registry_accounting(spec: ModelSpec) -> None:
     rec = registry.report().model(spec.key)
     assert rec.loads >= 1 and rec.estimated_bytes == rec.measured_bytes > 0
@@ -70,7 +76,8 @@ def test_lite2_default_and_overridden_input_size(sample_photos):
         feats = enc.encode_images(sample_photos)
         assert enc.preprocess(sample_photos).shape == (2, 3, 96, 96) and feats.shape == (2, 1280)
         assert families.estimate_bytes(small) == _loaded_bytes(enc)
-    registry.unload(small)
+    del enc
+    _unload_verified(small)
 
 
 def test_efficientnet_bf16_estimate_matches(sample_photos):
@@ -80,7 +87,8 @@ def test_efficientnet_bf16_estimate_matches(sample_photos):
         assert families.estimate_bytes(spec) == _loaded_bytes(enc)
         f = enc.encode_images(sample_photos[:1])
         assert f.dtype == torch.float32 and abs(f.norm().item() - 1) < 1e-4
-    registry.unload(spec)
+    del enc
+    _unload_verified(spec)
 
 
 def test_missing_efficientnet_weights_package_says_what_to_install(monkeypatch):
@@ -107,12 +115,14 @@ def test_dual_encoder_loads_and_accounts(which, dtype, tiny_clip_dir, tiny_sigli
         assert _loaded_bytes(enc) == estimate
         img = enc.encode_images(sample_photos + [Image.new("L", (20, 90), 100)])
         txt = enc.encode_texts(["a photo of a cardinal.", "a photo of a sparrow."])
+        dim = enc.embed_dim
     _check_registry_accounting(spec)
-    assert img.shape == (3, enc.embed_dim) and txt.shape == (2, enc.embed_dim)
+    assert img.shape == (3, dim) and txt.shape == (2, dim)
     for x in (img, txt):
         assert x.dtype == torch.float32 and x.device.type == "cpu"
         torch.testing.assert_close(x.norm(dim=1), torch.ones(len(x)), atol=1e-3, rtol=0)
-    registry.unload(spec)
+    del enc
+    _unload_verified(spec)
 
 
 @pytest.mark.parametrize("which", ["clip", "siglip"])
@@ -184,7 +194,8 @@ def test_qwen_loads_and_runs_one_image(tiny_qwen_dir, sample_photos):
         with pytest.raises(ValueError, match="image-only"):
             qwen.processor(text=["x"], videos=[[sample_photos[0]]])
     _check_registry_accounting(spec)
-    registry.unload(spec)
+    del qwen, model
+    _unload_verified(spec)
 
 
 def test_qwen_pixel_cap_limits_visual_tokens(tiny_qwen_dir):
@@ -208,7 +219,8 @@ def test_qwen_bf16_estimate_matches(tiny_qwen_dir):
     with registry.use(spec) as qwen:
         assert next(qwen.model.parameters()).dtype == torch.bfloat16
         assert _loaded_bytes(qwen) == families.estimate_bytes(spec)
-    registry.unload(spec)
+    del qwen
+    _unload_verified(spec)
 
 
 def test_qwen_quantisation_on_cpu_is_a_clear_error(tiny_qwen_dir):
