@@ -378,24 +378,22 @@ def make_plan(
             parts.append(f"{quant} VLM (--quant {quant}; bitsandbytes, CUDA only)")
         return " + ".join(parts)
 
-    candidates: list[tuple[bool, int | None, str | None]] = []
-    if has_encoder:
-        candidates.append((True, None, None))
-    for enc_off in ([False, True] if has_encoder else [False]):
-        if caps:
-            candidates.append((enc_off, best_cap(enc_off, None)[0], None))
+    # Each base change (encoder off, a quantisation, or both); a lower pixel cap is added only where the
+    # base change alone does not fit, at the largest cap that then fits.
+    bases: list[tuple[bool, str | None]] = [(True, None)] if has_encoder else []
+    bases.append((False, None))
     for q in quants:
-        for enc_off in ([False, True] if has_encoder else [False]):
-            candidates.append((enc_off, None, q))
-            if caps:
-                candidates.append((enc_off, best_cap(enc_off, q)[0], q))
+        bases += [(False, q), (True, q)] if has_encoder else [(False, q)]
     seen = set()
-    for c in candidates:
-        if c in seen:
-            continue
-        seen.add(c)
-        t = evaluate(*c)
-        plan.options.append(Option(describe(*c), t, t <= budget))
+    for enc_off, q in bases:
+        tries = [] if (enc_off, q) == (False, None) else [(enc_off, None, q)]
+        if caps and (not tries or evaluate(*tries[0]) > budget):
+            tries.append((enc_off, best_cap(enc_off, q)[0], q))
+        for c in tries:
+            if c not in seen:
+                seen.add(c)
+                t = evaluate(*c)
+                plan.options.append(Option(describe(*c), t, t <= budget))
     fitting = [o for o in plan.options if o.fits]
     plan.recommendation = fitting[0].change if fitting else None
     return plan
