@@ -144,8 +144,9 @@ class DualSystem:
                 images.append(load_image(p))
                 ok.append(i)
             except ImageError as e:
+                dt = time.perf_counter() - t
                 errors[i] = Result(path=str(p), path_taken=PATH_ERROR, error=e.reason,
-                                   timings={"decode": time.perf_counter() - t})
+                                   timings={"decode": dt, "total": dt})
         decode_s = (time.perf_counter() - t0) / max(1, len(ok))
         t = time.perf_counter()
         if images:
