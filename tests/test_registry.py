@@ -481,3 +481,22 @@ def test_incident_replay_vlm_loaded_once_never_two_copies(tmp_path, monkeypatch)
     rep = reg.report()
     assert rep.device("cuda:0").peak <= 18 * GB
     assert rep.device("cuda:0").peak < 2 * vlm_bytes
+
+
+def test_incident_replay_on_the_real_loader_with_the_tiny_vlm(tiny_qwen_dir, monkeypatch):
+    """The same four callers through the process-wide registry and the real Qwen2.5-VL loader."""
+    monkeypatch.chdir(tiny_qwen_dir.parent)
+    spellings = [
+        parse_spec(tiny_qwen_dir.name),  # top-level system: relative path, default dtype
+        parse_spec(str(tiny_qwen_dir), dtype="fp32", device="cpu"),  # knowledge-base builder
+        parse_spec(f"./{tiny_qwen_dir.name}/", dtype="float32"),  # experience builder
+        parse_spec(str(tiny_qwen_dir / ".." / tiny_qwen_dir.name), dtype="FP32", device="CPU"),  # System 2
+    ]
+    key = spellings[0].key
+    assert all(s.key == key for s in spellings)
+    with registry.use(spellings[0]) as top:
+        loads = registry.report().model(key).loads
+        with registry.use(spellings[1]) as kb, registry.use(spellings[2]) as exp, registry.use(spellings[3]) as s2:
+            assert top is kb is exp is s2
+            assert registry.report().model(key).leases >= 4
+    assert registry.report().model(key).loads == loads
