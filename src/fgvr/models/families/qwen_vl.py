@@ -200,8 +200,9 @@ def config_bytes(config: Any, dtype: str, quantization: str | None = None) -> in
     """Bytes of a Qwen2.5-VL with `config` in `dtype` (tied weights once), from the meta device.
 
     Works for the real 3B-72B configs without their weights (what `fgvr memory plan` needs). For int8/nf4
-    the Linear weights bitsandbytes converts (all but lm_head) count 1 and 0.5 byte per weight; their
-    per-row / per-block scales live outside the parameters and are left out, as the measurement does.
+    the Linear weights bitsandbytes converts (all but lm_head) count 1 / 0.5 byte per weight plus their
+    fp32 scales (int8: one per output row; nf4: one per block of 64 weights, +0.0625 B per weight). The
+    scales are not parameters, so a measurement of parameters + buffers on CUDA comes out lower by them.
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -215,5 +216,6 @@ def config_bytes(config: Any, dtype: str, quantization: str | None = None) -> in
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
                 w = mod.weight
-                total += int(w.numel() * per_weight) - w.numel() * w.element_size()
+                scales = mod.out_features if quantization == "int8" else -(-w.numel() // 64)
+                total += int(w.numel() * per_weight) + 4 * scales - w.numel() * w.element_size()
     return total
