@@ -498,3 +498,32 @@ def test_log_survives_a_line_cut_by_a_kill(tmp_path):
     log.write("accepted", 1, "c", id="r1")
     lines = f.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["event"] == "accepted"
+
+
+def test_build_answers_as_the_dual_system_does(kb_copy, tiny_qwen_dir):
+    """The build runs System 1 once and System 2 + decision per rule set; its view of each held-out image
+    (candidates) and its accuracy must be what the pipeline itself gives with System 2 on every image."""
+    from fgvr.data import read_dataset
+    from fgvr.models import parse_spec
+    from fgvr.pipeline import open_system
+
+    kb, data = kb_copy
+    spec = parse_spec(str(tiny_qwen_dir))
+    summary = build_experience(kb, read_dataset(data), spec, rounds=1, k=3, weight=1.0, max_per_class=2,
+                               reflector=ScriptedReflector([("no json", "still none")]),
+                               similarity=TextSimilarity(use_model=False), show_progress=False)
+    items = json.loads((kb / "experience" / "progress.json").read_text())["items"]
+    names = [c["name"] for c in sorted(json.loads((kb / "manifest.json").read_text())["classes"],
+                                       key=lambda c: c["id"])]
+    with open_system(kb, vlm=str(tiny_qwen_dir), k=3, weight=1.0, slow_all=True, threshold=0.0) as system:
+        results = system.classify_paths([it["path"] for it in items])
+    assert [r.candidates[0].id for r in results] == [it["candidates"][0] for it in items]
+    assert [[c.id for c in r.candidates] for r in results] == [it["candidates"] for it in items]
+    correct = [r.slow_prediction == it["label"] for r, it in zip(results, items)]
+    assert summary.accuracy_last == sum(correct) / len(items)
+    # per image: every wrong answer is logged with what the build's dual system predicted
+    said = {e["image"]: e["predicted"] for e in _log(kb) if e["event"] in ("parse_failed", "fast_miss")}
+    assert len(said) == len(items) - sum(correct) > 0
+    for r in results:
+        if r.path in said:
+            assert names[r.slow_prediction] == said[r.path]
