@@ -7,15 +7,24 @@ malformed JSON answer. Here:
 
 * the reasoning prompt never sees the true label; only the reflection step after a wrong answer does;
 * a proposed rule is kept only if re-running the validation images it touches does not lower their accuracy
-  AND it fixes at least one of them (see `accept`); rejected rules are gone, their history stays in the log;
+  AND it fixes at least one of them (see `accept`); rejected rules are gone, their history stays in the log.
+  "Touches" = every held-out image with one of the rule's classes among its candidates: exactly the images
+  whose prompt the rule changes, so no image outside the re-run can change its answer (a superset of "true
+  or predicted class among the rule's classes", which would miss a rule that breaks a bystander);
 * at inference only the few rules whose classes meet the sample's candidates are retrieved;
 * the VLM's JSON is repaired where possible, retried once, and otherwise logged and skipped.
 
 Storage, inside the knowledge base directory:
 
-    experience/rules.json     {"format_version": 1, "rules": [...]}        written atomically
-    experience/log.jsonl      one JSON line per decision (accepted, rejected, merged, parse_failed, ...)
-    experience/progress.json  which validation images each round has processed (the build resumes from it)
+    experience/rules.json     {"format_version": 1, "rules": [...]}: what inference reads; written atomically
+                              at the end of every build round
+    experience/log.jsonl      append-only, one JSON line per decision (accepted, rejected, merged,
+                              parse_failed, fast_miss), with the trial numbers and the raw answers
+    experience/progress.json  the build's checkpoint, rewritten atomically after every image: System 1's
+                              candidates per held-out image, the round, the images done, the rules so far.
+                              One atomic write commits an image's decision and the rules together, so a
+                              build killed at any instant resumes where it was (a re-derived decision is
+                              never logged twice).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from fgvr.io import atomic_write_json, read_json
 
