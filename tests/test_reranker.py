@@ -52,14 +52,31 @@ def test_support_loo_never_scores_an_image_against_itself():
 
 def test_fit_on_support_separable_clusters_and_one_shot():
     x, y = _clusters(4)
-    a, t, log = rr.fit_on_support(x, y, 3)
-    assert log["fitted"] and log["loo_accuracy"] == 1.0
-    assert a in rr.PROTO_WEIGHTS and t == min(rr.TEMPERATURES)  # perfectly separated: sharpest wins
+    fit = rr.fit_on_support(x, y, 3)
+    assert fit["fitted"] and fit["loo_accuracy"] == 1.0
+    assert fit["proto_weight"] in rr.PROTO_WEIGHTS
+    assert fit["temperature"] == min(rr.TEMPERATURES)  # perfectly separated: sharpest wins
     noisy, yn = _clusters(4, spread=2.0, seed=3)
-    _, t_noisy, _ = rr.fit_on_support(noisy, yn, 3)
-    assert t_noisy > t  # overlapping classes call for a softer distribution
+    assert rr.fit_on_support(noisy, yn, 3)["temperature"] > fit["temperature"]  # overlap: softer
     one, y1 = _clusters(1)
-    assert rr.fit_on_support(one, y1, 3)[2]["fitted"] is False
+    assert rr.fit_on_support(one, y1, 3)["fitted"] is False
+
+
+def test_layout_weight_is_chosen_where_the_evidence_is():
+    """Descriptors whose pooled half is noise and whose layout half separates the classes (and vice versa)."""
+    grid = 1  # pooled part 8-d, layout part 8-d
+    sep, y = _clusters(4, dim=8)
+    noise = F.normalize(torch.randn(len(y), 8, generator=torch.Generator().manual_seed(5)), dim=-1)
+    layout_good = torch.cat([noise, sep], 1) / math.sqrt(2)
+    pooled_good = torch.cat([sep, noise], 1) / math.sqrt(2)
+    assert rr.fit_on_support(layout_good, y, 3, grid)["layout_weight"] == max(rr.LAYOUT_WEIGHTS)
+    assert rr.fit_on_support(pooled_good, y, 3, grid)["layout_weight"] == 0.0
+    # the re-weighting is exact: w=0 is the pooled cosine alone, w=1 the layout cosine alone
+    a, b = layout_good[:1], layout_good[1:2]
+    assert (rr.weight_parts(a, grid, 0.0) @ rr.weight_parts(b, grid, 0.0).T).item() == pytest.approx(
+        (noise[0] @ noise[1]).item(), abs=1e-6)
+    assert (rr.weight_parts(a, grid, 1.0) @ rr.weight_parts(b, grid, 1.0).T).item() == pytest.approx(
+        (sep[0] @ sep[1]).item(), abs=1e-6)
 
 
 def _crops(photo, boxes):
@@ -118,7 +135,7 @@ def test_reranker_rejects_bad_input(support):
         rr.VisualReranker([], [], 2)
     with pytest.raises(rr.RerankerError, match="unknown test-time view"):
         rr.VisualReranker(paths, labels, 2, views=("rotate",))
-    r = rr.VisualReranker(paths, labels, 2, image_size=SIZE, proto_weight=0.5, temperature=0.05)
+    r = rr.VisualReranker(paths, labels, 2, image_size=SIZE, proto_weight=0.5, layout_weight=0.5, temperature=0.05)
     with pytest.raises(rr.RerankerError, match="outside 0..1"):
         r.rank([SlowQuery(image=q, candidates=[0, 7])])
 

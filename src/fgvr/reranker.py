@@ -11,8 +11,10 @@ lettered options, this re-ranker
    classes that differ in where a part sits (sleeve length, collar, heel) the layout is the evidence;
 3. matches against the candidates' support exemplars, encoded the same way once and cached: a score
    mixing the best exemplar (nearest neighbour) with the class mean (prototype);
-4. returns a softmax over the candidates only, at a temperature chosen on the support set
-   (leave-one-out negative log-likelihood), so its probabilities combine sensibly with System 1's.
+4. returns a softmax over the candidates only. How much the layout counts against the pooled vector, how
+   much the class mean counts against the best exemplar, and the temperature are chosen together on the
+   support set (leave-one-out negative log-likelihood), never on test images, so the probabilities
+   combine sensibly with System 1's.
 
 It meets `fgvr.slow_path.SlowPath` (name 'visual-reranker') and gets its encoder only through the
 registry. Its feature pipeline is exposed (`features`, `scores_from_features`) so a benchmark can cache
@@ -44,6 +46,9 @@ DEFAULT_GRID = 3
 DEFAULT_TEMPERATURE = 0.05  # used only when the support set cannot tell (one shot per class)
 TEMPERATURES = tuple(float(t) for t in torch.logspace(math.log10(0.003), math.log10(0.5), 25))
 PROTO_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+LAYOUT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+DEFAULT_PROTO_WEIGHT = 0.5
+DEFAULT_LAYOUT_WEIGHT = 0.5
 
 
 class RerankerError(ValueError):
@@ -88,6 +93,19 @@ def describe(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int
     pooled_mean = F.normalize(torch.stack(pooled).mean(0), dim=-1)
     layout_mean = F.normalize(torch.stack(layout).mean(0), dim=-1)
     return torch.cat([pooled_mean, layout_mean], dim=1) / math.sqrt(2)
+
+
+def weight_parts(descriptors: torch.Tensor, grid: int, layout_weight: float) -> torch.Tensor:
+    """Re-weight a [pooled, layout] descriptor so a dot product is (1-w)*cos(pooled) + w*cos(layout).
+
+    `describe` gives each part norm 1/sqrt(2) (w = 0.5); how much the layout should count is a property of
+    the data (aligned product photos: a lot; free-form photos: less), so it is chosen on the support set.
+    """
+    if grid <= 0:
+        return descriptors
+    pooled = descriptors.shape[1] // (grid * grid + 1)
+    return torch.cat([descriptors[:, :pooled] * math.sqrt(2 * (1 - layout_weight)),
+                      descriptors[:, pooled:] * math.sqrt(2 * layout_weight)], dim=1)
 
 
 def match_scores(
@@ -138,28 +156,34 @@ def support_loo_scores(
 
 
 def fit_on_support(
-    exemplars: torch.Tensor, labels: torch.Tensor, num_classes: int
-) -> tuple[float, float, dict[str, Any]]:
-    """(proto_weight, temperature, log) chosen by leave-one-out on the support set, never on test data.
+    exemplars: torch.Tensor, labels: torch.Tensor, num_classes: int, grid: int = 0
+) -> dict[str, Any]:
+    """proto_weight, layout_weight and temperature chosen by leave-one-out on the support set, never on test data.
 
-    proto_weight maximises LOO accuracy (ties: the more prototype-heavy, which is the smoother choice);
-    the temperature then minimises LOO negative log-likelihood over all classes. One shot per class leaves
-    nothing to hold out: the defaults are returned and the log says so.
+    Every (proto_weight, layout_weight) pair is scored leave-one-out over all classes, each at its best
+    temperature; the triple with the lowest negative log-likelihood wins. NLL rather than accuracy: with
+    a few dozen support images accuracy ties often and jumps in steps, NLL separates the choices smoothly
+    and also sets the temperature the probabilities are combined with. One shot per class leaves nothing
+    to hold out: the defaults are returned and the log says so.
     """
     labels = labels.long()
+    layouts = LAYOUT_WEIGHTS if grid > 0 else (0.0,)
+    default = {"proto_weight": DEFAULT_PROTO_WEIGHT, "layout_weight": DEFAULT_LAYOUT_WEIGHT if grid > 0 else 0.0,
+               "temperature": DEFAULT_TEMPERATURE}
     best = None
-    for a in PROTO_WEIGHTS:
-        scores, usable = support_loo_scores(exemplars, labels, num_classes, a)
-        if not bool(usable.any()):
-            return 0.5, DEFAULT_TEMPERATURE, {"fitted": False, "reason": "one support image per class"}
-        acc = float((scores[usable].argmax(1) == labels[usable]).float().mean())
-        if best is None or acc >= best[1]:
-            best = (a, acc, scores, usable)
-    a, acc, scores, usable = best
-    s, y = scores[usable], labels[usable]
-    nll = [float(F.cross_entropy(s / t, y)) for t in TEMPERATURES]
-    t = TEMPERATURES[min(range(len(nll)), key=nll.__getitem__)]
-    return a, t, {"fitted": True, "loo_accuracy": acc, "loo_nll": min(nll), "n": int(usable.sum())}
+    for b in layouts:
+        x = weight_parts(exemplars, grid, b)
+        for a in PROTO_WEIGHTS:
+            scores, usable = support_loo_scores(x, labels, num_classes, a)
+            if not bool(usable.any()):
+                return default | {"fitted": False, "reason": "one support image per class"}
+            s, y = scores[usable], labels[usable]
+            nll = [float(F.cross_entropy(s / t, y)) for t in TEMPERATURES]
+            j = min(range(len(nll)), key=nll.__getitem__)
+            if best is None or nll[j] < best["loo_nll"]:
+                best = {"proto_weight": a, "layout_weight": b, "temperature": TEMPERATURES[j], "loo_nll": nll[j],
+                        "loo_accuracy": float((s.argmax(1) == y).float().mean()), "n": int(usable.sum())}
+    return best | {"fitted": True}
 
 
 class VisualReranker:
@@ -184,6 +208,7 @@ class VisualReranker:
         views: Sequence[str] = DEFAULT_VIEWS,
         grid: int = DEFAULT_GRID,
         proto_weight: float | None = None,
+        layout_weight: float | None = None,
         temperature: float | None = None,
         cache_dir: str | os.PathLike | None = None,
         batch_size: int = 32,
@@ -206,6 +231,7 @@ class VisualReranker:
         self.views = tuple(views)
         self.grid = int(grid)
         self.proto_weight = proto_weight
+        self.layout_weight = layout_weight if self.grid > 0 else 0.0
         self.temperature = temperature
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.batch_size = batch_size
@@ -287,19 +313,22 @@ class VisualReranker:
         return feats
 
     def calibrate(self) -> None:
-        """Choose proto_weight and temperature on the support set (leave-one-out) unless given."""
-        if self.proto_weight is not None and self.temperature is not None:
+        """Choose proto_weight, layout_weight and temperature on the support set (leave-one-out) unless given."""
+        if None not in (self.proto_weight, self.layout_weight, self.temperature):
             return
-        a, t, log = fit_on_support(self.support_features(), self.support_labels, self.num_classes)
-        self.proto_weight = a if self.proto_weight is None else self.proto_weight
-        self.temperature = t if self.temperature is None else self.temperature
-        self.fit_log = log | {"proto_weight": self.proto_weight, "temperature": self.temperature}
+        fit = fit_on_support(self.support_features(), self.support_labels, self.num_classes, self.grid)
+        for name in ("proto_weight", "layout_weight", "temperature"):
+            if getattr(self, name) is None:
+                setattr(self, name, fit[name])
+        self.fit_log = fit | {n: getattr(self, n) for n in ("proto_weight", "layout_weight", "temperature")}
 
     def scores_from_features(self, query_features: torch.Tensor) -> torch.Tensor:
         """(B,D') query descriptors -> (B,C) match scores against every class."""
         self.calibrate()
-        return match_scores(query_features, self.support_features(), self.support_labels, self.num_classes,
-                             float(self.proto_weight))
+        w = float(self.layout_weight)
+        return match_scores(weight_parts(query_features, self.grid, w),
+                            weight_parts(self.support_features(), self.grid, w),
+                            self.support_labels, self.num_classes, float(self.proto_weight))
 
     def probs_from_features(self, query_features: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(B,D') descriptors and (B,k) candidate ids -> (B,k) probabilities over each row's candidates."""
