@@ -140,7 +140,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7, help="repetitions per point of the scaling table")
     ap.add_argument("--classes", default="10,100,1000,10000")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice). On a busy shared machine 1 thread "
+                         "avoids waiting for a second core's time slice in every small matmul.")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
