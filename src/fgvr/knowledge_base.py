@@ -204,6 +204,7 @@ class BuildSummary:
     skipped: list[dict]
     seconds: float
     descriptions: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per build step (where time goes)
 
     @property
     def images_per_second(self) -> float:
@@ -854,6 +855,8 @@ def build_knowledge_base(
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a save killed before its rename
         shutil.rmtree(stale, ignore_errors=True)
 
+    phases = {"read": time.perf_counter() - t0}
+    t = time.perf_counter()
     with registry.use(spec) as enc:
         results, encoded, reused = encode_support(
             enc, ds.classes, support, root=ds.root, work_dir=work_dir, augment=augment,
@@ -882,6 +885,8 @@ def build_knowledge_base(
     sums = torch.zeros(len(ds.classes), embed_dim).index_add_(0, labels, exemplars)
     prototypes = torch.nn.functional.normalize(sums, dim=1)
 
+    phases["encode"] = time.perf_counter() - t
+    t = time.perf_counter()
     descriptions: dict[str, str] = {}
     if vlm_spec is not None:
         desc_file = work_dir / f"descriptions-{hashlib.sha256(vlm_spec.key.encode()).hexdigest()[:12]}.json"
@@ -936,17 +941,23 @@ def build_knowledge_base(
     kb = KnowledgeBase(classes=list(ds.classes), encoder_spec=spec.to_json(), encoder_key=spec.key,
                        embed_dim=embed_dim, prototypes=prototypes, exemplars=exemplars, exemplar_labels=labels,
                        text_prototypes=text, descriptions=descriptions, manifest=manifest)
+    phases["text"] = time.perf_counter() - t
+    t = time.perf_counter()
     kb.fusion = choose_fusion(kb)
     kb.stats = retrieval_stats(kb, kb.fusion)
     seconds = time.perf_counter() - t0
     manifest["stats"] = {"excluded": kb.stats.excluded, "loo_accuracy": kb.stats.accuracy,
                          "rule": "leave-one-out; images of single-image classes excluded"}
-    manifest["build"] = {"seconds": round(seconds, 3), "images_encoded": encoded, "classes_reused": reused}
+    phases["stats"] = time.perf_counter() - t
+    manifest["build"] = {"seconds": round(seconds, 3), "images_encoded": encoded, "classes_reused": reused,
+                         "phases": {k: round(v, 3) for k, v in phases.items()}}
+    t = time.perf_counter()
     save_knowledge_base(kb, out)
     shutil.rmtree(partial_root, ignore_errors=True)
     summary = BuildSummary(classes=len(ds.classes), images_used=int(exemplars.shape[0]), images_encoded=encoded,
                            classes_reused=reused, skipped=skipped, seconds=time.perf_counter() - t0,
-                           descriptions=sum(bool(d) for d in descriptions.values()))
+                           descriptions=sum(bool(d) for d in descriptions.values()),
+                           phases={**phases, "save": time.perf_counter() - t})
     return kb, summary
 
 
