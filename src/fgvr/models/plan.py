@@ -21,9 +21,9 @@ from fgvr.models.spec import DEFAULT_MAX_PIXELS, QWEN_PATCH, ModelSpec, SpecErro
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
-# The CUDA context and cuBLAS/cuDNN workspaces live outside torch's allocator: typically 0.4-0.6 GB on
-# an H100 with CUDA 12. A planning allowance, not a measurement.
-CUDA_CONTEXT_BYTES = 500 * 10**6
+# The CUDA context and cuBLAS/cuDNN workspaces live outside torch's allocator. Measured by
+# benchmarks/gpu_memory.py on an H200 (torch 2.11, CUDA 13): 648.87 MB (device used - torch reserved).
+CUDA_CONTEXT_BYTES = 650 * 10**6
 PIXEL_CAPS_TO_TRY = (1024, 768, 512, 384, 256)  # visual tokens per image, largest first
 
 
