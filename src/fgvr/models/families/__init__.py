@@ -20,6 +20,7 @@ _MODULES = {
     "clip": "fgvr.models.families.clip",
     "siglip": "fgvr.models.families.clip",
     "qwen2_5_vl": "fgvr.models.families.qwen_vl",
+    "sentence": "fgvr.models.families.sentence",
 }
 
 
