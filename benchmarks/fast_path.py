@@ -75,15 +75,27 @@ def overhead_table(images: int, batch_size: int, repeats: int, shots: int) -> No
                 for b in batches:
                     enc.encode_pixels(enc.preprocess(b))
 
+        split = {"forward": 0.0, "System 1 + trigger": 0.0, "forward ": 0.0, "System 1 + trigger + decision + records": 0.0}
+
         def fast():
             with torch.inference_mode():
                 for b in batches:
-                    f = system1(kb, enc.encode_pixels(enc.preprocess(b)), k=5)
-                    trigger.decide(f, kb)
+                    t = time.perf_counter()
+                    emb = enc.encode_pixels(enc.preprocess(b))
+                    t1 = time.perf_counter()
+                    trigger.decide(system1(kb, emb, k=5), kb)
+                    split["forward"] += t1 - t
+                    split["System 1 + trigger"] += time.perf_counter() - t1
 
         def full():
             for b in batches:
-                dual.classify_images(b, [f"img{i}" for i in range(len(b))])
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    emb = enc.encode_images(b, batch_size=len(b))
+                t1 = time.perf_counter()
+                dual.classify_embeddings(emb, [f"img{i}" for i in range(len(b))], b)
+                split["forward "] += t1 - t
+                split["System 1 + trigger + decision + records"] += time.perf_counter() - t1
 
         bare()  # warm-up: first calls allocate and pick kernels
         runs = {"bare forward": [], "System 1": [], "dual, no System 2": []}
@@ -98,6 +110,13 @@ def overhead_table(images: int, batch_size: int, repeats: int, shots: int) -> No
     print("| --- | --- | --- | --- |")
     for k, t in best.items():
         print(f"| {k} | {t:.3f} | {images / t:.1f} | {100 * (t / best['bare forward'] - 1):+.1f}% |")
+    print("\nThe same, timed inside each batch (immune to the machine's load drifting between runs):\n")
+    print("| part | seconds (all repeats) | share of the forward |")
+    print("| --- | --- | --- |")
+    print(f"| System 1 + trigger | {split['System 1 + trigger']:.4f} | "
+          f"{100 * split['System 1 + trigger'] / split['forward']:.3f}% |")
+    print(f"| System 1 + trigger + decision + Result records | {split['System 1 + trigger + decision + records']:.4f} | "
+          f"{100 * split['System 1 + trigger + decision + records'] / split['forward ']:.3f}% |")
     print(f"\n(all runs, seconds: " + "; ".join(f"{k}: {', '.join(f'{x:.2f}' for x in v)}" for k, v in runs.items()) + ")")
 
 

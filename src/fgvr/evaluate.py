@@ -162,7 +162,7 @@ def check_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
                 f"{out} holds a run made with other settings ({lines}). Resume with the same settings, or "
                 "pass a new --out folder."
             )
-        return {**old, **{k: v for k, v in config.items() if k not in old}}
+        return {**old, **config}  # keeps the threshold calibrated the first time
     atomic_write_json(f, config)
     return dict(config)
 
