@@ -136,7 +136,7 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
 @click.option("--augment", default="", help="comma list of augmentations averaged per image: flip,crop")
 @click.option("--classes-file", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="folder/label -> class name (JSON object, or `folder<TAB>name` lines)")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="decoding threads (default min(4, CPUs))")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="decoding threads (default: up to 4 with CUDA, 1 on CPU)")
 def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augment, classes_file, workers) -> None:
     """Build a knowledge base from an image folder (DATA/<class>/<image>) or a CSV manifest (path,label).
 

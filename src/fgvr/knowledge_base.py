@@ -5,8 +5,9 @@
 
 What is in it, and why it is built this way:
 
-* **Visual prototypes.** Each support image is decoded once (a small thread pool decodes ahead while the
-  model runs) and encoded once, in batches that span classes, under inference mode. Optional
+* **Visual prototypes.** Each support image is decoded once (decode threads work ahead while the model
+  runs, where a core is free: see `default_workers`) and encoded once, in batches that span classes, under
+  inference mode. Optional
   augmentations (flip, corner crops) are encoded with it and averaged into one exemplar per image. We keep
   the L2-normalised exemplars and the re-normalised class means.
 * **Text prototypes** (encoders with a text tower): prompt templates with the class name, mixed with one
@@ -484,6 +485,16 @@ def _prefetch(items: Sequence[Any], fn: Callable[[Any], Any], workers: int, wind
             yield result
 
 
+def default_workers(encoder: Any) -> int:
+    """Decode threads that help rather than compete. With a GPU doing the forward, the CPU is free: decode
+    ahead on up to 4 threads. On CPU the forward already keeps every core busy, so one thread decodes
+    ahead, filling the forward's serial stretches without taking more than one core from it (on a shared
+    2-core machine 0, 1, 2 and 4 threads measured within the run-to-run noise; see benchmarks/kb_build.py)."""
+    if str(getattr(encoder, "device", "cpu")).startswith("cuda"):
+        return min(4, os.cpu_count() or 1)
+    return 1
+
+
 def _display_path(path: Path, root: Path) -> str:
     """Relative to the data root when inside it (a base stays meaningful if the folder moves), else absolute."""
     try:
@@ -619,7 +630,7 @@ def encode_support(
         done[work.cid] = _load_class(work_dir, work.key) or (torch.zeros(0, encoder.embed_dim), [], [])
         _test_pause()
 
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers(encoder) if workers is None else workers
     log = open(work_dir / "encoded.log", "a", encoding="utf-8")
     bar = tqdm(total=len(items), desc="encoding support images", unit="img", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
