@@ -28,7 +28,7 @@ from fgvr.knowledge_base import (
     KnowledgeBaseError,
     augmented_views,
     build_knowledge_base,
-    choose_fusion,
+    describe,
     load_knowledge_base,
     retrieval_stats,
     text_prototypes,
@@ -160,9 +160,18 @@ def test_leave_one_out_statistics(main_kb):
     assert int(st.true_correct[moss]) == 4 and int(st.confusion[moss, fox]) == 1
     assert int(st.pred_total[fox]) == 5 and int(st.pred_correct[fox]) == 4
 
-    # best exemplar only: an image never matches itself
+    # best exemplar only: an image is compared with every exemplar but itself
     st_ex = retrieval_stats(kb, {"w": 1.0, "tau": 1.0, "exemplar_weight": 1.0})
-    assert int(st_ex.true_correct.sum()) < 12 or int(st_ex.confusion[moss, fox]) == 1
+    expected = torch.zeros_like(st_ex.confusion)
+    for i in range(len(labels)):
+        y = int(labels[i])
+        if y == single:
+            continue
+        sims = kb.exemplars @ kb.exemplars[i]
+        sims[i] = -float("inf")
+        best = torch.full((kb.num_classes,), -float("inf")).scatter_reduce(0, labels, sims, reduce="amax")
+        expected[y, int(torch.argmax(best))] += 1
+    assert torch.equal(st_ex.confusion, expected)
 
 
 def test_fusion_is_chosen_on_the_support_set(main_kb):
@@ -360,6 +369,8 @@ def test_text_prototypes_with_vlm_descriptions(tmp_path, tiny_clip_dir, talkativ
     assert torch.allclose(loaded.text_prototypes, with_desc, atol=1e-5)
     assert not torch.allclose(with_desc, without, atol=1e-3)  # the descriptions are mixed in
     assert 0.0 <= loaded.fusion["w"] <= 1.0 and "leave-one-out" in loaded.fusion["source"]
+    shown = describe(loaded)
+    assert "image+text" in shown and stored["moss"][:20] in shown
 
 
 def test_text_prototypes_without_vlm_use_templates(tmp_path, tiny_clip_dir):

@@ -84,11 +84,12 @@ class Dataset:
         return self._index()[label]
 
     def _index(self) -> dict[str, int]:
-        idx = self.__dict__.get("_idx")
-        if idx is None or len(idx) != len(self.classes):
-            idx = {c: i for i, c in enumerate(self.classes)}
-            self.__dict__["_idx"] = idx
-        return idx
+        key = tuple(self.classes)  # rebuilt if the class list was changed after construction
+        cached = self.__dict__.get("_idx")
+        if cached is None or cached[0] != key:
+            cached = (key, {c: i for i, c in enumerate(self.classes)})
+            self.__dict__["_idx"] = cached
+        return cached[1]
 
     def by_class(self) -> dict[str, list[Sample]]:
         out: dict[str, list[Sample]] = {c: [] for c in self.classes}

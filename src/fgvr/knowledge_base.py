@@ -1017,7 +1017,7 @@ def describe(kb: KnowledgeBase, max_classes: int = 50) -> str:
     lines += [f"    {s['path']}: {s['reason']}" for s in skipped[:max_classes]]
     if kb.descriptions:
         lines.append("")
-        lines.append(f"  descriptions ({m.get('vlm', {}).get('name', '?')}):")
+        lines.append(f"  descriptions ({(m.get('vlm') or {}).get('name', '?')}):")
         for name in kb.classes[:max_classes]:
             if name in kb.descriptions:
                 lines.append(f"    {name}: {kb.descriptions[name]}")
