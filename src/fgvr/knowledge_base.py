@@ -907,10 +907,15 @@ def build_knowledge_base(
             if name in descriptions:
                 continue
             imgs = []
-            for rel in results[cid][1][:DESCRIPTION_IMAGES]:
-                p = Path(rel) if Path(rel).is_absolute() else ds.root / rel
-                imgs.append(load_image(p, max_side=max_side))
-            pending.append((name, imgs))
+            for rel in results[cid][1]:
+                if len(imgs) == DESCRIPTION_IMAGES:
+                    break
+                try:  # re-read: keeping every decoded image for this step would not bound memory
+                    imgs.append(load_image(Path(rel) if Path(rel).is_absolute() else ds.root / rel, max_side=max_side))
+                except ImageError:  # changed on disk since it was encoded: describe from the others
+                    continue
+            if imgs:
+                pending.append((name, imgs))
         if pending:
             def save_batch(got: dict[str, str]) -> None:
                 descriptions.update(got)
@@ -918,7 +923,7 @@ def build_knowledge_base(
 
             with registry.use(vlm_spec) as vl:
                 describe_classes(vl, pending, batch_size=vlm_batch_size, progress=progress, on_batch=save_batch)
-        descriptions = {c: descriptions[c] for c in ds.classes}
+        descriptions = {c: descriptions.get(c, "") for c in ds.classes}
 
     text = None
     if has_text:
