@@ -148,9 +148,9 @@ def format_result(r: DemoResult) -> str:
     return "\n".join([
         f"Fashion-MNIST, 10 classes: {r.shots}-shot knowledge base (train split, seed {r.seed}), "
         f"{r.test_images} held-out test images (test split)",
-        f"  System 1 alone (EfficientNet-Lite0 prototypes)     {_pct(r.accuracy_system1)}",
-        f"  dual system, System 2 = visual re-ranker           {_pct(r.accuracy_dual)}",
-        f"  slow-path rate (budget {_pct(r.slow_budget)})               {_pct(r.slow_rate)}",
+        f"  {'System 1 alone (EfficientNet-Lite0 prototypes)':<52}{_pct(r.accuracy_system1)}",
+        f"  {'dual system, System 2 = visual re-ranker':<52}{_pct(r.accuracy_dual)}",
+        f"  {f'slow-path rate (budget {_pct(r.slow_budget)})':<52}{_pct(r.slow_rate)}",
         f"  on the images sent slow: System 1 {_pct(r.slowed_system1_accuracy)} -> "
         f"dual {_pct(r.slowed_final_accuracy)}",
         f"  time: data {s['data']:.1f}s, knowledge base {s['knowledge_base']:.1f}s, "
