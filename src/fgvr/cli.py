@@ -361,7 +361,7 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Where the images, knowledge base and run go (reruns reuse them).")
 @click.option("--slow-budget", type=click.FloatRange(0, 1), default=0.3, show_default=True,
-              help="Fraction of images to send to System 2 (calibrated on the support set).")
+              help="Fraction of the test images to send to System 2 (threshold from their trigger scores).")
 @click.option("--quick", is_flag=True, help="A smaller test sample, for a first look.")
 def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
     """The whole system on real images, CPU only: Fashion-MNIST -> image folder -> k-shot knowledge base
