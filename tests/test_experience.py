@@ -446,7 +446,7 @@ def test_cli_build_experience_and_kb_show(kb_copy, tiny_qwen_dir, tiny_clip_dir)
     kb, data = kb_copy
     runner = CliRunner()
     res = runner.invoke(cli, ["build-experience", str(kb), str(data), "--vlm", str(tiny_qwen_dir),
-                              "--max-per-class", "1", "--top-k", "3", "--max-pixels", str(16 * 28 * 28)])
+                              "--max-per-class", "1", "--top-k", "3", "--max-visual-tokens", "16"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["images"] == 4 and summary["rounds_run"] == 1

@@ -98,3 +98,28 @@ def test_bad_family_and_quantisation_are_refused():
         ModelSpec.create("resnet", "/x")
     with pytest.raises(SpecError, match="unknown quantisation"):
         ModelSpec.create("clip", "/x", quantization="int3")
+
+
+def test_a_vlm_defaults_to_bf16_on_cuda_and_fp32_on_cpu(tiny_qwen_dir):
+    """A 7B VLM in fp32 on a GPU would take 33 GB instead of 16.6 GB: the default follows the device."""
+    assert parse_spec(str(tiny_qwen_dir), device="cuda").dtype == "bfloat16"
+    assert parse_spec(str(tiny_qwen_dir), device="cpu").dtype == "float32"
+    assert parse_spec(str(tiny_qwen_dir), device="cuda", dtype="fp16").dtype == "float16"
+    assert parse_spec("efficientnet-lite0", device="cuda").dtype == "float32"  # encoders keep their default
+
+
+def test_cli_vlm_options_become_the_spec_and_the_budget(tiny_qwen_dir):
+    from fgvr.cli import vlm_spec
+    from fgvr.models import registry
+
+    opts = {"vlm_dtype": "fp16", "quant": "int8", "max_visual_tokens": 256, "gpu_budget": "18GiB"}
+    try:
+        spec = vlm_spec(str(tiny_qwen_dir), "cuda", opts)
+        assert (spec.dtype, spec.quantization, spec.max_pixels, spec.device) == ("float16", "int8", 256 * 28 * 28,
+                                                                                "cuda:0")
+        assert registry.process_registry().budget("cuda:0") == 18 * 2**30
+    finally:
+        registry.set_budget("cuda:0", None)
+    assert vlm_spec(None, "cpu", {}) is None
+    with pytest.raises(Exception, match="Qwen2.5-VL"):
+        vlm_spec("efficientnet-lite0", "cpu", {})

@@ -24,6 +24,41 @@ def cli() -> None:
     """
 
 
+def vlm_options(f):
+    """How the VLM is loaded, shared by every command that takes --vlm: dtype, quantisation, pixel cap, and the
+    GPU budget the registry enforces (see `fgvr memory plan` for what fits)."""
+    opts = [
+        click.option("--vlm-dtype", default=None, help="VLM dtype: bf16, fp16, fp32 (default: bf16 on CUDA, fp32 on CPU)."),
+        click.option("--quant", type=click.Choice(["int8", "nf4"]), default=None,
+                     help="Quantise the VLM with bitsandbytes (CUDA only)."),
+        click.option("--max-visual-tokens", type=click.IntRange(4), default=None,
+                     help="Pixel cap per image in visual tokens of 28x28 pixels (default 1280)."),
+        click.option("--gpu-budget", default=None, metavar="SIZE",
+                     help="Memory the registry may use on the GPU, e.g. 18GiB (default: the card's capacity)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def vlm_spec(vlm: str | None, device: str, o: dict):
+    """The VLM's ModelSpec from --vlm and the options above (None without --vlm); applies --gpu-budget."""
+    from fgvr.models import parse_spec, registry
+    from fgvr.models.footprint import parse_bytes
+    from fgvr.models.spec import QWEN_PATCH, SpecError
+
+    if o.get("gpu_budget"):
+        registry.set_budget(device if device.startswith("cuda") else "cuda:0", parse_bytes(o["gpu_budget"]))
+    if not vlm:
+        return None
+    tokens = o.get("max_visual_tokens")
+    spec = parse_spec(vlm, device=device, dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
+                      max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else None)
+    if spec.family != "qwen2_5_vl":
+        raise SpecError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {spec.family} model")
+    return spec
+
+
 # --- memory (issue 2) -------------------------------------------------------------------------------
 
 
@@ -137,7 +172,9 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
 @click.option("--classes-file", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="folder/label -> class name (JSON object, or `folder<TAB>name` lines)")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="decoding threads (default: up to 4 with CUDA, 1 on CPU)")
-def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augment, classes_file, workers) -> None:
+@vlm_options
+def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augment, classes_file, workers,
+                 **vlm_opts) -> None:
     """Build a knowledge base from an image folder (DATA/<class>/<image>) or a CSV manifest (path,label).
 
     Resumable: rerun the same command after an interruption and finished classes are reused.
@@ -154,7 +191,8 @@ def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augme
     warnings.showwarning = show_warning
     try:
         _, summary = build_knowledge_base(
-            data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm, device=device, batch_size=batch_size,
+            data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm_spec(vlm, device, vlm_opts), device=device,
+            batch_size=batch_size,
             augment=augment, classes_file=classes_file, workers=workers,
         )
     except (DataError, KnowledgeBaseError, SpecError) as e:
@@ -219,13 +257,14 @@ def _system_options(f):
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    return vlm_options(f)
 
 
 def _open_system(kb, o: dict, slow_all: bool = False):
     from fgvr.pipeline import open_system
 
-    return open_system(kb, encoder=o["encoder"], vlm=o["vlm"], reranker=o["reranker"], budget=o["slow_budget"],
+    return open_system(kb, encoder=o["encoder"], vlm=vlm_spec(o["vlm"], o["device"], o), reranker=o["reranker"],
+                       budget=o["slow_budget"],
                        threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
                        rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
 
@@ -318,13 +357,12 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
 @click.option("--max-per-class", type=click.IntRange(1), default=None,
               help="Use at most N held-out images per class (each costs VLM calls).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", default=None, help="VLM dtype: bf16, fp16 or fp32 (default fp32).")
-@click.option("--max-pixels", type=int, default=None, help="Pixel cap per image (default 1280 visual tokens).")
 @click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
               help="Folder/label -> class name mapping for DATA (see fgvr build-kb).")
 @click.option("--fresh", is_flag=True, help="Ignore a previous build's progress (accepted rules are kept).")
-def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_class, device, dtype, max_pixels,
-                         classes_file, fresh) -> None:
+@vlm_options
+def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_class, device, classes_file, fresh,
+                         **vlm_opts) -> None:
     """Learn experience rules for KB from the VLM's mistakes on the labelled images in DATA that did not
     build the base. A rule is kept only if re-running the images it touches does not lower their accuracy
     and it fixes at least one; history in KB/experience/log.jsonl. Killed builds resume."""
@@ -333,12 +371,8 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
 
     from fgvr.data import read_dataset
     from fgvr.experience import ExperienceError, build_experience, describe_rules
-    from fgvr.models import parse_spec
-
     try:
-        spec = parse_spec(vlm, device=device, dtype=dtype, max_pixels=max_pixels)
-        if spec.family != "qwen2_5_vl":
-            raise ValueError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {spec.family} model")
+        spec = vlm_spec(vlm, device, vlm_opts)
         summary = build_experience(kb, read_dataset(Path(data), classes_file), spec, rounds, k=top_k,
                                    weight=weight, n_rules=n_rules, max_per_class=max_per_class,
                                    device=device, fresh=fresh)

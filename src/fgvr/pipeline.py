@@ -26,6 +26,7 @@ import torch
 
 from fgvr.data import ImageError, load_image
 from fgvr.decision import DEFAULT_WEIGHT, decide
+from fgvr.models.spec import ModelSpec
 from fgvr.fast_path import system1
 from fgvr.slow_path import SlowAnswer, SlowPath, SlowQuery
 from fgvr.trigger import Trigger
@@ -285,7 +286,7 @@ def open_system(
     kb_path: str | Path,
     *,
     encoder: str | None = None,
-    vlm: str | None = None,
+    vlm: str | ModelSpec | None = None,
     reranker: bool = False,
     budget: float | None = None,
     threshold: float | None = None,
@@ -306,7 +307,7 @@ def open_system(
     """
     from fgvr.knowledge_base import load_knowledge_base
     from fgvr.models import registry
-    from fgvr.models.spec import ModelSpec, parse_spec
+    from fgvr.models.spec import parse_spec
 
     if vlm and reranker:
         raise ValueError("choose one System 2: --vlm SPEC or --reranker, not both")
@@ -324,7 +325,7 @@ def open_system(
     if vlm:
         from fgvr.slow_path import VlmReasoner
 
-        vspec = parse_spec(vlm, device=device)
+        vspec = vlm if isinstance(vlm, ModelSpec) else parse_spec(vlm, device=device)
         if vspec.family != "qwen2_5_vl":
             raise ValueError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {vspec.family} model")
         slow = VlmReasoner(vspec, kb.classes, kb.descriptions, rationale=rationale, max_rules=n_rules)

@@ -115,15 +115,20 @@ class ModelSpec:
             src = str(p.resolve())
             if revision is None and p.is_dir():
                 revision = folder_digest(p)
+        device = normalise_device(device)
         if family == "qwen2_5_vl":
             max_pixels = max_pixels or DEFAULT_MAX_PIXELS
             min_pixels = min_pixels or DEFAULT_MIN_PIXELS
+            # A VLM in fp32 on a GPU doubles its weights for nothing (a 7B: 33 GB instead of 16.6 GB); bf16 is
+            # what it was trained in. On CPU fp32 stays the default: bf16 matmuls there are slow.
+            if dtype is None and device.startswith("cuda"):
+                dtype = "bfloat16"
         return cls(
             family=family,
             source=src,
             revision=revision or "",
             dtype=normalise_dtype(dtype),
-            device=normalise_device(device),
+            device=device,
             quantization=quant,
             max_pixels=max_pixels,
             min_pixels=min_pixels,
