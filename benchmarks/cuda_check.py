@@ -5,7 +5,8 @@ What CPU tests cannot show: on a real GPU, through the process-wide registry,
   2. unloading gives the memory back (allocator bytes return to the baseline),
   3. a budget too small for two models offloads the idle one to CPU before loading the other,
   4. CPU fp32 and CUDA bf16/fp16 answers agree (VLM option scores, CLIP embeddings),
-  5. int8 / nf4 through bitsandbytes load and score (where bitsandbytes imports).
+  5. int8 / nf4 through bitsandbytes load and score (skipped where bitsandbytes is not installed),
+  6. the whole pipeline (knowledge base, System 1, re-ranker, a VLM System 2) gives the CPU's answers.
 Prints one table row per check; exits 0 where there is no GPU (saying so), 1 if any check failed.
 
     python benchmarks/cuda_check.py
@@ -42,6 +43,66 @@ def allocator_bytes(obj) -> int:
                 seen.add(st.data_ptr())
                 total += -(-st.nbytes() // 512) * 512
     return total
+
+
+def photo_folder(root: Path, per_class: int = 4) -> Path:
+    """A small labelled folder cut from scikit-learn's two photos: 4 classes of random crops."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    for c, (photo, gray) in enumerate([(0, False), (0, True), (1, False), (1, True)]):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = photos[photo].size
+            x, y = int(rng.integers(0, w - 200)), int(rng.integers(0, h - 200))
+            im = photos[photo].crop((x, y, x + 200, y + 200))
+            (im.convert("L") if gray else im).save(d / f"{i}.png")
+    return root
+
+
+def pipeline_on_cuda(tmp: Path, clip_dir: Path, qwen_dir: Path) -> None:
+    import torch
+
+    from fgvr.data import read_dataset
+    from fgvr.knowledge_base import build_knowledge_base
+    from fgvr.models import registry
+    from fgvr.pipeline import open_system
+
+    data = photo_folder(tmp / "photos")
+    paths = [str(s.path) for s in read_dataset(data).samples]
+    kbs = {}
+    for device in ("cpu", "cuda"):
+        kbs[device], _ = build_knowledge_base(data, tmp / f"kb-{device}", shots=3, encoder="efficientnet-lite0",
+                                              device=device, progress=False)
+    d = float((kbs["cpu"].prototypes - kbs["cuda"].prototypes).abs().max())
+    same_stats = torch.equal(kbs["cpu"].stats.pred_correct, kbs["cuda"].stats.pred_correct)
+    check("knowledge base cpu vs cuda (Lite0)", d < 1e-3 and same_stats, f"max |dprototype| {d:.1e}; same LOO counts {same_stats}")
+    answers = {}
+    for device in ("cpu", "cuda"):
+        with open_system(tmp / f"kb-{device}", reranker=True, device=device, budget=0.5) as system:
+            answers[device] = [r.to_dict() for r in system.classify_paths(paths)]
+    agree = sum(a["prediction"] == b["prediction"] for a, b in zip(answers["cpu"], answers["cuda"]))
+    paths_same = all(a["path_taken"] == b["path_taken"] for a, b in zip(answers["cpu"], answers["cuda"]))
+    check("dual system with re-ranker cpu vs cuda", agree == len(paths) and paths_same,
+          f"{agree}/{len(paths)} predictions agree; same fast/slow routing {paths_same}")
+    registry.unload_all()
+    kb_clip, _ = build_knowledge_base(data, tmp / "kb-clip", shots=3, encoder=str(clip_dir), vlm=str(qwen_dir),
+                                      device="cuda", progress=False)
+    torch.cuda.reset_peak_memory_stats()
+    with open_system(tmp / "kb-clip", vlm=str(qwen_dir), device="cuda", budget=1.0) as system:
+        res = [r.to_dict() for r in system.classify_paths(paths[:6])]
+    vlm = [k for k in registry.report().models if k.family == "qwen2_5_vl"]
+    ok = all(r["path_taken"] == "slow" for r in res) and vlm and vlm[0].device.startswith("cuda")
+    check("tiny CLIP + tiny VLM System 2 on cuda (default dtype)", bool(ok),
+          f"{len(res)} images slow; VLM {[p for p in vlm[0].key.split('|') if 'float' in p] if vlm else '?'} "
+          f"on {vlm[0].device if vlm else '?'}, "
+          f"loads {vlm[0].loads if vlm else '?'}; descriptions {len(kb_clip.descriptions)}; "
+          f"peak {torch.cuda.max_memory_allocated() / 1e6:.1f} MB")
+    registry.unload_all()
 
 
 def main() -> int:
@@ -144,7 +205,9 @@ def main() -> int:
         traceback.print_exc()
 
     # 5: bitsandbytes quantisation
-    for quant in ("int8", "nf4"):
+    import importlib.util
+
+    for quant in ("int8", "nf4") if importlib.util.find_spec("bitsandbytes") else ():
         try:
             spec = parse_spec(str(qwen_dir), dtype="bf16", device="cuda", quantization=quant)
             torch.cuda.synchronize()
@@ -162,6 +225,13 @@ def main() -> int:
         except Exception as e:
             check(f"bitsandbytes {quant}", False, f"{type(e).__name__}: {e}")
             traceback.print_exc()
+
+    # 6: the whole pipeline on CUDA agrees with the CPU: knowledge base (Lite0), System 1, re-ranker, tiny VLM
+    try:
+        pipeline_on_cuda(tmp, clip_dir, qwen_dir)
+    except Exception as e:
+        check("pipeline on CUDA", False, f"{type(e).__name__}: {e}")
+        traceback.print_exc()
 
     print("\n| check | result | detail |\n| --- | --- | --- |")
     for r in rows:
