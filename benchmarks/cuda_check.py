@@ -92,6 +92,7 @@ def pipeline_on_cuda(tmp: Path, clip_dir: Path, qwen_dir: Path) -> None:
     registry.unload_all()
     kb_clip, _ = build_knowledge_base(data, tmp / "kb-clip", shots=3, encoder=str(clip_dir), vlm=str(qwen_dir),
                                       device="cuda", progress=False)
+    loads_before = {m.key: m.loads for m in registry.report().models}
     torch.cuda.reset_peak_memory_stats()
     with open_system(tmp / "kb-clip", vlm=str(qwen_dir), device="cuda", budget=1.0) as system:
         res = [r.to_dict() for r in system.classify_paths(paths[:6])]
@@ -100,7 +101,7 @@ def pipeline_on_cuda(tmp: Path, clip_dir: Path, qwen_dir: Path) -> None:
     check("tiny CLIP + tiny VLM System 2 on cuda (default dtype)", bool(ok),
           f"{len(res)} images slow; VLM {[p for p in vlm[0].key.split('|') if 'float' in p] if vlm else '?'} "
           f"on {vlm[0].device if vlm else '?'}, "
-          f"loads {vlm[0].loads if vlm else '?'}; descriptions {len(kb_clip.descriptions)}; "
+          f"loaded {vlm[0].loads - loads_before.get(vlm[0].key, 0) if vlm else '?'} more time(s) for classify; descriptions {len(kb_clip.descriptions)}; "
           f"peak {torch.cuda.max_memory_allocated() / 1e6:.1f} MB")
     registry.unload_all()
 
@@ -141,6 +142,7 @@ def main() -> int:
                 grown = probe.used_bytes() - base
                 secs = time.perf_counter() - t0
                 rounded = allocator_bytes(obj)
+            del obj  # a reference kept past the lease would (rightly) be reported as a leak
             rec = registry.report().model(spec.key)
             check(f"footprint {spec.family} {dtype}", rec.estimated_bytes == rec.measured_bytes and grown == rounded,
                   f"estimated {rec.estimated_bytes:,} B = measured {rec.measured_bytes:,} B; CUDA allocator "
