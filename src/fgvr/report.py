@@ -122,7 +122,7 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
         f"| accuracy | {_fmt(summary['accuracy'], True)} |",
         f"| accuracy, readable images only | {_fmt(summary['accuracy_readable'], True)} |",
         f"| System 1 alone | {_fmt(summary['accuracy_system1_alone'], True)} |",
-        f"| slow-path rate | {_fmt(summary['slow_rate'], True)} (threshold {_fmt(cfg.get('threshold'))}, "
+        f"| slow-path rate | {_fmt(summary['slow_rate'], True)} (threshold {_fmt(summary.get('trigger', {}).get('threshold', cfg.get('threshold')))}, "
         f"budget {_fmt(cfg.get('budget'))}) |",
         f"| System 2 calls per image | {_fmt(summary['system2_calls_per_image'])} |",
         f"| tokens per image (in / out) | {_fmt(summary['tokens_in_per_image'])} / {_fmt(summary['tokens_out_per_image'])} |",
