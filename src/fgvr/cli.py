@@ -255,9 +255,10 @@ def _system_options(f):
         click.option("--rationale", is_flag=True, help="Ask the VLM for a short rationale too."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
     ]
+    f = vlm_options(f)  # innermost: listed after --vlm in --help
     for o in reversed(opts):
         f = o(f)
-    return vlm_options(f)
+    return f
 
 
 def _open_system(kb, o: dict, slow_all: bool = False):
