@@ -241,8 +241,8 @@ def _system_options(f):
         click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (option scoring)."),
         click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker (no VLM needed)."),
         click.option("--slow-budget", type=click.FloatRange(0, 1), default=None,
-                     help="Fraction of images to send slow; threshold calibrated on the base's support set "
-                          "(default 0.3 unless --threshold)."),
+                     help="Fraction of images to send slow (default 0.3 unless --threshold); the threshold is "
+                          "calibrated on the base's support set, or for evaluate see --calibrate."),
         click.option("--threshold", type=float, default=None, help="Trigger threshold on the doubt score in [0,1]."),
         click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2."),
         click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
