@@ -200,11 +200,18 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
               "system2": getattr(system.slow, "name", None) if system.slow is not None else None}
     stored = check_config(out, config)
     support = support_files(kb)
-    items, unknown = plan(dataset, kb.classes, limit, exclude=support)
+    from fgvr.rules import experience_images
+
+    chose_rules = experience_images(getattr(kb, "path", None)) - support
+    items, unknown = plan(dataset, kb.classes, limit, exclude=support | chose_rules)
     n_support = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in support)
+    n_experience = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in chose_rules)
     if n_support:
         print(f"fgvr: leaving out {n_support} image(s) of {dataset.root} that are in the knowledge base's "
               "support set", file=sys.stderr)
+    if n_experience:
+        print(f"fgvr: leaving out {n_experience} image(s) of {dataset.root} that the experience build used "
+              "(its rules were chosen on them)", file=sys.stderr)
     if unknown:
         n_unknown = sum(1 for _, _, cid in items if cid is None)
         print(f"fgvr: test class(es) not in the knowledge base: {', '.join(unknown)}. Their {n_unknown} "
@@ -276,6 +283,7 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
     records = [r for r in read_results(results_file) if r["path"] in planned]
     summary = summarise(records, kb.classes, unknown)
     summary["support_images_excluded"] = n_support
+    summary["experience_images_excluded"] = n_experience
     summary["trigger"] = {"threshold": system.trigger.threshold, "budget": system.trigger.budget,
                           "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
     summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
@@ -442,7 +450,10 @@ def summarise(records: list[dict[str, Any]], classes: list[str], unknown: list[s
             d = unknown_preds.setdefault(r["label"], {})
             d[r["prediction_name"]] = d.get(r["prediction_name"], 0) + 1
     n_read = max(1, len(readable))
+    from fgvr.metrics import classification_metrics
+
     return {
+        **classification_metrics(records, classes),  # acc1/acc5, balanced accuracy, macro-F1, ECE (fgvr.metrics)
         "n_images": len(records),
         "n_labelled_known": len(known),
         "n_errors": len(records) - len(readable),

@@ -90,7 +90,7 @@ class DualSystem:
 
     `encoder` is a loaded `fgvr.encoder.Encoder` (leased from the registry by the caller, so the caller
     decides how long it stays loaded). `slow` is any `SlowPath` or None. `experience` is anything with
-    `retrieve(candidate_ids, n) -> list[Rule]` (an `fgvr.experience.ExperienceLibrary`).
+    `retrieve(candidate_ids, n) -> list[Rule]` (an `fgvr.rules.ExperienceLibrary`).
     A trigger with a budget and no threshold is calibrated here on the base's support set, leave-one-out.
     """
 
@@ -335,7 +335,7 @@ def open_system(
         slow = VisualReranker.from_knowledge_base(kb, device=device)
     experience = None
     if slow is not None and kb.path is not None:
-        from fgvr.experience import ExperienceLibrary
+        from fgvr.rules import ExperienceLibrary
 
         lib = ExperienceLibrary.load(kb.path, classes=kb.classes)
         experience = lib if lib.rules else None
