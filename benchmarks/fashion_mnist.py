@@ -194,7 +194,7 @@ def main() -> None:
     for k in shots:
         for seed in seeds:
             sup_dir = cache / f"support-k{k}-seed{seed}"
-            kb_dir = cache / f"kb-k{k}-seed{seed}"
+            kb_dir = cache / f"kb-k{k}-seed{seed}-{parse_spec('efficientnet-lite0').revision}"
             sup_idx = fm.sample_indices(train.labels, per_class=k, seed=seed)
             fm.export_image_folder(train, sup_idx, sup_dir, prefix="train")
             if not (kb_dir / "manifest.json").is_file():
@@ -208,10 +208,10 @@ def main() -> None:
     # --- test features, cached ----------------------------------------------------------------------------
     lite0 = parse_spec("efficientnet-lite0")
     with registry.use(lite0) as enc:
-        q0, s_lite0 = cached_features(f"lite0-{enc.image_size}", order, n, test.images,
+        q0, s_lite0 = cached_features(f"lite0-{enc.image_size}-{lite0.revision}", order, n, test.images,
                                       lambda ims: enc.encode_images(ims, batch_size=50), cache)
     first = VisualReranker.from_knowledge_base(kbs[shots[0], seeds[0]][0], image_size=RERANKER_SIZE)
-    tag = f"reranker-{first.spec.source}-{RERANKER_SIZE}-{'+'.join(first.views)}-g{first.grid}"
+    tag = f"reranker-{first.spec.source}-{first.spec.revision}-{RERANKER_SIZE}-{'+'.join(first.views)}-g{first.grid}"
     q2, s_rerank = cached_features(tag, order, n, test.images, lambda ims: first.features(ims), cache)
     log(f"test features: Lite0 {1000 * s_lite0:.1f} ms/image, re-ranker {1000 * s_rerank:.1f} ms/image")
     if args.features_only:

@@ -189,8 +189,10 @@ def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None
     t = text.strip()
     low = t.lower()
     if low in ("efficientnet-lite0", "efficientnet-lite2", "lite0", "lite2"):
+        from fgvr.models.families.efficientnet import REVISION  # the weights' version + the preprocessing's
+
         variant = "efficientnet-lite" + low[-1]
-        return ModelSpec.create("efficientnet", variant, revision="0.1.0", dtype=dtype, device=device, **kw)
+        return ModelSpec.create("efficientnet", variant, revision=REVISION, dtype=dtype, device=device, **kw)
     if low in ("all-minilm-l6-v2", "minilm"):
         from fgvr.models.families.sentence import packaged_minilm_path
 
