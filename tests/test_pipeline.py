@@ -167,7 +167,14 @@ def test_budget_trigger_is_calibrated_on_the_support_set():
     kb.exemplar_labels = torch.arange(5).repeat(2)
     trig = Trigger(budget=0.4)
     DualSystem(kb, enc, None, trig)
-    assert trig.threshold is not None and 0 <= trig.threshold <= 1
+    # the threshold is the support set's (1 - budget) quantile, scored leave-one-out: 4 of the 10 support
+    # images lie above it, and a threshold from anywhere else (a default, the queries) would not do that
+    from fgvr.fast_path import support_loo
+
+    fast, _ = support_loo(kb)
+    scores = trig.scores(fast, kb)
+    assert trig.threshold == pytest.approx(float(torch.quantile(scores, 0.6)))
+    assert int((scores > trig.threshold).sum()) == 4
 
 
 def test_dual_system_with_the_tiny_qwen_reasoner_and_experience_rules(images, tiny_qwen_dir):
