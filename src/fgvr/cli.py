@@ -251,6 +251,9 @@ def _system_options(f):
         click.option("--rules", "n_rules", type=click.IntRange(0), default=3, show_default=True,
                      help="Experience rules per query (those whose classes meet the candidates)."),
         click.option("--rationale", is_flag=True, help="Ask the VLM for a short rationale too."),
+        click.option("--debias", type=click.Choice(["none", "cyclic", "prior"]), default="none", show_default=True,
+                     help="Option-order debiasing of System 2 (fgvr.debias): cyclic = every order of the options, "
+                          "averaged (k calls per image); prior = a letter prior estimated PriDe-style, then divided out."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
     ]
     f = vlm_options(f)  # innermost: listed after --vlm in --help
@@ -265,7 +268,8 @@ def _open_system(kb, o: dict, slow_all: bool = False):
     return open_system(kb, encoder=o["encoder"], vlm=vlm_spec(o["vlm"], o["device"], o), reranker=o["reranker"],
                        budget=o["slow_budget"],
                        threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
-                       rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+                       rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all,
+                       debias=o.get("debias"))
 
 
 def _user_errors():

@@ -297,13 +297,15 @@ def open_system(
     n_rules: int = 3,
     slow_all: bool = False,
     slow_batch: int = 8,
+    debias: str | None = None,
 ) -> Iterator[DualSystem]:
     """Load the base, lease its encoder from the registry for the duration, and wire up System 2.
 
     `encoder` defaults to the one the base was built with; naming another one is refused by
     `load_knowledge_base` (embeddings of different encoders are not comparable). `vlm` (a Qwen2.5-VL folder)
     or `reranker` picks System 2; neither means none (escalations are marked unavailable). The trigger uses
-    `threshold` when given, else `budget` (default 0.3) calibrated on the base's support set.
+    `threshold` when given, else `budget` (default 0.3) calibrated on the base's support set. `debias`
+    ('cyclic' or 'prior') wraps System 2 in `fgvr.debias` (option-order debiasing; off by default).
     """
     from fgvr.knowledge_base import load_knowledge_base
     from fgvr.models import registry
@@ -333,6 +335,10 @@ def open_system(
         from fgvr.reranker import VisualReranker
 
         slow = VisualReranker.from_knowledge_base(kb, device=device)
+    if debias not in (None, "none"):
+        from fgvr.debias import debiased
+
+        slow = debiased(slow, debias)
     experience = None
     if slow is not None and kb.path is not None:
         from fgvr.rules import ExperienceLibrary
