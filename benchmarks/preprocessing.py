@@ -88,6 +88,11 @@ def main() -> None:
                 rows.append((f"{name} @ {size}", f, accs, diff))
                 raw[f"{name}@{size}/{f}"] = {"per_seed": accs, "minus_" + base: diff}
 
+        write(args, rows, raw, filters)
+
+
+def write(args, rows, raw, filters) -> None:
+    """The tables so far (rewritten after every encoder, so an interrupted run keeps what it measured)."""
     lines = [f"# Resize filter for 28 px sources: validation on the TRAIN split ({args.val} images, "
              f"{args.shots}-shot, seeds {args.seeds})", "",
              f"Command: `python benchmarks/preprocessing.py {' '.join(sys.argv[1:])}`. Nearest class mean on "
@@ -102,7 +107,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "preprocessing.md", md)
     atomic_write_json(out / "preprocessing.json", raw)
-    print(md)
+    print(md, file=sys.stderr)
+
 
 
 if __name__ == "__main__":

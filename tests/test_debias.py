@@ -92,3 +92,13 @@ def test_cyclic_debiasing_with_the_tiny_qwen_is_order_invariant(tiny_qwen_dir):
     assert cyc.calls == 8 and a1.tokens_in > plain[0].tokens_in
     assert _by_class(q1, a1) == pytest.approx(_by_class(q2, a2), abs=1e-4)
     assert sum(a1.probs) == pytest.approx(1.0)
+
+
+def test_pride_estimates_within_one_batch():
+    inner = LetterBiased()
+    pri = DebiasedSlowPath(inner, "prior", n_estimate=2)
+    qs = [_q([0, 1, 2, 3]), _q([2, 3, 4, 5]), _q([4, 1, 0, 2]), _q([1, 5, 3, 2])]
+    answers = pri.rank(qs)
+    assert inner.calls == 2 * 4 + 2  # the first two under every shift, the other two once
+    z = sum(TRUE[c] for c in qs[3].candidates)
+    assert answers[3].probs == pytest.approx([TRUE[c] / z for c in qs[3].candidates])

@@ -56,14 +56,20 @@ class DebiasedSlowPath:
         return _normalise([math.exp((x - m) / self.estimated_on[k]) for x in sums])
 
     def rank(self, queries: Sequence[Any]) -> list[Any]:
-        full = [i for i, q in enumerate(queries)
-                if self.mode == "cyclic" or self.prior(len(q.candidates)) is None]
-        once = [i for i in range(len(queries)) if i not in set(full)]
+        full: list[int] = []  # queries scored under every shift: all in `cyclic`, the estimate in `prior`
+        wanted: dict[int, int] = {}
+        for i, q in enumerate(queries):
+            k = len(q.candidates)
+            wanted.setdefault(k, self.n_estimate - self.estimated_on.get(k, 0))
+            if self.mode == "cyclic" or wanted[k] > 0:
+                full.append(i)
+                wanted[k] -= 1
         out: list[Any] = [None] * len(queries)
         if full:
             for i, a in zip(full, self._cyclic([queries[i] for i in full])):
                 out[i] = a
-        if once:
+        once = [i for i in range(len(queries)) if out[i] is None]
+        if once:  # `prior` after the estimate: one call, the letter prior divided out
             answers = self.inner.rank([queries[i] for i in once])
             self.calls += len(once)
             for i, a in zip(once, answers):
