@@ -171,9 +171,7 @@ def measure_speed(kb, rer, enc, images: list, thresholds: dict[str, float], raw_
     from fgvr.pipeline import DualSystem
 
     paths = [f"test-{i}" for i in range(len(images))]
-    sup2, lab2 = rer.support_features(), rer.support_labels
     probe0 = fit_probe(kb.exemplars.numpy(), kb.exemplar_labels.numpy(), 5)
-    probe2 = fit_probe(sup2.numpy(), lab2.numpy(), 5)
 
     def timed(fn) -> float:
         t = time.perf_counter()
@@ -188,10 +186,14 @@ def measure_speed(kb, rer, enc, images: list, thresholds: dict[str, float], raw_
         "nearest prototype (Lite0 features)": timed(
             lambda: nearest_prototype(kb.exemplars, kb.exemplar_labels, enc.encode_images(images))),
         "logistic-regression probe (Lite0 features)": timed(lambda: probe0.predict(enc.encode_images(images).numpy())),
-        "nearest prototype (System 2 features)": timed(lambda: nearest_prototype(sup2, lab2, rer.features(images))),
-        "logistic-regression probe (System 2 features)": timed(lambda: probe2.predict(rer.features(images).numpy())),
         "System 1 alone (Lite0 prototypes)": timed(lambda: system(None, math.inf).classify_images(images, paths)),
     }
+    if rer is None:
+        return out
+    sup2, lab2 = rer.support_features(), rer.support_labels
+    probe2 = fit_probe(sup2.numpy(), lab2.numpy(), 5)
+    out["nearest prototype (System 2 features)"] = timed(lambda: nearest_prototype(sup2, lab2, rer.features(images)))
+    out["logistic-regression probe (System 2 features)"] = timed(lambda: probe2.predict(rer.features(images).numpy()))
     every = timed(lambda: system(rer, -math.inf).classify_images(images, paths))
     out["re-ranker alone over System 1's top-5"] = out["System 2 on every sample (decision)"] = every
     for name, thr in thresholds.items():
@@ -220,6 +222,9 @@ def main() -> None:
     ap.add_argument("--cache", default=str(RESULTS / "cache"))
     ap.add_argument("--features-only", action="store_true",
                     help="compute and cache the test features, then stop (a long run can go first, scoring later)")
+    ap.add_argument("--no-system2", action="store_true",
+                    help="System 1 and the Lite0 baselines only (no re-ranker features: minutes instead of hours)")
+    ap.add_argument("--speed-images", type=int, default=SPEED_N, help="test images images/s is measured on")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
     args = ap.parse_args()
     shots = [int(s) for s in args.shots.split(",")]
@@ -257,8 +262,10 @@ def main() -> None:
         q0, s_lite0 = cached_features(f"lite0-{enc.image_size}-{lite0.revision}", order, n, test.images,
                                       lambda ims: enc.encode_images(ims, batch_size=50), cache)
     first = VisualReranker.from_knowledge_base(kbs[shots[0], seeds[0]][0], image_size=RERANKER_SIZE)
-    tag = f"reranker-{first.spec.source}-{first.spec.revision}-{RERANKER_SIZE}-{'+'.join(first.views)}-g{first.grid}"
-    q2, s_rerank = cached_features(tag, order, n, test.images, lambda ims: first.features(ims), cache)
+    q2, s_rerank = None, float("nan")
+    if not args.no_system2:
+        tag = f"reranker-{first.spec.source}-{first.spec.revision}-{RERANKER_SIZE}-{'+'.join(first.views)}-g{first.grid}"
+        q2, s_rerank = cached_features(tag, order, n, test.images, lambda ims: first.features(ims), cache)
     log(f"test features: Lite0 {1000 * s_lite0:.1f} ms/image, re-ranker {1000 * s_rerank:.1f} ms/image")
     if args.features_only:
         return
@@ -293,46 +300,49 @@ def main() -> None:
         fast_top1 = to_label[fast.topk_ids[:, 0]]
         record("System 1 alone (Lite0 prototypes)", k, fast_top1 == y_test)
 
-        rer = VisualReranker.from_knowledge_base(kb, image_size=RERANKER_SIZE)
-        assert (rer.spec.key, rer.views, rer.grid) == (first.spec.key, first.views, first.grid)
-        slow_p = rer.probs_from_features(q2, fast.topk_ids)
-        fast_p = fast.topk_probs / fast.topk_probs.sum(1, keepdim=True)
-        final_all = decide_batch(fast_p, slow_p, DEFAULT_WEIGHT)
-        fits[f"k{k}-seed{seed}"] = {"reranker": rer.fit_log, "probe_C": C, "fusion": kb.fusion}
-        pick = lambda p: to_label[fast.topk_ids.gather(1, p.argmax(1, keepdim=True))[:, 0]]  # noqa: E731
-        slow_top1, all_top1 = pick(slow_p), pick(final_all)
-        record("re-ranker alone over System 1's top-5", k, slow_top1 == y_test)
-        record("System 2 on every sample (decision)", k, all_top1 == y_test)
-        sup2, lab2 = rer.support_features(), rer.support_labels  # System 2's own features, same support images
-        record("nearest prototype (System 2 features)", k, to_label[nearest_prototype(sup2, lab2, q2)] == y_test)
-        pred2, C2 = logistic_probe(sup2.numpy(), lab2.numpy(), q2.numpy(), k)
-        record("logistic-regression probe (System 2 features)", k, to_label[torch.from_numpy(pred2)] == y_test)
-        fits[f"k{k}-seed{seed}"]["probe_C_system2_features"] = C2
-        if k == shots[0] and seed == seeds[0]:  # the vectorised decision is the pipeline's decide()
-            from fgvr.decision import decide
+        if q2 is None:  # --no-system2
+            fits[f"k{k}-seed{seed}"] = {"probe_C": C, "fusion": kb.fusion}
+        else:
+            rer = VisualReranker.from_knowledge_base(kb, image_size=RERANKER_SIZE)
+            assert (rer.spec.key, rer.views, rer.grid) == (first.spec.key, first.views, first.grid)
+            slow_p = rer.probs_from_features(q2, fast.topk_ids)
+            fast_p = fast.topk_probs / fast.topk_probs.sum(1, keepdim=True)
+            final_all = decide_batch(fast_p, slow_p, DEFAULT_WEIGHT)
+            fits[f"k{k}-seed{seed}"] = {"reranker": rer.fit_log, "probe_C": C, "fusion": kb.fusion}
+            pick = lambda p: to_label[fast.topk_ids.gather(1, p.argmax(1, keepdim=True))[:, 0]]  # noqa: E731
+            slow_top1, all_top1 = pick(slow_p), pick(final_all)
+            record("re-ranker alone over System 1's top-5", k, slow_top1 == y_test)
+            record("System 2 on every sample (decision)", k, all_top1 == y_test)
+            sup2, lab2 = rer.support_features(), rer.support_labels  # System 2's own features, same support images
+            record("nearest prototype (System 2 features)", k, to_label[nearest_prototype(sup2, lab2, q2)] == y_test)
+            pred2, C2 = logistic_probe(sup2.numpy(), lab2.numpy(), q2.numpy(), k)
+            record("logistic-regression probe (System 2 features)", k, to_label[torch.from_numpy(pred2)] == y_test)
+            fits[f"k{k}-seed{seed}"]["probe_C_system2_features"] = C2
+            if k == shots[0] and seed == seeds[0]:  # the vectorised decision is the pipeline's decide()
+                from fgvr.decision import decide
 
-            for i in range(min(20, n)):
-                ref = decide(fast_p[i].tolist(), slow_p[i].tolist(), DEFAULT_WEIGHT)
-                assert np.allclose(ref, final_all[i].tolist(), atol=1e-9)
+                for i in range(min(20, n)):
+                    ref = decide(fast_p[i].tolist(), slow_p[i].tolist(), DEFAULT_WEIGHT)
+                    assert np.allclose(ref, final_all[i].tolist(), atol=1e-9)
 
-        for b in BUDGETS:
-            # as `fgvr evaluate` does by default: the threshold is the (1 - b) quantile of the trigger scores
-            # of the run's own images (no labels), so the budget is met; and as `fgvr classify` must, from
-            # the support set alone (leave-one-out), which sends fewer images slow than the budget
-            trig = Trigger(budget=b)
-            for how in ("run", "support"):
-                if how == "run":
-                    trig.calibrate(trig.scores(fast, kb))
-                else:
-                    trig.calibrate_on_support(kb)
-                go = torch.tensor([d.go_slow for d in trig.decide(fast, kb)])
-                dual = torch.where(go, all_top1, fast_top1)
-                name = f"dual system, budget {int(b * 100)}%" + (", threshold from support set" if how == "support" else "")
-                if how == "support" and b != 0.3:
-                    name = "_" + name  # kept in the JSON, not in the table
-                record(name, k, dual == y_test)
-                thresholds[k, seed, b if how == "run" else -b] = float(trig.threshold)
-                rates.setdefault(name, {}).setdefault(k, []).append(float(go.float().mean()))
+            for b in BUDGETS:
+                # as `fgvr evaluate` does by default: the threshold is the (1 - b) quantile of the trigger scores
+                # of the run's own images (no labels), so the budget is met; and as `fgvr classify` must, from
+                # the support set alone (leave-one-out), which sends fewer images slow than the budget
+                trig = Trigger(budget=b)
+                for how in ("run", "support"):
+                    if how == "run":
+                        trig.calibrate(trig.scores(fast, kb))
+                    else:
+                        trig.calibrate_on_support(kb)
+                    go = torch.tensor([d.go_slow for d in trig.decide(fast, kb)])
+                    dual = torch.where(go, all_top1, fast_top1)
+                    name = f"dual system, budget {int(b * 100)}%" + (", threshold from support set" if how == "support" else "")
+                    if how == "support" and b != 0.3:
+                        name = "_" + name  # kept in the JSON, not in the table
+                    record(name, k, dual == y_test)
+                    thresholds[k, seed, b if how == "run" else -b] = float(trig.threshold)
+                    rates.setdefault(name, {}).setdefault(k, []).append(float(go.float().mean()))
         log(f"k={k} seed={seed}: " + ", ".join(f"{name} {v[k][-1]:.3f}" for name, v in rows.items()
                                                 if k in v and not name.startswith("_")))
 
@@ -340,14 +350,17 @@ def main() -> None:
     # Wall time end to end on the same 32 test images for every method (k = 5, first seed; models loaded).
     k_speed = 5 if 5 in shots else shots[0]
     kb5, sup5 = kbs[k_speed, seeds[0]]
-    rer5 = VisualReranker.from_knowledge_base(kb5, image_size=RERANKER_SIZE)
-    probe_images = fm.to_pil(test.images[order[:SPEED_N]])
-    dual_names = {f"dual system, budget {int(b * 100)}%": thresholds[k_speed, seeds[0], b] for b in BUDGETS}
-    dual_names["dual system, budget 30%, threshold from support set"] = thresholds[k_speed, seeds[0], -0.3]
+    rer5 = None if q2 is None else VisualReranker.from_knowledge_base(kb5, image_size=RERANKER_SIZE)
+    speed_n = args.speed_images
+    probe_images = fm.to_pil(test.images[order[:speed_n]])
+    dual_names = {} if q2 is None else {f"dual system, budget {int(b * 100)}%": thresholds[k_speed, seeds[0], b]
+                                        for b in BUDGETS}
+    if q2 is not None:
+        dual_names["dual system, budget 30%, threshold from support set"] = thresholds[k_speed, seeds[0], -0.3]
     with registry.use(lite0) as enc:
-        ips = measure_speed(kb5, rer5, enc, probe_images, dual_names,
-                            lambda: raw_pixel_prototypes(train, sup5, test.images[order[:SPEED_N]]))
-    log("images/s (wall, end to end): " + ", ".join(f"{k} {v:.1f}" for k, v in ips.items()))
+        measured_ips = measure_speed(kb5, rer5, enc, probe_images, dual_names,
+                            lambda: raw_pixel_prototypes(train, sup5, test.images[order[:speed_n]]))
+    log("images/s (wall, end to end): " + ", ".join(f"{k} {v:.1f}" for k, v in measured_ips.items()))
     rep = registry.report()
     model_mb = {m.name: (m.measured_bytes or 0) / 2**20 for m in rep.models}
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -358,7 +371,7 @@ def main() -> None:
         """(images/s measured end to end, model MiB held) of a method."""
         mb = 0.0 if name.startswith("raw") else lite0_mb if "Lite0" in name else lite2_mb if "System 2 features" in name \
             else lite0_mb + (0.0 if name.startswith("System 1") else lite2_mb)
-        return ips.get(name.lstrip("_"), float("nan")), mb
+        return measured_ips.get(name.lstrip("_"), float("nan")), mb
 
     # --- outputs -------------------------------------------------------------------------------------------
     load_end = os.getloadavg()
@@ -410,7 +423,7 @@ def main() -> None:
     check, check_json = check_600(hits, shots)
     lines += [
         "",
-        f"Images/s: wall time end to end on the same {SPEED_N} test images per method (k = {k_speed}, seed "
+        f"Images/s: wall time end to end on the same {speed_n} test images per method (k = {k_speed}, seed "
         f"{seeds[0]}; decoded images in memory, models loaded; the dual rows at that seed's threshold), on a "
         "shared machine: rough. "
         f"Peak process memory (RSS) {peak_rss_mb:.0f} MiB; model weights as measured by the registry: "
@@ -424,18 +437,18 @@ def main() -> None:
         "",
         *check,
         "",
-        "![accuracy against slow-path budget](fashion_mnist_budget.png)",
-        "",
+        *(["![accuracy against slow-path budget](fashion_mnist_budget.png)", ""] if q2 is not None else []),
     ]
     md = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "fashion_mnist.md", md)
     atomic_write_json(out / "fashion_mnist.json", {
         "label": label, "n_test": n, "shots": shots, "seeds": seeds, "table": table,
-        "images_per_s": ips, "paired": paired_json, "check_600": check_json,
+        "images_per_s": measured_ips, "paired": paired_json, "check_600": check_json,
         "peak_rss_mib": peak_rss_mb, "model_mib": model_mb, "fits": fits, "command": cmd,
         "loadavg": [load_start[0], load_end[0]]})
-    plot(table, shots, out / "fashion_mnist_budget.png", label, n)
+    if q2 is not None:
+        plot(table, shots, out / "fashion_mnist_budget.png", label, n)
     print(md)
 
 
@@ -465,6 +478,8 @@ def paired_table(hits: dict, shots: list[int]) -> tuple[list[str], dict]:
              "| --- |" + " --- |" * len(shots)]
     js = {}
     for a, b in COMPARISONS:
+        if a not in hits or b not in hits:
+            continue
         cells = []
         for k in shots:
             d = paired_diff(hits, a, b, k)
@@ -482,6 +497,7 @@ def check_600(hits: dict, shots: list[int], n: int = 600, k: int = 5) -> tuple[l
         return [], {}
     names = ["nearest prototype (Lite0 features)", "System 1 alone (Lite0 prototypes)", "dual system, budget 30%",
              "System 2 on every sample (decision)"]
+    names = [m for m in names if m in hits]
     acc = {m: [float(x[:n].mean()) for x in hits[m][k]] for m in names}
     lines = [f"Check on {n} test images, k = {k} (the first {n} of the permutation; seeds as above): "
              "accuracy per seed.", "", "| method | " + " | ".join(f"seed {i}" for i in range(len(acc[names[0]])))
