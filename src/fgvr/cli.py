@@ -411,6 +411,59 @@ def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
         raise click.ClickException(str(e)) from None
 
 
+# --- serve (issue 14) -------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.argument("kb", type=click.Path(file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything beyond loopback without --token warns loudly.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--token", default=None, envvar="FGVR_TOKEN", show_envvar=True,
+              help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
+@click.option("--runs", type=click.Path(file_okay=False, exists=True), default=None,
+              help="An evaluation run folder (or a folder of them) to browse at /runs.")
+@click.option("--max-upload", default="10MiB", show_default=True, help="Largest request body (per image in a batch).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest image (width x height, read from its header before decoding).")
+@click.option("--max-batch-images", type=click.IntRange(1), default=16, show_default=True,
+              help="Images in one /v1/classify/batch request.")
+@click.option("--read-timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds a client has to send its request body.")
+@click.option("--encode-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Longest wait for the encoder's micro-batch to fill (--batch-size is its size).")
+@click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
+              help="Images per System 2 call; one call runs at a time.")
+@_system_options
+def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_images, read_timeout, encode_wait_ms,
+              slow_batch, **o) -> None:
+    """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
+    /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
+    """
+    from pathlib import Path
+
+    from fgvr.models.footprint import parse_bytes
+    from fgvr.serve import ServeSettings, serve
+
+    try:
+        settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
+                                 max_batch_images=max_batch_images, read_timeout_s=read_timeout,
+                                 encode_batch=o["batch_size"], encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
+                                 token=token or None, runs=Path(runs) if runs else None)
+        vlm = vlm_spec(o["vlm"], o["device"], o)  # options checked before the server starts
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+
+    def opener():
+        from fgvr.pipeline import open_system
+
+        return open_system(kb, encoder=o["encoder"], vlm=vlm, reranker=o["reranker"], budget=o["slow_budget"],
+                           threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
+                           rationale=o["rationale"], n_rules=o["n_rules"], slow_batch=slow_batch)
+
+    raise SystemExit(serve(opener, host, port, settings))
+
+
 def main() -> None:
     cli()
 
