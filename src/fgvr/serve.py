@@ -802,7 +802,8 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             try:
-                form = await request.form(max_files=settings.max_batch_images + 1, max_fields=16)
+                # the parser's own file cap sits well above ours, so too many images gets our 413, not its 400
+                form = await request.form(max_files=4 * settings.max_batch_images + 16, max_fields=64)
             except Exception as e:  # noqa: BLE001 - the multipart parser's own errors are the client's
                 raise UploadError(400, f"cannot parse the multipart form: {e}") from None
             files = [f for key in dict.fromkeys((field, "image", "images")) for f in form.getlist(key)
