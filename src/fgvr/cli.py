@@ -414,6 +414,13 @@ def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
 # --- serve (issue 14) -------------------------------------------------------------------------------
 
 
+def _given(name: str) -> bool:
+    """Whether option `name` of the running command was given (not left at its default)."""
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
 @cli.command("serve")
 @click.argument("kb", type=click.Path(file_okay=False, exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -439,16 +446,24 @@ def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_ima
               slow_batch, **o) -> None:
     """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
     /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
+
+    --batch-size is the encoder's micro-batch, 4 unless given: on CPU a bigger batch did not lower the cost
+    per image here, and it raises the server's memory (benchmarks/serve_load.py).
     """
+    import os
     from pathlib import Path
 
+    # Before torch starts OpenMP: idle OpenMP workers sleep instead of spinning, so they do not take the CPU
+    # from the request threads (decoding, HTTP) of the same process. On a 2-core machine shared with other
+    # work, spinning made a Lite0 forward 10-20x slower here. An explicit setting is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from fgvr.models.footprint import parse_bytes
     from fgvr.serve import ServeSettings, serve
 
     try:
         settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
                                  max_batch_images=max_batch_images, read_timeout_s=read_timeout,
-                                 encode_batch=o["batch_size"], encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
+                                 encode_batch=o["batch_size"] if _given("batch_size") else 4, encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
                                  token=token or None, runs=Path(runs) if runs else None)
         vlm = vlm_spec(o["vlm"], o["device"], o)  # options checked before the server starts
     except _user_errors() as e:
