@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def main() -> None:
     cmd = [sys.executable, "-c", "from fgvr.cli import main; main()", "serve", str(a.kb), "--port", str(port),
            "--slow-budget", str(a.slow_budget), *(["--reranker"] if a.reranker else []),
            *(["--batch-size", str(a.batch_size)] if a.batch_size else [])]
-    log = open(a.out.with_suffix(".server.log"), "wb")
+    log = open(Path(tempfile.gettempdir()) / f"fgvr-serve-load-{port}.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # OMP_WAIT_POLICY as `fgvr serve` sets it
     rows = []
     load_before = uptime()
