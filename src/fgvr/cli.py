@@ -35,6 +35,15 @@ def vlm_options(f):
                      help="Pixel cap per image in visual tokens of 28x28 pixels (default 1280)."),
         click.option("--gpu-budget", default=None, metavar="SIZE",
                      help="Memory the registry may use on the GPU, e.g. 18GiB (default: the card's capacity)."),
+        click.option("--vlm-model", default=None, metavar="NAME",
+                     help="Served --vlm URL: the model to ask (default: the only one the server lists)."),
+        click.option("--vlm-concurrency", type=click.IntRange(1), default=8, show_default=True,
+                     help="Served --vlm URL: requests in flight at once (the engine batches them)."),
+        click.option("--vlm-timeout", type=click.FloatRange(0, min_open=True), default=120.0, show_default=True,
+                     help="Served --vlm URL: seconds to wait for one answer before retrying."),
+        click.option("--vlm-retries", type=click.IntRange(0), default=4, show_default=True,
+                     help="Served --vlm URL: retries (with backoff) after a 429/5xx/time-out. The API key, "
+                          "if the server wants one, is read from $FGVR_VLM_API_KEY and never stored."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -51,12 +60,30 @@ def vlm_spec(vlm: str | None, device: str, o: dict):
         registry.set_budget(device if device.startswith("cuda") else "cuda:0", parse_bytes(o["gpu_budget"]))
     if not vlm:
         return None
+    from fgvr.backends import is_served
+
+    if is_served(vlm):
+        return vlm  # a server: opened (and probed) by fgvr.backends with vlm_backend_options
     tokens = o.get("max_visual_tokens")
     spec = parse_spec(vlm, device=device, dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
                       max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else None)
     if spec.family != "qwen2_5_vl":
         raise SpecError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {spec.family} model")
     return spec
+
+
+def vlm_backend_options(o: dict, cache_dir=None):
+    """The `fgvr.backends.BackendOptions` for --vlm from the options above (`cache_dir`: where a served
+    backend keeps its answers so a killed run does not ask again)."""
+    from fgvr.backends import BackendOptions
+    from fgvr.models.spec import DEFAULT_MAX_PIXELS, QWEN_PATCH
+
+    tokens = o.get("max_visual_tokens")
+    return BackendOptions(device=o.get("device") or "cpu", dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
+                          max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else DEFAULT_MAX_PIXELS,
+                          model=o.get("vlm_model"), concurrency=o.get("vlm_concurrency") or 8,
+                          timeout_s=o.get("vlm_timeout") or 120.0,
+                          retries=4 if o.get("vlm_retries") is None else o["vlm_retries"], cache_dir=cache_dir)
 
 
 # --- memory (issue 2) -------------------------------------------------------------------------------
@@ -238,7 +265,8 @@ def kb_show_cmd(kb_path, max_classes) -> None:
 def _system_options(f):
     """Options shared by `classify` and `evaluate`: which System 2, the trigger, the decision."""
     opts = [
-        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (option scoring)."),
+        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (in-process), or the URL "
+                                                   "of an OpenAI-compatible server (vLLM, SGLang): http://HOST:PORT/v1."),
         click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker (no VLM needed)."),
         click.option("--slow-budget", type=click.FloatRange(0, 1), default=None,
                      help="Fraction of images to send slow (default 0.3 unless --threshold); the threshold is "
@@ -261,23 +289,24 @@ def _system_options(f):
     return f
 
 
-def _open_system(kb, o: dict, slow_all: bool = False):
+def _open_system(kb, o: dict, slow_all: bool = False, cache_dir=None):
     from fgvr.pipeline import open_system
 
     return open_system(kb, encoder=o["encoder"], vlm=vlm_spec(o["vlm"], o["device"], o), reranker=o["reranker"],
-                       budget=o["slow_budget"],
+                       vlm_options=vlm_backend_options(o, cache_dir), budget=o["slow_budget"],
                        threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
                        rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
 
 
 def _user_errors():
     """The error types that mean 'bad input': shown as a one-line message, not a traceback."""
+    from fgvr.backends import BackendError
     from fgvr.data import DataError
     from fgvr.evaluate import EvaluateError
     from fgvr.knowledge_base import KnowledgeBaseError
     from fgvr.models.spec import SpecError
 
-    return (DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError)
+    return (BackendError, DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError)
 
 
 @cli.command()
@@ -327,7 +356,7 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
 
     try:
         dataset = read_dataset(Path(data), classes_file)
-        with _open_system(kb, o, slow_all=slow_all) as system:
+        with _open_system(kb, o, slow_all=slow_all, cache_dir=Path(out) / "vlm-cache") as system:
             config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
                       "data": str(Path(data).resolve()), "limit": limit}
             s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"],
