@@ -275,3 +275,39 @@ def test_evaluate_with_server_down_fails_before_any_work(tmp_path):
                                  "--vlm", f"http://127.0.0.1:{port}/v1", "--vlm-timeout", "2"])
     assert r.exit_code != 0 and f"http://127.0.0.1:{port}/v1" in r.output
     assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_serve_plan_prints_engine_flags_from_the_architecture():
+    """`fgvr memory plan --serve`: the longest request (3 capped images for a description), the pixel cap
+    the client resizes to, and a memory fraction that leaves fgvr's encoder its share of the GPU."""
+    from click.testing import CliRunner
+
+    from fgvr.cli import cli
+    from fgvr.models.plan import CUDA_CONTEXT_BYTES, model_size
+    from fgvr.models.serve_plan import make_serve_plan
+
+    gib = 2**30
+    v = make_serve_plan("vllm", "qwen2.5-vl-7b", 24 * gib, max_pixels=1280 * 28 * 28)
+    s = make_serve_plan("sglang", "qwen2.5-vl-7b", 24 * gib, max_pixels=1280 * 28 * 28)
+    assert v.max_model_len == 4608 and v.max_model_len >= 3 * 1280 + 400 + 160  # 3 images at the cap + text
+    assert v.weight_bytes == model_size("qwen2.5-vl-7b", "vlm", "bf16").weight_bytes
+    assert v.kv_bytes_per_token == 57_344  # Qwen2.5-VL-7B in bf16 (DESIGN.md §2)
+    encoder = model_size("clip-vit-b32", "encoder", "fp16").weight_bytes
+    assert v.fraction <= 1 - (encoder + CUDA_CONTEXT_BYTES) / (24 * gib)  # fgvr's own process keeps its share
+    used = v.fraction * 24 * gib
+    assert v.weight_bytes + v.activation_bytes + v.kv_tokens * v.kv_bytes_per_token + CUDA_CONTEXT_BYTES <= used
+    assert v.fits and v.max_seqs == v.kv_tokens // v.max_model_len >= 1
+    assert s.fraction < v.fraction and s.kv_tokens == v.kv_tokens  # SGLang's fraction excludes activations
+    cmd = v.command()
+    for flag in ("--max-model-len 4608", "'{\"image\": 3}'", '"max_pixels": 1003520', "--gpu-memory-utilization 0.9",
+                 "--max-logprobs 20", "Qwen/Qwen2.5-VL-7B-Instruct"):
+        assert flag in cmd, flag
+    assert s.command().startswith("SGLANG_IMAGE_MAX_PIXELS=1003520 ") and "--mem-fraction-static" in s.command()
+    small = make_serve_plan("vllm", "qwen2.5-vl-7b", 16 * gib)
+    assert not small.fits  # 16.6 GB of bf16 weights do not fit a 16 GiB card with anything else
+    half = make_serve_plan("vllm", "qwen2.5-vl-7b", 24 * gib, max_pixels=640 * 28 * 28)
+    assert half.max_model_len < v.max_model_len and half.max_seqs > v.max_seqs
+    r = CliRunner().invoke(cli, ["memory", "plan", "--vlm", "qwen2.5-vl-7b", "--serve", "both", "--gpu", "24GiB"])
+    assert r.exit_code == 0 and "vllm serve" in r.output and "sglang.launch_server" in r.output
+    r = CliRunner().invoke(cli, ["memory", "plan", "--vlm", "http://127.0.0.1:8000/v1"])
+    assert r.exit_code == 0 and "memory is the server's" in r.output and "qwen2.5-vl" not in r.stdout

@@ -110,9 +110,12 @@ def memory() -> None:
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Generated tokens per query.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Prompts per VLM forward (System 2 scores queries in batches).")
+@click.option("--serve", type=click.Choice(["vllm", "sglang", "both"]), default=None,
+              help="Print the serving engine's command line that fits --gpu (System 2 served, see README).")
+@click.option("--gpu", default=None, metavar="SIZE", help="The GPU the engine runs on, for --serve (default: --budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visual_tokens, quant, image_size,
-                text_tokens, new_tokens, batch, as_json) -> None:
+                text_tokens, new_tokens, batch, serve, gpu, as_json) -> None:
     """Will the models fit the GPU budget? Sizes from the real architectures on the meta device.
 
     \b
@@ -130,9 +133,27 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
         raise click.UsageError("give --max-pixels or --max-visual-tokens, not both")
     if max_visual_tokens:
         max_pixels = max_visual_tokens * QWEN_PATCH * QWEN_PATCH
+    from fgvr.backends import is_served
+
+    if serve:
+        from fgvr.models.serve_plan import make_serve_plan
+
+        try:
+            plans = [make_serve_plan(e, vlm, parse_bytes(gpu or budget), max_pixels=max_pixels,
+                                     encoder=None if encoder.lower() == "none" else encoder)
+                     for e in (("vllm", "sglang") if serve == "both" else (serve,))]
+        except (SpecError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(_json.dumps([p.to_json() for p in plans], indent=2) if as_json
+                   else "\n\n".join(p.format() for p in plans))
+        return
+    served = is_served(vlm)
+    if served:
+        click.echo(f"System 2 is served by {vlm}: the VLM's memory is the server's (plan it with "
+                   "--vlm qwen2.5-vl-7b --serve vllm --gpu SIZE); below, fgvr's own process only.", err=True)
     try:
         plan = make_plan(
-            None if vlm.lower() == "none" else vlm,
+            None if served or vlm.lower() == "none" else vlm,
             None if encoder.lower() == "none" else encoder,
             dtype, parse_bytes(budget), quantization=quant, max_pixels=max_pixels,
             image_size=parse_image_size(image_size), text_tokens=text_tokens, new_tokens=new_tokens,
