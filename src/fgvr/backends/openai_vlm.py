@@ -33,7 +33,7 @@ Faults: 429, 5xx, time-outs and dropped connections are retried with exponential
 `Retry-After`); a question that still fails is returned as that row's error (the pipeline gives the image
 the `escalated-failed` path and goes on). A server that does not answer at start is a `BackendError` naming
 the URL, before any work. Answers are appended to `cache_dir/answers.jsonl` keyed by the digest of the
-request (model, image pixels, prompt, scoring parameters), so a killed run that resumes sends no answered
+request with each image as the digest of its PNG bytes (model, image pixels, prompt, scoring parameters), so a killed run that resumes sends no answered
 request again. The API key is read from the environment (`$FGVR_VLM_API_KEY`, else `$OPENAI_API_KEY`) and
 never written anywhere.
 """
@@ -178,11 +178,14 @@ class AnswerCache:
                 f.write(line)
 
 
-def image_data_uri(image: Image.Image, max_pixels: int, min_pixels: int) -> str:
-    """The image at the pixel cap as a lossless PNG data: URI (fast compression: it is sent, not stored)."""
+def image_data_uri(image: Image.Image, max_pixels: int, min_pixels: int) -> tuple[str, str]:
+    """The image at the pixel cap as a lossless PNG data: URI, and the digest of its bytes (the cache key's
+    part for it). Stored uncompressed: it is sent once over a fast link, and deflate would cost fgvr's
+    process 2-3x the CPU time of everything else it does per request."""
     buf = io.BytesIO()
-    fit_pixels(image, max_pixels, min_pixels).save(buf, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    fit_pixels(image, max_pixels, min_pixels).save(buf, format="PNG", compress_level=0)
+    data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), hashlib.sha256(data).hexdigest()
 
 
 def first_token_logprobs(response: dict) -> dict[str, float]:
@@ -311,9 +314,10 @@ class OpenAIVlm:
         return "letter", None, None
 
     # --- requests -------------------------------------------------------------------------------------
-    def _send(self, body: dict) -> dict:
-        """POST a chat completion with retries and backoff; from the cache when it was answered before."""
-        key = AnswerCache.key(body)
+    def _send(self, body: dict, keyed: dict | None = None) -> dict:
+        """POST a chat completion with retries and backoff; from the cache when it was answered before.
+        `keyed`: the body with each image replaced by its digest (the cache key; cheaper than the body)."""
+        key = AnswerCache.key(keyed or body)
         cached = self.cache.get(key)
         if cached is not None:
             with self._count_lock:
@@ -342,23 +346,31 @@ class OpenAIVlm:
         u = response.get("usage") or {}
         return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
 
-    def _messages(self, conversation: list[dict], images: Sequence[Image.Image]) -> list[dict]:
+    def _messages(self, conversation: list[dict], images: Sequence[Image.Image]) -> tuple[list[dict], list[dict]]:
         """The processor-format conversation in OpenAI form: each {"type": "image"} becomes the next image as
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}."""
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}. Also the same messages
+        with each image's digest in place of its data (what the answer cache keys on)."""
         it = iter(images)
-        out = []
+        out, keyed = [], []
         for m in conversation:
-            content = m["content"]
+            content = kcontent = m["content"]
             if isinstance(content, list):
-                content = [{"type": "image_url", "image_url": {"url": image_data_uri(next(it), self.options.max_pixels,
-                                                                                     self.options.min_pixels)}}
-                           if c.get("type") == "image" else {"type": "text", "text": c["text"]} for c in content]
+                content, kcontent = [], []
+                for c in m["content"]:
+                    if c.get("type") == "image":
+                        uri, digest = image_data_uri(next(it), self.options.max_pixels, self.options.min_pixels)
+                        content.append({"type": "image_url", "image_url": {"url": uri}})
+                        kcontent.append({"type": "image_url", "image_url": {"sha256": digest}})
+                    else:
+                        content.append({"type": "text", "text": c["text"]})
+                        kcontent.append(content[-1])
             out.append({"role": m["role"], "content": content})
-        return out
+            keyed.append({"role": m["role"], "content": kcontent})
+        return out, keyed
 
-    def _score_body(self, question: str, image: Image.Image, k: int) -> dict:
-        body = {"model": self.model, "messages": self._messages([user_turn(question)], [image]), "max_tokens": 1,
-                "temperature": 0}
+    def _score_body(self, question: str, image: Image.Image, k: int) -> tuple[dict, dict]:
+        messages, keyed = self._messages([user_turn(question)], [image])
+        body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0}
         letters = list(LETTERS[:k])
         if self.mode == "logprob_token_ids":
             body |= {"logprobs": True, "top_logprobs": min(k, 20),
@@ -367,7 +379,7 @@ class OpenAIVlm:
             body |= {"logprobs": True, "top_logprobs": self.top_n}
         elif self.mode == "choice":
             body[self.choice_field] = dict(_CHOICE_FIELDS)[self.choice_field](letters)
-        return body
+        return body, {**body, "messages": keyed}
 
     def _read_scores(self, response: dict, k: int) -> OptionScores:
         n_in, n_out = self._usage(response)
@@ -393,9 +405,9 @@ class OpenAIVlm:
     def _score_one(self, question: str, image: Image.Image, k: int) -> OptionScores:
         t0 = time.perf_counter()
         try:
-            body = self._score_body(question, image, k)
+            body, keyed = self._score_body(question, image, k)
             t1 = time.perf_counter()
-            response = self._send(body)
+            response = self._send(body, keyed)
             t2 = time.perf_counter()
             scores = self._read_scores(response, k)
         except HttpError as e:
@@ -410,10 +422,10 @@ class OpenAIVlm:
         return list(self.pool.map(self._score_one, questions, images, n_options))
 
     def _generate_one(self, conversation: list[dict], images: Sequence[Image.Image], max_new_tokens: int) -> Generated:
-        body = {"model": self.model, "messages": self._messages(conversation, images), "max_tokens": max_new_tokens,
-                "temperature": 0}
+        messages, keyed = self._messages(conversation, images)
+        body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": 0}
         try:
-            response = self._send(body)
+            response = self._send(body, {**body, "messages": keyed})
         except HttpError as e:
             return Generated(error=f"{self.url}: {e}")
         return Generated(self._text(response).strip(), *self._usage(response))
