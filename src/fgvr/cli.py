@@ -397,7 +397,8 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
 @cli.command("build-experience")
 @click.argument("kb", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--vlm", metavar="SPEC", required=True, help="The Qwen2.5-VL model folder that reasons and reflects.")
+@click.option("--vlm", metavar="SPEC", required=True,
+              help="The Qwen2.5-VL that reasons and reflects: a model folder, or a served model's URL (http://HOST:PORT/v1).")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Passes over the held-out images (stops early when a pass keeps no new rule).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
@@ -424,6 +425,11 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
     from fgvr.experience import ExperienceError, build_experience, describe_rules
     try:
         spec = vlm_spec(vlm, device, vlm_opts)
+        from fgvr.backends import is_served, open_backend
+
+        if is_served(spec):  # one backend for reasoning and reflection; its answers kept with the base
+            spec = open_backend(spec, vlm_backend_options({**vlm_opts, "device": device},
+                                                          Path(kb) / "experience" / "vlm-cache"))
         summary = build_experience(kb, read_dataset(Path(data), classes_file), spec, rounds, k=top_k,
                                    weight=weight, n_rules=n_rules, max_per_class=max_per_class,
                                    device=device, fresh=fresh)
