@@ -437,7 +437,8 @@ class OpenAIVlm:
     def describe(self) -> dict[str, Any]:
         missing_rule = ("a letter outside the top list gets an equal share of the mass the list leaves over, "
                         "at most the list's smallest probability") if self.mode == "top_logprobs" else None
-        return {"backend": NAME, "mode": self.mode, "url": self.url, "model": self.model, "top_logprobs": self.top_n,
+        return {"backend": NAME, "mode": self.mode, "key": f"{NAME}|{self.url}|{self.model}|maxpx={self.options.max_pixels}",
+                "url": self.url, "model": self.model, "top_logprobs": self.top_n,
                 "choice_field": self.choice_field, "missing_letter_rule": missing_rule,
                 "concurrency": self.concurrency, "timeout_s": self.options.timeout_s, "retries": self.retries,
                 "max_pixels": self.options.max_pixels, "cache": str(self.cache.path) if self.cache.path else None,
