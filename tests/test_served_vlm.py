@@ -116,8 +116,10 @@ def test_served_and_local_give_the_same_option_probabilities(url, local):
     # the image went at the cap, not at its original size
     assert fit_pixels(images[2], **CAP).size[0] * fit_pixels(images[2], **CAP).size[1] <= CAP["max_pixels"]
     # text: the same greedy continuation as the in-process model writes
-    conv = [[user_turn("Describe the picture.")]]
-    assert b.generate(conv, [[images[0]]], 6)[0].text == local.generate(conv, [[images[0]]], 6)[0].text
+    conv = [[user_turn("Describe the pictures.", n_images=2)]]
+    g_served, g_local = b.generate(conv, [images[:2]], 6)[0], local.generate(conv, [images[:2]], 6)[0]
+    assert g_served.error is None and g_served.text == g_local.text
+    assert (g_served.tokens_in, g_served.tokens_out) == (g_local.tokens_in, g_local.tokens_out) and g_local.tokens_out > 0
     d = b.describe()
     assert d["backend"] == "openai" and d["mode"] == "logprob_token_ids" and d["url"] == url
     assert "api_key" not in json.dumps(d).lower()

@@ -61,7 +61,7 @@ class Model:
         torch.set_num_threads(1)
         self.torch = torch
         self.name = folder.name
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(folder)
         ip = Qwen2VLImageProcessor.from_pretrained(folder)
         ip.max_pixels, ip.min_pixels = max_pixels, 4 * 28 * 28  # like vLLM's --mm-processor-kwargs
