@@ -212,7 +212,8 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the k-shot draw")
 @click.option("--encoder", default="efficientnet-lite0", show_default=True,
               help="efficientnet-lite0 / efficientnet-lite2, or a local CLIP/SigLIP folder")
-@click.option("--vlm", default=None, help="a local Qwen2.5-VL folder: writes one description per class")
+@click.option("--vlm", default=None, help="a local Qwen2.5-VL folder or a served one's URL (http://HOST:PORT/v1): "
+                                         "writes one description per class")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=str), help="knowledge-base directory to write")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
@@ -237,13 +238,18 @@ def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augme
         click.echo(f"warning: {message}", err=True)
 
     warnings.showwarning = show_warning
+    from fgvr.backends import BackendError, is_served, open_backend
+
     try:
+        vlm_arg = vlm_spec(vlm, device, vlm_opts)
+        if is_served(vlm_arg):  # opened here so --vlm-model / --vlm-concurrency / ... apply
+            vlm_arg = open_backend(vlm_arg, vlm_backend_options({**vlm_opts, "device": device}))
         _, summary = build_knowledge_base(
-            data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm_spec(vlm, device, vlm_opts), device=device,
+            data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm_arg, device=device,
             batch_size=batch_size,
             augment=augment, classes_file=classes_file, workers=workers,
         )
-    except (DataError, KnowledgeBaseError, SpecError) as e:
+    except (BackendError, DataError, KnowledgeBaseError, SpecError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"knowledge base written to {out}")
     click.echo(summary.format())
