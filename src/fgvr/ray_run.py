@@ -18,9 +18,10 @@ the run's own images needs every trigger score before any decision: `fgvr evalua
 stage alone first (pass 1, embeddings kept in RUN/embeddings/ exactly as the single process keeps them),
 computes the threshold on the driver, and feeds the kept embeddings to the rest (pass 2).
 
-Faults: Ray Data restarts a dead actor (`max_restarts=-1`) and retries its lost batches
-(`max_task_retries=-1`), so a killed worker costs time, not records; the driver drops any repeat of a
-path. A killed driver loses only what was not yet written; a rerun skips what was.
+Faults: Ray Data restarts a dead actor and retries its lost batches (its actor pools default to
+`max_restarts=-1`, `max_task_retries=-1`: ray/data/.../actor_pool_map_operator.py, Ray 2.60; passing them
+ourselves is deprecated there), so a killed worker costs time, not records (tests/test_ray_run.py kills
+one); the driver drops any repeat of a path. A killed driver loses only what was not yet written; a rerun skips what was.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class RayEngine:
                               compute=ActorPoolStrategy(size=self.workers),
                               fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
                                                      "system2": False, "threads": 0 if self.cuda else threads},
-                              max_restarts=-1, max_task_retries=-1, **res)
+                              **res)
 
     def _decide(self, ds: Any, threshold: float) -> Any:
         from ray.data import ActorPoolStrategy
@@ -209,14 +210,13 @@ class RayEngine:
         ds = ds.map_batches(FastStage, batch_size=self.batch_size, batch_format="numpy",
                             compute=ActorPoolStrategy(size=1), num_cpus=0,
                             fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
-                                                   "system2": self.has_system2},
-                            max_restarts=-1, max_task_retries=-1)
+                                                   "system2": self.has_system2})
         if self.has_system2:
             res = {"num_gpus": 1} if self.cuda and self.open_kwargs.get("vlm") else {"num_cpus": 0}
             ds = ds.map_batches(SlowStage, batch_size=self.batch_size, batch_format="numpy",
                                 compute=ActorPoolStrategy(size=self.slow_workers),
                                 fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold},
-                                max_restarts=-1, max_task_retries=-1, **res)
+                                **res)
         return ds
 
     def _blocks(self, n: int) -> int:
