@@ -14,6 +14,10 @@ Columns:
   wall (2B img)  the same over two batches only: mostly the fixed cost (actor start-up, model loads)
   steady img/s   (N - 2B) / (wall N - wall 2B): throughput once running, fixed costs differenced out
   overhead       Ray's steady seconds per image minus the single process's, as a share of the latter
+  CPU s per image  CPU seconds of this process and all below it (Ray's daemons, workers, actors) per image,
+                 differenced the same way; CPU overhead = Ray's / the single process's - 1. Less sensitive
+                 than wall time to other jobs on a shared machine.
+  CPU s, 2 batches the CPU seconds of the short run: start-up (actor processes, imports, model loads)
 
 Per-stage costs per image (decode, encode, System 1, trigger, decision) come from the single process's
 records; they feed the throughput model in docs/SCALING.md. Targets (issue 13): 2 workers >= 1.6x one
@@ -54,14 +58,66 @@ def prepare(work: Path, n: int) -> tuple[Path, list[str]]:
     return kb, list_source(queries)
 
 
+class CpuMeter:
+    """CPU seconds used by this process and every process below it (Ray's raylet, GCS, workers, actors),
+    sampled from /proc every 50 ms so actors that exit at the end of a pass are counted too. On a shared
+    machine CPU seconds per image are a steadier measure of overhead than wall time."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.seen: dict[int, tuple[float, float]] = {}  # pid -> (first, last) CPU seconds
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self) -> dict[int, float]:
+        stats = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        rest = f.read().rsplit(")", 1)[1].split()
+                    stats[int(d)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / self.tick)
+                except (OSError, IndexError, ValueError):
+                    pass
+        mine, frontier, out = set(), [os.getpid()], {}
+        while frontier:
+            p = frontier.pop()
+            kids = [c for c, (pp, _) in stats.items() if pp == p and c not in mine]
+            mine.update(kids)
+            frontier += kids
+        return {p: stats[p][1] for p in mine}
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for pid, cpu in self._cpu().items():
+                first = self.seen.get(pid, (cpu, cpu))[0]
+                self.seen[pid] = (first, cpu)
+            self.stop.wait(0.05)
+
+    def __enter__(self) -> "CpuMeter":
+        self.base = dict(self._cpu())  # processes alive before: count only what they use from now
+        self.self0 = sum(os.times()[:2])
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.seconds = sum(os.times()[:2]) - self.self0 + sum(
+            last - self.base.get(pid, 0.0) for pid, (_, last) in self.seen.items())
+
+
 def timed(engine, paths: list[str]) -> dict:
     t0 = time.perf_counter()
     results = []
-    for _, res in engine.classify(paths):
-        results += res
+    with CpuMeter() as cpu:
+        for _, res in engine.classify(paths):
+            results += res
     wall = time.perf_counter() - t0
     assert len(results) == len(paths) and len({r.path for r in results}) == len(paths)
-    return {"wall": wall, "results": results}
+    return {"wall": wall, "cpu": cpu.seconds, "results": results}
 
 
 def measured(make, paths: list[str], short: int) -> dict:
@@ -70,6 +126,7 @@ def measured(make, paths: list[str], short: int) -> dict:
     a, b = timed(make(), paths[:short]), timed(make(), paths)
     dt = b["wall"] - a["wall"]
     return {"wall": b["wall"], "short_wall": a["wall"], "steady": (len(paths) - short) / dt if dt > 0 else float("nan"),
+            "cpu_per_image": (b["cpu"] - a["cpu"]) / (len(paths) - short), "startup_cpu": a["cpu"],
             "results": b["results"]}
 
 
@@ -114,15 +171,18 @@ def main() -> None:
     print(f"{len(paths)} Fashion-MNIST test images, batch {args.batch_size}, EfficientNet-Lite0 on CPU, "
           f"{os.cpu_count()} cores, Ray cluster of {args.cpus} CPUs, best of {args.repeats}")
     print(f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min)\n")
-    print(f"| run | wall s ({len(paths)} img) | wall s ({2 * args.batch_size} img) | steady img/s | vs 1 worker | overhead per image |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| run | wall s ({len(paths)} img) | wall s ({2 * args.batch_size} img) | steady img/s | vs 1 worker "
+          "| overhead per image (wall) | CPU s per image | CPU overhead | CPU s, 2 batches |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     one = rows["Ray, 1 worker"]["steady"]
     out = {}
     for name, r in rows.items():
         over = "" if name == "single process" else f"{(1.0 / r['steady'] - base) * 1e3:+.1f} ms ({(1.0 / r['steady'] - base) / base:+.0%})"
         ratio = "" if name == "single process" else f"{r['steady'] / one:.2f}x"
-        print(f"| {name} | {r['wall']:.1f} | {r['short_wall']:.1f} | {r['steady']:.2f} | {ratio} | {over} |")
-        out[name] = {k: r[k] for k in ("wall", "short_wall", "steady")}
+        cpu_over = "" if name == "single process" else f"{r['cpu_per_image'] / single['cpu_per_image'] - 1:+.0%}"
+        print(f"| {name} | {r['wall']:.1f} | {r['short_wall']:.1f} | {r['steady']:.2f} | {ratio} | {over} "
+              f"| {r['cpu_per_image']:.3f} | {cpu_over} | {r['startup_cpu']:.1f} |")
+        out[name] = {k: r[k] for k in ("wall", "short_wall", "steady", "cpu_per_image", "startup_cpu")}
     print("\nper image, single process (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in stages.items()))
     if args.json:
         args.json.write_text(json.dumps({"images": len(paths), "batch": args.batch_size, "cpus": args.cpus,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,18 +16,18 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from fgvr.cli import cli
 from fgvr.collection import classify_collection, read_predictions, shard_files
+from test_evaluate import _pattern_images
 
 ray = pytest.importorskip("ray", reason="Ray is the fgvr[ray] extra (make setup installs it)")
 pytestmark = pytest.mark.slow
 
 # summary keys that are a function of the records (not of timings or memory)
+N = 25  # test images of the `twins` fixture, the unreadable one included
 STABLE = ("n_images", "n_labelled_known", "n_errors", "accuracy", "accuracy_readable", "accuracy_system1_alone",
           "per_class", "confusion", "unknown_classes", "unknown_class_images", "unknown_class_predictions",
           "slow_rate", "paths", "slowed_images", "system2_calls", "tokens_in_per_image", "budget_curve")
@@ -47,30 +48,23 @@ def ray_cluster():
 
 
 def _images(root: Path, per_class: int, seed: int) -> None:
-    """Discs and stripes; two classes are the same red disc, so the base's leave-one-out precision is low
-    for them and the trigger sends some images slow and keeps others fast."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:32, :32]
-    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 100
-    for name, mask, rgb in (("red_disc", disc, (220, 30, 30)), ("red_disc_twin", disc, (220, 30, 30)),
-                            ("blue_stripes", (xx // 4) % 2 == 0, (30, 40, 220))):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            a = np.full((32, 32, 3), 128, np.int64)
-            a[mask] = rgb
-            a += rng.integers(-40, 40, a.shape)
-            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    """test_evaluate's three patterns plus a fourth class drawn like red_disc: the base's leave-one-out
+    precision is low for the two twins, so the trigger sends some images slow and keeps others fast."""
+    _pattern_images(root, per_class, seed)
+    _pattern_images(root / ".twin", per_class, seed + 100)
+    (root / ".twin" / "red_disc").rename(root / "red_disc_twin")
+    shutil.rmtree(root / ".twin")
 
 
 @pytest.fixture(scope="session")
 def twins(tmp_path_factory):
-    """A Lite0 base (3 classes x 3 shots), 18 test images + 1 unreadable, and a single-process collection
+    """A Lite0 base (4 classes x 3 shots), 24 test images + 1 unreadable, and a single-process collection
     run over them (the reference answers)."""
     from fgvr.knowledge_base import build_knowledge_base
 
     root = tmp_path_factory.mktemp("twins")
     _images(root / "support", 3, seed=0)
-    _images(root / "test", 6, seed=1)
+    _images(root / "test", 6, seed=1)  # N = 25 images
     (root / "test" / "blue_stripes" / "broken.png").write_bytes(b"not a png")
     build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
     r = CliRunner().invoke(cli, ["classify", str(root / "kb"), str(root / "test"), "--out", str(root / "ref"),
@@ -179,10 +173,10 @@ def test_worker_killed_mid_run_costs_time_not_records(ray_cluster, twins, tmp_pa
                                      engine=engine, progress=False)
         killer.join(timeout=1)
     assert killed, "no encode actor was found to kill"
-    assert at_kill[0] < 19, "the run finished before the worker was killed"
-    assert counts["done_before"] == 0 and counts["written"] == 19
+    assert at_kill[0] < N, "the run finished before the worker was killed"
+    assert counts["done_before"] == 0 and counts["written"] == N
     lines = [json.loads(x) for f in shard_files(out) for x in f.read_text().splitlines()]
-    assert len(lines) == 19 and len({r["path"] for r in lines}) == 19  # every image exactly once
+    assert len(lines) == N and len({r["path"] for r in lines}) == N  # every image exactly once
     ref = {r["path"]: r for r in read_predictions(root / "ref")}
     got = {r["path"]: r for r in lines}
     assert _answers(got.values()) == _answers(ref.values())
@@ -206,14 +200,14 @@ def test_rerun_after_driver_killed_resumes_from_shards(ray_cluster, twins, tmp_p
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     before = len(read_predictions(out))
-    assert 2 <= before < 19
+    assert 2 <= before < N
 
     again = CliRunner().invoke(cli, [*cmd, "--ray", "local"])
     assert again.exit_code == 0, again.output
     assert "resuming" in again.stderr
     counts = json.loads(again.stdout.strip().splitlines()[-1])
-    assert counts["done_before"] == before and counts["written"] == 19 - before
+    assert counts["done_before"] == before and counts["written"] == N - before
     lines = [json.loads(x) for f in shard_files(out) for x in f.read_text().splitlines()]
-    assert len(lines) == 19 and len({r["path"] for r in lines}) == 19
+    assert len(lines) == N and len({r["path"] for r in lines}) == N
     ref = {r["path"]: r for r in read_predictions(root / "ref")}
     assert _answers(lines) == _answers(ref.values())
