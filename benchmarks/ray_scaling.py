@@ -90,11 +90,13 @@ class CpuMeter:
         return {p: stats[p][1] for p in mine}
 
     def _run(self) -> None:
+        t = time.thread_time()
         while not self.stop.is_set():
             for pid, cpu in self._cpu().items():
                 first = self.seen.get(pid, (cpu, cpu))[0]
                 self.seen[pid] = (first, cpu)
             self.stop.wait(0.05)
+        self.own = time.thread_time() - t  # the sampling itself is not the job's cost
 
     def __enter__(self) -> "CpuMeter":
         self.base = dict(self._cpu())  # processes alive before: count only what they use from now
@@ -105,7 +107,7 @@ class CpuMeter:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-        self.seconds = sum(os.times()[:2]) - self.self0 + sum(
+        self.seconds = sum(os.times()[:2]) - self.self0 - self.own + sum(
             last - self.base.get(pid, 0.0) for pid, (_, last) in self.seen.items())
 
 
