@@ -19,6 +19,7 @@ from fgvr.slow_path import (
     one_line,
     render_chat,
     user_turn,
+    vlm_inputs,
 )
 
 CLASSES = ["coat", "pullover", "shirt", "T-shirt", "dress"]
@@ -119,7 +120,7 @@ def test_pixel_cap_limits_image_tokens(tiny_qwen_dir):
         spec = parse_spec(str(tiny_qwen_dir), max_pixels=cap * 28 * 28, min_pixels=4 * 28 * 28)
         r = VlmReasoner(spec, CLASSES)
         with registry.use(spec) as vlm:
-            inputs, _, _ = r.encode(vlm, [big])
+            inputs = vlm_inputs(vlm, [render_chat(vlm.processor, [user_turn(r.question(big)[0])])], [big.image])
         counts[cap] = int((inputs["input_ids"] == IMAGE_PAD).sum())
         assert counts[cap] <= cap
     assert counts[16] < counts[64]  # the cap, not the image, is what limits the count

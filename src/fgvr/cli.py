@@ -35,6 +35,15 @@ def vlm_options(f):
                      help="Pixel cap per image in visual tokens of 28x28 pixels (default 1280)."),
         click.option("--gpu-budget", default=None, metavar="SIZE",
                      help="Memory the registry may use on the GPU, e.g. 18GiB (default: the card's capacity)."),
+        click.option("--vlm-model", default=None, metavar="NAME",
+                     help="Served --vlm URL: the model to ask (default: the only one the server lists)."),
+        click.option("--vlm-concurrency", type=click.IntRange(1), default=8, show_default=True,
+                     help="Served --vlm URL: requests in flight at once (the engine batches them)."),
+        click.option("--vlm-timeout", type=click.FloatRange(0, min_open=True), default=120.0, show_default=True,
+                     help="Served --vlm URL: seconds to wait for one answer before retrying."),
+        click.option("--vlm-retries", type=click.IntRange(0), default=4, show_default=True,
+                     help="Served --vlm URL: retries (with backoff) after a 429/5xx/time-out. The API key, "
+                          "if the server wants one, is read from $FGVR_VLM_API_KEY and never stored."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -51,12 +60,30 @@ def vlm_spec(vlm: str | None, device: str, o: dict):
         registry.set_budget(device if device.startswith("cuda") else "cuda:0", parse_bytes(o["gpu_budget"]))
     if not vlm:
         return None
+    from fgvr.backends import is_served
+
+    if is_served(vlm):
+        return vlm  # a server: opened (and probed) by fgvr.backends with vlm_backend_options
     tokens = o.get("max_visual_tokens")
     spec = parse_spec(vlm, device=device, dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
                       max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else None)
     if spec.family != "qwen2_5_vl":
         raise SpecError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {spec.family} model")
     return spec
+
+
+def vlm_backend_options(o: dict, cache_dir=None):
+    """The `fgvr.backends.BackendOptions` for --vlm from the options above (`cache_dir`: where a served
+    backend keeps its answers so a killed run does not ask again)."""
+    from fgvr.backends import BackendOptions
+    from fgvr.models.spec import DEFAULT_MAX_PIXELS, QWEN_PATCH
+
+    tokens = o.get("max_visual_tokens")
+    return BackendOptions(device=o.get("device") or "cpu", dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
+                          max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else DEFAULT_MAX_PIXELS,
+                          model=o.get("vlm_model"), concurrency=o.get("vlm_concurrency") or 8,
+                          timeout_s=o.get("vlm_timeout") or 120.0,
+                          retries=4 if o.get("vlm_retries") is None else o["vlm_retries"], cache_dir=cache_dir)
 
 
 # --- memory (issue 2) -------------------------------------------------------------------------------
@@ -83,9 +110,12 @@ def memory() -> None:
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Generated tokens per query.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Prompts per VLM forward (System 2 scores queries in batches).")
+@click.option("--serve", type=click.Choice(["vllm", "sglang", "both"]), default=None,
+              help="Print the serving engine's command line that fits --gpu (System 2 served, see README).")
+@click.option("--gpu", default=None, metavar="SIZE", help="The GPU the engine runs on, for --serve (default: --budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visual_tokens, quant, image_size,
-                text_tokens, new_tokens, batch, as_json) -> None:
+                text_tokens, new_tokens, batch, serve, gpu, as_json) -> None:
     """Will the models fit the GPU budget? Sizes from the real architectures on the meta device.
 
     \b
@@ -103,9 +133,27 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
         raise click.UsageError("give --max-pixels or --max-visual-tokens, not both")
     if max_visual_tokens:
         max_pixels = max_visual_tokens * QWEN_PATCH * QWEN_PATCH
+    from fgvr.backends import is_served
+
+    if serve:
+        from fgvr.models.serve_plan import make_serve_plan
+
+        try:
+            plans = [make_serve_plan(e, vlm, parse_bytes(gpu or budget), max_pixels=max_pixels,
+                                     encoder=None if encoder.lower() == "none" else encoder)
+                     for e in (("vllm", "sglang") if serve == "both" else (serve,))]
+        except (SpecError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(_json.dumps([p.to_json() for p in plans], indent=2) if as_json
+                   else "\n\n".join(p.format() for p in plans))
+        return
+    served = is_served(vlm)
+    if served:
+        click.echo(f"System 2 is served by {vlm}: the VLM's memory is the server's (plan it with "
+                   "--vlm qwen2.5-vl-7b --serve vllm --gpu SIZE); below, fgvr's own process only.", err=True)
     try:
         plan = make_plan(
-            None if vlm.lower() == "none" else vlm,
+            None if served or vlm.lower() == "none" else vlm,
             None if encoder.lower() == "none" else encoder,
             dtype, parse_bytes(budget), quantization=quant, max_pixels=max_pixels,
             image_size=parse_image_size(image_size), text_tokens=text_tokens, new_tokens=new_tokens,
@@ -238,7 +286,8 @@ def kb_show_cmd(kb_path, max_classes) -> None:
 def _system_options(f):
     """Options shared by `classify` and `evaluate`: which System 2, the trigger, the decision."""
     opts = [
-        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (option scoring)."),
+        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (in-process), or the URL "
+                                                   "of an OpenAI-compatible server (vLLM, SGLang): http://HOST:PORT/v1."),
         click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker (no VLM needed)."),
         click.option("--slow-budget", type=click.FloatRange(0, 1), default=None,
                      help="Fraction of images to send slow (default 0.3 unless --threshold); the threshold is "
@@ -261,21 +310,22 @@ def _system_options(f):
     return f
 
 
-def _system_kwargs(kb, o: dict, slow_all: bool = False) -> dict:
+def _system_kwargs(kb, o: dict, slow_all: bool = False, cache_dir=None) -> dict:
     """open_system's arguments from the options (Ray's actors open their own systems from the same)."""
     from pathlib import Path
 
     enc = o["encoder"]
     enc = str(Path(enc).resolve()) if enc and Path(enc).exists() else enc  # actors may run in another folder
-    return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=vlm_spec(o["vlm"], o["device"], o), reranker=o["reranker"],
-                budget=o["slow_budget"], threshold=o["threshold"], k=o["top_k"], weight=o["weight"],
-                device=o["device"], rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+    return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=vlm_spec(o["vlm"], o["device"], o),
+                reranker=o["reranker"], vlm_options=vlm_backend_options(o, cache_dir), budget=o["slow_budget"],
+                threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
+                rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
 
 
-def _open_system(kb, o: dict, slow_all: bool = False):
+def _open_system(kb, o: dict, slow_all: bool = False, cache_dir=None):
     from fgvr.pipeline import open_system
 
-    return open_system(**_system_kwargs(kb, o, slow_all))
+    return open_system(**_system_kwargs(kb, o, slow_all, cache_dir))
 
 
 def _ray_options(f):
@@ -318,13 +368,15 @@ def _engine(o: dict, kwargs: dict, system):
 
 def _user_errors():
     """The error types that mean 'bad input': shown as a one-line message, not a traceback."""
+    from fgvr.backends import BackendError
     from fgvr.data import DataError
     from fgvr.evaluate import EvaluateError
     from fgvr.knowledge_base import KnowledgeBaseError
     from fgvr.models.spec import SpecError
     from fgvr.ray_run import RayError
 
-    return (DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError, RayError)
+    return (BackendError, DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError,
+            RayError)
 
 
 @cli.command()
@@ -365,10 +417,9 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     try:
         if out is not None:
             from fgvr.collection import classify_collection
-
             from fgvr.pipeline import open_system
 
-            kwargs = _system_kwargs(kb, o)
+            kwargs = _system_kwargs(kb, o, cache_dir=Path(out) / "vlm-cache")
             with open_system(**kwargs) as system:
                 counts = classify_collection(system, images[0], out, {"kb": str(Path(kb).resolve()),
                                                                       "encoder": system.encoder.spec.key},
@@ -413,7 +464,7 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
         from fgvr.pipeline import open_system
 
         dataset = read_dataset(Path(data), classes_file)
-        kwargs = _system_kwargs(kb, o, slow_all)
+        kwargs = _system_kwargs(kb, o, slow_all, cache_dir=Path(out) / "vlm-cache")
         with open_system(**kwargs) as system:
             config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
                       "data": str(Path(data).resolve()), "limit": limit}
@@ -434,7 +485,8 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
 @cli.command("build-experience")
 @click.argument("kb", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--vlm", metavar="SPEC", required=True, help="The Qwen2.5-VL model folder that reasons and reflects.")
+@click.option("--vlm", metavar="SPEC", required=True,
+              help="The Qwen2.5-VL that reasons and reflects: a model folder, or a served model's URL (http://HOST:PORT/v1).")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Passes over the held-out images (stops early when a pass keeps no new rule).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
@@ -461,6 +513,11 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
     from fgvr.experience import ExperienceError, build_experience, describe_rules
     try:
         spec = vlm_spec(vlm, device, vlm_opts)
+        from fgvr.backends import is_served, open_backend
+
+        if is_served(spec):  # one backend for reasoning and reflection; its answers kept with the base
+            spec = open_backend(spec, vlm_backend_options({**vlm_opts, "device": device},
+                                                          Path(kb) / "experience" / "vlm-cache"))
         summary = build_experience(kb, read_dataset(Path(data), classes_file), spec, rounds, k=top_k,
                                    weight=weight, n_rules=n_rules, max_per_class=max_per_class,
                                    device=device, fresh=fresh)

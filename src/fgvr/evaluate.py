@@ -286,6 +286,8 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
                       "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
                       "peak_memory": peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))}
     summary["config"] = stored
+    describe = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
+    summary["system2"] = describe() if describe else ({"system2": system.slow.name} if system.slow else None)
     atomic_write_json(out / SUMMARY, summary)
     if report:
         from fgvr.report import write_report
