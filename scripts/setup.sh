@@ -30,5 +30,5 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # The CPU build of torch lies on this machine's disk; plain `torch` would pull a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" || "$VENV/bin/python" -m pip install -q "torch>=2.4"
-"$VENV/bin/python" -m pip install -q -e ".[dev,serve]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,ray,serve]"  # ray: --ray on classify/evaluate; serve: fgvr serve and its browser test
 echo "setup: done ($VENV)"

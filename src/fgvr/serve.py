@@ -409,14 +409,10 @@ class Service:
         try:
             system = self._stack.enter_context(self.opener())
             kb = system.kb
-            manifest = getattr(kb, "manifest", None) or {}
-            root = Path((manifest.get("data") or {}).get("root") or ".")
-            self.support = []
-            for i, rec in enumerate(manifest.get("support", [])):
-                p = Path(rec["path"])
-                self.support.append({"index": i, "class_id": int(rec["class_id"]),
-                                     "file": str(p if p.is_absolute() else root / p)})
-                self.support_by_class.setdefault(int(rec["class_id"]), []).append(i)
+            self.support = [{"index": i, "class_id": f.class_id, "file": str(f.path)}
+                            for i, f in enumerate(kb.support_files())]
+            for rec in self.support:
+                self.support_by_class.setdefault(rec["class_id"], []).append(rec["index"])
             labels = getattr(kb, "exemplar_labels", None)
             self._aligned = (labels is not None and len(labels) == len(self.support)
                              and all(int(labels[i]) == r["class_id"] for i, r in enumerate(self.support)))
