@@ -561,6 +561,73 @@ def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
         raise click.ClickException(str(e)) from None
 
 
+# --- serve (issue 14) -------------------------------------------------------------------------------
+
+
+def _given(name: str) -> bool:
+    """Whether option `name` of the running command was given (not left at its default)."""
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+@cli.command("serve")
+@click.argument("kb", type=click.Path(file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything beyond loopback without --token warns loudly.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--token", default=None, envvar="FGVR_TOKEN", show_envvar=True,
+              help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
+@click.option("--runs", type=click.Path(file_okay=False, exists=True), default=None,
+              help="An evaluation run folder (or a folder of them) to browse at /runs.")
+@click.option("--max-upload", default="10MiB", show_default=True, help="Largest request body (per image in a batch).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest image (width x height, read from its header before decoding).")
+@click.option("--max-batch-images", type=click.IntRange(1), default=16, show_default=True,
+              help="Images in one /v1/classify/batch request.")
+@click.option("--read-timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds a client has to send its request body.")
+@click.option("--encode-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Longest wait for the encoder's micro-batch to fill (--batch-size is its size).")
+@click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
+              help="Images per System 2 call; one call runs at a time.")
+@_system_options
+def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_images, read_timeout, encode_wait_ms,
+              slow_batch, **o) -> None:
+    """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
+    /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
+
+    --batch-size is the encoder's micro-batch, 4 unless given: on CPU a bigger batch did not lower the cost
+    per image here, and it raises the server's memory (benchmarks/serve_load.py).
+    """
+    import os
+    from pathlib import Path
+
+    # Before torch starts OpenMP: idle OpenMP workers sleep instead of spinning, so they do not take the CPU
+    # from the request threads (decoding, HTTP) of the same process. On a 2-core machine shared with other
+    # work, spinning made a Lite0 forward 10-20x slower here. An explicit setting is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from fgvr.models.footprint import parse_bytes
+    from fgvr.serve import ServeSettings, serve
+
+    try:
+        settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
+                                 max_batch_images=max_batch_images, read_timeout_s=read_timeout,
+                                 encode_batch=o["batch_size"] if _given("batch_size") else 4,
+                                 encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
+                                 token=token or None, runs=Path(runs) if runs else None)
+        kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+
+    def opener():
+        from fgvr.pipeline import open_system
+
+        return open_system(**kwargs)
+
+    raise SystemExit(serve(opener, host, port, settings))
+
+
 def main() -> None:
     cli()
 
