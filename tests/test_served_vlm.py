@@ -334,3 +334,37 @@ def test_build_kb_descriptions_come_from_the_served_vlm(url, tmp_path, tiny_clip
     manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text())
     assert manifest["vlm"]["backend"] == "openai" and manifest["vlm"]["key"].startswith(f"openai|{url}|")
     assert set(json.loads((tmp_path / "kb" / "descriptions.json").read_text())) == {"class0", "class1", "class2"}
+
+
+def test_a_failed_row_takes_escalated_failed_and_the_rest_go_on(tmp_path):
+    """A backend row that keeps failing (its error, not an exception) gives that image the escalated-failed
+    path with its fast answer and the error; the other images of the same System 2 call are answered."""
+    from test_pipeline import ColourEncoder, colour_kb
+
+    from fgvr.backends import OptionScores
+    from fgvr.pipeline import PATH_SLOW, PATH_SLOW_FAILED, DualSystem
+    from fgvr.slow_path import VlmReasoner
+    from fgvr.trigger import Trigger
+
+    class Flaky:
+        name = "flaky"
+
+        def score_options(self, questions, images, n_options):
+            return [OptionScores(error="http://x/v1: HTTP 503 (after 4 retries)") if i == 1 else
+                    OptionScores([1.0 / k] * k, 10, 1) for i, k in enumerate(n_options)]
+
+        def generate(self, conversations, images, max_new_tokens):
+            raise AssertionError("no text asked for")
+
+        def describe(self):
+            return {"backend": "flaky", "mode": "test"}
+
+    for i, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / f"{i}.png")
+    enc = ColourEncoder()
+    kb = colour_kb(enc)
+    res = DualSystem(kb, enc, VlmReasoner(Flaky(), kb.classes), Trigger(threshold=-1.0), k=3).classify_paths(
+        [tmp_path / f"{i}.png" for i in range(3)])
+    assert [r.path_taken for r in res] == [PATH_SLOW, PATH_SLOW_FAILED, PATH_SLOW]
+    assert "503" in res[1].error and res[1].prediction == res[1].fast_prediction and not res[1].slow_ran
+    assert res[0].slow_backend == "flaky:test" and res[1].slow_backend is None
