@@ -362,32 +362,21 @@ class Reflector(Protocol):
 
 
 class VlmReflector:
-    """Reflection with the VLM (leased for the call, like the reasoner): greedy, a few dozen tokens."""
+    """Reflection with the VLM through its backend (`fgvr.backends`, the same text generation as class
+    descriptions and rationales): greedy, a few dozen tokens. A spec opens the in-process backend."""
 
-    def __init__(self, spec: Any, max_new_tokens: int = 160, batch_size: int = 4) -> None:
-        self.spec = spec
+    def __init__(self, backend: Any, max_new_tokens: int = 160, batch_size: int = 4) -> None:
+        from fgvr.backends import BackendOptions, open_backend
+
+        self.backend = backend if hasattr(backend, "generate") else open_backend(backend, BackendOptions(batch_size=batch_size))
         self.max_new_tokens = max_new_tokens
-        self.batch_size = max(1, batch_size)
 
     def reflect(self, requests: Sequence[ReflectRequest]) -> list[str]:
-        questions = [reflection_question(r) for r in requests]
-        return generate_text(self.spec, questions, [r.image for r in requests], self.max_new_tokens,
-                             self.batch_size)
+        from fgvr.backends import user_turn
 
-
-def generate_text(spec: Any, questions: Sequence[str], images: Sequence[Any], max_new_tokens: int,
-                  batch_size: int = 4) -> list[str]:
-    """Greedy answers of the VLM on `spec` to one question per image: the one place the build writes text
-    with a VLM (a backend seam can replace this body without touching the build)."""
-    from fgvr.models import registry
-    from fgvr.slow_path import render_chat, user_turn, vlm_generate
-
-    out: list[str] = []
-    with registry.use(spec) as vlm:
-        for i in range(0, len(questions), batch_size):
-            texts = [render_chat(vlm.processor, [user_turn(q)]) for q in questions[i : i + batch_size]]
-            out += [t for t, _, _ in vlm_generate(vlm, texts, list(images[i : i + batch_size]), max_new_tokens)]
-    return out
+        got = self.backend.generate([[user_turn(reflection_question(r))] for r in requests],
+                                    [[r.image] for r in requests], self.max_new_tokens)
+        return [g.text for g in got]  # a failed request is empty text: unparseable, logged and skipped
 
 
 # --- build -------------------------------------------------------------------------------------------------
@@ -466,10 +455,9 @@ class _Log:
 
 def _support_paths(kb: Any, dataset: Any) -> set[str]:
     """The images that built the prototypes: from the base's manifest, else re-drawn with its k and seed."""
-    paths = getattr(kb, "support_paths", None)
-    if paths:  # stored relative to the data root the base was built from, where possible
-        root = Path((getattr(kb, "manifest", {}) or {}).get("data", {}).get("root", "."))
-        return {str((Path(p) if Path(p).is_absolute() else root / p).resolve()) for p in paths}
+    files = kb.support_files()
+    if files:  # stored relative to the data root the base was built from, where possible
+        return {str(f.path.resolve()) for f in files}
     from fgvr.data import split_k_shot
 
     k, seed = getattr(kb, "k", None), getattr(kb, "seed", None)
@@ -643,10 +631,12 @@ def _open_systems(kb: Any, vlm_spec: Any, slow: Any, reflector: Any, n_rules: in
     if vlm_spec is None:
         raise ExperienceError("building the experience library needs a VLM: pass --vlm FOLDER "
                               "(a Qwen2.5-VL folder saved with save_pretrained)")
+    from fgvr.backends import open_backend
     from fgvr.slow_path import VlmReasoner
 
-    slow = slow or VlmReasoner(vlm_spec, kb.classes, getattr(kb, "descriptions", None) or {}, max_rules=n_rules)
-    return slow, reflector or VlmReflector(vlm_spec)
+    backend = vlm_spec if hasattr(vlm_spec, "generate") else open_backend(vlm_spec)  # one for both steps
+    slow = slow or VlmReasoner(backend, kb.classes, getattr(kb, "descriptions", None) or {}, max_rules=n_rules)
+    return slow, reflector or VlmReflector(backend)
 
 
 def _start(kb: Any, kb_path: Path, dataset: Any, k: int, max_per_class: int | None, fresh: bool,
