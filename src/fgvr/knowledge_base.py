@@ -60,6 +60,7 @@ from PIL import Image
 
 from fgvr import __version__
 from fgvr.data import DEFAULT_MAX_SIDE, Dataset, ImageError, Sample, load_image, read_dataset, split_k_shot
+from fgvr.errors import KnowledgeBaseError as _KBError
 from fgvr.io import atomic_write_bytes, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
@@ -93,7 +94,7 @@ EXEMPLAR_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 TAU_GRID = tuple(10 ** (-3 + 3 * i / 40) for i in range(41))  # 0.001 .. 1, log-spaced
 
 
-class KnowledgeBaseError(ValueError):
+class KnowledgeBaseError(_KBError):
     """A base that cannot be built, loaded or used as asked; the message says what to do."""
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fgvr.errors import KnowledgeBaseError as _KBError
 from fgvr.fast_path import best_exemplar_scores
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
@@ -51,7 +52,7 @@ DEFAULT_PROTO_WEIGHT = 0.5
 DEFAULT_LAYOUT_WEIGHT = 0.5
 
 
-class RerankerError(ValueError):
+class RerankerError(_KBError):
     """A re-ranker that cannot be built as asked (no support images, mismatched labels); says what to do."""
 
 

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fgvr.errors import ModelError
+
 FAMILIES = ("efficientnet", "clip", "siglip", "qwen2_5_vl", "sentence")
 
 _DTYPES = {
@@ -32,7 +34,7 @@ DEFAULT_MAX_PIXELS = DEFAULT_MAX_VISUAL_TOKENS * QWEN_PATCH * QWEN_PATCH
 DEFAULT_MIN_PIXELS = 4 * QWEN_PATCH * QWEN_PATCH
 
 
-class SpecError(ValueError):
+class SpecError(ModelError, ValueError):
     """A spec that names nothing loadable; the message says what to fetch or type instead."""
 
 
