@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from fgvr.errors import LockedError
+from fgvr.errors import LockedError, StorageError
 
 
 def lock_path(out: str | os.PathLike) -> Path:
@@ -45,6 +45,11 @@ def _holder_text(f) -> str:
 def output_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold the lock of `out` for the duration; a second writer gets a LockedError naming the holder."""
     path = lock_path(out)
+    for parent in Path(out).absolute().parents:  # a parent that is a file: say so, not "file exists"
+        if parent.exists():
+            if not parent.is_dir():
+                raise StorageError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     f = os.fdopen(fd, "r+b")
