@@ -5,7 +5,6 @@ its step. Heavy imports (torch, transformers) happen inside commands so that `fg
 from __future__ import annotations
 
 import math
-import os
 
 import click
 
@@ -32,9 +31,11 @@ class FgvrGroup(click.Group):
         def one_line_warning(message, category, filename, lineno, file=None, line=None):
             click.echo(f"warning: {message}", err=True)
 
-        warnings.showwarning = one_line_warning
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = one_line_warning
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except FgvrError as e:
@@ -49,8 +50,9 @@ class FgvrGroup(click.Group):
 
 
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
-    if value:
-        os.environ["FGVR_DEBUG"] = "1"
+    from fgvr.errors import set_debug
+
+    set_debug(value)
     return value
 
 
@@ -155,10 +157,9 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 def _set_image_limit(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
-    if value is not None:
-        from fgvr.data import set_max_decoded_pixels
+    from fgvr.data import DEFAULT_MAX_DECODED_PIXELS, set_max_decoded_pixels
 
-        set_max_decoded_pixels(value)
+    set_max_decoded_pixels(DEFAULT_MAX_DECODED_PIXELS if value is None else value)
 
 
 def image_limit_option(f):
@@ -468,8 +469,10 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
     from fgvr.data import read_dataset
     from fgvr.evaluate import run_evaluation
 
+    from fgvr.locks import output_lock
+
     dataset = read_dataset(Path(data), classes_file)
-    with _open_system(kb, o, slow_all=slow_all) as system:
+    with output_lock(out, "evaluate"), _open_system(kb, o, slow_all=slow_all) as system:
         config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
                   "data": str(Path(data).resolve()), "limit": limit}
         s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"],

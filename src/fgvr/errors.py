@@ -122,6 +122,14 @@ def storage_error(exc: OSError) -> StorageError | None:
     return StorageError(f"{what}: {hint}")
 
 
+_debug = [False]
+
+
+def set_debug(on: bool) -> None:
+    """`fgvr --debug` (set for each invocation, so one command's flag does not outlive it in-process)."""
+    _debug[0] = bool(on)
+
+
 def debug_enabled() -> bool:
-    """FGVR_DEBUG=1 (or any value but '', '0', 'false', 'no')."""
-    return os.environ.get("FGVR_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    """--debug, or FGVR_DEBUG=1 (any value but '', '0', 'false', 'no')."""
+    return _debug[0] or os.environ.get("FGVR_DEBUG", "").strip().lower() not in ("", "0", "false", "no")

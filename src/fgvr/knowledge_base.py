@@ -60,7 +60,8 @@ from PIL import Image
 
 from fgvr import __version__
 from fgvr.data import DEFAULT_MAX_SIDE, Dataset, ImageError, Sample, load_image, read_dataset, split_k_shot
-from fgvr.errors import KnowledgeBaseError as _KBError
+from fgvr.errors import KnowledgeBaseError
+from fgvr.kb_integrity import check_manifest, check_tensors, load_descriptions, load_tensors, seal_manifest
 from fgvr.io import atomic_write_bytes, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
@@ -92,10 +93,6 @@ DESCRIPTION_PROMPT = (
 W_GRID = tuple(i / 10 for i in range(11))
 EXEMPLAR_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 TAU_GRID = tuple(10 ** (-3 + 3 * i / 40) for i in range(41))  # 0.001 .. 1, log-spaced
-
-
-class KnowledgeBaseError(_KBError):
-    """A base that cannot be built, loaded or used as asked; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,8 +300,6 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
     a base built with other weights is refused (see `check_encoder`). `verify` checks the sha256 of every
     file against the manifest, so a truncated copy fails here rather than as odd scores later.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     mf = path / MANIFEST_FILE
     if not mf.is_file():
@@ -320,6 +315,8 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
         manifest = read_json(mf)
     except (OSError, ValueError) as e:
         raise KnowledgeBaseError(f"{mf} cannot be read ({e}): rebuild the base with fgvr build-kb") from None
+    if not isinstance(manifest, dict):
+        check_manifest(manifest, mf)  # names what is wrong
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise KnowledgeBaseError(
@@ -327,8 +324,11 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
             f"{manifest.get('fgvr_version', '?')}); this fgvr {__version__} reads version {FORMAT_VERSION}: "
             "rebuild it with fgvr build-kb"
         )
+    check_manifest(manifest, mf)
     if verify:
         for name, digest in manifest.get("checksums", {}).items():
+            if name == MANIFEST_FILE:
+                continue  # checked by check_manifest
             f = path / name
             if not f.is_file():
                 raise KnowledgeBaseError(f"{f} is missing: the base is incomplete, rebuild it with fgvr build-kb")
@@ -337,7 +337,8 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
                                          "rebuild the base with fgvr build-kb")
     if encoder is not None:
         check_encoder(manifest, encoder, path)
-    t = load_file(str(path / TENSORS_FILE))
+    t = load_tensors(path / TENSORS_FILE)
+    check_tensors(t, manifest, path / TENSORS_FILE)
     stats = None
     if "stats.confusion" in t:
         stats = RetrievalStats(
@@ -345,10 +346,8 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
             true_correct=t["stats.true_correct"], true_total=t["stats.true_total"],
             confusion=t["stats.confusion"], excluded=int(manifest.get("stats", {}).get("excluded", 0)),
         )
-    descriptions = {}
-    if (path / DESCRIPTIONS_FILE).is_file():
-        descriptions = read_json(path / DESCRIPTIONS_FILE)
     classes = [c["name"] for c in sorted(manifest["classes"], key=lambda c: c["id"])]
+    descriptions = load_descriptions(path / DESCRIPTIONS_FILE, classes)
     return KnowledgeBase(
         classes=classes,
         encoder_spec=manifest["encoder"]["spec"],
@@ -386,6 +385,7 @@ def save_knowledge_base(kb: KnowledgeBase, out: str | Path) -> Path:
     manifest = dict(kb.manifest)
     manifest["checksums"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     manifest["fusion"] = kb.fusion
+    seal_manifest(manifest)
     files[MANIFEST_FILE] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

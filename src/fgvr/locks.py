@@ -41,10 +41,23 @@ def _holder_text(f) -> str:
         return "another process (its lock file names no holder)"
 
 
+_held: dict[Path, int] = {}  # locks this process holds, with their depth (a command and its step may both lock)
+
+
 @contextmanager
 def output_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
-    """Hold the lock of `out` for the duration; a second writer gets a LockedError naming the holder."""
+    """Hold the lock of `out` for the duration; a second writer gets a LockedError naming the holder.
+    Re-entrant within a process: the command takes it before loading models, the step again inside."""
     path = lock_path(out)
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield path
+        finally:
+            _held[path] -= 1
+            if not _held[path]:
+                del _held[path]
+        return
     for parent in Path(out).absolute().parents:  # a parent that is a file: say so, not "file exists"
         if parent.exists():
             if not parent.is_dir():
@@ -80,7 +93,11 @@ def output_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
         f.truncate()
         f.write(json.dumps(me).encode())
         f.flush()
-        yield path
+        _held[path] = 1
+        try:
+            yield path
+        finally:
+            _held.pop(path, None)
     finally:
         if held:
             try:
