@@ -1,8 +1,8 @@
 """Knowledge-base integrity: everything a base holds is checked before a single score comes out of it.
 
 A base is `manifest.json` + `tensors.safetensors` + `descriptions.json`. The manifest lists the sha256 of
-the other two files, and since issue 11 also of itself: `checksums["manifest.json"]` is the sha256 of the
-manifest's canonical JSON (keys sorted, no whitespace) without that one entry. So an edited encoder name,
+the other two files in `checksums`, and since issue 11 also seals itself: `manifest_sha256` is the sha256
+of the manifest's canonical JSON (keys sorted, no whitespace) without that one field. So an edited encoder name,
 a removed class, or a changed support list fails here, as a damaged tensors file always did. A base
 written before manifests were sealed loads with a warning (rebuild it to protect it).
 
@@ -25,23 +25,20 @@ import torch
 
 from fgvr.errors import KnowledgeBaseError
 
-MANIFEST_CHECKSUM = "manifest.json"  # the manifest's own entry in its "checksums"
+SEAL = "manifest_sha256"  # the manifest's own checksum, a top-level field
 REBUILD = "rebuild the base with fgvr build-kb"
 
 
 def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON, leaving out its own checksum entry."""
-    body = dict(manifest)
-    sums = dict(body.get("checksums") or {})
-    sums.pop(MANIFEST_CHECKSUM, None)
-    body["checksums"] = sums
+    """sha256 of the manifest's canonical JSON, leaving out its own checksum."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def seal_manifest(manifest: dict) -> dict:
     """Store the manifest's own checksum in it (the last step before it is written)."""
-    manifest.setdefault("checksums", {})[MANIFEST_CHECKSUM] = manifest_digest(manifest)
+    manifest[SEAL] = manifest_digest(manifest)
     return manifest
 
 
@@ -56,7 +53,7 @@ def check_manifest(manifest: Any, mf: Path) -> None:
     sums = manifest.get("checksums")
     if not isinstance(sums, dict):
         raise _fail(mf, "has no file checksums")
-    want = sums.get(MANIFEST_CHECKSUM)
+    want = manifest.get(SEAL)
     if want is None:
         warnings.warn(f"{mf} was written before manifests carried their own checksum: edits to it cannot be "
                       f"detected; {REBUILD} to protect it", stacklevel=3)

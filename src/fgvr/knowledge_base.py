@@ -327,8 +327,6 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
     check_manifest(manifest, mf)
     if verify:
         for name, digest in manifest.get("checksums", {}).items():
-            if name == MANIFEST_FILE:
-                continue  # checked by check_manifest
             f = path / name
             if not f.is_file():
                 raise KnowledgeBaseError(f"{f} is missing: the base is incomplete, rebuild it with fgvr build-kb")
