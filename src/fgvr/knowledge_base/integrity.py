@@ -1,4 +1,4 @@
-"""Knowledge-base integrity: everything a base holds is checked before a single score comes out of it.
+"""Knowledge-base integrity (used by `storage`): everything a base holds is checked before a single score comes out of it.
 
 A base is `manifest.json` + `tensors.safetensors` + `descriptions.json`. The manifest lists the sha256 of
 the other two files in `checksums`, and since issue 11 also seals itself: `manifest_sha256` is the sha256
