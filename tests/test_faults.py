@@ -23,25 +23,17 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 EXIT_USAGE, EXIT_INPUT, EXIT_KB, EXIT_RUN, EXIT_LOCKED, EXIT_STORAGE, EXIT_SYSTEM2, EXIT_NOTHING = 2, 3, 4, 6, 7, 8, 9, 10
-CLASSES = {"red disc": (220, 30, 30), "blue | stripes": (30, 40, 220), "green checker": (30, 200, 40)}
 
 
 def _patterns(root: Path, per_class: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:32, :32]
-    masks = [(yy - 16) ** 2 + (xx - 16) ** 2 < 100, (xx // 4) % 2 == 0, ((xx // 8) + (yy // 8)) % 2 == 0]
-    for (name, rgb), mask in zip(CLASSES.items(), masks):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            a = np.full((32, 32, 3), 128, np.int64)
-            a[mask] = rgb
-            a += rng.integers(-25, 25, a.shape)
-            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    """test_evaluate's three patterns (red_disc, blue_stripes, green_checker), with `|` in one class name."""
+    from test_evaluate import _pattern_images
+
+    _pattern_images(root, per_class, seed)
+    (root / "blue_stripes").rename(root / "blue | stripes")
 
 
 @dataclass
@@ -158,7 +150,7 @@ def test_cuda_on_a_cpu_only_torch_is_one_line_in_every_command(world, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    img = world / "test" / "red disc" / "0.png"
+    img = world / "test" / "red_disc" / "0.png"
     for args in (["classify", world / "kb", img], ["evaluate", world / "kb", world / "test", "--out", tmp_path / "r"],
                  ["build-kb", world / "support", "--out", tmp_path / "k"], ["memory", "report", "--load",
                                                                           "efficientnet-lite0"]):
@@ -192,8 +184,8 @@ def test_a_programming_error_is_not_dressed_up_as_bad_input(world, monkeypatch):
 
 
 def test_manifest_duplicates_two_labels_and_outside_paths(world, tmp_path):
-    a, b = world / "test" / "red disc" / "0.png", world / "test" / "red disc" / "1.png"
-    c = world / "test" / "green checker" / "0.png"
+    a, b = world / "test" / "red_disc" / "0.png", world / "test" / "red_disc" / "1.png"
+    c = world / "test" / "green_checker" / "0.png"
     sub = tmp_path / "lists"
     sub.mkdir()
     two = sub / "two.csv"
@@ -231,7 +223,7 @@ def test_decoded_size_is_checked_before_decoding_and_all_failed_is_an_error(worl
     bomb = tmp_path / "bomb.png"
     _flat_png(bomb, 16000, 16000)
     assert bomb.stat().st_size < 100_000
-    good = world / "test" / "red disc" / "0.png"
+    good = world / "test" / "red_disc" / "0.png"
     r = fgvr("classify", world / "kb", good, bomb, "--threshold", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines()]
@@ -348,7 +340,7 @@ def test_disk_full_and_impossible_out_paths_are_one_line(world, tmp_path, monkey
 
 
 def test_damaged_bases_are_one_line_errors(world, tmp_path):
-    img = world / "test" / "red disc" / "0.png"
+    img = world / "test" / "red_disc" / "0.png"
     cases = {}
     # the encoder changed in the manifest by hand (another encoder with the same width)
     kb = cases["encoder"] = copy_kb(world, tmp_path, "encoder")

@@ -455,12 +455,23 @@ class EmbeddingCache:
         self.errors: dict[str, str] = {}
         self.count = 0
         for f in sorted(folder.glob("chunk-*.safetensors")):
-            meta = json.loads(_safetensors_metadata(f)["fgvr"])
-            emb = load_file(str(f))["embeddings"]
+            try:  # new chunks are numbered after every existing one, damaged ones included
+                self.count = max(self.count, int(f.stem.split("-")[1]) + 1)
+            except ValueError:
+                pass
+            try:
+                meta = json.loads(_safetensors_metadata(f)["fgvr"])
+                emb = load_file(str(f))["embeddings"]
+                if emb.shape[0] != len(meta["paths"]):
+                    raise ValueError(f"{emb.shape[0]} embeddings for {len(meta['paths'])} paths")
+            except Exception as e:  # noqa: BLE001 - a derived file: any failure means "encode again"
+                print(f"fgvr: {f} is damaged ({type(e).__name__}: {e}); its images are encoded again",
+                      file=sys.stderr)
+                f.unlink(missing_ok=True)
+                continue
             for j, p in enumerate(meta["paths"]):
                 self.rows[p] = (emb[j], meta["decode_s"], meta["encode_s"])
             self.errors.update(meta["errors"])
-            self.count += 1
 
     def __contains__(self, path: str) -> bool:
         return path in self.rows or path in self.errors
