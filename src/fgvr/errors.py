@@ -15,7 +15,8 @@ Exit codes (1 is left to Python's default for an unexpected error, 2 to click's 
     2  usage: an option out of range, two options that exclude each other (click's own code)
     3  InputError         the data: a folder, manifest, image list or classes file
     4  KnowledgeBaseError the knowledge base: missing, damaged, from another encoder or version
-    5  ModelError         a model: unknown spec, missing folder, device not available, memory budget
+    5  ModelError         a model or runtime: unknown spec, missing folder, memory budget, a served VLM or
+                          Ray cluster that cannot be reached
     6  RunMismatchError   a run folder holds a run made with other inputs or settings
     7  LockedError        another fgvr process is writing the same output
     8  StorageError       the disk: full, read-only, permission denied, a path that cannot be a folder
