@@ -316,13 +316,60 @@ def _system_options(f):
     return f
 
 
+def _system_kwargs(kb, o: dict, slow_all: bool = False, cache_dir=None) -> dict:
+    """open_system's arguments from the options (Ray's actors open their own systems from the same)."""
+    from pathlib import Path
+
+    enc = o["encoder"]
+    enc = str(Path(enc).resolve()) if enc and Path(enc).exists() else enc  # actors may run in another folder
+    return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=vlm_spec(o["vlm"], o["device"], o),
+                reranker=o["reranker"], vlm_options=vlm_backend_options(o, cache_dir), budget=o["slow_budget"],
+                threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
+                rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+
+
 def _open_system(kb, o: dict, slow_all: bool = False, cache_dir=None):
     from fgvr.pipeline import open_system
 
-    return open_system(kb, encoder=o["encoder"], vlm=vlm_spec(o["vlm"], o["device"], o), reranker=o["reranker"],
-                       vlm_options=vlm_backend_options(o, cache_dir), budget=o["slow_budget"],
-                       threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
-                       rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+    return open_system(**_system_kwargs(kb, o, slow_all, cache_dir))
+
+
+def _ray_options(f):
+    """--ray and its sizes, shared by `classify` (collections) and `evaluate` (see fgvr.ray_run)."""
+    opts = [
+        click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
+                     help="Run the stages on Ray Data: 'local' starts a cluster on this machine, 'auto' joins "
+                          "the running one, or a cluster address."),
+        click.option("--ray-workers", type=click.IntRange(1), default=None,
+                     help="Encode actors (default: one per CPU of the cluster, or per GPU with --device cuda)."),
+        click.option("--ray-slow-workers", type=click.IntRange(1), default=1, show_default=True,
+                     help="System 2 actors (each takes a GPU with --device cuda and --vlm)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _need_ray(o: dict) -> None:
+    """With --ray, fail before any model loads when Ray is not installed."""
+    if o.get("ray_address"):
+        from fgvr.ray_run import RayError, require_ray
+
+        try:
+            require_ray()
+        except RayError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _engine(o: dict, kwargs: dict, system):
+    """None (this process) without --ray; else a RayEngine on the cluster --ray names."""
+    if not o.get("ray_address"):
+        return None
+    from fgvr.ray_run import RayEngine, connect
+
+    connect(o["ray_address"])
+    return RayEngine(kwargs, system, workers=o["ray_workers"], slow_workers=o["ray_slow_workers"],
+                     batch_size=o["batch_size"])
 
 
 def _user_errors():
@@ -332,24 +379,60 @@ def _user_errors():
     from fgvr.evaluate import EvaluateError
     from fgvr.knowledge_base import KnowledgeBaseError
     from fgvr.models.spec import SpecError
+    from fgvr.ray_run import RayError
 
-    return (BackendError, DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError)
+    return (BackendError, DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError,
+            RayError)
 
 
 @cli.command()
 @click.argument("kb", type=click.Path(file_okay=False))
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Classify the collection IMAGES names (one folder, .csv/.jsonl list of paths, or glob) into "
+                   "prediction shards in this folder; resumable.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
+              help="Shard format with --out.")
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Records per shard with --out (a kill loses at most the records not yet in a shard).")
 @_system_options
-def classify(kb, images, **o) -> None:
+@_ray_options
+def classify(kb, images, out, fmt, shard_size, **o) -> None:
     """Classify IMAGES with the knowledge base KB: one JSON line per image on stdout.
 
     Each line: prediction (class id and name), confidence, the path taken (fast, slow, escalated-unavailable
     when no System 2 is given, error for an unreadable file), candidates with fast/slow/final scores,
     rationale, rules used, timings and every input of the trigger's decision.
+
+    \b
+    With --out PRED, IMAGES is one collection: a folder, a .csv / .jsonl list of paths, or a glob
+    (quote it). One record per image (path, prediction, confidence, top-k with scores, path taken, error)
+    goes to PRED/part-*.jsonl (or .parquet); a rerun resumes. --ray runs it on Ray Data.
     """
     import json
+    from pathlib import Path
 
+    _need_ray(o)
+    if out is None and o["ray_address"]:
+        raise click.UsageError("--ray classifies a collection: give it with --out PRED")
+    if out is None and any(Path(p).is_dir() for p in images):
+        raise click.UsageError("IMAGES names a folder: to classify a collection, add --out PRED (prediction shards)")
+    if out is not None and len(images) != 1:
+        raise click.UsageError(f"--out takes one collection (folder, .csv/.jsonl list or quoted glob), got "
+                               f"{len(images)} arguments")
     try:
+        if out is not None:
+            from fgvr.collection import classify_collection
+            from fgvr.pipeline import open_system
+
+            kwargs = _system_kwargs(kb, o, cache_dir=Path(out) / "vlm-cache")
+            with open_system(**kwargs) as system:
+                counts = classify_collection(system, images[0], out, {"kb": str(Path(kb).resolve()),
+                                                                      "encoder": system.encoder.spec.key},
+                                             fmt=fmt, shard_size=shard_size, batch_size=o["batch_size"],
+                                             engine=_engine(o, kwargs, system))
+            click.echo(json.dumps(counts))
+            return
         with _open_system(kb, o) as system:
             for i in range(0, len(images), o["batch_size"]):
                 for r in system.classify_paths(images[i:i + o["batch_size"]]):
@@ -372,6 +455,7 @@ def classify(kb, images, **o) -> None:
 @click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
               help="Folder/label -> class name mapping for DATA (see fgvr build-kb).")
 @_system_options
+@_ray_options
 def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> None:
     """Evaluate on the labelled folder or CSV DATA: exact-match accuracy on class ids, per class, confusion,
     slow-path rate, accuracy per path, System 2 calls and tokens, latency, peak memory. Killed runs resume."""
@@ -381,13 +465,17 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
     from fgvr.data import read_dataset
     from fgvr.evaluate import run_evaluation
 
+    _need_ray(o)
     try:
+        from fgvr.pipeline import open_system
+
         dataset = read_dataset(Path(data), classes_file)
-        with _open_system(kb, o, slow_all=slow_all, cache_dir=Path(out) / "vlm-cache") as system:
+        kwargs = _system_kwargs(kb, o, slow_all, cache_dir=Path(out) / "vlm-cache")
+        with open_system(**kwargs) as system:
             config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
                       "data": str(Path(data).resolve()), "limit": limit}
             s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"],
-                               calibrate=calibrate)
+                               calibrate=calibrate, engine=_engine(o, kwargs, system))
     except _user_errors() as e:
         raise click.ClickException(str(e)) from None
     short = {k: s[k] for k in ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",
@@ -471,6 +559,73 @@ def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
         demo_mod.main(out, shots, test_images, seed, slow_budget, quick)
     except (FashionMNISTMissing, IdxError, RerankerError, *_user_errors()) as e:
         raise click.ClickException(str(e)) from None
+
+
+# --- serve (issue 14) -------------------------------------------------------------------------------
+
+
+def _given(name: str) -> bool:
+    """Whether option `name` of the running command was given (not left at its default)."""
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+@cli.command("serve")
+@click.argument("kb", type=click.Path(file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything beyond loopback without --token warns loudly.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--token", default=None, envvar="FGVR_TOKEN", show_envvar=True,
+              help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
+@click.option("--runs", type=click.Path(file_okay=False, exists=True), default=None,
+              help="An evaluation run folder (or a folder of them) to browse at /runs.")
+@click.option("--max-upload", default="10MiB", show_default=True, help="Largest request body (per image in a batch).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest image (width x height, read from its header before decoding).")
+@click.option("--max-batch-images", type=click.IntRange(1), default=16, show_default=True,
+              help="Images in one /v1/classify/batch request.")
+@click.option("--read-timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds a client has to send its request body.")
+@click.option("--encode-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Longest wait for the encoder's micro-batch to fill (--batch-size is its size).")
+@click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
+              help="Images per System 2 call; one call runs at a time.")
+@_system_options
+def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_images, read_timeout, encode_wait_ms,
+              slow_batch, **o) -> None:
+    """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
+    /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
+
+    --batch-size is the encoder's micro-batch, 4 unless given: on CPU a bigger batch did not lower the cost
+    per image here, and it raises the server's memory (benchmarks/serve_load.py).
+    """
+    import os
+    from pathlib import Path
+
+    # Before torch starts OpenMP: idle OpenMP workers sleep instead of spinning, so they do not take the CPU
+    # from the request threads (decoding, HTTP) of the same process. On a 2-core machine shared with other
+    # work, spinning made a Lite0 forward 10-20x slower here. An explicit setting is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from fgvr.models.footprint import parse_bytes
+    from fgvr.serve import ServeSettings, serve
+
+    try:
+        settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
+                                 max_batch_images=max_batch_images, read_timeout_s=read_timeout,
+                                 encode_batch=o["batch_size"] if _given("batch_size") else 4,
+                                 encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
+                                 token=token or None, runs=Path(runs) if runs else None)
+        kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+
+    def opener():
+        from fgvr.pipeline import open_system
+
+        return open_system(**kwargs)
+
+    raise SystemExit(serve(opener, host, port, settings))
 
 
 def main() -> None:
