@@ -213,7 +213,9 @@ class RayEngine:
                             fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
                                                    "system2": self.has_system2})
         if self.has_system2:
-            res = {"num_gpus": 1} if self.cuda and self.open_kwargs.get("vlm") else {"num_cpus": 0}
+            vlm = self.open_kwargs.get("vlm")
+            local_vlm = vlm is not None and not isinstance(vlm, str)  # a ModelSpec; a string is a server's URL
+            res = {"num_gpus": 1} if self.cuda and local_vlm else {"num_cpus": 0}
             ds = ds.map_batches(SlowStage, batch_size=self.batch_size, batch_format="numpy",
                                 compute=ActorPoolStrategy(size=self.slow_workers),
                                 fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold},
