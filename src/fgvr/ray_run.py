@@ -34,13 +34,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from fgvr.errors import ModelError
 from fgvr.pipeline import PATH_ERROR, EncodedBatch, Result
 
 RAY_MISSING = ("--ray needs Ray, which is not installed here: pip install 'fgvr[ray]' "
                "(or run `make setup`, which installs it)")
 
 
-class RayError(RuntimeError):
+class RayError(ModelError, RuntimeError):
     """Ray is missing or the cluster cannot be reached; the message says what to do."""
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fgvr.fast_path import best_exemplar_scores
+from fgvr import scoring
+from fgvr.errors import KnowledgeBaseError as _KBError
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
 DEFAULT_ENCODER = "efficientnet-lite2"
@@ -44,14 +46,22 @@ DEFAULT_IMAGE_SIZE = 260  # Lite2's native resolution; System 1 runs Lite0 at 22
 DEFAULT_VIEWS = ("identity", "flip")
 DEFAULT_GRID = 3
 DEFAULT_TEMPERATURE = 0.05  # used only when the support set cannot tell (one shot per class)
-TEMPERATURES = tuple(float(t) for t in torch.logspace(math.log10(0.003), math.log10(0.5), 25))
+TEMPERATURES = scoring.TEMPERATURES  # the one temperature grid (System 1's fusion fit uses it too)
 PROTO_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LAYOUT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 DEFAULT_PROTO_WEIGHT = 0.5
 DEFAULT_LAYOUT_WEIGHT = 0.5
 
 
-class RerankerError(ValueError):
+class CacheWarning(UserWarning):
+    """A derived cache that failed its check (rebuilt) or could not be written (kept in memory)."""
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().float().numpy().tobytes()).hexdigest()
+
+
+class RerankerError(_KBError):
     """A re-ranker that cannot be built as asked (no support images, mismatched labels); says what to do."""
 
 
@@ -116,13 +126,8 @@ def match_scores(
     proto_weight: float,
 ) -> torch.Tensor:
     """(B,D') query descriptors -> (B,C) scores: proto_weight * prototype cosine + (1 - it) * best exemplar."""
-    labels = exemplar_labels.long()
-    sums = torch.zeros(num_classes, exemplars.shape[1], dtype=exemplars.dtype).index_add_(0, labels, exemplars)
-    protos = F.normalize(sums, dim=-1)
-    s_proto = queries @ protos.T
-    s_ex = best_exemplar_scores(queries @ exemplars.T, labels, num_classes)
-    s_ex = torch.where(torch.isinf(s_ex), s_proto, s_ex)
-    return proto_weight * s_proto + (1 - proto_weight) * s_ex
+    support = scoring.Support(exemplars, exemplar_labels, num_classes)
+    return scoring.image_scores(queries, support.prototypes, exemplars, support.labels, 1 - proto_weight)
 
 
 def candidate_softmax(scores: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -138,21 +143,9 @@ def support_loo_scores(
     An image whose class has no other exemplar cannot be scored fairly for its own class, so it is marked
     unusable (it would only teach the temperature that the right answer scores -inf).
     """
-    labels = labels.long()
-    n = exemplars.shape[0]
-    sums = torch.zeros(num_classes, exemplars.shape[1], dtype=exemplars.dtype).index_add_(0, labels, exemplars)
-    counts = torch.bincount(labels, minlength=num_classes)
-    protos = F.normalize(sums, dim=-1)
-    s_proto = exemplars @ protos.T
-    own = sums[labels] - exemplars
-    rows = torch.arange(n)
-    s_proto[rows, labels] = (exemplars * F.normalize(own, dim=-1)).sum(1)
-    sims = exemplars @ exemplars.T
-    sims[rows, rows] = -math.inf
-    s_ex = best_exemplar_scores(sims, labels, num_classes)
-    s_ex = torch.where(torch.isinf(s_ex), s_proto, s_ex)
-    usable = counts[labels] > 1
-    return proto_weight * s_proto + (1 - proto_weight) * s_ex, usable
+    support = scoring.Support(exemplars, labels, num_classes)
+    s_proto, s_ex = support.loo_parts()
+    return scoring.mix(s_proto, s_ex, 1 - proto_weight), support.usable
 
 
 def fit_on_support(
@@ -172,16 +165,16 @@ def fit_on_support(
                "temperature": DEFAULT_TEMPERATURE}
     best = None
     for b in layouts:
-        x = weight_parts(exemplars, grid, b)
+        support = scoring.Support(weight_parts(exemplars, grid, b), labels, num_classes)
+        usable = support.usable
+        if not bool(usable.any()):
+            return default | {"fitted": False, "reason": "one support image per class"}
+        s_proto, s_ex = support.loo_parts()  # one leave-one-out pass; each proto_weight is a mix of it
         for a in PROTO_WEIGHTS:
-            scores, usable = support_loo_scores(x, labels, num_classes, a)
-            if not bool(usable.any()):
-                return default | {"fitted": False, "reason": "one support image per class"}
-            s, y = scores[usable], labels[usable]
-            nll = [float(F.cross_entropy(s / t, y)) for t in TEMPERATURES]
-            j = min(range(len(nll)), key=nll.__getitem__)
-            if best is None or nll[j] < best["loo_nll"]:
-                best = {"proto_weight": a, "layout_weight": b, "temperature": TEMPERATURES[j], "loo_nll": nll[j],
+            s, y = scoring.mix(s_proto, s_ex, 1 - a)[usable], labels[usable]
+            t, nll = scoring.fit_temperature(s, y, TEMPERATURES)
+            if best is None or nll < best["loo_nll"]:
+                best = {"proto_weight": a, "layout_weight": b, "temperature": t, "loo_nll": nll,
                         "loo_accuracy": float((s.argmax(1) == y).float().mean()), "n": int(usable.sum())}
     return best | {"fitted": True}
 
@@ -295,10 +288,10 @@ class VisualReranker:
         if self.cache_dir is not None:
             cache = self.cache_dir / f"support-{self._cache_key()}.safetensors"
             if cache.is_file():
-                from safetensors.torch import load_file
-
-                self._support = load_file(str(cache))["descriptors"]
-                return self._support
+                cached = self._read_cache(cache)
+                if cached is not None:
+                    self._support = cached
+                    return cached
         images = [load_image(p) for p in self.support_paths]  # ImageError names the file
         feats = self.features(images, progress=self.progress)
         if cache is not None:
@@ -306,8 +299,33 @@ class VisualReranker:
 
             from fgvr.io import atomic_write_bytes
 
-            atomic_write_bytes(cache, save({"descriptors": feats.contiguous()}))
+            data = save({"descriptors": feats.contiguous()}, metadata={"sha256": _tensor_sha256(feats)})
+            try:
+                atomic_write_bytes(cache, data)
+            except OSError as e:
+                warnings.warn(f"cannot write the re-ranker cache {cache} ({e.strerror or e}); keeping it in memory "
+                              "for this run (the next run computes it again)", CacheWarning, stacklevel=2)
         self._support = feats
+        return feats
+
+    def _read_cache(self, cache: Path) -> torch.Tensor | None:
+        """The cached descriptors, or None (with a warning: the cache is then rebuilt) when the file fails its
+        checksum, does not parse, or does not fit the support set."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(cache), framework="pt") as sf:
+                digest = (sf.metadata() or {}).get("sha256")
+                feats = sf.get_tensor("descriptors")
+            if digest is None:
+                raise ValueError("it carries no checksum")
+            if _tensor_sha256(feats) != digest:
+                raise ValueError("its content does not match its checksum")
+            if feats.ndim != 2 or feats.shape[0] != len(self.support_paths):
+                raise ValueError(f"it has shape {tuple(feats.shape)} for {len(self.support_paths)} support images")
+        except Exception as e:  # noqa: BLE001 - a derived file: any failure means "compute it again"
+            warnings.warn(f"the re-ranker cache {cache} is damaged ({e}); rebuilding it", CacheWarning, stacklevel=3)
+            return None
         return feats
 
     def calibrate(self) -> None:

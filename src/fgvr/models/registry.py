@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fgvr.errors import ModelError
 from fgvr.models.footprint import format_bytes, module_bytes, parse_bytes
 from fgvr.models.spec import ModelSpec, normalise_device
 
@@ -43,7 +44,7 @@ Estimator = Callable[[ModelSpec], int]
 _SLOT = "_fgvr_model_registry_slot"  # the one per-process place the registry lives (see module docstring)
 
 
-class MemoryBudgetError(RuntimeError):
+class MemoryBudgetError(ModelError, RuntimeError):
     """A load that does not fit the device's budget even after evicting every idle model."""
 
     def __init__(self, message: str, *, key: str, device: str, requested: int, available: int,
@@ -461,18 +462,9 @@ class Registry:
             f"{'in use: ' + str(h['leases']) + ' lease(s)' if h['leases'] else 'idle'})"
             for h in holders
         ) or "nothing"
-        tries = []
-        if spec.family == "qwen2_5_vl":
-            if spec.quantization != "nf4":
-                q = "int8" if not spec.quantization else "nf4"
-                tries.append(f"quantization={q} (needs CUDA and bitsandbytes; see `fgvr memory plan --quant {q}`)")
-            tries.append(f"a lower pixel cap (max_pixels, now {spec.max_pixels}) to cut the working memory")
-            tries.append("the image encoder off the GPU (device=cpu) while the VLM runs")
-        else:
-            if device != "cpu":
-                tries.append("this encoder on the CPU (device=cpu)")
-            if spec.dtype == "float32":
-                tries.append("dtype bf16/fp16 (half the bytes)")
+        from fgvr.models import families
+
+        tries = families.fit_hints(spec, device)
         tries.append("finish the leases of models in use, or raise the budget (registry.set_budget)")
         msg = (
             f"cannot load {spec.name} on {device}: it needs {format_bytes(need)}, "
