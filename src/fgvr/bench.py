@@ -292,11 +292,13 @@ def run_bench(
     device: str = "cpu",
     batch_size: int = 16,
     cli_args: Sequence[str] = (),
+    reports: bool = True,
     progress: bool = True,
 ) -> BenchTable:
     """Every (k, seed) cell, then the table; see the module docstring. `vlm`: a Qwen2.5-VL folder or
     ModelSpec (System 2, and class descriptions in the base when the encoder has a text tower).
-    `cli_args`: the options to print in the commands besides those named here (VLM loading options)."""
+    `cli_args`: the options to print in the commands besides those named here (VLM loading options).
+    `reports`: write each cell's report.md and plots (what `fgvr evaluate` writes; the table does not need them)."""
     from fgvr.data import read_dataset, split_k_shot
     from fgvr.datasets import dataset_info, load_splits
     from fgvr.evaluate import plan, read_results, run_evaluation, RESULTS
@@ -410,7 +412,7 @@ def run_bench(
             config = {"kb": str(kb_dir.resolve()), "encoder": system.encoder.spec.key,
                       "data": str(test_csv.resolve()), "limit": None}
             run_evaluation(system, read_dataset(test_csv), run_dir, config, batch_size=batch_size,
-                           progress=progress, calibrate="run")
+                           progress=progress, report=reports, calibrate="run")
         times["evaluate_s"] = round(time.perf_counter() - t0, 2)
         planned = {str(s.path) for s in test}
         result = cell_result([r for r in read_results(run_dir / RESULTS) if r["path"] in planned], k, seed)

@@ -454,11 +454,12 @@ def _list_datasets(ctx, param, value) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Bench folder: one subfolder per (k, seed), table.md, table.json (reruns resume).")
+@click.option("--no-reports", is_flag=True, help="Skip each cell's report.md and plots (the table is written anyway).")
 @click.option("--list", "list_", is_flag=True, is_eager=True, expose_value=False, callback=_list_datasets,
               help="List the datasets fgvr reads, where each is published and its layout, and exit.")
 @vlm_options
 def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k, weight, device, batch_size,
-          out, **vlm_opts) -> None:
+          out, no_reports, **vlm_opts) -> None:
     """A paper's k-shot table on DATASET: for every k and seed, a knowledge base from the official train split,
     the dual system on the official test split; mean ± 95% interval per method. Resumable.
 
@@ -482,7 +483,7 @@ def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limi
         table = run_bench(dataset, out, root=root, shots=shots, seeds=seeds, encoder=encoder,
                           vlm=vlm_spec(vlm, device, vlm_opts), reranker=reranker, slow_budget=slow_budget,
                           limit=limit, top_k=top_k, weight=weight, device=device, batch_size=batch_size,
-                          cli_args=cli_args)
+                          cli_args=cli_args, reports=not no_reports)
     except (BenchError, FashionMNISTMissing, IdxError, RerankerError, *_user_errors()) as e:
         raise click.ClickException(str(e)) from None
     click.echo(table.markdown)
