@@ -11,7 +11,7 @@ Same images, same loaded EfficientNet-Lite0, same process, CPU. Timed, alternati
   build-kb            `build_knowledge_base` over the same images as the support set (k = all of them):
                       decode, encode, per-class partial files, leave-one-out statistics, fusion search,
                       atomic save; with the default decode workers (1 thread on CPU, see
-                      `knowledge_base.default_workers`) and with none (--workers 0)
+                      `fgvr.knowledge_base.default_workers`) and with none (--workers 0)
 
 The images are Fashion-MNIST product photos (28x28 PNGs, exported as an image folder, `--images` spread
 evenly over the 10 classes); the encoder resizes them to 224x224, so decoding is cheap and the model

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fgvr.knowledge_base import KnowledgeBase
 from fgvr.pipeline import PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem
 from fgvr.slow_path import SlowAnswer
 from fgvr.trigger import Trigger
@@ -39,9 +40,9 @@ def colour_kb(enc):
     classes = sorted(COLOURS)
     imgs = [Image.new("RGB", (8, 8), COLOURS[c]) for c in classes]
     protos = enc.encode_images(imgs)
-    return SimpleNamespace(classes=classes, prototypes=protos, exemplars=protos,
-                           exemplar_labels=torch.arange(len(classes)), text_prototypes=None,
-                           fusion={"w": 1.0, "tau": 0.02}, stats=None)
+    return KnowledgeBase(classes=classes, encoder_spec={}, encoder_key="colour", embed_dim=protos.shape[1],
+                         prototypes=protos, exemplars=protos, exemplar_labels=torch.arange(len(classes)),
+                         text_prototypes=None, fusion={"w": 1.0, "tau": 0.02}, stats=None)
 
 
 class PickLast:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fgvr import reranker as rr
+from fgvr.knowledge_base import KnowledgeBase
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
 SIZE = 72  # small input: fast, and a registry key no other test uses
@@ -141,10 +142,8 @@ def test_reranker_rejects_bad_input(support):
 
 
 def test_from_knowledge_base_needs_support_paths():
-    class KB:
-        path = None
-        classes = ["a", "b"]
-        manifest = {"support": []}
-
+    z = torch.zeros(2, 4)
+    kb = KnowledgeBase(classes=["a", "b"], encoder_spec={}, encoder_key="e", embed_dim=4, prototypes=z,
+                       exemplars=z, exemplar_labels=torch.arange(2), manifest={"support": []})
     with pytest.raises(rr.RerankerError, match="lists no support image paths"):
-        rr.VisualReranker.from_knowledge_base(KB())
+        rr.VisualReranker.from_knowledge_base(kb)

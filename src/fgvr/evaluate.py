@@ -123,13 +123,7 @@ def append_results(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 def support_files(kb: Any) -> set[str]:
     """Resolved paths of the base's support images (from its manifest), to keep them out of a test set."""
-    manifest = getattr(kb, "manifest", None) or {}
-    root = Path(manifest.get("data", {}).get("root") or ".")
-    out = set()
-    for s in manifest.get("support", []):
-        p = Path(s["path"])
-        out.add(str((p if p.is_absolute() else root / p).resolve()))
-    return out
+    return {str(f.path.resolve()) for f in kb.support_files()}
 
 
 def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed: int = 0,

@@ -570,10 +570,9 @@ class _Log:
 
 def _support_paths(kb: Any, dataset: Any) -> set[str]:
     """The images that built the prototypes: from the base's manifest, else re-drawn with its k and seed."""
-    paths = getattr(kb, "support_paths", None)
-    if paths:  # stored relative to the data root the base was built from, where possible
-        root = Path((getattr(kb, "manifest", {}) or {}).get("data", {}).get("root", "."))
-        return {str((Path(p) if Path(p).is_absolute() else root / p).resolve()) for p in paths}
+    files = kb.support_files()
+    if files:  # stored relative to the data root the base was built from, where possible
+        return {str(f.path.resolve()) for f in files}
     from fgvr.data import split_k_shot
 
     k, seed = getattr(kb, "k", None), getattr(kb, "seed", None)

@@ -242,15 +242,13 @@ class VisualReranker:
     @classmethod
     def from_knowledge_base(cls, kb: Any, **kwargs: Any) -> "VisualReranker":
         """Built from a knowledge base's manifest: its support files (relative to the data root) and class ids."""
-        manifest = getattr(kb, "manifest", None) or {}
-        records = manifest.get("support") or []
+        records = kb.support_files()
         if not records:
             raise RerankerError(
                 f"knowledge base {getattr(kb, 'path', '') or ''} lists no support image paths; "
                 "rebuild it with `fgvr build-kb` so the visual re-ranker can find the exemplars"
             )
-        root = Path(manifest.get("data", {}).get("root") or ".")
-        paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in records]
+        paths = [r.path for r in records]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise RerankerError(
@@ -259,7 +257,7 @@ class VisualReranker:
             )
         if getattr(kb, "path", None) is not None and "cache_dir" not in kwargs:
             kwargs["cache_dir"] = Path(kb.path) / "reranker-cache"  # goes with the base when it is rebuilt
-        return cls(paths, [int(r["class_id"]) for r in records], len(kb.classes), **kwargs)
+        return cls(paths, [r.class_id for r in records], len(kb.classes), **kwargs)
 
     # --- features --------------------------------------------------------------------------------------
     def features(self, images: Sequence[Image.Image], progress: bool = False) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Knowledge-base text: prompt templates, VLM-written class descriptions, and text prototypes.
+
+Encoders with a text tower get one text prototype per class: prompt templates with the class name, mixed
+with one VLM-written description per class when a VLM is given. Long descriptions are chunked by
+`Encoder.encode_texts`, never truncated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from fgvr.data import Dataset, ImageError, load_image
+from fgvr.io import atomic_write_json, read_json
+
+# CLIP-style prompt templates (a subset of the ensemble CLIP's authors use for ImageNet): several phrasings
+# average out the quirks of any one of them.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of one {}.",
+)
+DESCRIPTION_WEIGHT = 0.5  # share of the VLM description in a class's text prototype (templates: the rest)
+DESCRIPTION_IMAGES = 3
+DESCRIPTION_MAX_NEW_TOKENS = 60
+DESCRIPTION_PROMPT = (
+    "These photos show examples of the class \"{name}\". In one or two sentences, describe the visible "
+    "features that distinguish a {name} from similar-looking classes. Answer with the description only."
+)
+
+
+def describe_classes(vlm: Any, class_images: list[tuple[str, list[Image.Image]]], *, batch_size: int = 4,
+                     max_new_tokens: int = DESCRIPTION_MAX_NEW_TOKENS, progress: bool = True,
+                     on_batch: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+    """One description per class of its discriminative visible features, written by a Qwen2.5-VL.
+
+    Each prompt shows up to 3 support images and asks for the features that tell the class apart; classes
+    are generated in batches (left padding), greedy, at most `max_new_tokens` new tokens. `on_batch` gets
+    each batch's results (the build saves them so a killed build does not regenerate them).
+    """
+    from tqdm import tqdm
+
+    proc, tok, model = vlm.processor, vlm.tokenizer, vlm.model
+    device = next(model.parameters()).device
+    out: dict[str, str] = {}
+    old_side = getattr(tok, "padding_side", "right")
+    tok.padding_side = "left"  # generation continues from the last position: pad on the left
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    try:
+        steps = range(0, len(class_images), batch_size)
+        for b in tqdm(steps, desc="describing classes", unit="batch", file=sys.stderr, disable=not progress):
+            chunk = class_images[b:b + batch_size]
+            texts, images = [], []
+            for name, imgs in chunk:
+                content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": DESCRIPTION_PROMPT.format(name=name)}]
+                texts.append(proc.apply_chat_template([{"role": "user", "content": content}],
+                                                      tokenize=False, add_generation_prompt=True))
+                images += imgs
+            inputs = proc(text=texts, images=images or None, padding=True, return_tensors="pt").to(device)
+            with torch.inference_mode():
+                gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad_id)
+            new = gen[:, inputs["input_ids"].shape[1]:]
+            got = {name: " ".join(t.split()) for (name, _), t in
+                   zip(chunk, tok.batch_decode(new, skip_special_tokens=True))}
+            out.update(got)
+            if on_batch is not None:
+                on_batch(got)
+    finally:
+        tok.padding_side = old_side
+    return out
+
+
+def text_prototypes(encoder: Any, classes: list[str], descriptions: dict[str, str],
+                    templates: Sequence[str] = DEFAULT_TEMPLATES,
+                    description_weight: float = DESCRIPTION_WEIGHT) -> torch.Tensor:
+    """(C, D): per class, the normalised mean of its template embeddings, mixed with its description's
+    embedding (weight `description_weight`) where it has a non-empty one, re-normalised."""
+    prompts = [t.format(c) for c in classes for t in templates]
+    emb = encoder.encode_texts(prompts).float().reshape(len(classes), len(templates), -1)
+    protos = torch.nn.functional.normalize(emb.mean(1), dim=1)
+    have = [i for i, c in enumerate(classes) if descriptions.get(c, "").strip()]
+    if have:
+        d = encoder.encode_texts([descriptions[classes[i]] for i in have]).float()
+        idx = torch.tensor(have)
+        protos[idx] = (1 - description_weight) * protos[idx] + description_weight * torch.nn.functional.normalize(d, dim=1)
+    return torch.nn.functional.normalize(protos, dim=1)
+
+
+def write_descriptions(vlm_spec: Any, ds: Dataset, results: dict[int, Any], work_dir: Path, *,
+                       max_side: int | None, batch_size: int, progress: bool) -> dict[str, str]:
+    """{class name: description} for every class ("" where no image could be read), written by the VLM
+    from up to `DESCRIPTION_IMAGES` of the class's encoded support images. Each batch is saved to
+    `work_dir` as it finishes, so a resumed build does not write the same descriptions again."""
+    from fgvr.models import registry
+
+    desc_file = work_dir / f"descriptions-{hashlib.sha256(vlm_spec.key.encode()).hexdigest()[:12]}.json"
+    descriptions = read_json(desc_file) if desc_file.is_file() else {}
+    pending = []
+    for cid, name in enumerate(ds.classes):
+        if name in descriptions:
+            continue
+        imgs = []
+        for rel in results[cid][1]:
+            if len(imgs) == DESCRIPTION_IMAGES:
+                break
+            try:  # re-read: keeping every decoded image for this step would not bound memory
+                imgs.append(load_image(Path(rel) if Path(rel).is_absolute() else ds.root / rel, max_side=max_side))
+            except ImageError:  # changed on disk since it was encoded: describe from the others
+                continue
+        if imgs:
+            pending.append((name, imgs))
+    if pending:
+        def save_batch(got: dict[str, str]) -> None:
+            descriptions.update(got)
+            atomic_write_json(desc_file, descriptions)
+
+        with registry.use(vlm_spec) as vl:
+            describe_classes(vl, pending, batch_size=batch_size, progress=progress, on_batch=save_batch)
+    return {c: descriptions.get(c, "") for c in ds.classes}
