@@ -335,6 +335,7 @@ def run_bench(
     enc_spec = parse_spec(encoder, device=device)
     vlm_spec = None if not vlm else (vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device))
     describe = vlm_spec is not None and enc_spec.family in TEXT_FAMILIES
+    vlm_word = (vlm if isinstance(vlm, str) else vlm_spec.source) if vlm_spec is not None else None
     settings = {
         "dataset": info.name, "root": str(splits.root.resolve()),
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
@@ -356,7 +357,7 @@ def run_bench(
     _write_if_changed(test_csv, test_bytes)
     splits.prepare(test)
     # the options of `fgvr evaluate` that this bench sets (the same words on `fgvr bench`)
-    eval_opts = [*(["--reranker"] if reranker else []), *(["--vlm", str(vlm)] if vlm_spec is not None else []),
+    eval_opts = [*(["--reranker"] if reranker else []), *(["--vlm", vlm_word] if vlm_spec is not None else []),
                  *cli_args, "--slow-budget", f"{slow_budget:g}",
                  *(["--top-k", str(top_k)] if top_k != 5 else []), *(["--weight", f"{weight:g}"] if weight != 0.5 else []),
                  *(["--device", device] if device != "cpu" else [])]
@@ -389,7 +390,7 @@ def run_bench(
             invocation["cells_reused"].append(cell.name)
             say(f"[{n}/{len(grid)}] k={k} seed={seed}: done before, reused")
             continue
-        vlm_flags = [*(["--vlm", str(vlm)] if describe else []), *(cli_args if describe else [])]
+        vlm_flags = [*(["--vlm", vlm_word] if describe else []), *(cli_args if describe else [])]
         build_cmd = shlex.join(["fgvr", "build-kb", str(train_csv), "--shots", str(k), "--seed", str(seed),
                                 "--encoder", encoder, *vlm_flags, *(["--device", device] if device != "cpu" else []),
                                 "--out", str(kb_dir)])
