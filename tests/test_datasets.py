@@ -185,3 +185,15 @@ def test_bench_list_and_missing_root(tmp_path):
     assert r.exit_code != 0 and "--root DIR is required for cub-200-2011" in r.output
     r = CliRunner().invoke(cli, ["bench", "cub", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "images.txt not found" in r.output and "Traceback" not in r.output
+
+
+def test_a_file_that_is_not_a_mat_file(tmp_path):
+    root = R.make_flowers(tmp_path)
+    (root / "setid.mat").write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(DatasetLayoutError, match="setid.mat is not a readable .mat file") as e:
+        load_splits("flowers-102", root)
+    assert str(e.value).count("Expected the layout") == 1
+    (root / "setid.mat").unlink()
+    with pytest.raises(DatasetLayoutError, match="setid.mat not found") as e:
+        load_splits("flowers-102", root)
+    assert "readable" not in str(e.value)

@@ -169,8 +169,9 @@ def _read_lines(info: DatasetInfo, path: Path, fields: int) -> list[list[str]]:
 def _loadmat(info: DatasetInfo, path: Path, keys: Sequence[str]) -> dict:
     from scipy.io import loadmat
 
+    _need(info, path)
     try:
-        mat = loadmat(str(_need(info, path)))
+        mat = loadmat(str(path))
     except Exception as e:  # a truncated or non-MATLAB file
         raise _layout_error(info, f"{path} is not a readable .mat file ({e})") from None
     missing = [k for k in keys if k not in mat]
@@ -226,6 +227,9 @@ def read_cub(root: Path | None) -> Splits:
         for table, fname in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
             if iid not in table:
                 raise _layout_error(info, f"image {iid} of images.txt is missing from {fname}")
+        if is_train[iid] not in ("0", "1"):
+            raise _layout_error(info, f"train_test_split.txt: image {iid} has is_training_image "
+                                      f"{is_train[iid]!r}, expected 1 or 0")
         if labels[iid] not in classes:
             raise _layout_error(info, f"image_class_labels.txt gives image {iid} class {labels[iid]}, "
                                             "which classes.txt does not list")
