@@ -188,3 +188,8 @@ def test_format_table_in_the_papers_form():
     assert "| dual − System 1 (paired, points) | +1.5 ± " in md
     assert "| 1 | 0 | 50.0 [45.0, 55.0] | 52.0 [47.0, 57.0] | +2.0 [+0.0, +2.0] | 30.0% | 100 | 0 |" in md
     assert "fgvr bench x --out o" in md and "fgvr build-kb x" in md and "fgvr evaluate y" in md
+    # without a System 2 there is no dual row and no dual column
+    t.settings = {**settings, "system2": "none"}
+    md = format_table(t)
+    assert "dual" not in md.split("Produced by")[0].replace("No System 2 was given", "")
+    assert "| 1 | 0 | 50.0 [45.0, 55.0] | 30.0% | 100 | 0 |" in md

@@ -211,15 +211,15 @@ def format_table(t: BenchTable) -> str:
         + ("" if with_s2 else " No System 2 was given: the images the trigger picks keep System 1's answer."),
         "",
         head, rule, *rows, "",
-        f"Per run (95% bootstrap interval over the test images, {BOOTSTRAP_RESAMPLES:,} resamples; the "
-        "difference is paired):",
+        f"Per run (95% bootstrap interval over the test images, {BOOTSTRAP_RESAMPLES:,} resamples"
+        + ("; the difference is paired):" if with_s2 else "):"),
         "",
-        "| k | seed | System 1 | dual | dual − System 1 | slow rate | test images | errors |",
-        "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: |",
+        "| k | seed | System 1 | " + ("dual | dual − System 1 | " if with_s2 else "") + "slow rate | test images | errors |",
+        "| ---: | ---: | --- | " + ("--- | --- | " if with_s2 else "") + "---: | ---: | ---: |",
     ]
     for c in sorted(t.cells, key=lambda c: (c.k, c.seed)):
-        lines.append(f"| {c.k} | {c.seed} | {_ci(c.system1, c.system1_ci)} | {_ci(c.dual, c.dual_ci)} | "
-                     f"{_ci(c.delta, c.delta_ci, signed=True)} | "
+        dual = f"{_ci(c.dual, c.dual_ci)} | {_ci(c.delta, c.delta_ci, signed=True)} | " if with_s2 else ""
+        lines.append(f"| {c.k} | {c.seed} | {_ci(c.system1, c.system1_ci)} | {dual}"
                      f"{'n/a' if c.slow_rate is None else f'{100 * c.slow_rate:.1f}%'} | {c.n_test} | {c.errors} |")
     lines += ["", "Produced by:", "", "```", t.command, "```", "",
               "Each cell is the same computation as (shown for the first cell; the others differ in k and seed):",
@@ -372,7 +372,7 @@ def run_bench(
         f"{len(shots) * len(seeds)} cell(s) under {out}")
 
     # 2. the cells
-    train_ds = read_dataset(train_csv) if splits.on_demand else None
+    train_ds = None  # the train manifest as `fgvr build-kb` reads it; only needed to write on-demand images
     cells: list[CellResult] = []
     done_runs: list[Path] = []
     grid = [(k, s) for k in shots for s in seeds]
@@ -400,7 +400,8 @@ def run_bench(
         t0 = time.perf_counter()
         if not (kb_dir / "manifest.json").is_file():
             say(f"[{n}/{len(grid)}] k={k} seed={seed}: knowledge base")
-            if train_ds is not None:
+            if splits.on_demand:
+                train_ds = train_ds or read_dataset(train_csv)
                 splits.prepare(split_k_shot(train_ds, k, seed)[0])
             build_knowledge_base(train_csv, kb_dir, shots=k, seed=seed, encoder=enc_spec,
                                  vlm=vlm_spec if describe else None, device=device, progress=progress)
