@@ -386,7 +386,7 @@ def test_no_label_in_any_reasoning_prompt_with_the_tiny_qwen(kb_copy, tmp_path, 
     model's reflections are not JSON: they are logged and the build goes on."""
     import shutil
 
-    import fgvr.slow_path as sp
+    import fgvr.backends.transformers_vlm as sp  # where every chat the in-process VLM sees is rendered
     from fgvr.data import Dataset, Sample, read_dataset
     from fgvr.experience import VlmReflector
     from fgvr.models import parse_spec

@@ -265,3 +265,69 @@ def test_minilm_text_embedder_goes_through_the_registry():
     assert rec.loads == 1 and rec.estimated_bytes == rec.measured_bytes == estimate
     assert e.dtype == torch.float32 and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
     assert float(e[0] @ e[1]) > float(e[0] @ e[2])
+
+
+# --- a new family is one new file ----------------------------------------------------------------------
+
+NEW_FAMILY = '''
+import torch
+
+from fgvr.encoder import Encoder, l2_normalise
+from fgvr.models.families import Family
+
+
+class TinyNetEncoder(Encoder):
+    has_text = False
+
+    def __init__(self, spec):
+        self.spec, self.embed_dim, self.image_size = spec, 4, 8
+        self.model = build_meta({"width": 4}, torch.float32).to_empty(device="cpu")
+        torch.nn.init.ones_(self.model.weight)
+
+    def torch_modules(self):
+        return [self.model]
+
+    def preprocess(self, images):
+        return torch.zeros(len(images), 3, 8, 8)
+
+    def encode_pixels(self, pixels):
+        return l2_normalise(self.model(pixels.mean(dim=(2, 3))[:, :1].expand(-1, 4) + 1))
+
+
+def build_meta(config, dtype):
+    return torch.nn.Linear(config["width"], config["width"], bias=False, dtype=dtype)
+
+
+FAMILY = Family(name="tinynet", role="image-encoder", title="TinyNet", load=TinyNetEncoder,
+                estimate_bytes=lambda spec: 4 * 4 * 4, build_meta=build_meta, model_types=("tinynet",),
+                known_configs={"tinynet-4": {"width": 4}})
+'''
+
+
+def test_an_encoder_family_is_one_new_file(tmp_path, monkeypatch):
+    """Dropping one module into the families package is all it takes: spec, registry and plan read it."""
+    import json
+
+    from fgvr.models.plan import estimate_spec_bytes, model_size
+    from fgvr.models.registry import Registry
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "tinynet.py").write_text(NEW_FAMILY)
+    monkeypatch.setattr(families, "__path__", [*families.__path__, str(plugins)])
+    families.all_families.cache_clear()
+    try:
+        assert "tinynet" in families.names()
+        folder = tmp_path / "tinynet-4"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "tinynet", "width": 4}))
+        spec = parse_spec(str(folder))
+        assert spec.family == "tinynet"
+        reg = Registry()
+        with reg.use(spec) as enc:
+            assert enc.encode_images([Image.new("RGB", (8, 8))]).shape == (1, 4)
+        assert reg.report().model(spec.key).estimated_bytes == reg.report().model(spec.key).measured_bytes == 64
+        assert estimate_spec_bytes(spec) == 64 and model_size("tinynet-4", "encoder", "fp32").weight_bytes == 64
+    finally:
+        families.all_families.cache_clear()
+        sys.modules.pop("fgvr.models.families.tinynet", None)

@@ -265,6 +265,15 @@ def _seed_embeddings(cell_run: Path, done_runs: list[Path]) -> None:
             return
 
 
+def _with_cache(options: Any, cache_dir: Path | None) -> Any:
+    """The backend options with a served VLM's answer cache where `fgvr evaluate --out RUN` keeps it."""
+    if options is None:
+        return None
+    from dataclasses import replace
+
+    return replace(options, cache_dir=cache_dir)
+
+
 def bench_command(dataset: str, root: str | None, out: str | Path, shots: Sequence[int], seeds: Sequence[int],
                   extra: Sequence[str]) -> str:
     """The one command that (re)produces this table: running it again resumes or reuses every cell."""
@@ -291,14 +300,17 @@ def run_bench(
     weight: float = 0.5,
     device: str = "cpu",
     batch_size: int = 16,
+    vlm_options: Any = None,
     cli_args: Sequence[str] = (),
     reports: bool = True,
     progress: bool = True,
 ) -> BenchTable:
-    """Every (k, seed) cell, then the table; see the module docstring. `vlm`: a Qwen2.5-VL folder or
-    ModelSpec (System 2, and class descriptions in the base when the encoder has a text tower).
+    """Every (k, seed) cell, then the table; see the module docstring. `vlm`: a Qwen2.5-VL folder, a ModelSpec
+    or a served VLM's URL, opened with `vlm_options` (a `fgvr.backends.BackendOptions`): System 2, and class
+    descriptions in the base when the encoder has a text tower.
     `cli_args`: the options to print in the commands besides those named here (VLM loading options).
     `reports`: write each cell's report.md and plots (what `fgvr evaluate` writes; the table does not need them)."""
+    from fgvr.backends import is_served, open_backend
     from fgvr.data import read_dataset, split_k_shot
     from fgvr.datasets import dataset_info, load_splits
     from fgvr.evaluate import plan, read_results, run_evaluation, RESULTS
@@ -333,15 +345,17 @@ def run_bench(
     train_bytes, test_bytes = _csv_bytes(train), _csv_bytes(test)
 
     enc_spec = parse_spec(encoder, device=device)
-    vlm_spec = None if not vlm else (vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device))
-    describe = vlm_spec is not None and enc_spec.family in TEXT_FAMILIES
-    vlm_word = (vlm if isinstance(vlm, str) else vlm_spec.source) if vlm_spec is not None else None
+    served = is_served(vlm)
+    vlm_spec = None if not vlm or served else (vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device))
+    describe = bool(vlm) and enc_spec.family in TEXT_FAMILIES
+    vlm_word = None if not vlm else (vlm if isinstance(vlm, str) else vlm_spec.source)
     settings = {
         "dataset": info.name, "root": str(splits.root.resolve()),
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
-        "system2": "reranker" if reranker else ("vlm" if vlm_spec is not None else "none"),
-        "vlm": vlm_spec.replace(device="cpu").key if vlm_spec is not None else None,
-        "vlm_name": vlm_spec.name if vlm_spec is not None else None, "kb_descriptions": describe,
+        "system2": "reranker" if reranker else ("vlm" if vlm else "none"),
+        "vlm": (f"{vlm} model={getattr(vlm_options, 'model', None)}" if served
+                else vlm_spec.replace(device="cpu").key if vlm_spec is not None else None),
+        "vlm_name": vlm if served else vlm_spec.name if vlm_spec is not None else None, "kb_descriptions": describe,
         "slow_budget": float(slow_budget), "top_k": int(top_k), "weight": float(weight), "limit": limit,
         "classes": len(splits.train.classes), "train_images": len(train), "test_images_official": len(splits.test.samples),
         "train_sha256": hashlib.sha256(train_bytes).hexdigest(), "test_sha256": hashlib.sha256(test_bytes).hexdigest(),
@@ -357,7 +371,7 @@ def run_bench(
     _write_if_changed(test_csv, test_bytes)
     splits.prepare(test)
     # the options of `fgvr evaluate` that this bench sets (the same words on `fgvr bench`)
-    eval_opts = [*(["--reranker"] if reranker else []), *(["--vlm", vlm_word] if vlm_spec is not None else []),
+    eval_opts = [*(["--reranker"] if reranker else []), *(["--vlm", vlm_word] if vlm else []),
                  *cli_args, "--slow-budget", f"{slow_budget:g}",
                  *(["--top-k", str(top_k)] if top_k != 5 else []), *(["--weight", f"{weight:g}"] if weight != 0.5 else []),
                  *(["--device", device] if device != "cpu" else [])]
@@ -403,14 +417,18 @@ def run_bench(
             if splits.on_demand:
                 train_ds = train_ds or read_dataset(train_csv)
                 splits.prepare(split_k_shot(train_ds, k, seed)[0])
-            build_knowledge_base(train_csv, kb_dir, shots=k, seed=seed, encoder=enc_spec,
-                                 vlm=vlm_spec if describe else None, device=device, progress=progress)
+            describer = None
+            if describe:  # what `fgvr build-kb --vlm` passes: a served VLM is opened with the options
+                describer = open_backend(vlm, _with_cache(vlm_options, None)) if served else vlm_spec
+            build_knowledge_base(train_csv, kb_dir, shots=k, seed=seed, encoder=enc_spec, vlm=describer,
+                                 device=device, progress=progress)
         times["knowledge_base_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         say(f"[{n}/{len(grid)}] k={k} seed={seed}: evaluation on {len(test):,} test images")
         _seed_embeddings(run_dir, done_runs)
-        with open_system(kb_dir, vlm=vlm_spec, reranker=reranker, budget=slow_budget, k=top_k, weight=weight,
-                         device=device) as system:
+        with open_system(kb_dir, vlm=vlm if served else vlm_spec, reranker=reranker, budget=slow_budget, k=top_k,
+                         weight=weight, device=device, vlm_options=_with_cache(vlm_options, run_dir / "vlm-cache")
+                         ) as system:
             config = {"kb": str(kb_dir.resolve()), "encoder": system.encoder.spec.key,
                       "data": str(test_csv.resolve()), "limit": None}
             run_evaluation(system, read_dataset(test_csv), run_dir, config, batch_size=batch_size,

@@ -35,6 +35,15 @@ def vlm_options(f):
                      help="Pixel cap per image in visual tokens of 28x28 pixels (default 1280)."),
         click.option("--gpu-budget", default=None, metavar="SIZE",
                      help="Memory the registry may use on the GPU, e.g. 18GiB (default: the card's capacity)."),
+        click.option("--vlm-model", default=None, metavar="NAME",
+                     help="Served --vlm URL: the model to ask (default: the only one the server lists)."),
+        click.option("--vlm-concurrency", type=click.IntRange(1), default=8, show_default=True,
+                     help="Served --vlm URL: requests in flight at once (the engine batches them)."),
+        click.option("--vlm-timeout", type=click.FloatRange(0, min_open=True), default=120.0, show_default=True,
+                     help="Served --vlm URL: seconds to wait for one answer before retrying."),
+        click.option("--vlm-retries", type=click.IntRange(0), default=4, show_default=True,
+                     help="Served --vlm URL: retries (with backoff) after a 429/5xx/time-out. The API key, "
+                          "if the server wants one, is read from $FGVR_VLM_API_KEY and never stored."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -51,12 +60,30 @@ def vlm_spec(vlm: str | None, device: str, o: dict):
         registry.set_budget(device if device.startswith("cuda") else "cuda:0", parse_bytes(o["gpu_budget"]))
     if not vlm:
         return None
+    from fgvr.backends import is_served
+
+    if is_served(vlm):
+        return vlm  # a server: opened (and probed) by fgvr.backends with vlm_backend_options
     tokens = o.get("max_visual_tokens")
     spec = parse_spec(vlm, device=device, dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
                       max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else None)
     if spec.family != "qwen2_5_vl":
         raise SpecError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {spec.family} model")
     return spec
+
+
+def vlm_backend_options(o: dict, cache_dir=None):
+    """The `fgvr.backends.BackendOptions` for --vlm from the options above (`cache_dir`: where a served
+    backend keeps its answers so a killed run does not ask again)."""
+    from fgvr.backends import BackendOptions
+    from fgvr.models.spec import DEFAULT_MAX_PIXELS, QWEN_PATCH
+
+    tokens = o.get("max_visual_tokens")
+    return BackendOptions(device=o.get("device") or "cpu", dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
+                          max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else DEFAULT_MAX_PIXELS,
+                          model=o.get("vlm_model"), concurrency=o.get("vlm_concurrency") or 8,
+                          timeout_s=o.get("vlm_timeout") or 120.0,
+                          retries=4 if o.get("vlm_retries") is None else o["vlm_retries"], cache_dir=cache_dir)
 
 
 # --- memory (issue 2) -------------------------------------------------------------------------------
@@ -83,9 +110,12 @@ def memory() -> None:
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Generated tokens per query.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Prompts per VLM forward (System 2 scores queries in batches).")
+@click.option("--serve", type=click.Choice(["vllm", "sglang", "both"]), default=None,
+              help="Print the serving engine's command line that fits --gpu (System 2 served, see README).")
+@click.option("--gpu", default=None, metavar="SIZE", help="The GPU the engine runs on, for --serve (default: --budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visual_tokens, quant, image_size,
-                text_tokens, new_tokens, batch, as_json) -> None:
+                text_tokens, new_tokens, batch, serve, gpu, as_json) -> None:
     """Will the models fit the GPU budget? Sizes from the real architectures on the meta device.
 
     \b
@@ -103,9 +133,27 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
         raise click.UsageError("give --max-pixels or --max-visual-tokens, not both")
     if max_visual_tokens:
         max_pixels = max_visual_tokens * QWEN_PATCH * QWEN_PATCH
+    from fgvr.backends import is_served
+
+    if serve:
+        from fgvr.models.serve_plan import make_serve_plan
+
+        try:
+            plans = [make_serve_plan(e, vlm, parse_bytes(gpu or budget), max_pixels=max_pixels,
+                                     encoder=None if encoder.lower() == "none" else encoder)
+                     for e in (("vllm", "sglang") if serve == "both" else (serve,))]
+        except (SpecError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(_json.dumps([p.to_json() for p in plans], indent=2) if as_json
+                   else "\n\n".join(p.format() for p in plans))
+        return
+    served = is_served(vlm)
+    if served:
+        click.echo(f"System 2 is served by {vlm}: the VLM's memory is the server's (plan it with "
+                   "--vlm qwen2.5-vl-7b --serve vllm --gpu SIZE); below, fgvr's own process only.", err=True)
     try:
         plan = make_plan(
-            None if vlm.lower() == "none" else vlm,
+            None if served or vlm.lower() == "none" else vlm,
             None if encoder.lower() == "none" else encoder,
             dtype, parse_bytes(budget), quantization=quant, max_pixels=max_pixels,
             image_size=parse_image_size(image_size), text_tokens=text_tokens, new_tokens=new_tokens,
@@ -164,7 +212,8 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the k-shot draw")
 @click.option("--encoder", default="efficientnet-lite0", show_default=True,
               help="efficientnet-lite0 / efficientnet-lite2, or a local CLIP/SigLIP folder")
-@click.option("--vlm", default=None, help="a local Qwen2.5-VL folder: writes one description per class")
+@click.option("--vlm", default=None, help="a local Qwen2.5-VL folder or a served one's URL (http://HOST:PORT/v1): "
+                                         "writes one description per class")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=str), help="knowledge-base directory to write")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
@@ -189,13 +238,18 @@ def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augme
         click.echo(f"warning: {message}", err=True)
 
     warnings.showwarning = show_warning
+    from fgvr.backends import BackendError, is_served, open_backend
+
     try:
+        vlm_arg = vlm_spec(vlm, device, vlm_opts)
+        if is_served(vlm_arg):  # opened here so --vlm-model / --vlm-concurrency / ... apply
+            vlm_arg = open_backend(vlm_arg, vlm_backend_options({**vlm_opts, "device": device}))
         _, summary = build_knowledge_base(
-            data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm_spec(vlm, device, vlm_opts), device=device,
+            data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm_arg, device=device,
             batch_size=batch_size,
             augment=augment, classes_file=classes_file, workers=workers,
         )
-    except (DataError, KnowledgeBaseError, SpecError) as e:
+    except (BackendError, DataError, KnowledgeBaseError, SpecError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"knowledge base written to {out}")
     click.echo(summary.format())
@@ -238,7 +292,8 @@ def kb_show_cmd(kb_path, max_classes) -> None:
 def _system_options(f):
     """Options shared by `classify` and `evaluate`: which System 2, the trigger, the decision."""
     opts = [
-        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (option scoring)."),
+        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (in-process), or the URL "
+                                                   "of an OpenAI-compatible server (vLLM, SGLang): http://HOST:PORT/v1."),
         click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker (no VLM needed)."),
         click.option("--slow-budget", type=click.FloatRange(0, 1), default=None,
                      help="Fraction of images to send slow (default 0.3 unless --threshold); the threshold is "
@@ -261,39 +316,123 @@ def _system_options(f):
     return f
 
 
-def _open_system(kb, o: dict, slow_all: bool = False):
+def _system_kwargs(kb, o: dict, slow_all: bool = False, cache_dir=None) -> dict:
+    """open_system's arguments from the options (Ray's actors open their own systems from the same)."""
+    from pathlib import Path
+
+    enc = o["encoder"]
+    enc = str(Path(enc).resolve()) if enc and Path(enc).exists() else enc  # actors may run in another folder
+    return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=vlm_spec(o["vlm"], o["device"], o),
+                reranker=o["reranker"], vlm_options=vlm_backend_options(o, cache_dir), budget=o["slow_budget"],
+                threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
+                rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+
+
+def _open_system(kb, o: dict, slow_all: bool = False, cache_dir=None):
     from fgvr.pipeline import open_system
 
-    return open_system(kb, encoder=o["encoder"], vlm=vlm_spec(o["vlm"], o["device"], o), reranker=o["reranker"],
-                       budget=o["slow_budget"],
-                       threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
-                       rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+    return open_system(**_system_kwargs(kb, o, slow_all, cache_dir))
+
+
+def _ray_options(f):
+    """--ray and its sizes, shared by `classify` (collections) and `evaluate` (see fgvr.ray_run)."""
+    opts = [
+        click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
+                     help="Run the stages on Ray Data: 'local' starts a cluster on this machine, 'auto' joins "
+                          "the running one, or a cluster address."),
+        click.option("--ray-workers", type=click.IntRange(1), default=None,
+                     help="Encode actors (default: one per CPU of the cluster, or per GPU with --device cuda)."),
+        click.option("--ray-slow-workers", type=click.IntRange(1), default=1, show_default=True,
+                     help="System 2 actors (each takes a GPU with --device cuda and --vlm)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _need_ray(o: dict) -> None:
+    """With --ray, fail before any model loads when Ray is not installed."""
+    if o.get("ray_address"):
+        from fgvr.ray_run import RayError, require_ray
+
+        try:
+            require_ray()
+        except RayError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _engine(o: dict, kwargs: dict, system):
+    """None (this process) without --ray; else a RayEngine on the cluster --ray names."""
+    if not o.get("ray_address"):
+        return None
+    from fgvr.ray_run import RayEngine, connect
+
+    connect(o["ray_address"])
+    return RayEngine(kwargs, system, workers=o["ray_workers"], slow_workers=o["ray_slow_workers"],
+                     batch_size=o["batch_size"])
 
 
 def _user_errors():
     """The error types that mean 'bad input': shown as a one-line message, not a traceback."""
+    from fgvr.backends import BackendError
     from fgvr.data import DataError
     from fgvr.evaluate import EvaluateError
     from fgvr.knowledge_base import KnowledgeBaseError
     from fgvr.models.spec import SpecError
+    from fgvr.ray_run import RayError
 
-    return (DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError)
+    return (BackendError, DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError,
+            RayError)
 
 
 @cli.command()
 @click.argument("kb", type=click.Path(file_okay=False))
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Classify the collection IMAGES names (one folder, .csv/.jsonl list of paths, or glob) into "
+                   "prediction shards in this folder; resumable.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
+              help="Shard format with --out.")
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Records per shard with --out (a kill loses at most the records not yet in a shard).")
 @_system_options
-def classify(kb, images, **o) -> None:
+@_ray_options
+def classify(kb, images, out, fmt, shard_size, **o) -> None:
     """Classify IMAGES with the knowledge base KB: one JSON line per image on stdout.
 
     Each line: prediction (class id and name), confidence, the path taken (fast, slow, escalated-unavailable
     when no System 2 is given, error for an unreadable file), candidates with fast/slow/final scores,
     rationale, rules used, timings and every input of the trigger's decision.
+
+    \b
+    With --out PRED, IMAGES is one collection: a folder, a .csv / .jsonl list of paths, or a glob
+    (quote it). One record per image (path, prediction, confidence, top-k with scores, path taken, error)
+    goes to PRED/part-*.jsonl (or .parquet); a rerun resumes. --ray runs it on Ray Data.
     """
     import json
+    from pathlib import Path
 
+    _need_ray(o)
+    if out is None and o["ray_address"]:
+        raise click.UsageError("--ray classifies a collection: give it with --out PRED")
+    if out is None and any(Path(p).is_dir() for p in images):
+        raise click.UsageError("IMAGES names a folder: to classify a collection, add --out PRED (prediction shards)")
+    if out is not None and len(images) != 1:
+        raise click.UsageError(f"--out takes one collection (folder, .csv/.jsonl list or quoted glob), got "
+                               f"{len(images)} arguments")
     try:
+        if out is not None:
+            from fgvr.collection import classify_collection
+            from fgvr.pipeline import open_system
+
+            kwargs = _system_kwargs(kb, o, cache_dir=Path(out) / "vlm-cache")
+            with open_system(**kwargs) as system:
+                counts = classify_collection(system, images[0], out, {"kb": str(Path(kb).resolve()),
+                                                                      "encoder": system.encoder.spec.key},
+                                             fmt=fmt, shard_size=shard_size, batch_size=o["batch_size"],
+                                             engine=_engine(o, kwargs, system))
+            click.echo(json.dumps(counts))
+            return
         with _open_system(kb, o) as system:
             for i in range(0, len(images), o["batch_size"]):
                 for r in system.classify_paths(images[i:i + o["batch_size"]]):
@@ -316,6 +455,7 @@ def classify(kb, images, **o) -> None:
 @click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
               help="Folder/label -> class name mapping for DATA (see fgvr build-kb).")
 @_system_options
+@_ray_options
 def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> None:
     """Evaluate on the labelled folder or CSV DATA: exact-match accuracy on class ids, per class, confusion,
     slow-path rate, accuracy per path, System 2 calls and tokens, latency, peak memory. Killed runs resume."""
@@ -325,13 +465,17 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
     from fgvr.data import read_dataset
     from fgvr.evaluate import run_evaluation
 
+    _need_ray(o)
     try:
+        from fgvr.pipeline import open_system
+
         dataset = read_dataset(Path(data), classes_file)
-        with _open_system(kb, o, slow_all=slow_all) as system:
+        kwargs = _system_kwargs(kb, o, slow_all, cache_dir=Path(out) / "vlm-cache")
+        with open_system(**kwargs) as system:
             config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
                       "data": str(Path(data).resolve()), "limit": limit}
             s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"],
-                               calibrate=calibrate)
+                               calibrate=calibrate, engine=_engine(o, kwargs, system))
     except _user_errors() as e:
         raise click.ClickException(str(e)) from None
     short = {k: s[k] for k in ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",
@@ -347,7 +491,8 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
 @cli.command("build-experience")
 @click.argument("kb", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--vlm", metavar="SPEC", required=True, help="The Qwen2.5-VL model folder that reasons and reflects.")
+@click.option("--vlm", metavar="SPEC", required=True,
+              help="The Qwen2.5-VL that reasons and reflects: a model folder, or a served model's URL (http://HOST:PORT/v1).")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Passes over the held-out images (stops early when a pass keeps no new rule).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
@@ -374,6 +519,11 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
     from fgvr.experience import ExperienceError, build_experience, describe_rules
     try:
         spec = vlm_spec(vlm, device, vlm_opts)
+        from fgvr.backends import is_served, open_backend
+
+        if is_served(spec):  # one backend for reasoning and reflection; its answers kept with the base
+            spec = open_backend(spec, vlm_backend_options({**vlm_opts, "device": device},
+                                                          Path(kb) / "experience" / "vlm-cache"))
         summary = build_experience(kb, read_dataset(Path(data), classes_file), spec, rounds, k=top_k,
                                    weight=weight, n_rules=n_rules, max_per_class=max_per_class,
                                    device=device, fresh=fresh)
@@ -441,7 +591,8 @@ def _list_datasets(ctx, param, value) -> None:
 @click.option("--encoder", default="efficientnet-lite0", show_default=True, metavar="SPEC",
               help="System 1's encoder: efficientnet-lite0/2, or a local CLIP/SigLIP folder.")
 @click.option("--vlm", metavar="SPEC", default=None,
-              help="System 2 = this Qwen2.5-VL folder (with a CLIP/SigLIP encoder it also writes class descriptions).")
+              help="System 2 = this Qwen2.5-VL folder or a served one's URL (with a CLIP/SigLIP encoder it also "
+                   "writes class descriptions).")
 @click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker.")
 @click.option("--slow-budget", type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help="Fraction of the test images sent to System 2 (threshold from their own trigger scores).")
@@ -467,27 +618,95 @@ def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limi
     DATASET: cub-200-2011, stanford-dogs, stanford-cars, oxford-pets, fgvc-aircraft, flowers-102,
     fashion-mnist (see --list for where each is published and the layout --root must hold).
     """
+    from fgvr.backends import BackendError
     from fgvr.bench import BenchError, run_bench
     from fgvr.datasets import dataset_info
     from fgvr.fashion_mnist import FashionMNISTMissing, IdxError
     from fgvr.reranker import RerankerError
 
-    flags = {"vlm_dtype": "--vlm-dtype", "quant": "--quant", "max_visual_tokens": "--max-visual-tokens",
-             "gpu_budget": "--gpu-budget"}
-    cli_args = [w for k, f in flags.items() if vlm_opts.get(k) is not None for w in (f, str(vlm_opts[k]))]
+    # the VLM options given on this command line, to print in the commands that reproduce the table
+    cli_args = [w for k, v in vlm_opts.items() if v is not None and _given(k) for w in ("--" + k.replace("_", "-"), str(v))]
     try:
         info = dataset_info(dataset)
         if root is None and info.name != "fashion-mnist":
             raise click.UsageError(f"--root DIR is required for {info.name}: the folder you downloaded it to. "
                                    "`fgvr bench --list` shows the expected layout.")
         table = run_bench(dataset, out, root=root, shots=shots, seeds=seeds, encoder=encoder,
-                          vlm=vlm_spec(vlm, device, vlm_opts), reranker=reranker, slow_budget=slow_budget,
+                          vlm=vlm_spec(vlm, device, vlm_opts), vlm_options=vlm_backend_options({**vlm_opts, "device": device}),
+                          reranker=reranker, slow_budget=slow_budget,
                           limit=limit, top_k=top_k, weight=weight, device=device, batch_size=batch_size,
                           cli_args=cli_args, reports=not no_reports)
-    except (BenchError, FashionMNISTMissing, IdxError, RerankerError, *_user_errors()) as e:
+    except (BackendError, BenchError, FashionMNISTMissing, IdxError, RerankerError, *_user_errors()) as e:
         raise click.ClickException(str(e)) from None
     click.echo(table.markdown)
     click.echo(f"wrote {out}/table.md and {out}/table.json", err=True)
+
+
+# --- serve (issue 14) -------------------------------------------------------------------------------
+
+
+def _given(name: str) -> bool:
+    """Whether option `name` of the running command was given (not left at its default)."""
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+@cli.command("serve")
+@click.argument("kb", type=click.Path(file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything beyond loopback without --token warns loudly.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--token", default=None, envvar="FGVR_TOKEN", show_envvar=True,
+              help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
+@click.option("--runs", type=click.Path(file_okay=False, exists=True), default=None,
+              help="An evaluation run folder (or a folder of them) to browse at /runs.")
+@click.option("--max-upload", default="10MiB", show_default=True, help="Largest request body (per image in a batch).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest image (width x height, read from its header before decoding).")
+@click.option("--max-batch-images", type=click.IntRange(1), default=16, show_default=True,
+              help="Images in one /v1/classify/batch request.")
+@click.option("--read-timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds a client has to send its request body.")
+@click.option("--encode-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Longest wait for the encoder's micro-batch to fill (--batch-size is its size).")
+@click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
+              help="Images per System 2 call; one call runs at a time.")
+@_system_options
+def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_images, read_timeout, encode_wait_ms,
+              slow_batch, **o) -> None:
+    """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
+    /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
+
+    --batch-size is the encoder's micro-batch, 4 unless given: on CPU a bigger batch did not lower the cost
+    per image here, and it raises the server's memory (benchmarks/serve_load.py).
+    """
+    import os
+    from pathlib import Path
+
+    # Before torch starts OpenMP: idle OpenMP workers sleep instead of spinning, so they do not take the CPU
+    # from the request threads (decoding, HTTP) of the same process. On a 2-core machine shared with other
+    # work, spinning made a Lite0 forward 10-20x slower here. An explicit setting is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from fgvr.models.footprint import parse_bytes
+    from fgvr.serve import ServeSettings, serve
+
+    try:
+        settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
+                                 max_batch_images=max_batch_images, read_timeout_s=read_timeout,
+                                 encode_batch=o["batch_size"] if _given("batch_size") else 4,
+                                 encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
+                                 token=token or None, runs=Path(runs) if runs else None)
+        kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+
+    def opener():
+        from fgvr.pipeline import open_system
+
+        return open_system(**kwargs)
+
+    raise SystemExit(serve(opener, host, port, settings))
 
 
 def main() -> None:

@@ -167,7 +167,7 @@ def check_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
 
 def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config: dict[str, Any], *,
                    limit: int | None = None, batch_size: int = 16, progress: bool = True,
-                   report: bool = True, calibrate: str = "run") -> dict[str, Any]:
+                   report: bool = True, calibrate: str = "run", engine: Any = None) -> dict[str, Any]:
     """Classify every planned image not yet in RUN/results.jsonl, then summarise the whole run.
 
     With a slow-path budget, `calibrate` says where the trigger's threshold comes from:
@@ -181,6 +181,8 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
                  than queries, and the realised rate comes out below the budget (Fashion-MNIST 5-shot: 0.20
                  for a budget of 0.3); one streaming pass.
     With a threshold given directly, there is nothing to calibrate.
+    `engine` computes the batches: `fgvr.collection.LocalEngine` (default, this process) or
+    `fgvr.ray_run.RayEngine` (Ray Data); the files written are the same.
     """
     if calibrate not in ("run", "support"):
         raise ValueError(f"calibrate must be 'run' or 'support', got {calibrate!r}")
@@ -214,6 +216,9 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
 
     from tqdm import tqdm
 
+    from fgvr.collection import LocalEngine
+
+    engine = engine or LocalEngine(system, batch_size)
     t0 = time.perf_counter()
     cache = None
     if calibrate_on == "run":
@@ -221,9 +226,8 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
         need = [p for p, _, _ in todo if p not in cache]
         bar = tqdm(total=len(todo), initial=len(todo) - len(need), desc="encode (pass 1 of 2)", unit="img",
                    file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
-        for start in range(0, len(need), batch_size):
-            chunk = need[start:start + batch_size]
-            cache.add(chunk, system.encode_paths(chunk, keep_images=False))
+        for chunk, enc in engine.encode(need):
+            cache.add(chunk, enc)
             bar.update(len(chunk))
         bar.close()
         if stored.get("calibrated_threshold") is not None:
@@ -245,10 +249,9 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
     n_right = sum(1 for r in previous if r.get("correct"))
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="evaluate", unit="img",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        paths = [p for p, _, _ in batch]
-        results = system.classify_paths(paths) if cache is None else cache.classify(system, paths)
+    labels = {p: (label, cid) for p, label, cid in todo}
+    for paths, results in engine.classify([p for p, _, _ in todo], cache):
+        batch = [(p, *labels[p]) for p in paths]
         records = []
         for (p, label, cid), res in zip(batch, results):
             rec = res.to_dict()
@@ -267,7 +270,14 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
     bar.close()
     wall = time.perf_counter() - t0
 
-    records = [r for r in read_results(results_file) if r["path"] in planned]
+    everything = read_results(results_file)
+    records = [r for r in everything if r["path"] in planned]
+    order = {p: i for i, (p, _, _) in enumerate(items)}
+    if [r["path"] for r in records] != sorted((r["path"] for r in records), key=order.__getitem__):
+        records.sort(key=lambda r: order[r["path"]])  # an engine that finished out of order: plan order
+        rest = [r for r in everything if r["path"] not in planned]
+        atomic_write_bytes(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                 for r in records + rest).encode("utf-8"))
     summary = summarise(records, kb.classes, unknown)
     summary["support_images_excluded"] = n_support
     summary["trigger"] = {"threshold": system.trigger.threshold, "budget": system.trigger.budget,
@@ -276,6 +286,8 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
                       "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
                       "peak_memory": peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))}
     summary["config"] = stored
+    describe = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
+    summary["system2"] = describe() if describe else ({"system2": system.slow.name} if system.slow else None)
     atomic_write_json(out / SUMMARY, summary)
     if report:
         from fgvr.report import write_report

@@ -476,24 +476,21 @@ class Reflector(Protocol):
 
 
 class VlmReflector:
-    """Reflection with the VLM (leased for the call, like the reasoner): greedy, a few dozen tokens."""
+    """Reflection with the VLM through its backend (`fgvr.backends`, the same text generation as class
+    descriptions and rationales): greedy, a few dozen tokens. A spec opens the in-process backend."""
 
-    def __init__(self, spec: Any, max_new_tokens: int = 160, batch_size: int = 4) -> None:
-        self.spec = spec
+    def __init__(self, backend: Any, max_new_tokens: int = 160, batch_size: int = 4) -> None:
+        from fgvr.backends import BackendOptions, open_backend
+
+        self.backend = backend if hasattr(backend, "generate") else open_backend(backend, BackendOptions(batch_size=batch_size))
         self.max_new_tokens = max_new_tokens
-        self.batch_size = max(1, batch_size)
 
     def reflect(self, requests: Sequence[ReflectRequest]) -> list[str]:
-        from fgvr.models import registry
-        from fgvr.slow_path import render_chat, user_turn, vlm_generate
+        from fgvr.backends import user_turn
 
-        out: list[str] = []
-        with registry.use(self.spec) as vlm:
-            for i in range(0, len(requests), self.batch_size):
-                chunk = requests[i : i + self.batch_size]
-                texts = [render_chat(vlm.processor, [user_turn(reflection_question(r))]) for r in chunk]
-                out += [t for t, _, _ in vlm_generate(vlm, texts, [r.image for r in chunk], self.max_new_tokens)]
-        return out
+        got = self.backend.generate([[user_turn(reflection_question(r))] for r in requests],
+                                    [[r.image] for r in requests], self.max_new_tokens)
+        return [g.text for g in got]  # a failed request is empty text: unparseable, logged and skipped
 
 
 # --- build -------------------------------------------------------------------------------------------------
@@ -708,11 +705,13 @@ def build_experience(
         if vlm_spec is None:
             raise ExperienceError("building the experience library needs a VLM: pass --vlm FOLDER "
                                   "(a Qwen2.5-VL folder saved with save_pretrained)")
+        from fgvr.backends import open_backend
         from fgvr.slow_path import VlmReasoner
 
-        slow = slow or VlmReasoner(vlm_spec, kb.classes, getattr(kb, "descriptions", None) or {},
+        backend = vlm_spec if hasattr(vlm_spec, "generate") else open_backend(vlm_spec)  # one for both steps
+        slow = slow or VlmReasoner(backend, kb.classes, getattr(kb, "descriptions", None) or {},
                                    max_rules=n_rules)
-        reflector = reflector or VlmReflector(vlm_spec)
+        reflector = reflector or VlmReflector(backend)
     dataset = data if isinstance(data, Dataset) else read_dataset(Path(data))
     exp_dir = kb_path / EXPERIENCE_DIR
     progress_file = exp_dir / PROGRESS_FILE

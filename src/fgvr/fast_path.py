@@ -10,7 +10,8 @@ label set and its entropy means something):
     p          = softmax((w * s_img + (1 - w) * s_txt) / tau)  w, tau default to kb.fusion
 
 Prototypes are robust to one odd support image; the best exemplar keeps multi-modal classes (a shirt
-seen folded and worn) from being averaged into nothing. Both are cheap, so System 1 uses both.
+seen folded and worn) from being averaged into nothing. Both are cheap, so System 1 uses both. The image
+scores and the leave-one-out come from `fgvr.scoring`, which the visual re-ranker shares.
 
 `support_loo` runs the same scoring on the base's own exemplars leave-one-out (a support image is never
 scored against a prototype or exemplar that contains it): the trigger calibrates a slow-path budget on it.
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from fgvr.scoring import Support, best_exemplar_scores, image_scores, mix  # noqa: F401 (best_exemplar_scores: re-exported)
 
 DEFAULT_W = 1.0
 DEFAULT_TAU = 0.05
@@ -90,13 +93,6 @@ def fusion_params(kb: Any, w: float | None = None, tau: float | None = None) -> 
     return w, tau, e
 
 
-def best_exemplar_scores(sims: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, N) query-exemplar similarities -> (B, C) best exemplar per class; -inf where a class has none."""
-    out = torch.full((sims.shape[0], num_classes), -math.inf, dtype=sims.dtype, device=sims.device)
-    index = labels.to(sims.device).long().unsqueeze(0).expand_as(sims)
-    return out.scatter_reduce_(1, index, sims, reduce="amax", include_self=True)
-
-
 def _kb_tensor(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.to(device=ref.device, dtype=torch.float32)
 
@@ -145,14 +141,9 @@ def system1(
             "encode with the encoder the base was built with"
         )
     w, tau, e = fusion_params(kb, w, tau)
-    num_classes = protos.shape[0]
 
-    s_img = q @ protos.T
     exemplars = _kb_tensor(getattr(kb, "exemplars", None), q)
-    if e > 0 and exemplars is not None and exemplars.shape[0] > 0:
-        s_ex = best_exemplar_scores(q @ exemplars.T, kb.exemplar_labels, num_classes)
-        s_ex = torch.where(torch.isinf(s_ex), s_img, s_ex)  # a class without exemplars keeps its prototype score
-        s_img = (1 - e) * s_img + e * s_ex
+    s_img = image_scores(q, protos, exemplars, getattr(kb, "exemplar_labels", None), e)
     logits = s_img
     texts = _kb_tensor(getattr(kb, "text_prototypes", None), q)
     if texts is not None and w < 1.0:
@@ -169,33 +160,15 @@ def support_loo(kb: Any, *, w: float | None = None, tau: float | None = None, k:
     lowest cosine. Rows are processed in chunks so 10,000 classes x 5 shots stay within memory.
     """
     ex = kb.exemplars.to(torch.float32)
-    labels = kb.exemplar_labels.to(ex.device).long()
     w, tau, e = fusion_params(kb, w, tau)
-    num_classes = kb.prototypes.shape[0]
-    sums = torch.zeros(num_classes, ex.shape[1], dtype=ex.dtype, device=ex.device).index_add_(0, labels, ex)
-    counts = torch.bincount(labels, minlength=num_classes).to(ex.dtype)
-    protos = torch.nn.functional.normalize(sums, dim=1)
+    support = Support(ex, kb.exemplar_labels, kb.prototypes.shape[0])
     texts = getattr(kb, "text_prototypes", None)
     texts = None if texts is None else texts.to(device=ex.device, dtype=torch.float32)
     results = []
     for start in range(0, ex.shape[0], chunk):
+        s_proto, s_ex = support.loo_parts(start, start + chunk, exemplar=e > 0)
+        s_img = s_proto if s_ex is None else mix(s_proto, s_ex, e)
         q = ex[start:start + chunk]
-        rows = torch.arange(q.shape[0], device=ex.device)
-        lab = labels[start:start + chunk]
-        s_proto = q @ protos.T
-        own = sums[lab] - q  # the own class's sum without this image
-        own_n = own.norm(dim=1)
-        own_score = torch.where(
-            (counts[lab] > 1) & (own_n > 0), (q * own).sum(1) / own_n.clamp_min(1e-12), torch.full_like(own_n, -1.0)
-        )
-        s_proto[rows, lab] = own_score
-        s_img = s_proto
-        if e > 0:
-            sims = q @ ex.T
-            sims[rows, rows + start] = -math.inf
-            s_ex = best_exemplar_scores(sims, labels, num_classes)
-            s_ex = torch.where(torch.isinf(s_ex), s_proto, s_ex)
-            s_img = (1 - e) * s_proto + e * s_ex
         logits = s_img if texts is None or w >= 1.0 else w * s_img + (1 - w) * (q @ texts.T)
         results.append(logits)
-    return _posterior(torch.cat(results), tau, k, w), labels
+    return _posterior(torch.cat(results), tau, k, w), support.labels

@@ -60,6 +60,7 @@ class Result:
     fast_prediction: int | None = None  # System 1's top-1
     slow_prediction: int | None = None  # the decision's top-1 whenever System 2 ran (also when not used)
     slow_ran: bool = False
+    slow_backend: str | None = None  # which System 2 answered, e.g. "openai:logprob_token_ids", "transformers:logits"
     rationale: str | None = None
     rules_used: list[str] = field(default_factory=list)
     slow_tokens_in: int = 0
@@ -122,6 +123,9 @@ class DualSystem:
             raise ValueError(f"decision weight must lie in [0, 1], got {weight}")
         if trigger.threshold is None:
             trigger.calibrate_on_support(kb, w=w, tau=tau)
+        info = slow.describe() if slow is not None and hasattr(slow, "describe") else {}
+        self.slow_backend = (f"{info['backend']}:{info['mode']}" if "backend" in info
+                             else getattr(slow, "name", None) if slow is not None else None)
 
     # ------------------------------------------------------------------------------------------------
     def classify_paths(self, paths: Sequence[str | Path]) -> list[Result]:
@@ -201,6 +205,7 @@ class DualSystem:
             if ans is not None:
                 slow_p = decide(fast_p, ans.probs, self.weight)
                 r.slow_ran = True
+                r.slow_backend = self.slow_backend
                 r.slow_prediction = ids[max(range(len(ids)), key=lambda j: slow_p[j])]
                 r.rationale, r.rules_used = ans.rationale, list(ans.rules_used)
                 r.slow_tokens_in, r.slow_tokens_out = int(ans.tokens_in), int(ans.tokens_out)
@@ -269,6 +274,9 @@ class DualSystem:
             share = (time.perf_counter() - t) / len(chunk)
             for i, q, a in zip(chunk, queries, got):
                 p = list(a.probs)
+                if getattr(a, "error", None) is not None:
+                    errors[i] = f"System 2 ({getattr(self.slow, 'name', type(self.slow).__name__)}) failed: {a.error}"
+                    continue
                 if len(p) != len(q.candidates) or any(not (x >= 0) for x in p) or sum(p) <= 0:
                     errors[i] = f"System 2 gave {len(p)} probabilities for {len(q.candidates)} candidates: {p}"
                     continue
@@ -297,13 +305,16 @@ def open_system(
     n_rules: int = 3,
     slow_all: bool = False,
     slow_batch: int = 8,
+    vlm_options: Any = None,
 ) -> Iterator[DualSystem]:
     """Load the base, lease its encoder from the registry for the duration, and wire up System 2.
 
     `encoder` defaults to the one the base was built with; naming another one is refused by
-    `load_knowledge_base` (embeddings of different encoders are not comparable). `vlm` (a Qwen2.5-VL folder)
-    or `reranker` picks System 2; neither means none (escalations are marked unavailable). The trigger uses
-    `threshold` when given, else `budget` (default 0.3) calibrated on the base's support set.
+    `load_knowledge_base` (embeddings of different encoders are not comparable). `vlm` (a Qwen2.5-VL folder,
+    a ModelSpec, the URL of an OpenAI-compatible server, or an open `fgvr.backends` backend; opened with
+    `vlm_options`, a `BackendOptions`) or `reranker` picks System 2; neither means none (escalations are
+    marked unavailable). The trigger uses `threshold` when given, else `budget` (default 0.3) calibrated on
+    the base's support set.
     """
     from fgvr.knowledge_base import load_knowledge_base
     from fgvr.models import registry
@@ -315,6 +326,14 @@ def open_system(
         raise ValueError("give --threshold or --slow-budget, not both")
     if threshold is None and budget is None:
         budget = 0.3
+    backend = None
+    if vlm:  # first: a server that does not answer is one clear error before anything is loaded
+        from dataclasses import replace
+
+        from fgvr.backends import BackendOptions, open_backend
+
+        backend = vlm if hasattr(vlm, "score_options") else open_backend(
+            vlm, replace(vlm_options or BackendOptions(), device=device))
     if encoder is not None:
         spec = parse_spec(encoder, device=device)
         kb = load_knowledge_base(kb_path, encoder=spec)  # refuses another encoder's base
@@ -325,10 +344,9 @@ def open_system(
     if vlm:
         from fgvr.slow_path import VlmReasoner
 
-        vspec = vlm if isinstance(vlm, ModelSpec) else parse_spec(vlm, device=device)
-        if vspec.family != "qwen2_5_vl":
-            raise ValueError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {vspec.family} model")
-        slow = VlmReasoner(vspec, kb.classes, kb.descriptions, rationale=rationale, max_rules=n_rules)
+        slow = VlmReasoner(backend, kb.classes, kb.descriptions, rationale=rationale, max_rules=n_rules)
+        # a served backend answers `concurrency` requests at once: give it at least that many per call
+        slow_batch = max(slow_batch, getattr(backend, "concurrency", 0))
     elif reranker:
         from fgvr.reranker import VisualReranker
 

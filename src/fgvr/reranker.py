@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fgvr.fast_path import best_exemplar_scores
+from fgvr import scoring
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
 DEFAULT_ENCODER = "efficientnet-lite2"
@@ -44,7 +44,7 @@ DEFAULT_IMAGE_SIZE = 260  # Lite2's native resolution; System 1 runs Lite0 at 22
 DEFAULT_VIEWS = ("identity", "flip")
 DEFAULT_GRID = 3
 DEFAULT_TEMPERATURE = 0.05  # used only when the support set cannot tell (one shot per class)
-TEMPERATURES = tuple(float(t) for t in torch.logspace(math.log10(0.003), math.log10(0.5), 25))
+TEMPERATURES = scoring.TEMPERATURES  # the one temperature grid (System 1's fusion fit uses it too)
 PROTO_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LAYOUT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 DEFAULT_PROTO_WEIGHT = 0.5
@@ -116,13 +116,8 @@ def match_scores(
     proto_weight: float,
 ) -> torch.Tensor:
     """(B,D') query descriptors -> (B,C) scores: proto_weight * prototype cosine + (1 - it) * best exemplar."""
-    labels = exemplar_labels.long()
-    sums = torch.zeros(num_classes, exemplars.shape[1], dtype=exemplars.dtype).index_add_(0, labels, exemplars)
-    protos = F.normalize(sums, dim=-1)
-    s_proto = queries @ protos.T
-    s_ex = best_exemplar_scores(queries @ exemplars.T, labels, num_classes)
-    s_ex = torch.where(torch.isinf(s_ex), s_proto, s_ex)
-    return proto_weight * s_proto + (1 - proto_weight) * s_ex
+    support = scoring.Support(exemplars, exemplar_labels, num_classes)
+    return scoring.image_scores(queries, support.prototypes, exemplars, support.labels, 1 - proto_weight)
 
 
 def candidate_softmax(scores: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -138,21 +133,9 @@ def support_loo_scores(
     An image whose class has no other exemplar cannot be scored fairly for its own class, so it is marked
     unusable (it would only teach the temperature that the right answer scores -inf).
     """
-    labels = labels.long()
-    n = exemplars.shape[0]
-    sums = torch.zeros(num_classes, exemplars.shape[1], dtype=exemplars.dtype).index_add_(0, labels, exemplars)
-    counts = torch.bincount(labels, minlength=num_classes)
-    protos = F.normalize(sums, dim=-1)
-    s_proto = exemplars @ protos.T
-    own = sums[labels] - exemplars
-    rows = torch.arange(n)
-    s_proto[rows, labels] = (exemplars * F.normalize(own, dim=-1)).sum(1)
-    sims = exemplars @ exemplars.T
-    sims[rows, rows] = -math.inf
-    s_ex = best_exemplar_scores(sims, labels, num_classes)
-    s_ex = torch.where(torch.isinf(s_ex), s_proto, s_ex)
-    usable = counts[labels] > 1
-    return proto_weight * s_proto + (1 - proto_weight) * s_ex, usable
+    support = scoring.Support(exemplars, labels, num_classes)
+    s_proto, s_ex = support.loo_parts()
+    return scoring.mix(s_proto, s_ex, 1 - proto_weight), support.usable
 
 
 def fit_on_support(
@@ -172,16 +155,16 @@ def fit_on_support(
                "temperature": DEFAULT_TEMPERATURE}
     best = None
     for b in layouts:
-        x = weight_parts(exemplars, grid, b)
+        support = scoring.Support(weight_parts(exemplars, grid, b), labels, num_classes)
+        usable = support.usable
+        if not bool(usable.any()):
+            return default | {"fitted": False, "reason": "one support image per class"}
+        s_proto, s_ex = support.loo_parts()  # one leave-one-out pass; each proto_weight is a mix of it
         for a in PROTO_WEIGHTS:
-            scores, usable = support_loo_scores(x, labels, num_classes, a)
-            if not bool(usable.any()):
-                return default | {"fitted": False, "reason": "one support image per class"}
-            s, y = scores[usable], labels[usable]
-            nll = [float(F.cross_entropy(s / t, y)) for t in TEMPERATURES]
-            j = min(range(len(nll)), key=nll.__getitem__)
-            if best is None or nll[j] < best["loo_nll"]:
-                best = {"proto_weight": a, "layout_weight": b, "temperature": TEMPERATURES[j], "loo_nll": nll[j],
+            s, y = scoring.mix(s_proto, s_ex, 1 - a)[usable], labels[usable]
+            t, nll = scoring.fit_temperature(s, y, TEMPERATURES)
+            if best is None or nll < best["loo_nll"]:
+                best = {"proto_weight": a, "layout_weight": b, "temperature": t, "loo_nll": nll,
                         "loo_accuracy": float((s.argmax(1) == y).float().mean()), "n": int(usable.sum())}
     return best | {"fitted": True}
 

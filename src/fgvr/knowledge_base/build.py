@@ -152,16 +152,21 @@ def _fit(kb: KnowledgeBase) -> None:
 
 
 def _specs(encoder: Any, vlm: Any, device: str) -> tuple[Any, Any]:
-    """(encoder spec, VLM spec or None) from spec strings or ModelSpecs; the VLM must be a Qwen2.5-VL."""
+    """(encoder spec, VLM backend or None) from spec strings, ModelSpecs, a served VLM's URL or an open
+    `fgvr.backends` backend; an in-process VLM must be a Qwen2.5-VL."""
     from fgvr.models.spec import ModelSpec, parse_spec
 
     spec = encoder if isinstance(encoder, ModelSpec) else parse_spec(str(encoder), device=device)
-    vlm_spec = None
-    if vlm is not None:
-        vlm_spec = vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device)
-        if vlm_spec.family != "qwen2_5_vl":
-            raise KnowledgeBaseError(f"--vlm must be a Qwen2.5-VL folder; {vlm} is a {vlm_spec.family} model")
-    return spec, vlm_spec
+    if vlm is None:
+        return spec, None
+    from fgvr.backends import BackendOptions, is_served, open_backend
+
+    if hasattr(vlm, "generate") or is_served(vlm):  # an open backend, or a served VLM's URL
+        return spec, vlm if hasattr(vlm, "generate") else open_backend(vlm, BackendOptions(device=device))
+    vlm_spec = vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device)
+    if vlm_spec.family != "qwen2_5_vl":
+        raise KnowledgeBaseError(f"--vlm must be a Qwen2.5-VL folder; {vlm} is a {vlm_spec.family} model")
+    return spec, open_backend(vlm_spec, BackendOptions(device=device))
 
 
 def _work_dir(out: Path, partial_root: Path, config_hash: str) -> Path:
@@ -230,7 +235,8 @@ def _manifest(data: Any, ds: Dataset, spec: Any, vlm_spec: Any, results: dict[in
         "support": support_records,
         "skipped": skipped,
         "text": ({"templates": list(templates), "description_weight": DESCRIPTION_WEIGHT} if has_text else None),
-        "vlm": ({"key": vlm_spec.key, "name": vlm_spec.name, "prompt": DESCRIPTION_PROMPT,
+        "vlm": ({"key": vlm_spec.describe()["key"], "name": vlm_spec.describe()["model"],
+                 "backend": vlm_spec.describe()["backend"], "prompt": DESCRIPTION_PROMPT,
                  "images_per_class": DESCRIPTION_IMAGES, "max_new_tokens": DESCRIPTION_MAX_NEW_TOKENS}
                 if vlm_spec is not None else None),
     }

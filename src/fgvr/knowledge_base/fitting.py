@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 
 from fgvr.knowledge_base.storage import KnowledgeBase, RetrievalStats
+from fgvr.scoring import TEMPERATURES, fit_temperature
 
-# Fusion grid (see `choose_fusion`).
+# Fusion grid (see `choose_fusion`); the temperatures are the one grid of `fgvr.scoring`.
 W_GRID = tuple(i / 10 for i in range(11))
 EXEMPLAR_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-TAU_GRID = tuple(10 ** (-3 + 3 * i / 40) for i in range(41))  # 0.001 .. 1, log-spaced
+TAU_GRID = TEMPERATURES  # 0.001 .. 1, log-spaced
 
 
 class _Scoring:
@@ -39,7 +40,8 @@ def choose_fusion(kb: KnowledgeBase) -> dict:
 
     System 1's logits are linear in the fusion weights: w * ((1-e) * s_proto + e * s_exemplar) + (1-w) * s_text.
     So three leave-one-out passes (prototype only, exemplar only, text only) give every grid point by
-    mixing, and tau is searched on a log grid per (w, e). w is searched only with text prototypes.
+    mixing, and tau is searched on the log grid per (w, e) (`fgvr.scoring.fit_temperature`). w is searched
+    only with text prototypes.
     """
     from fgvr.fast_path import DEFAULT_EXEMPLAR_WEIGHT, DEFAULT_TAU, DEFAULT_W, support_loo
 
@@ -58,18 +60,16 @@ def choose_fusion(kb: KnowledgeBase) -> dict:
 
     s_proto, s_ex = loo_logits(1.0, 0.0), loo_logits(1.0, 1.0)
     s_txt = loo_logits(0.0, 0.0) if has_text else None
-    y = labels[mask].view(-1, 1)
+    y = labels[mask]
     best: tuple[float, dict] | None = None
     for w in (W_GRID if has_text else (1.0,)):
         for e in EXEMPLAR_WEIGHT_GRID:
             logits = (1 - e) * s_proto + e * s_ex
             if s_txt is not None:
                 logits = w * logits + (1 - w) * s_txt
-            own = logits.gather(1, y).squeeze(1)
-            for tau in TAU_GRID:
-                nll = float((torch.logsumexp(logits / tau, dim=1) - own / tau).mean())
-                if best is None or nll < best[0] - 1e-12:
-                    best = (nll, {"w": w, "tau": tau, "exemplar_weight": e})
+            tau, nll = fit_temperature(logits, y, TAU_GRID)
+            if best is None or nll < best[0] - 1e-12:
+                best = (nll, {"w": w, "tau": tau, "exemplar_weight": e})
     nll, chosen = best
     return {**chosen, "source": "leave-one-out NLL on the support set", "loo_nll": round(nll, 6),
             "images": int(mask.sum())}

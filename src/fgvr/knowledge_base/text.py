@@ -39,42 +39,28 @@ DESCRIPTION_PROMPT = (
 def describe_classes(vlm: Any, class_images: list[tuple[str, list[Image.Image]]], *, batch_size: int = 4,
                      max_new_tokens: int = DESCRIPTION_MAX_NEW_TOKENS, progress: bool = True,
                      on_batch: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
-    """One description per class of its discriminative visible features, written by a Qwen2.5-VL.
+    """One description per class of its discriminative visible features, written by the VLM `vlm` (a
+    `fgvr.backends` backend: in-process or served, the same text generation as everywhere else).
 
     Each prompt shows up to 3 support images and asks for the features that tell the class apart; classes
-    are generated in batches (left padding), greedy, at most `max_new_tokens` new tokens. `on_batch` gets
-    each batch's results (the build saves them so a killed build does not regenerate them).
+    go to the backend in batches of `batch_size`, greedy, at most `max_new_tokens` new tokens. `on_batch`
+    gets each batch's results (the build saves them so a killed build does not regenerate them); a class
+    whose request failed gets no description (it is asked again on the next build).
     """
     from tqdm import tqdm
 
-    proc, tok, model = vlm.processor, vlm.tokenizer, vlm.model
-    device = next(model.parameters()).device
+    from fgvr.backends import user_turn
+
     out: dict[str, str] = {}
-    old_side = getattr(tok, "padding_side", "right")
-    tok.padding_side = "left"  # generation continues from the last position: pad on the left
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    try:
-        steps = range(0, len(class_images), batch_size)
-        for b in tqdm(steps, desc="describing classes", unit="batch", file=sys.stderr, disable=not progress):
-            chunk = class_images[b:b + batch_size]
-            texts, images = [], []
-            for name, imgs in chunk:
-                content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": DESCRIPTION_PROMPT.format(name=name)}]
-                texts.append(proc.apply_chat_template([{"role": "user", "content": content}],
-                                                      tokenize=False, add_generation_prompt=True))
-                images += imgs
-            inputs = proc(text=texts, images=images or None, padding=True, return_tensors="pt").to(device)
-            with torch.inference_mode():
-                gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=pad_id)
-            new = gen[:, inputs["input_ids"].shape[1]:]
-            got = {name: " ".join(t.split()) for (name, _), t in
-                   zip(chunk, tok.batch_decode(new, skip_special_tokens=True))}
-            out.update(got)
-            if on_batch is not None:
-                on_batch(got)
-    finally:
-        tok.padding_side = old_side
+    for b in tqdm(range(0, len(class_images), batch_size), desc="describing classes", unit="batch",
+                  file=sys.stderr, disable=not progress):
+        chunk = class_images[b:b + batch_size]
+        conversations = [[user_turn(DESCRIPTION_PROMPT.format(name=name), n_images=len(imgs))] for name, imgs in chunk]
+        gen = vlm.generate(conversations, [imgs for _, imgs in chunk], max_new_tokens)
+        got = {name: " ".join(g.text.split()) for (name, _), g in zip(chunk, gen) if g.error is None}
+        out.update(got)
+        if on_batch is not None:
+            on_batch(got)
     return out
 
 
@@ -99,9 +85,8 @@ def write_descriptions(vlm_spec: Any, ds: Dataset, results: dict[int, Any], work
     """{class name: description} for every class ("" where no image could be read), written by the VLM
     from up to `DESCRIPTION_IMAGES` of the class's encoded support images. Each batch is saved to
     `work_dir` as it finishes, so a resumed build does not write the same descriptions again."""
-    from fgvr.models import registry
-
-    desc_file = work_dir / f"descriptions-{hashlib.sha256(vlm_spec.key.encode()).hexdigest()[:12]}.json"
+    key = vlm_spec.describe()["key"]  # vlm_spec: the VLM's backend (fgvr.backends)
+    desc_file = work_dir / f"descriptions-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
     descriptions = read_json(desc_file) if desc_file.is_file() else {}
     pending = []
     for cid, name in enumerate(ds.classes):
@@ -122,6 +107,5 @@ def write_descriptions(vlm_spec: Any, ds: Dataset, results: dict[int, Any], work
             descriptions.update(got)
             atomic_write_json(desc_file, descriptions)
 
-        with registry.use(vlm_spec) as vl:
-            describe_classes(vl, pending, batch_size=batch_size, progress=progress, on_batch=save_batch)
+        describe_classes(vlm_spec, pending, batch_size=batch_size, progress=progress, on_batch=save_batch)
     return {c: descriptions.get(c, "") for c in ds.classes}

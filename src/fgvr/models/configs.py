@@ -129,10 +129,11 @@ EFFICIENTNET: dict[str, dict] = {
 
 
 def architecture(name: str) -> tuple[str, dict] | None:
-    """(family, config) for a known model name, or None."""
+    """(family, config) for a model name some family declares in its `known_configs`, or None."""
+    from fgvr.models import families
+
     low = name.strip().lower()
-    for family, table in (("qwen2_5_vl", QWEN2_5_VL), ("clip", CLIP), ("siglip", SIGLIP),
-                          ("efficientnet", EFFICIENTNET)):
-        if low in table:
-            return family, table[low]
+    for fam in families.all_families():
+        if low in fam.known_configs:
+            return fam.name, fam.known_configs[low]
     return None

@@ -98,6 +98,39 @@ def meta_bytes(build: Callable[[], torch.nn.Module]) -> int:
     return module_bytes(model)
 
 
+def quantised_bytes(model: torch.nn.Module, quantization: str | None) -> int:
+    """Bytes once loaded with bitsandbytes the way transformers does it: every nn.Linear except the output
+    embedding (lm_head) is quantised; embeddings, norms, convolutions and biases keep the compute dtype.
+    The one place quantised sizes are computed (the family estimates and `fgvr memory plan` both use it).
+
+    int8 (LLM.int8): 1 byte per weight + one fp32 scale per output row.
+    nf4: half a byte per weight + one fp32 absmax per 64-weight block (no double quantisation).
+    """
+    import math
+
+    import torch
+
+    total = module_bytes(model)
+    if not quantization:
+        return total
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear) or m is out_emb:
+            continue
+        w = m.weight
+        n = w.numel()
+        total -= n * w.element_size()
+        if quantization == "int8":
+            total += n + m.out_features * 4
+        elif quantization == "nf4":
+            total += (n + 1) // 2 + math.ceil(n / 64) * 4
+        else:
+            from fgvr.models.spec import SpecError
+
+            raise SpecError(f"unknown quantisation {quantization!r}: use int8 or nf4")
+    return total
+
+
 def read_safetensors_header(path: Path) -> dict:
     """The JSON header of one .safetensors file: {name: {dtype, shape, data_offsets}} (data not read)."""
     path = Path(path)

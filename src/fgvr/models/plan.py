@@ -14,9 +14,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fgvr.models import configs
-from fgvr.models.footprint import format_bytes, module_bytes, module_params
+from fgvr.models.footprint import format_bytes, module_params, quantised_bytes  # noqa: F401 (re-exported)
 from fgvr.models.spec import DEFAULT_MAX_PIXELS, QWEN_PATCH, ModelSpec, SpecError, normalise_dtype
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -132,75 +133,41 @@ def _count(n: int) -> str:
 
 def resolve(name_or_folder: str) -> tuple[str, str, dict]:
     """(label, family, config) for a known model name or a local folder with a config.json."""
+    from fgvr.models import families
+
     known = configs.architecture(name_or_folder)
     if known is not None:
         return name_or_folder.strip().lower(), known[0], known[1]
     p = Path(name_or_folder).expanduser()
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
-        names = ", ".join([*configs.QWEN2_5_VL, *configs.CLIP, *configs.SIGLIP, *configs.EFFICIENTNET])
+        names = ", ".join(n for f in families.all_families() for n in f.known_configs)
         raise SpecError(f"{name_or_folder!r} is neither a known model ({names}) nor a folder with a config.json")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise SpecError(f"{cfg_file}: not valid JSON ({exc}); re-download the model's config.json") from None
-    family = {"qwen2_5_vl": "qwen2_5_vl", "clip": "clip", "siglip": "siglip"}.get(cfg.get("model_type", ""))
+    family = next((f.name for f in families.all_families()
+                   if cfg.get("model_type", "") in f.model_types and f.build_meta is not None), None)
     if family is None:
         raise SpecError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not one fgvr can plan for")
     return p.resolve().name, family, cfg
 
 
 def build_meta(family: str, config: dict, dtype: str):
-    """The real network for `config`, on the meta device, in `dtype`."""
+    """The real network for `config`, on the meta device, in `dtype` (the family's `build_meta`)."""
     import torch
 
-    tdtype = getattr(torch, normalise_dtype(dtype))
+    from fgvr.models import families
+
+    try:
+        build = families.get(family).build_meta
+    except KeyError:
+        build = None
+    if build is None:
+        raise SpecError(f"cannot build family {family!r}")
     with torch.device("meta"):
-        if family == "qwen2_5_vl":
-            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-            return Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**config), dtype=tdtype)
-        if family == "clip":
-            from transformers import CLIPConfig, CLIPModel
-
-            return CLIPModel._from_config(CLIPConfig(**config), dtype=tdtype)
-        if family == "siglip":
-            from transformers import SiglipConfig, SiglipModel
-
-            return SiglipModel._from_config(SiglipConfig(**config), dtype=tdtype)
-        if family == "efficientnet":
-            from efficientnet_lite_pytorch import EfficientNet
-
-            return EfficientNet.from_name(config["model_name"], image_size=config["image_size"]).to(tdtype)
-    raise SpecError(f"cannot build family {family!r}")
-
-
-def quantised_bytes(model, quantization: str | None) -> int:
-    """Bytes once loaded with bitsandbytes the way transformers does it: every nn.Linear except the output
-    embedding (lm_head) is quantised; embeddings, norms, convolutions and biases keep the compute dtype.
-
-    int8 (LLM.int8): 1 byte per weight + one fp32 scale per output row.
-    nf4: half a byte per weight + one fp32 absmax per 64-weight block (no double quantisation).
-    """
-    import torch
-
-    total = module_bytes(model)
-    if not quantization:
-        return total
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for m in model.modules():
-        if not isinstance(m, torch.nn.Linear) or m is out_emb:
-            continue
-        w = m.weight
-        n = w.numel()
-        total -= n * w.element_size()
-        if quantization == "int8":
-            total += n + m.out_features * 4
-        elif quantization == "nf4":
-            total += (n + 1) // 2 + math.ceil(n / 64) * 4
-        else:
-            raise SpecError(f"unknown quantisation {quantization!r}: use int8 or nf4")
-    return total
+        return build(config, getattr(torch, normalise_dtype(dtype)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -219,7 +186,7 @@ def model_size(name_or_folder: str, role: str, dtype: str, quantization: str | N
 def estimate_spec_bytes(spec: ModelSpec) -> int:
     """Bytes the model a spec names will take once loaded, from its architecture on the meta device."""
     _, family, cfg = resolve(spec.source)
-    if family == "efficientnet" and spec.image_size:
+    if spec.image_size and "image_size" in cfg:  # a config that states its input size takes the spec's
         cfg = cfg | {"image_size": spec.image_size}
     return _measure_meta(family, json.dumps(cfg, sort_keys=True), spec.dtype, spec.quantization)[1]
 
@@ -321,12 +288,14 @@ def make_plan(
     context_bytes: int = CUDA_CONTEXT_BYTES,
 ) -> Plan:
     """Sizes, working memory, total and verdict; where it does not fit, each change evaluated."""
+    from fgvr.models import families
+
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     models: list[ModelSize] = []
     vlm_cfg = None
     if vlm:
         _, family, vlm_cfg = resolve(vlm)
-        if family != "qwen2_5_vl":
+        if families.get(family).role != "vlm":
             raise SpecError(f"--vlm {vlm!r} is a {family} model; the VLM must be Qwen2.5-VL")
         models.append(model_size(vlm, "vlm", dtype, quantization))
     if encoder:
@@ -336,7 +305,15 @@ def make_plan(
     plan = Plan(budget, models, work, context_bytes, total, total <= budget)
     if plan.fits or not vlm:
         return plan
+    _add_options(plan, vlm, vlm_cfg, dtype, quantization, max_pixels,
+                 lambda cfg, px: workload(cfg, dtype, px, image_size, text_tokens, new_tokens, batch))
+    return plan
 
+
+def _add_options(plan: Plan, vlm: str, vlm_cfg: dict, dtype: str, quantization: str | None, max_pixels: int,
+                 work_at: Callable[[dict, int], Workload]) -> None:
+    """Each change that could make `plan` fit, evaluated (plan.options), and the cheapest that does."""
+    models, budget, context_bytes = plan.models, plan.budget, plan.context_bytes
     # Changes in order of what they cost in quality: none, some detail, some accuracy, more accuracy.
     vlm_bytes = {quantization: models[0].weight_bytes}
 
@@ -351,8 +328,7 @@ def make_plan(
                 m.weight_bytes = vlm_bytes[quant]
                 m.quantization = quant
         px = tokens * QWEN_PATCH * QWEN_PATCH if tokens else max_pixels
-        w = workload(vlm_cfg, dtype, px, image_size, text_tokens, new_tokens, batch)
-        return _total(ms, w, context_bytes)
+        return _total(ms, work_at(vlm_cfg, px), context_bytes)
 
     has_encoder = any(m.role == "encoder" for m in models)
     current_tokens = max_pixels // (QWEN_PATCH * QWEN_PATCH)
@@ -368,7 +344,7 @@ def make_plan(
                 return last
         return last if last else (None, evaluate(enc_off, None, quant))
 
-    def describe(enc_off: bool, tokens: int | None, quant: str | None) -> str:
+    def change_text(enc_off: bool, tokens: int | None, quant: str | None) -> str:
         parts = []
         if enc_off:
             parts.append("encoder off the GPU while the VLM runs (registry offloads it to CPU)")
@@ -393,10 +369,9 @@ def make_plan(
             if c not in seen:
                 seen.add(c)
                 t = evaluate(*c)
-                plan.options.append(Option(describe(*c), t, t <= budget))
+                plan.options.append(Option(change_text(*c), t, t <= budget))
     fitting = [o for o in plan.options if o.fits]
     plan.recommendation = fitting[0].change if fitting else None
-    return plan
 
 
 def parse_image_size(text: str) -> tuple[int, int]:

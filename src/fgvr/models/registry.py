@@ -461,18 +461,9 @@ class Registry:
             f"{'in use: ' + str(h['leases']) + ' lease(s)' if h['leases'] else 'idle'})"
             for h in holders
         ) or "nothing"
-        tries = []
-        if spec.family == "qwen2_5_vl":
-            if spec.quantization != "nf4":
-                q = "int8" if not spec.quantization else "nf4"
-                tries.append(f"quantization={q} (needs CUDA and bitsandbytes; see `fgvr memory plan --quant {q}`)")
-            tries.append(f"a lower pixel cap (max_pixels, now {spec.max_pixels}) to cut the working memory")
-            tries.append("the image encoder off the GPU (device=cpu) while the VLM runs")
-        else:
-            if device != "cpu":
-                tries.append("this encoder on the CPU (device=cpu)")
-            if spec.dtype == "float32":
-                tries.append("dtype bf16/fp16 (half the bytes)")
+        from fgvr.models import families
+
+        tries = families.fit_hints(spec, device)
         tries.append("finish the leases of models in use, or raise the budget (registry.set_budget)")
         msg = (
             f"cannot load {spec.name} on {device}: it needs {format_bytes(need)}, "

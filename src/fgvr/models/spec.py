@@ -15,8 +15,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-FAMILIES = ("efficientnet", "clip", "siglip", "qwen2_5_vl", "sentence")
-
 _DTYPES = {
     "fp32": "float32", "float32": "float32", "float": "float32",
     "fp16": "float16", "float16": "float16", "half": "float16",
@@ -104,36 +102,22 @@ class ModelSpec:
         image_size: int | None = None,
     ) -> "ModelSpec":
         family = family.strip().lower().replace("-", "_").replace(".", "_")
-        if family not in FAMILIES:
-            raise SpecError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+        fam = _family(family)
         quant = _QUANT.get(quantization.lower() if isinstance(quantization, str) else quantization, "?")
         if quant == "?":
             raise SpecError(f"unknown quantisation {quantization!r}: use int8 or nf4")
         src = str(source)
-        if family != "efficientnet":
+        if fam.local_folder:
             p = Path(src).expanduser()
             src = str(p.resolve())
             if revision is None and p.is_dir():
                 revision = folder_digest(p)
-        device = normalise_device(device)
-        if family == "qwen2_5_vl":
-            max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-            min_pixels = min_pixels or DEFAULT_MIN_PIXELS
-            # A VLM in fp32 on a GPU doubles its weights for nothing (a 7B: 33 GB instead of 16.6 GB); bf16 is
-            # what it was trained in. On CPU fp32 stays the default: bf16 matmuls there are slow.
-            if dtype is None and device.startswith("cuda"):
-                dtype = "bfloat16"
-        return cls(
-            family=family,
-            source=src,
-            revision=revision or "",
-            dtype=normalise_dtype(dtype),
-            device=device,
-            quantization=quant,
-            max_pixels=max_pixels,
-            min_pixels=min_pixels,
-            image_size=image_size,
-        )
+        fields = {"dtype": dtype, "device": normalise_device(device), "max_pixels": max_pixels,
+                  "min_pixels": min_pixels, "image_size": image_size}
+        if fam.spec_defaults is not None:
+            fields = fam.spec_defaults(fields)
+        return cls(family=family, source=src, revision=revision or "", quantization=quant,
+                   **(fields | {"dtype": normalise_dtype(fields["dtype"])}))
 
     @property
     def key(self) -> str:
@@ -153,7 +137,7 @@ class ModelSpec:
     @property
     def name(self) -> str:
         """Short human name for tables and logs."""
-        return Path(self.source).name if self.family != "efficientnet" else self.source
+        return Path(self.source).name
 
     def replace(self, **changes) -> "ModelSpec":
         """A copy with some fields changed, re-normalised (e.g. the same model on another device)."""
@@ -164,20 +148,35 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
 
+def _family(name: str):
+    """The declaration of family `name` (see `fgvr.models.families`); SpecError for an unknown one."""
+    from fgvr.models import families
+
+    try:
+        return families.get(name)
+    except KeyError as e:
+        raise SpecError(e.args[0]) from None
+
+
 def _detect_family(folder: Path) -> str:
+    """The family of a model folder: a family's marker file, else config.json's model_type."""
+    from fgvr.models import families
+
+    fams = families.all_families()
+    for fam in fams:
+        if fam.marker_file and (folder / fam.marker_file).is_file():
+            return fam.name
+    titles = ", ".join(f.title for f in fams if f.model_types)
     cfg = folder / "config.json"
-    if (folder / "modules.json").is_file():
-        return "sentence"
     if not cfg.is_file():
         raise SpecError(
-            f"{folder} has no config.json: point at a folder saved by transformers' save_pretrained "
-            "(CLIP, SigLIP or Qwen2.5-VL)"
+            f"{folder} has no config.json: point at a folder saved by transformers' save_pretrained ({titles})"
         )
     model_type = json.loads(cfg.read_text()).get("model_type", "")
-    table = {"clip": "clip", "siglip": "siglip", "qwen2_5_vl": "qwen2_5_vl"}
-    if model_type not in table:
-        raise SpecError(f"{cfg}: model_type {model_type!r} is not supported; use CLIP, SigLIP or Qwen2.5-VL")
-    return table[model_type]
+    for fam in fams:
+        if model_type in fam.model_types:
+            return fam.name
+    raise SpecError(f"{cfg}: model_type {model_type!r} is not supported; use {titles}")
 
 
 def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None, **kw) -> ModelSpec:
@@ -186,15 +185,14 @@ def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None
     Names of models that must be fetched by hand (clip-vit-b32, qwen2.5-vl-7b) are refused with the place
     to put them, because nothing downloads at run time.
     """
+    from fgvr.models import families
+
     t = text.strip()
     low = t.lower()
-    if low in ("efficientnet-lite0", "efficientnet-lite2", "lite0", "lite2"):
-        variant = "efficientnet-lite" + low[-1]
-        return ModelSpec.create("efficientnet", variant, revision="0.1.0", dtype=dtype, device=device, **kw)
-    if low in ("all-minilm-l6-v2", "minilm"):
-        from fgvr.models.families.sentence import packaged_minilm_path
-
-        return ModelSpec.create("sentence", packaged_minilm_path(), dtype=dtype, device=device, **kw)
+    for fam in families.all_families():
+        if low in fam.named_sources:
+            source, revision = fam.named_sources[low]()
+            return ModelSpec.create(fam.name, source, revision=revision, dtype=dtype, device=device, **kw)
     p = Path(t).expanduser()
     if p.is_dir():
         return ModelSpec.create(_detect_family(p), p, dtype=dtype, device=device, **kw)
@@ -206,7 +204,8 @@ def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None
             f"{HUB_IDS[low]} (e.g. `huggingface-cli download {HUB_IDS[low]} --local-dir models/{low}`) "
             f"and pass the folder: --encoder/--vlm models/{low}"
         )
+    known = ", ".join(n for f in families.all_families() for n in f.named_sources)
     raise SpecError(
-        f"{t!r} is neither a known model name (efficientnet-lite0, efficientnet-lite2) nor a local model "
+        f"{t!r} is neither a known model name ({known}) nor a local model "
         "folder; pass the path of a folder saved with save_pretrained"
     )

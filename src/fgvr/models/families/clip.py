@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from fgvr.encoder import Encoder, l2_normalise, torch_dtype
-from fgvr.models.families import hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.models import configs
+from fgvr.models.families import Family, hf_dtype_kwargs, hf_tokenizer_kwargs
 from fgvr.models.spec import ModelSpec, SpecError
 
 
@@ -192,3 +193,22 @@ def load(spec: ModelSpec) -> CLIPEncoder:
     enc = CLIPEncoder(spec, model, tokenizer, image_processor)
     enc.load_seconds = time.perf_counter() - t0
     return enc
+
+
+def _build_meta(family: str):
+    def build(config: dict, dtype: torch.dtype) -> torch.nn.Module:
+        """The real network for a plan config; the caller supplies the meta device."""
+        from transformers import CLIPConfig, SiglipConfig
+
+        config_class = {"clip": CLIPConfig, "siglip": SiglipConfig}[family]
+        return _model_class(family)._from_config(config_class(**config), dtype=dtype)
+
+    return build
+
+
+FAMILIES = (
+    Family(name="clip", role="image-encoder", title="CLIP", load=load, estimate_bytes=estimate_bytes,
+           build_meta=_build_meta("clip"), model_types=("clip",), known_configs=configs.CLIP),
+    Family(name="siglip", role="image-encoder", title="SigLIP", load=load, estimate_bytes=estimate_bytes,
+           build_meta=_build_meta("siglip"), model_types=("siglip",), known_configs=configs.SIGLIP),
+)

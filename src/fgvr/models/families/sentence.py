@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from fgvr.encoder import torch_dtype
+from fgvr.models.families import Family
 from fgvr.models.spec import ModelSpec, SpecError
 
 
@@ -67,3 +68,18 @@ def load(spec: ModelSpec) -> SentenceEmbedder:
     model = SentenceTransformer(str(_check_folder(spec)), device=spec.device, local_files_only=True)
     model.to(torch_dtype(spec.dtype)).eval()
     return SentenceEmbedder(spec, model)
+
+
+def _packaged_minilm() -> tuple[str, None]:
+    return str(packaged_minilm_path()), None  # a folder: its revision is the folder's digest
+
+
+FAMILY = Family(
+    name="sentence",
+    role="text-embedder",
+    title="sentence-transformers",
+    load=load,
+    estimate_bytes=estimate_bytes,
+    marker_file="modules.json",
+    named_sources={"all-minilm-l6-v2": _packaged_minilm, "minilm": _packaged_minilm},
+)

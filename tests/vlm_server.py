@@ -1,0 +1,307 @@
+"""A small OpenAI-compatible VLM server for tests and benchmarks: the tiny Qwen2.5-VL answering from its REAL
+next-token logits, in the response shape vLLM documents. No engine that serves images with
+log-probabilities runs on these CPU machines (vLLM and SGLang need CUDA; `transformers serve` rejects
+`logprobs`), so this stands in for one, over real HTTP on loopback, in its own process.
+
+    python tests/vlm_server.py --model DIR [--port 0] [--ready-file F] [--max-batch 8] [--max-pixels N]
+
+Every behaviour the client must cope with can be switched at start (flags) or at run time (POST /admin with
+a JSON object of the same names), and every chat request is logged (GET /stats):
+
+    token_ids     true: honour `logprob_token_ids` (vLLM with PR #43463); false: ignore it as older vLLM does
+    logprobs      false: answer 400 to `logprobs` / `top_logprobs` (as `transformers serve` does)
+    max_logprobs  the `--max-logprobs` cap: `top_logprobs` above it is a 400 (vLLM's default 20)
+    fail_503      the next N chat requests get 503
+    hang_after    after N answered chat requests with an image, further ones hang (until set back to null)
+    delay_s       extra seconds per batch (a slower "GPU")
+
+Fields, as vLLM's OpenAI protocol (vllm/entrypoints/openai/protocol.py) defines them:
+  request  ChatCompletionRequest: model, messages (content parts `text` / `image_url.url` data URIs),
+           max_tokens, temperature, logprobs, top_logprobs, logprob_token_ids, structured_outputs.choice
+  response ChatCompletionResponse: id, object="chat.completion", created, model,
+           choices[i].message.{role, content}, choices[i].logprobs.content[j].{token, logprob, bytes,
+           top_logprobs[*].{token, logprob, bytes}}, choices[i].finish_reason, usage.{prompt_tokens,
+           completion_tokens, total_tokens}
+  GET /v1/models  {"object": "list", "data": [{"id", "object": "model", "owned_by", "max_model_len"}]}
+  POST /tokenize  {"model", "prompt", "add_special_tokens"} -> {"count", "max_model_len", "tokens"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import queue
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+STATE = {"token_ids": True, "logprobs": True, "max_logprobs": 20, "fail_503": 0, "hang_after": None,
+         "delay_s": 0.0}
+LOG: list[dict] = []  # one entry per chat request: digest, has_image, status
+LOCK = threading.Lock()
+ANSWERED = [0, 0]  # chat requests answered: all, with an image
+
+
+class Model:
+    """The tiny Qwen2.5-VL and its processor, run by one worker thread that batches queued requests."""
+
+    def __init__(self, folder: Path, max_pixels: int, max_batch: int) -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        # the image-only processor: the stock one needs torchvision, which does not import here
+        from fgvr.models.families.qwen_vl import image_only_processor
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        self.name = folder.name
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        ip = Qwen2VLImageProcessor.from_pretrained(folder)
+        ip.max_pixels, ip.min_pixels = max_pixels, 4 * 28 * 28  # like vLLM's --mm-processor-kwargs
+        ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": ip.max_pixels}
+        template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+        self.processor = image_only_processor(ip, tok, chat_template=template)
+        self.tok = tok
+        self.stop = tok.convert_tokens_to_ids("<|im_end|>")
+        self.max_batch = max_batch
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._worker, daemon=True).start()
+
+    def submit(self, job: dict) -> dict:
+        job["done"] = threading.Event()
+        self.jobs.put(job)
+        job["done"].wait()
+        if "error" in job:
+            raise job["error"]
+        return job["result"]
+
+    def _worker(self) -> None:
+        while True:
+            batch = [self.jobs.get()]
+            while len(batch) < self.max_batch:  # whatever else is already waiting joins this forward
+                try:
+                    batch.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            if STATE["delay_s"]:
+                time.sleep(float(STATE["delay_s"]))
+            scoring = [j for j in batch if j["max_tokens"] == 1]
+            for group in ([scoring] if scoring else []) + [[j] for j in batch if j["max_tokens"] != 1]:
+                try:
+                    self._run(group)
+                except Exception as e:  # noqa: BLE001 - reported to the request, the worker lives on
+                    for j in group:
+                        j["error"] = e
+                for j in group:
+                    j["done"].set()
+
+    def _inputs(self, jobs: list[dict]):
+        texts = [self.processor.apply_chat_template(j["messages"], tokenize=False, add_generation_prompt=True)
+                 for j in jobs]
+        images = [im for j in jobs for im in j["images"]]
+        return self.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                              return_tensors="pt")
+
+    def _run(self, jobs: list[dict]) -> None:
+        torch = self.torch
+        inputs = self._inputs(jobs)
+        n_in = inputs["attention_mask"].sum(1).tolist()
+        if jobs[0]["max_tokens"] == 1:
+            with torch.inference_mode():
+                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+            # raw log-probabilities, before any constraint: vLLM's default --logprobs-mode raw_logprobs
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, j in enumerate(jobs):
+                allowed = j.get("choice_ids")
+                if allowed:
+                    token = allowed[int(torch.argmax(logits[row, allowed]))]
+                else:
+                    token = int(torch.argmax(logits[row]))
+                j["result"] = {"tokens": [token], "logp": [logp[row]], "n_in": int(n_in[row])}
+            return
+        j = jobs[0]
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=j["max_tokens"], do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id, eos_token_id=[self.stop])
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if self.stop in new:
+            new = new[: new.index(self.stop)]
+        j["result"] = {"tokens": new, "logp": None, "n_in": int(n_in[0])}
+
+
+def _decode_image(url: str):
+    from PIL import Image
+
+    if not url.startswith("data:") or ";base64," not in url:
+        raise ValueError("only data: URIs are served here")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1]))).convert("RGB")
+
+
+def _messages(raw: list[dict]) -> tuple[list[dict], list]:
+    """OpenAI content parts -> the processor's message format, images decoded in order."""
+    msgs, images = [], []
+    for m in raw:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for c in content:
+                if c.get("type") == "image_url":
+                    images.append(_decode_image(c["image_url"]["url"]))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append({"type": "text", "text": c.get("text", "")})
+            content = parts
+        msgs.append({"role": m["role"], "content": content})
+    return msgs, images
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn serves vLLM
+    model: Model
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        # vLLM's ErrorResponse shape
+        self._send(status, {"object": "error", "message": message, "type": "BadRequestError", "code": status})
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": self.model.name, "object": "model",
+                                                          "owned_by": "fgvr-tests", "max_model_len": 4096}]})
+        elif self.path == "/stats":
+            with LOCK:
+                self._send(200, {"requests": list(LOG), "answered": ANSWERED[0], "answered_images": ANSWERED[1],
+                                 "state": dict(STATE)})
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            return self._error(400, "body is not JSON")
+        if self.path == "/admin":
+            with LOCK:
+                STATE.update(req)
+            return self._send(200, dict(STATE))
+        if self.path == "/tokenize":
+            ids = self.model.tok(req.get("prompt", ""), add_special_tokens=bool(req.get("add_special_tokens", True)))["input_ids"]
+            return self._send(200, {"count": len(ids), "max_model_len": 4096, "tokens": ids})
+        if self.path != "/v1/chat/completions":
+            return self._error(404, f"no route {self.path}")
+        self._chat(req, hashlib.sha256(body).hexdigest())
+
+    def _chat(self, req: dict, digest: str) -> None:
+        has_image = any(isinstance(m.get("content"), list) and any(c.get("type") == "image_url" for c in m["content"])
+                        for m in req.get("messages", []))
+        entry = {"digest": digest, "has_image": has_image, "status": None}
+        with LOCK:
+            LOG.append(entry)
+            if STATE["fail_503"] > 0:
+                STATE["fail_503"] -= 1
+                entry["status"] = 503
+        if entry["status"] == 503:
+            return self._error(503, "overloaded (injected)")
+        for _ in range(6000):  # hang (bounded: 10 minutes) while hang_after is reached
+            with LOCK:
+                hang = STATE["hang_after"] is not None and ANSWERED[1] >= STATE["hang_after"]
+            if not hang:
+                break
+            time.sleep(0.1)
+        if req.get("model") != self.model.name:
+            entry["status"] = 404
+            return self._error(404, f"The model `{req.get('model')}` does not exist.")
+        want_lp = bool(req.get("logprobs")) or req.get("top_logprobs") is not None
+        if want_lp and not STATE["logprobs"]:
+            entry["status"] = 400
+            return self._error(400, "logprobs are not supported by this server")
+        top_n = int(req.get("top_logprobs") or 0)
+        if top_n > STATE["max_logprobs"]:
+            entry["status"] = 400
+            return self._error(400, f"top_logprobs ({top_n}) exceeds max_logprobs ({STATE['max_logprobs']})")
+        token_ids = req.get("logprob_token_ids") if STATE["token_ids"] else None
+        choice = (req.get("structured_outputs") or {}).get("choice")
+        msgs, images = _messages(req.get("messages", []))
+        choice_ids = None
+        if choice:
+            choice_ids = [self.model.tok(c, add_special_tokens=False)["input_ids"][0] for c in choice]
+        max_tokens = 1 if choice else int(req.get("max_tokens") or 16)
+        try:
+            out = self.model.submit({"messages": msgs, "images": images, "max_tokens": max_tokens,
+                                     "choice_ids": choice_ids})
+        except Exception as e:  # noqa: BLE001
+            entry["status"] = 500
+            return self._error(500, f"{type(e).__name__}: {e}")
+        tok = self.model.tok
+        text = tok.decode(out["tokens"], skip_special_tokens=True)
+        logprobs = None
+        if req.get("logprobs") and out["logp"] is not None:
+            lp, sampled = out["logp"][0], out["tokens"][0]
+
+            def item(i: int) -> dict:
+                t = tok.decode([i])
+                return {"token": t, "logprob": float(lp[i]), "bytes": list(t.encode())}
+
+            # vLLM: with logprob_token_ids the list is the sampled token plus every requested id; otherwise
+            # the natural top-N
+            ids = list(token_ids) if token_ids else [int(i) for i in lp.topk(top_n).indices] if top_n else []
+            tops = [item(i) for i in dict.fromkeys(([sampled] if token_ids else []) + ids)]
+            logprobs = {"content": [{**item(sampled), "top_logprobs": tops}]}
+        with LOCK:
+            ANSWERED[0] += 1
+            ANSWERED[1] += has_image
+            entry["status"] = 200
+        n_out = len(out["tokens"])
+        self._send(200, {
+            "id": f"chatcmpl-{digest[:16]}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.model.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                         "finish_reason": "length" if n_out >= max_tokens else "stop"}],
+            "usage": {"prompt_tokens": out["n_in"], "completion_tokens": n_out, "total_tokens": out["n_in"] + n_out},
+        })
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-file", type=Path, default=None, help="write the port here once serving")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
+    ap.add_argument("--no-token-ids", action="store_true")
+    ap.add_argument("--no-logprobs", action="store_true")
+    ap.add_argument("--max-logprobs", type=int, default=20)
+    a = ap.parse_args(argv)
+    STATE.update(token_ids=not a.no_token_ids, logprobs=not a.no_logprobs, max_logprobs=a.max_logprobs)
+    Handler.model = Model(a.model, a.max_pixels, a.max_batch)
+    server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
+    server.daemon_threads = True
+    port = server.server_address[1]
+    if a.ready_file:
+        tmp = a.ready_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(a.ready_file)
+    print(f"serving {a.model.name} on http://127.0.0.1:{port}/v1", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
