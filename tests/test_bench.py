@@ -193,3 +193,17 @@ def test_format_table_in_the_papers_form():
     md = format_table(t)
     assert "dual" not in md.split("Produced by")[0].replace("No System 2 was given", "")
     assert "| 1 | 0 | 50.0 [45.0, 55.0] | 30.0% | 100 | 0 |" in md
+
+
+def test_bench_with_a_served_vlm_that_does_not_answer_fails_before_any_work(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root, out = R.make_pets(tmp_path / "data"), tmp_path / "bench"
+    res = CliRunner().invoke(cli, ["bench", "pets", "--root", str(root), "--shots", "1", "--seeds", "0",
+                                   "--vlm", f"http://127.0.0.1:{port}/v1", "--vlm-retries", "0", "--vlm-timeout", "2",
+                                   "--out", str(out)])
+    assert res.exit_code == 1 and f"127.0.0.1:{port}" in res.output and "Traceback" not in res.output
+    assert not list(out.glob("k*-seed*"))  # no knowledge base was built for nothing

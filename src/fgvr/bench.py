@@ -349,6 +349,8 @@ def run_bench(
     vlm_spec = None if not vlm or served else (vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device))
     describe = bool(vlm) and enc_spec.family in TEXT_FAMILIES
     vlm_word = None if not vlm else (vlm if isinstance(vlm, str) else vlm_spec.source)
+    # a server that does not answer is one clear error before any work (and it writes the descriptions)
+    served_backend = open_backend(vlm, _with_cache(vlm_options, None)) if served else None
     settings = {
         "dataset": info.name, "root": str(splits.root.resolve()),
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
@@ -419,7 +421,7 @@ def run_bench(
                 splits.prepare(split_k_shot(train_ds, k, seed)[0])
             describer = None
             if describe:  # what `fgvr build-kb --vlm` passes: a served VLM is opened with the options
-                describer = open_backend(vlm, _with_cache(vlm_options, None)) if served else vlm_spec
+                describer = served_backend if served else vlm_spec
             build_knowledge_base(train_csv, kb_dir, shots=k, seed=seed, encoder=enc_spec, vlm=describer,
                                  device=device, progress=progress)
         times["knowledge_base_s"] = round(time.perf_counter() - t0, 2)
