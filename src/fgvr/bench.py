@@ -52,6 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fgvr.data import Sample
+from fgvr.errors import RunMismatchError, UsageError
 from fgvr.io import atomic_write_bytes, atomic_write_json
 
 DEFAULT_SHOTS = (1, 5, 16)
@@ -62,8 +63,8 @@ CONFIDENCE = 0.95
 TEXT_FAMILIES = ("clip", "siglip")  # encoders with a text tower: VLM class descriptions feed their prototypes
 
 
-class BenchError(RuntimeError):
-    """The bench cannot start or continue as asked; the message says what to do."""
+class BenchError(RunMismatchError, RuntimeError):
+    """OUT holds cells made with other settings or data; the message names what changed and what to do."""
 
 
 @dataclass
@@ -310,27 +311,38 @@ def run_bench(
     descriptions in the base when the encoder has a text tower.
     `cli_args`: the options to print in the commands besides those named here (VLM loading options).
     `reports`: write each cell's report.md and plots (what `fgvr evaluate` writes; the table does not need them)."""
+    from fgvr.datasets import dataset_info
+
+    shots, seeds = sorted(set(int(k) for k in shots)), sorted(set(int(s) for s in seeds))
+    if not shots or min(shots) < 1:
+        raise UsageError("--shots: give one or more k >= 1, e.g. 1,5,16")
+    if not seeds:
+        raise UsageError("--seeds: give one or more seeds, e.g. 0,1,2")
+    if vlm and reranker:
+        raise UsageError("choose one System 2: --vlm SPEC or --reranker, not both")
+    if not 0.0 <= slow_budget <= 1.0:
+        raise UsageError(f"--slow-budget must lie in [0, 1], got {slow_budget}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    info = dataset_info(dataset)
+    out = Path(out)
+    from fgvr.locks import output_lock
+
+    with output_lock(out, "bench"):  # one bench writes into OUT at a time (the cells' runs take their own)
+        return _run_locked(info, out, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k,
+                           weight, device, batch_size, vlm_options, cli_args, reports, progress)
+
+
+def _run_locked(info, out: Path, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k, weight,
+                device, batch_size, vlm_options, cli_args, reports, progress) -> BenchTable:
+    """`run_bench` under OUT's lock."""
     from fgvr.backends import is_served, open_backend
     from fgvr.data import read_dataset, split_k_shot
-    from fgvr.datasets import dataset_info, load_splits
+    from fgvr.datasets import load_splits
     from fgvr.evaluate import plan, read_results, run_evaluation, RESULTS
     from fgvr.knowledge_base import build_knowledge_base
     from fgvr.models.spec import ModelSpec, parse_spec
     from fgvr.pipeline import open_system
-
-    shots, seeds = sorted(set(int(k) for k in shots)), sorted(set(int(s) for s in seeds))
-    if not shots or min(shots) < 1:
-        raise BenchError("--shots: give one or more k >= 1, e.g. 1,5,16")
-    if not seeds:
-        raise BenchError("--seeds: give one or more seeds, e.g. 0,1,2")
-    if vlm and reranker:
-        raise BenchError("choose one System 2: --vlm SPEC or --reranker, not both")
-    if not 0.0 <= slow_budget <= 1.0:
-        raise BenchError(f"--slow-budget must lie in [0, 1], got {slow_budget}")
-    if limit is not None and limit < 1:
-        raise BenchError(f"--limit must be at least 1, got {limit}")
-    info = dataset_info(dataset)
-    out = Path(out)
 
     def say(msg: str) -> None:
         if progress:

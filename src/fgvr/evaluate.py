@@ -3,8 +3,16 @@
 Correct means exact match on class ids (the predicted class IS the labelled class), never a string
 similarity between names. Files written to the run folder RUN:
 
-* `run.json`      the settings the run was started with; a restart with other settings is refused, because
-                  appending to results made under different settings would mix two experiments.
+* `run.json`      what the run is bound to: the knowledge base's content digest (its tensors, classes,
+                  fusion, descriptions, support list; not its path: a base rebuilt in place with another
+                  seed is another base), the data list's digest, the experience rules' digest, and every
+                  setting that changes an answer. A restart with anything different is refused, naming what
+                  changed, because appending to results made under other inputs would mix two experiments.
+                  (`--limit` may grow or shrink on a restart when the threshold does not depend on the set
+                  of images: the plan is a seeded order, so a limit takes a prefix of it; with a threshold
+                  calibrated on the run's own images it may not.)
+* `.lock` next to RUN: one writer at a time (see `fgvr.locks`); a second `fgvr evaluate` into the same
+                  folder is refused naming the first.
 * `results.jsonl` one JSON line per image, appended and fsync'ed batch by batch. A killed run restarts
                   where it stopped: images already in the file are skipped, a torn last line (the crash
                   happened mid-write) is cut off and that image is redone. Never a duplicate.
@@ -36,8 +44,9 @@ import numpy as np
 import torch
 
 from fgvr.data import Dataset
+from fgvr.errors import InputError, RunMismatchError, System2Error
 from fgvr.fast_path import system1
-from fgvr.io import atomic_write_bytes, atomic_write_json
+from fgvr.io import atomic_write_bytes, atomic_write_json, with_filename
 from fgvr.pipeline import (PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem,
                            Result)
 
@@ -46,11 +55,17 @@ SUMMARY = "summary.json"
 RUN_CONFIG = "run.json"
 EMBED_DIR = "embeddings"
 CURVE_BUDGETS = [round(0.05 * i, 2) for i in range(21)]
-# Settings that change what a record means; a restart must match them.
-_MUST_MATCH = ("kb", "encoder", "system2", "threshold", "budget", "calibrate", "top_k", "weight", "slow_all", "data")
+PEAKS = "peak_memory.json"
+# What a record depends on; a restart must match them ("limit" too when the run calibrates on itself).
+_MUST_MATCH = ("kb_digest", "data_digest", "experience_digest", "encoder", "system2", "system2_spec", "threshold",
+               "budget", "calibrate", "top_k", "weight", "slow_all", "n_rules", "rationale", "max_image_pixels")
+_WHAT = {"kb_digest": "the knowledge base's content (rebuilt or changed since)",
+         "data_digest": "the data list (images or labels added, removed or relabelled)",
+         "experience_digest": "the experience rules of the base", "limit": "--limit (the threshold was "
+         "calibrated on the first run's images)"}
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(RunMismatchError, RuntimeError):
     """The run cannot start or continue; the message says what to do."""
 
 
@@ -109,12 +124,16 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 def append_results(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records as JSON lines and fsync, so a batch on disk survives a kill -9 or a power cut."""
-    with path.open("a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append records as JSON lines and fsync, so a batch on disk survives a kill -9 or a power cut.
+    A batch is written with one write call, so a full disk leaves at most a torn last line (cut on resume)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    try:
+        with path.open("ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise with_filename(e, path) from e
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -136,27 +155,105 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
     """
     index = {c: i for i, c in enumerate(kb_classes)}
     unknown = sorted(c for c in dataset.classes if c not in index)
-    items = sorted((p, s.label) for s in dataset.samples if (p := str(Path(s.path).resolve())) not in exclude)
+    labels: dict[str, str] = {}
+    for s in dataset.samples:  # one record per file: a repeated row would be a duplicate result
+        p = str(Path(s.path).resolve())
+        if labels.setdefault(p, s.label) != s.label:
+            raise InputError(f"{p} is listed under two labels, {labels[p]!r} and {s.label!r}: keep one")
+    items = sorted((p, label) for p, label in labels.items() if p not in exclude)
     random.Random(seed).shuffle(items)
     if limit is not None:
         items = items[: max(0, limit)]
     return [(p, label, index.get(label)) for p, label in items], unknown
 
 
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(json.dumps(x, default=str).encode() + b"\0")
+
+    feed(obj)
+    return h.hexdigest()[:32]
+
+
+def knowledge_base_digest(kb: Any) -> str:
+    """The content of a base as System 1, the trigger and System 2 see it: tensors, classes, fusion,
+    statistics, descriptions, encoder and the support list (what the re-ranker matches against). Not its
+    path or build time: the same content at another path is the same base."""
+    stats = getattr(kb, "stats", None)
+    manifest = getattr(kb, "manifest", None) or {}
+    return _digest({
+        "classes": list(kb.classes), "encoder": getattr(kb, "encoder_key", None),
+        "prototypes": kb.prototypes, "exemplars": getattr(kb, "exemplars", None),
+        "exemplar_labels": getattr(kb, "exemplar_labels", None), "text": getattr(kb, "text_prototypes", None),
+        "stats": stats.tensors() if stats is not None and hasattr(stats, "tensors") else None,
+        "fusion": getattr(kb, "fusion", None), "descriptions": getattr(kb, "descriptions", None),
+        "support": manifest.get("support"), "data_root": (manifest.get("data") or {}).get("root"),
+    })
+
+
+def data_digest(dataset: Dataset) -> str:
+    """The data list: every (resolved path, label) pair and the class list, order-free."""
+    return _digest({"classes": sorted(dataset.classes),
+                    "samples": sorted((str(Path(s.path).resolve()), s.label) for s in dataset.samples)})
+
+
+def _experience_digest(system: Any) -> str | None:
+    lib = getattr(system, "experience", None)
+    rules = getattr(lib, "rules", None)
+    if not rules:
+        return None
+    return _digest([r.to_json() if hasattr(r, "to_json") else str(r) for r in rules])
+
+
+def _show(key: str, value: Any) -> str:
+    return f"{value[:12]}…" if key.endswith("_digest") and isinstance(value, str) else repr(value)
+
+
 def check_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Write run.json on the first start; on a restart refuse settings that differ. Returns what is stored
-    (a restart keeps the threshold calibrated the first time)."""
+    """Write run.json on the first start; on a restart refuse inputs or settings that differ. Returns what
+    is stored (a restart keeps the threshold calibrated the first time)."""
     f = out / RUN_CONFIG
     if f.is_file():
-        old = json.loads(f.read_text(encoding="utf-8"))
-        diff = [k for k in _MUST_MATCH if old.get(k) != config.get(k)]
+        try:
+            old = json.loads(f.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise EvaluateError(f"{f} cannot be read ({e}): it is not a run of this fgvr; start fresh with a new "
+                                f"--out folder (or delete {out})") from None
+        must = _MUST_MATCH + (("limit",) if config.get("calibrate") == "run" else ())
+        diff = [k for k in must if old.get(k) != config.get(k)]
         if diff:
-            lines = ", ".join(f"{k}: {old.get(k)!r} then, {config.get(k)!r} now" for k in diff)
+            lines = "; ".join(f"{_WHAT.get(k, k)}: {_show(k, old.get(k))} then, {_show(k, config.get(k))} now"
+                              for k in diff)
             raise EvaluateError(
-                f"{out} holds a run made with other settings ({lines}). Resume with the same settings, or "
-                "pass a new --out folder."
+                f"{out} holds a run made with other settings or inputs ({lines}). Resume with the same "
+                f"inputs and settings, or start fresh: pass a new --out folder (or delete {out})."
             )
-        return {**old, **config}  # keeps the threshold calibrated the first time
+        stored = {**old, **config}  # keeps the threshold calibrated the first time
+        if old.get("limit") != config.get("limit"):
+            atomic_write_json(f, stored)  # run.json says what the run now covers
+        return stored
     atomic_write_json(f, config)
     return dict(config)
 
@@ -187,13 +284,32 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
     if calibrate not in ("run", "support"):
         raise ValueError(f"calibrate must be 'run' or 'support', got {calibrate!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: pass a folder for the run")
     out.mkdir(parents=True, exist_ok=True)
+    from fgvr.locks import output_lock
+
+    with output_lock(out, "evaluate"):
+        return _run_locked(system, dataset, out, config, limit=limit, batch_size=batch_size, progress=progress,
+                           report=report, calibrate=calibrate, engine=engine)
+
+
+def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[str, Any], *, limit: int | None,
+                batch_size: int, progress: bool, report: bool, calibrate: str, engine: Any) -> dict[str, Any]:
     kb = system.kb
     budgeted = system.trigger.budget is not None
     calibrate_on = calibrate if budgeted else None
+    slow_spec = getattr(system.slow, "spec", None)
     config = {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
               "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
-              "system2": getattr(system.slow, "name", None) if system.slow is not None else None}
+              "system2": getattr(system.slow, "name", None) if system.slow is not None else None,
+              "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
+              "rationale": bool(getattr(system.slow, "rationale", False)), "limit": limit,
+              "kb_digest": knowledge_base_digest(kb), "data_digest": data_digest(dataset),
+              "experience_digest": _experience_digest(system)}
+    from fgvr.data import max_decoded_pixels
+
+    config.setdefault("max_image_pixels", max_decoded_pixels())
     stored = check_config(out, config)
     support = support_files(kb)
     items, unknown = plan(dataset, kb.classes, limit, exclude=support)
@@ -264,11 +380,13 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
                 n_known += 1
                 n_right += bool(rec["correct"])
         append_results(results_file, records)
+        peaks = _record_peak(out, system)
         bar.update(len(batch))
         if n_known:
             bar.set_postfix(acc=f"{n_right / n_known:.3f}")
     bar.close()
     wall = time.perf_counter() - t0
+    peaks = _record_peak(out, system)
 
     everything = read_results(results_file)
     records = [r for r in everything if r["path"] in planned]
@@ -284,7 +402,8 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
                           "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
     summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
                       "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
-                      "peak_memory": peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))}
+                      "peak_memory_this_process": peaks["this_process"],
+                      "peak_memory": peaks["run"]}
     summary["config"] = stored
     describe = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
     summary["system2"] = describe() if describe else ({"system2": system.slow.name} if system.slow else None)
@@ -293,7 +412,45 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
         from fgvr.report import write_report
 
         write_report(out, summary)
+    check_system2(summary, system, out)
     return summary
+
+
+def check_system2(summary: dict[str, Any], system: DualSystem, out: Path) -> None:
+    """System 2 was configured and images went to it, yet not one answer came back: the run's answers are
+    System 1's alone, which is not what was asked for. The summary is written; the exit is an error."""
+    if system.slow is None:
+        return
+    failed = summary["paths"].get(PATH_SLOW_FAILED, {}).get("n", 0)
+    if failed and summary["system2_calls"] == 0:
+        errors = [r for r in read_results(out / RESULTS, repair=False) if r.get("path_taken") == PATH_SLOW_FAILED]
+        reason = errors[0].get("error") if errors else "unknown"
+        raise System2Error(
+            f"System 2 failed for all {failed} image(s) sent to it, so every answer in {out} is System 1's "
+            f"(first error: {reason}); fix the cause and start fresh with a new --out"
+        )
+
+
+def _record_peak(out: Path, system: DualSystem) -> dict[str, Any]:
+    """This process's peak memory, merged into RUN/peak_memory.json (the largest of every process that
+    worked on the run, so a resumed run does not report only the resuming process)."""
+    this = peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))
+    f = out / PEAKS
+    try:
+        old = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except ValueError:
+        old = {}
+    merged = dict(old) if isinstance(old, dict) else {}
+    for k, v in this.items():
+        if isinstance(v, (int, float)):
+            merged[k] = max(v, merged.get(k, 0) if isinstance(merged.get(k), (int, float)) else 0)
+        else:
+            merged.setdefault(k, v)
+    pids = set(merged.get("pids", [])) | {os.getpid()}
+    merged["pids"] = sorted(pids)
+    merged["processes"] = len(pids)
+    atomic_write_json(f, merged)
+    return {"this_process": this, "run": merged}
 
 
 class EmbeddingCache:
@@ -310,12 +467,23 @@ class EmbeddingCache:
         self.errors: dict[str, str] = {}
         self.count = 0
         for f in sorted(folder.glob("chunk-*.safetensors")):
-            meta = json.loads(_safetensors_metadata(f)["fgvr"])
-            emb = load_file(str(f))["embeddings"]
+            try:  # new chunks are numbered after every existing one, damaged ones included
+                self.count = max(self.count, int(f.stem.split("-")[1]) + 1)
+            except ValueError:
+                pass
+            try:
+                meta = json.loads(_safetensors_metadata(f)["fgvr"])
+                emb = load_file(str(f))["embeddings"]
+                if emb.shape[0] != len(meta["paths"]):
+                    raise ValueError(f"{emb.shape[0]} embeddings for {len(meta['paths'])} paths")
+            except Exception as e:  # noqa: BLE001 - a derived file: any failure means "encode again"
+                print(f"fgvr: {f} is damaged ({type(e).__name__}: {e}); its images are encoded again",
+                      file=sys.stderr)
+                f.unlink(missing_ok=True)
+                continue
             for j, p in enumerate(meta["paths"]):
                 self.rows[p] = (emb[j], meta["decode_s"], meta["encode_s"])
             self.errors.update(meta["errors"])
-            self.count += 1
 
     def __contains__(self, path: str) -> bool:
         return path in self.rows or path in self.errors

@@ -34,13 +34,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from fgvr.errors import ModelError
 from fgvr.pipeline import PATH_ERROR, EncodedBatch, Result
 
 RAY_MISSING = ("--ray needs Ray, which is not installed here: pip install 'fgvr[ray]' "
                "(or run `make setup`, which installs it)")
 
 
-class RayError(RuntimeError):
+class RayError(ModelError, RuntimeError):
     """Ray is missing or the cluster cannot be reached; the message says what to do."""
 
 
@@ -212,7 +213,9 @@ class RayEngine:
                             fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
                                                    "system2": self.has_system2})
         if self.has_system2:
-            res = {"num_gpus": 1} if self.cuda and self.open_kwargs.get("vlm") else {"num_cpus": 0}
+            vlm = self.open_kwargs.get("vlm")
+            local_vlm = vlm is not None and not isinstance(vlm, str)  # a ModelSpec; a string is a server's URL
+            res = {"num_gpus": 1} if self.cuda and local_vlm else {"num_cpus": 0}
             ds = ds.map_batches(SlowStage, batch_size=self.batch_size, batch_format="numpy",
                                 compute=ActorPoolStrategy(size=self.slow_workers),
                                 fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold},
