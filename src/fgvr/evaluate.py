@@ -25,6 +25,7 @@ when the run used `slow_all` (System 2 on every image, decisions still made by t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
@@ -40,6 +41,7 @@ from fgvr.fast_path import system1
 from fgvr.io import atomic_write_bytes, atomic_write_json
 from fgvr.pipeline import (PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem,
                            Result)
+from fgvr.trigger import Trigger
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -47,6 +49,8 @@ RUN_CONFIG = "run.json"
 EMBED_DIR = "embeddings"
 CURVE_BUDGETS = [round(0.05 * i, 2) for i in range(21)]
 # Settings that change what a record means; a restart must match them.
+log = logging.getLogger(__name__)
+
 _MUST_MATCH = ("kb", "encoder", "system2", "threshold", "budget", "calibrate", "top_k", "weight", "slow_all", "data")
 
 
@@ -75,8 +79,7 @@ def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
         if rec is not None:
             records.append(rec)
         elif line.strip():
-            print(f"fgvr: {path}, line {n} is not a result record; skipping it (that image is redone)",
-                  file=sys.stderr)
+            log.warning("%s, line %d is not a result record; skipping it (that image is redone)", path, n)
     tail = data[cut:]
     if tail.strip():
         rec = _parse(tail)
@@ -86,8 +89,8 @@ def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
                 with path.open("ab") as f:
                     f.write(b"\n")
         elif repair:
-            print(f"fgvr: {path} ended in a partly written line (the last run was interrupted); "
-                  "dropping it and redoing that image", file=sys.stderr)
+            log.warning("%s ended in a partly written line (the last run was interrupted); dropping it and "
+                        "redoing that image", path)
             with path.open("r+b") as f:
                 f.truncate(cut)
                 f.flush()
@@ -179,67 +182,122 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
       "support"  the base's support images scored leave-one-out (what `fgvr classify` does: one image cannot
                  calibrate anything). Support images are scored against k-1 shots, so they look less certain
                  than queries, and the realised rate comes out below the budget (Fashion-MNIST 5-shot: 0.20
-                 for a budget of 0.3); one streaming pass.
-    With a threshold given directly, there is nothing to calibrate.
+                 for a budget of 0.3); one streaming pass. A threshold the system's trigger already has
+                 (`open_system` calibrates on the support set) is used as it is.
+    With a threshold given directly, there is nothing to calibrate. The run uses its own copy of the trigger
+    with the threshold it settles on (`summary["trigger"]`); `system` is left as it is.
     """
     if calibrate not in ("run", "support"):
         raise ValueError(f"calibrate must be 'run' or 'support', got {calibrate!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kb = system.kb
-    budgeted = system.trigger.budget is not None
-    calibrate_on = calibrate if budgeted else None
-    config = {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
-              "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
-              "system2": getattr(system.slow, "name", None) if system.slow is not None else None}
-    stored = check_config(out, config)
+    calibrate_on = calibrate if system.trigger.budget is not None else None
+    stored = check_config(out, _run_config(system, config, calibrate_on))
     support = support_files(kb)
     items, unknown = plan(dataset, kb.classes, limit, exclude=support)
     n_support = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in support)
-    if n_support:
-        print(f"fgvr: leaving out {n_support} image(s) of {dataset.root} that are in the knowledge base's "
-              "support set", file=sys.stderr)
-    if unknown:
-        n_unknown = sum(1 for _, _, cid in items if cid is None)
-        print(f"fgvr: test class(es) not in the knowledge base: {', '.join(unknown)}. Their {n_unknown} "
-              "image(s) are classified and reported separately, not counted in accuracy.", file=sys.stderr)
+    _say_what_is_left_out(dataset, items, unknown, n_support)
     results_file = out / RESULTS
     planned = {p for p, _, _ in items}
     previous = [r for r in read_results(results_file) if r["path"] in planned]
     done = {r["path"] for r in previous}
     todo = [it for it in items if it[0] not in done]
     if done and todo:
-        print(f"fgvr: resuming {out}: {len(items) - len(todo)} of {len(items)} image(s) already done",
-              file=sys.stderr)
-
-    from tqdm import tqdm
+        log.info("resuming %s: %d of %d image(s) already done", out, len(items) - len(todo), len(items))
 
     t0 = time.perf_counter()
     cache = None
     if calibrate_on == "run":
-        cache = EmbeddingCache(out / EMBED_DIR)
-        need = [p for p, _, _ in todo if p not in cache]
-        bar = tqdm(total=len(todo), initial=len(todo) - len(need), desc="encode (pass 1 of 2)", unit="img",
-                   file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
-        for start in range(0, len(need), batch_size):
-            chunk = need[start:start + batch_size]
-            cache.add(chunk, system.encode_paths(chunk, keep_images=False))
-            bar.update(len(chunk))
-        bar.close()
-        if stored.get("calibrated_threshold") is not None:
-            system.trigger.threshold = float(stored["calibrated_threshold"])
-        else:
-            readable = [p for p, _, _ in items if cache.embedding(p) is not None]
-            emb = torch.stack([cache.embedding(p) for p in readable]) if readable else torch.zeros(0, kb.prototypes.shape[1])
-            fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
-            system.trigger.calibrate(system.trigger.scores(fast, kb))
-            stored = {**stored, "calibrated_threshold": system.trigger.threshold, "calibrated_on_images": len(readable)}
-            atomic_write_json(out / RUN_CONFIG, stored)
-    elif calibrate_on == "support" and stored.get("calibrated_threshold") is None:
-        stored = {**stored, "calibrated_threshold": system.trigger.threshold, "calibrated_on": "support, leave-one-out"}
-        atomic_write_json(out / RUN_CONFIG, stored)
-    elif calibrate_on == "support":
-        system.trigger.threshold = float(stored["calibrated_threshold"])
+        cache = _encode_pass(system, EmbeddingCache(out / EMBED_DIR), todo, batch_size, progress)
+    trigger, stored = _settle_threshold(system, calibrate_on, stored, cache, items, out)
+    system = system.with_trigger(trigger)
+    _classify_pass(system, items, todo, previous, results_file, cache, batch_size, progress)
+    wall = time.perf_counter() - t0
+
+    records = [r for r in read_results(results_file) if r["path"] in planned]
+    summary = summarise(records, kb.classes, unknown)
+    summary["support_images_excluded"] = n_support
+    summary["trigger"] = {"threshold": trigger.threshold, "budget": trigger.budget,
+                          "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
+    summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
+                      "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
+                      "peak_memory": peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))}
+    summary["config"] = stored
+    how = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
+    summary["system2"] = how() if how else ({"system2": system.slow.name} if system.slow else None)
+    atomic_write_json(out / SUMMARY, summary)
+    if report:
+        from fgvr.report import write_report
+
+        write_report(out, summary)
+    return summary
+
+
+def _run_config(system: DualSystem, config: dict[str, Any], calibrate_on: str | None) -> dict[str, Any]:
+    """What identifies the run (a resumed run must match it): the caller's config plus the system's settings."""
+    budgeted = system.trigger.budget is not None
+    return {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
+            "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
+            "system2": getattr(system.slow, "name", None) if system.slow is not None else None}
+
+
+def _say_what_is_left_out(dataset: Dataset, items: list, unknown: list[str], n_support: int) -> None:
+    if n_support:
+        log.warning("leaving out %d image(s) of %s that are in the knowledge base's support set",
+                    n_support, dataset.root)
+    if unknown:
+        n_unknown = sum(1 for _, _, cid in items if cid is None)
+        log.warning("test class(es) not in the knowledge base: %s. Their %d image(s) are classified and "
+                    "reported separately, not counted in accuracy.", ", ".join(unknown), n_unknown)
+
+
+def _encode_pass(system: DualSystem, cache: "EmbeddingCache", todo: list, batch_size: int,
+                 progress: bool) -> "EmbeddingCache":
+    """Pass 1 of a run-calibrated evaluation: every image not yet in the cache decoded and encoded once."""
+    from tqdm import tqdm
+
+    need = [p for p, _, _ in todo if p not in cache]
+    bar = tqdm(total=len(todo), initial=len(todo) - len(need), desc="encode (pass 1 of 2)", unit="img",
+               file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
+    for start in range(0, len(need), batch_size):
+        chunk = need[start:start + batch_size]
+        cache.add(chunk, system.encode_paths(chunk, keep_images=False))
+        bar.update(len(chunk))
+    bar.close()
+    return cache
+
+
+def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict, cache: "EmbeddingCache | None",
+                      items: list, out: Path) -> tuple[Trigger, dict]:
+    """(the trigger this run uses, run.json's content): a calibrated threshold is stored in run.json the
+    first time and read back on a resume, so a resumed run decides with the same threshold."""
+    trigger = system.trigger
+    if calibrate_on is None:
+        return trigger, stored
+    if stored.get("calibrated_threshold") is not None:
+        return trigger.with_threshold(stored["calibrated_threshold"]), stored
+    kb = system.kb
+    if calibrate_on == "run":
+        readable = [p for p, _, _ in items if cache.embedding(p) is not None]
+        emb = torch.stack([cache.embedding(p) for p in readable]) if readable else torch.zeros(0, kb.prototypes.shape[1])
+        fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
+        trigger = trigger.calibrated(trigger.scores(fast, kb))
+        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on_images": len(readable)}
+    else:
+        if trigger.threshold is None:
+            trigger = trigger.calibrated_on_support(kb, w=system.w, tau=system.tau)
+        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on": "support, leave-one-out"}
+    atomic_write_json(out / RUN_CONFIG, stored)
+    log.debug("trigger threshold %.4f, calibrated on the %s for a budget of %s", trigger.threshold,
+              calibrate_on, trigger.budget)
+    return trigger, stored
+
+
+def _classify_pass(system: DualSystem, items: list, todo: list, previous: list[dict], results_file: Path,
+                   cache: "EmbeddingCache | None", batch_size: int, progress: bool) -> None:
+    """Classify `todo` batch by batch, appending each batch's records to the results file."""
+    from tqdm import tqdm
 
     n_known = sum(1 for r in previous if r.get("label_id") is not None)
     n_right = sum(1 for r in previous if r.get("correct"))
@@ -265,25 +323,6 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
         if n_known:
             bar.set_postfix(acc=f"{n_right / n_known:.3f}")
     bar.close()
-    wall = time.perf_counter() - t0
-
-    records = [r for r in read_results(results_file) if r["path"] in planned]
-    summary = summarise(records, kb.classes, unknown)
-    summary["support_images_excluded"] = n_support
-    summary["trigger"] = {"threshold": system.trigger.threshold, "budget": system.trigger.budget,
-                          "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
-    summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
-                      "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
-                      "peak_memory": peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))}
-    summary["config"] = stored
-    describe = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
-    summary["system2"] = describe() if describe else ({"system2": system.slow.name} if system.slow else None)
-    atomic_write_json(out / SUMMARY, summary)
-    if report:
-        from fgvr.report import write_report
-
-        write_report(out, summary)
-    return summary
 
 
 class EmbeddingCache:
