@@ -216,6 +216,7 @@ def _noisy_images(root: Path, per_class: int, seed: int) -> None:
             Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_kill_9_and_resume_repeats_no_request(url, tmp_path):
     from fgvr.knowledge_base import build_knowledge_base
 
@@ -273,7 +274,8 @@ def test_evaluate_with_server_down_fails_before_any_work(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "kb").mkdir()
-    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "kb"), str(tmp_path), "--out", str(tmp_path / "run"),
+    _noisy_images(tmp_path / "data", 1, seed=3)
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "kb"), str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                                  "--vlm", f"http://127.0.0.1:{port}/v1", "--vlm-timeout", "2"])
     assert r.exit_code != 0 and f"http://127.0.0.1:{port}/v1" in r.output
     assert not (tmp_path / "run" / "results.jsonl").exists()
@@ -313,3 +315,56 @@ def test_serve_plan_prints_engine_flags_from_the_architecture():
     assert r.exit_code == 0 and "vllm serve" in r.output and "sglang.launch_server" in r.output
     r = CliRunner().invoke(cli, ["memory", "plan", "--vlm", "http://127.0.0.1:8000/v1"])
     assert r.exit_code == 0 and "memory is the server's" in r.output and "qwen2.5-vl" not in r.stdout
+
+
+def test_build_kb_descriptions_come_from_the_served_vlm(url, tmp_path, tiny_clip_dir):
+    """`fgvr build-kb --vlm URL`: one description request per class, each with up to 3 support images, through
+    the same generation call as everything else; the manifest names the backend."""
+    from click.testing import CliRunner
+
+    from fgvr.cli import cli
+
+    _noisy_images(tmp_path / "d", 4, seed=2)
+    before = len(stats(url)["requests"])
+    r = CliRunner().invoke(cli, ["build-kb", str(tmp_path / "d"), "--shots", "4", "--encoder", str(tiny_clip_dir),
+                                 "--vlm", url, "--max-visual-tokens", "16", "--out", str(tmp_path / "kb")])
+    assert r.exit_code == 0, r.output
+    asked = [x for x in stats(url)["requests"][before:] if x["has_image"]]
+    assert len(asked) == 3 and all(x["status"] == 200 for x in asked)
+    manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text())
+    assert manifest["vlm"]["backend"] == "openai" and manifest["vlm"]["key"].startswith(f"openai|{url}|")
+    assert set(json.loads((tmp_path / "kb" / "descriptions.json").read_text())) == {"class0", "class1", "class2"}
+
+
+def test_a_failed_row_takes_escalated_failed_and_the_rest_go_on(tmp_path):
+    """A backend row that keeps failing (its error, not an exception) gives that image the escalated-failed
+    path with its fast answer and the error; the other images of the same System 2 call are answered."""
+    from fakes import ColourEncoder, colour_kb
+
+    from fgvr.backends import OptionScores
+    from fgvr.pipeline import PATH_SLOW, PATH_SLOW_FAILED, DualSystem
+    from fgvr.slow_path import VlmReasoner
+    from fgvr.trigger import Trigger
+
+    class Flaky:
+        name = "flaky"
+
+        def score_options(self, questions, images, n_options):
+            return [OptionScores(error="http://x/v1: HTTP 503 (after 4 retries)") if i == 1 else
+                    OptionScores([1.0 / k] * k, 10, 1) for i, k in enumerate(n_options)]
+
+        def generate(self, conversations, images, max_new_tokens):
+            raise AssertionError("no text asked for")
+
+        def describe(self):
+            return {"backend": "flaky", "mode": "test"}
+
+    for i, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / f"{i}.png")
+    enc = ColourEncoder()
+    kb = colour_kb(enc)
+    res = DualSystem(kb, enc, VlmReasoner(Flaky(), kb.classes), Trigger(threshold=-1.0), k=3).classify_paths(
+        [tmp_path / f"{i}.png" for i in range(3)])
+    assert [r.path_taken for r in res] == [PATH_SLOW, PATH_SLOW_FAILED, PATH_SLOW]
+    assert "503" in res[1].error and res[1].prediction == res[1].fast_prediction and not res[1].slow_ran
+    assert res[0].slow_backend == "flaky:test" and res[1].slow_backend is None

@@ -150,3 +150,28 @@ def test_question_helpers():
     assert q.splitlines()[1:3] == ["A. a — desc", "B. b"] and "Lessons" not in q
     with pytest.raises(ValueError):
         build_question([str(i) for i in range(len(LETTERS) + 1)])
+
+
+def test_in_process_batch_is_sized_from_the_gpu_budget(tiny_qwen_dir):
+    """On CUDA the option-scoring batch is what fits the budget next to what the registry holds, from the
+    plan's per-prompt working memory; on CPU a fixed batch. (The arithmetic only: a fake CUDA model.)"""
+    import json
+    from types import SimpleNamespace
+
+    from fgvr.backends.transformers_vlm import CPU_BATCH, MAX_AUTO_BATCH, PLANNED_TEXT_TOKENS, auto_batch_size
+    from fgvr.models.plan import CUDA_CONTEXT_BYTES, workload
+
+    cfg = json.loads((tiny_qwen_dir / "config.json").read_text())
+    spec = SimpleNamespace(dtype="bfloat16", max_pixels=1280 * 28 * 28)
+    per = workload(cfg, "bfloat16", spec.max_pixels, text_tokens=PLANNED_TEXT_TOKENS, new_tokens=1).working_bytes
+    fake = SimpleNamespace(device="cuda:7", spec=spec, model=SimpleNamespace(config=SimpleNamespace(to_dict=lambda: cfg)))
+    try:
+        registry.set_budget("cuda:7", CUDA_CONTEXT_BYTES + int(3.5 * per))
+        assert auto_batch_size(fake) == 3
+        registry.set_budget("cuda:7", CUDA_CONTEXT_BYTES + per // 2)
+        assert auto_batch_size(fake) == 1  # never below one prompt: the registry refuses what cannot load
+        registry.set_budget("cuda:7", 10**15)
+        assert auto_batch_size(fake) == MAX_AUTO_BATCH
+    finally:
+        registry.set_budget("cuda:7", None)
+    assert auto_batch_size(SimpleNamespace(device="cpu")) == CPU_BATCH

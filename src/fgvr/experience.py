@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
+from fgvr.errors import InputError
 from fgvr.io import atomic_write_json, read_json
 
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ PROGRESS_FILE = "progress.json"
 DUPLICATE_SIMILARITY = 0.95
 
 
-class ExperienceError(RuntimeError):
+class ExperienceError(InputError, RuntimeError):
     """A rules file that cannot be used; the message names the file and what to do."""
 
 

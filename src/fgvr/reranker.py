@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +39,7 @@ from PIL import Image
 
 from fgvr import scoring
 from fgvr.defaults import DEFAULTS
+from fgvr.errors import KnowledgeBaseError as _KBError
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
 DEFAULT_ENCODER = "efficientnet-lite2"
@@ -52,7 +54,15 @@ DEFAULT_PROTO_WEIGHT = 0.5
 DEFAULT_LAYOUT_WEIGHT = 0.5
 
 
-class RerankerError(ValueError):
+class CacheWarning(UserWarning):
+    """A derived cache that failed its check (rebuilt) or could not be written (kept in memory)."""
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().float().numpy().tobytes()).hexdigest()
+
+
+class RerankerError(_KBError):
     """A re-ranker that cannot be built as asked (no support images, mismatched labels); says what to do."""
 
 
@@ -279,10 +289,10 @@ class VisualReranker:
         if self.cache_dir is not None:
             cache = self.cache_dir / f"support-{self._cache_key()}.safetensors"
             if cache.is_file():
-                from safetensors.torch import load_file
-
-                self._support = load_file(str(cache))["descriptors"]
-                return self._support
+                cached = self._read_cache(cache)
+                if cached is not None:
+                    self._support = cached
+                    return cached
         images = [load_image(p) for p in self.support_paths]  # ImageError names the file
         feats = self.features(images, progress=self.progress)
         if cache is not None:
@@ -290,8 +300,33 @@ class VisualReranker:
 
             from fgvr.io import atomic_write_bytes
 
-            atomic_write_bytes(cache, save({"descriptors": feats.contiguous()}))
+            data = save({"descriptors": feats.contiguous()}, metadata={"sha256": _tensor_sha256(feats)})
+            try:
+                atomic_write_bytes(cache, data)
+            except OSError as e:
+                warnings.warn(f"cannot write the re-ranker cache {cache} ({e.strerror or e}); keeping it in memory "
+                              "for this run (the next run computes it again)", CacheWarning, stacklevel=2)
         self._support = feats
+        return feats
+
+    def _read_cache(self, cache: Path) -> torch.Tensor | None:
+        """The cached descriptors, or None (with a warning: the cache is then rebuilt) when the file fails its
+        checksum, does not parse, or does not fit the support set."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(cache), framework="pt") as sf:
+                digest = (sf.metadata() or {}).get("sha256")
+                feats = sf.get_tensor("descriptors")
+            if digest is None:
+                raise ValueError("it carries no checksum")
+            if _tensor_sha256(feats) != digest:
+                raise ValueError("its content does not match its checksum")
+            if feats.ndim != 2 or feats.shape[0] != len(self.support_paths):
+                raise ValueError(f"it has shape {tuple(feats.shape)} for {len(self.support_paths)} support images")
+        except Exception as e:  # noqa: BLE001 - a derived file: any failure means "compute it again"
+            warnings.warn(f"the re-ranker cache {cache} is damaged ({e}); rebuilding it", CacheWarning, stacklevel=3)
+            return None
         return feats
 
     def calibrate(self) -> None:

@@ -12,6 +12,7 @@ chosen by one spec string, read by the backend modules themselves:
 Adding a backend is one new file in this package that defines
 
     NAME: str                                         # shown in summaries
+    FALLBACK: bool = False                            # True: asked after all others (the in-process one)
     def claims(spec: str) -> bool                     # is this spec mine?
     def open_backend(spec, options: BackendOptions) -> VlmBackend
 
@@ -33,12 +34,13 @@ from typing import Any, Protocol, Sequence
 
 from PIL import Image
 
+from fgvr.errors import ModelError
 from fgvr.models.spec import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN_PATCH
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class BackendError(RuntimeError):
+class BackendError(ModelError, RuntimeError):
     """A backend cannot start (server down, no such model, folder missing); the message says what to do."""
 
 
@@ -151,13 +153,14 @@ def user_turn(question: str, n_images: int = 1) -> dict:
 def _modules() -> list[Any]:
     """Every backend module in this package (any module defining `claims` and `open_backend`)."""
     found = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_"):
             continue
         mod = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(mod, "claims") and hasattr(mod, "open_backend"):
             found.append(mod)
-    return found
+    # a module with FALLBACK = True (the in-process one: any folder or model name) is asked last
+    return sorted(found, key=lambda m: (getattr(m, "FALLBACK", False), m.__name__))
 
 
 def backend_names() -> list[str]:

@@ -51,6 +51,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -242,7 +243,8 @@ class OpenAIVlm:
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="fgvr-vlm")
         self.requests_sent = 0
         self.cache_hits = 0
-        self.timings: list[tuple[float, float, float]] = []  # (prepare, wait for server, parse) per request
+        # (prepare, wait for the server, parse) of the latest requests, for benchmarks/served_vlm.py
+        self.timings: deque[tuple[float, float, float]] = deque(maxlen=100_000)
         self._count_lock = threading.Lock()
         self.model = self._pick_model(options.model)
         self.letter_ids = self._letter_ids()

@@ -23,20 +23,19 @@ MAX_AUTO_BATCH = 8
 PLANNED_TEXT_TOKENS = 400  # the prompt text `fgvr memory plan` assumes per query
 
 
-def claims(spec: Any) -> bool:
-    from pathlib import Path
+FALLBACK = True  # any folder or model name that no other backend claims: parse_spec says what is wrong with it
 
+
+def claims(spec: Any) -> bool:
     from fgvr.models.spec import ModelSpec
 
-    if isinstance(spec, ModelSpec):
-        return True
-    return isinstance(spec, str) and Path(spec).expanduser().is_dir()
+    return isinstance(spec, (ModelSpec, str))
 
 
 def open_backend(spec: Any, options: BackendOptions) -> "TransformersVlm":
     from fgvr.models.spec import ModelSpec, parse_spec
 
-    if not isinstance(spec, ModelSpec):
+    if not isinstance(spec, ModelSpec):  # a folder; a model name gets parse_spec's "fetch it to ..." error
         spec = parse_spec(str(spec), device=options.device, dtype=options.dtype, quantization=options.quantization,
                           max_pixels=options.max_pixels, min_pixels=options.min_pixels)
     if spec.family != "qwen2_5_vl":

@@ -50,6 +50,7 @@ from fgvr.knowledge_base.text import (
 )
 from fgvr.knowledge_base.fitting import EXEMPLAR_WEIGHT_GRID, TAU_GRID, W_GRID, choose_fusion, retrieval_stats
 from fgvr.knowledge_base.build import KnowledgeBaseBuildSummary, build_knowledge_base
+from fgvr.knowledge_base.integrity import manifest_digest, seal_manifest
 
 __all__ = [
     "AUGMENTATIONS", "CROP_FRACTION", "DEFAULT_TEMPLATES", "DESCRIPTIONS_FILE", "DESCRIPTION_IMAGES",
@@ -58,5 +59,5 @@ __all__ = [
     "KnowledgeBaseError", "RetrievalStats", "SupportFile", "augmented_views", "build_knowledge_base",
     "check_encoder", "choose_fusion", "default_workers", "describe_classes", "format_knowledge_base", "encode_support",
     "load_knowledge_base", "parse_augment", "retrieval_stats", "save_knowledge_base", "support_files",
-    "text_prototypes", "write_descriptions",
+    "text_prototypes", "write_descriptions", "manifest_digest", "seal_manifest",
 ]

@@ -1,0 +1,211 @@
+"""How many requests per second does `fgvr serve` answer, and how fast, at 1, 4 and 16 concurrent clients?
+
+    .venv/bin/python benchmarks/serve_load.py --kb demo-output/kb-k5-seed0 \
+        --images demo-output/images/test-n100-seed0 [--requests 96] [--seconds 90] [--levels 1,4,16]
+
+Starts `fgvr serve KB` as its own process on a free 127.0.0.1 port (loopback only; nothing else is
+contacted), waits for /healthz, warms up, then for each level runs that many client threads, each with its
+own keep-alive connection, sending one image at a time (POST /v1/classify, multipart) and waiting for the
+answer before sending the next. A level stops after `--requests` answers or `--seconds`, whichever comes
+first. The levels run in alternation, `--rounds` times (1, 4, 16, 1, 4, 16, ...), and each level's best
+round is reported (its requests/s, with that round's latencies): on a shared machine the other processes'
+load comes and goes, and alternating keeps it from favouring one level. Reported per level: requests/s (answers / wall time), p50 and p99 latency seen by the clients, the
+encoder's mean micro-batch (from /metrics), and the server's resident memory before and after (from /proc).
+`--reranker` adds System 2 (the CPU re-ranker); the trigger's threshold is calibrated on the base's support
+set with `--slow-budget` as `fgvr serve` does.
+
+The machine is shared: the load average (uptime) before and after is printed with the table. Goal (issue
+14): at 16 clients at least 2x the requests/s of one client, memory flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def metric(text: str, name: str, labels: str) -> float:
+    m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def batches(url: str) -> tuple[float, float]:
+    t = httpx.get(url + "/metrics", timeout=30).text
+    return metric(t, "fgvr_batches_total", 'queue="encoder"'), metric(t, "fgvr_batched_images_total", 'queue="encoder"')
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def run_level(url: str, photos: list[tuple[str, bytes]], clients: int, n_requests: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    server: list[tuple[float, float]] = []  # the server's own account: encode ms per image, queue ms
+    errors: list[str] = []
+    lock = threading.Lock()
+    sent = [0]
+    stop_at = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while time.perf_counter() < stop_at:
+                with lock:
+                    if sent[0] >= n_requests:
+                        return
+                    i = sent[0]
+                    sent[0] += 1
+                name, data = photos[i % len(photos)]
+                t = time.perf_counter()
+                r = c.post("/v1/classify", files={"image": (name, data, "image/png")})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                        tm = r.json()["timings_ms"]
+                        server.append((tm.get("encode", 0.0), tm.get("queue", 0.0)))
+                    else:
+                        errors.append(f"{r.status_code} {r.text[:80]}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "answered": len(latencies), "errors": len(errors), "error_sample": errors[:3],
+            "wall_s": wall, "rps": len(latencies) / wall if wall > 0 else 0.0,
+            "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+            "p99_ms": 1000 * percentile(latencies, 0.99) if latencies else None,
+            "encode_ms_per_image": statistics.mean(e for e, _ in server) if server else None,
+            "queue_ms": statistics.mean(q for _, q in server) if server else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kb", required=True, type=Path, help="A knowledge base (e.g. the demo's).")
+    ap.add_argument("--images", required=True, type=Path, help="A folder of query images (searched recursively).")
+    ap.add_argument("--requests", type=int, default=96, help="Answers per level (default 96).")
+    ap.add_argument("--seconds", type=float, default=90.0, help="Time cap per level (default 90).")
+    ap.add_argument("--levels", default="1,4,16", help="Concurrent clients per level (default 1,4,16).")
+    ap.add_argument("--rounds", type=int, default=2, help="Times the levels are run, alternating (default 2).")
+    ap.add_argument("--reranker", action="store_true", help="System 2 = the CPU re-ranker.")
+    ap.add_argument("--slow-budget", type=float, default=0.3)
+    ap.add_argument("--batch-size", type=int, default=None, help="The server's encoder micro-batch (its default: 4).")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.md")
+    a = ap.parse_args()
+
+    files = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:64]
+    if not files:
+        sys.exit(f"no images under {a.images}")
+    photos = [(p.name, p.read_bytes()) for p in files]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", "from fgvr.cli import main; main()", "serve", str(a.kb), "--port", str(port),
+           "--slow-budget", str(a.slow_budget), *(["--reranker"] if a.reranker else []),
+           *(["--batch-size", str(a.batch_size)] if a.batch_size else [])]
+    log = open(Path(tempfile.gettempdir()) / f"fgvr-serve-load-{port}.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # OMP_WAIT_POLICY as `fgvr serve` sets it
+    rows = []
+    load_before = uptime()
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                sys.exit(f"the server did not start; see {log.name}")
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        levels = [int(x) for x in a.levels.split(",")]
+        run_level(url, photos, max(levels), 2 * max(levels), 120)  # warm-up: full micro-batches, every code path
+        rss_start = rss_mib(proc.pid)
+        for rnd, clients in [(r, c) for r in range(a.rounds) for c in levels]:
+            b0, n0 = batches(url)
+            before = rss_mib(proc.pid)
+            row = run_level(url, photos, clients, a.requests, a.seconds)
+            b1, n1 = batches(url)
+            row.update(round=rnd + 1, rss_before_mib=before, rss_after_mib=rss_mib(proc.pid),
+                       mean_encoder_batch=(n1 - n0) / (b1 - b0) if b1 > b0 else None)
+            rows.append(row)
+            print(f"round {rnd + 1}, {clients:>3} clients: {row['rps']:.2f} req/s, p50 {row['p50_ms']:.0f} ms, p99 "
+                  f"{row['p99_ms']:.0f} ms, batch {row['mean_encoder_batch'] or 0:.1f}, RSS {row['rss_after_mib']:.0f} MiB",
+                  file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    load_after = uptime()
+
+    rss_end = max((r["rss_after_mib"] for r in rows), default=float("nan"))
+    best = {}
+    for r in rows:
+        if r["clients"] not in best or r["rps"] > best[r["clients"]]["rps"]:
+            best[r["clients"]] = r
+    base = best[min(best)]["rps"] if best else 0.0
+    lines = [f"# fgvr serve under load ({'System 2 = re-ranker, ' if a.reranker else 'System 1 only, '}"
+             f"threshold from a {a.slow_budget:g} budget on the support set)", "",
+             f"Command: `{' '.join([Path(sys.executable).name, 'benchmarks/serve_load.py', *sys.argv[1:]])}`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}  ",
+             f"Load before: `{load_before}`  ", f"Load after: `{load_after}`  ",
+             f"{len(photos)} distinct query images; {a.rounds} round(s), levels alternating; best round per level:", "",
+             "| clients | answered | errors | req/s | x one client | p50 ms | p99 ms | mean encoder batch | encode ms/image | queue ms | all rounds' req/s |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for c, r in sorted(best.items()):
+        every = ", ".join(f"{x['rps']:.2f}" for x in rows if x["clients"] == c)
+        lines.append(f"| {c} | {r['answered']} | {r['errors']} | {r['rps']:.2f} | "
+                     f"{r['rps'] / base if base else float('nan'):.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{r['mean_encoder_batch'] or 0:.1f} | {r['encode_ms_per_image'] or 0:.0f} | {r['queue_ms'] or 0:.0f} | "
+                     f"{every} |")
+    lines += ["", f"Server resident memory: {rss_start:.0f} MiB after the warm-up (which runs full micro-batches), "
+                  f"{rss_end:.0f} MiB at most after any level; per level, before → after: "
+                  + "; ".join(f"{r['clients']} clients (round {r['round']}) {r['rss_before_mib']:.0f} → "
+                              f"{r['rss_after_mib']:.0f}" for r in rows)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text)
+    a.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "load_before": load_before,
+                                                      "load_after": load_after, "rss_start_mib": rss_start}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""`fgvr classify KB SOURCE --out PRED`: classify an unlabelled collection into prediction shards.
+
+SOURCE is a folder (searched recursively for image files), a `.csv` list of paths (a `path` column, or the
+first column), a `.jsonl` list (`{"path": ...}` or a bare string per line), or a glob (`photos/**/*.jpg`).
+Relative paths in a list are read from the list's folder. Every path is resolved, so the same image named
+two ways is classified once.
+
+PRED is a folder:
+* `run.json`            the settings; a restart with other settings is refused (as `fgvr evaluate` does).
+* `part-NNNNNN.jsonl`   (or `.parquet` with `--format parquet`) one `Prediction` per image. Each shard is
+                        written whole (temp file + rename), so a kill loses at most the records not yet in
+                        a shard, and a rerun skips every image already in one. Never a duplicate.
+
+The same loop runs in this process or on Ray (`fgvr.ray_run.RayEngine`): an engine yields finished
+`Result`s batch by batch, in any order, and this module writes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from fgvr.data import IMAGE_SUFFIXES, DataError
+from fgvr.io import atomic_write_bytes, atomic_write_text
+from fgvr.pipeline import Candidate, DualSystem, Result
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("jsonl", "parquet")
+_GLOB_CHARS = set("*?[")
+
+
+# ------------------------------------------------------------------------------------------------------
+# listing the collection
+
+
+def list_source(source: str | Path) -> list[str]:
+    """Resolved image paths of SOURCE (folder, .csv / .jsonl list, or glob), sorted for a folder or glob,
+    in file order for a list; duplicates dropped (first kept)."""
+    text = str(source)
+    p = Path(text)
+    if p.is_dir():
+        paths = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        if not paths:
+            raise DataError(f"{p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...)")
+    elif p.is_file() and p.suffix.lower() in (".csv", ".jsonl"):
+        paths = _read_list(p)
+    elif any(c in text for c in _GLOB_CHARS):
+        paths = sorted(Path(q) for q in glob.glob(text, recursive=True) if Path(q).is_file())
+        if not paths:
+            raise DataError(f"the pattern {text!r} matches no file")
+    elif p.exists():
+        raise DataError(f"{p} is not a folder, a .csv / .jsonl list of paths, or a glob: for one image, leave "
+                        "out --out (one JSON line per image on stdout)")
+    else:
+        raise DataError(f"{p} does not exist: pass a folder, a .csv / .jsonl list of image paths, or a glob")
+    seen: dict[str, None] = {}
+    for q in paths:
+        seen.setdefault(str(Path(q).resolve()), None)
+    return list(seen)
+
+
+def _read_list(path: Path) -> list[Path]:
+    out: list[Path] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            raise DataError(f"{path} is empty: expected a column of image paths (header `path`)")
+        col = rows[0].index("path") if "path" in rows[0] else 0
+        has_header = "path" in rows[0] or not (path.parent / rows[0][col]).exists()
+        values = [r[col] for r in rows[1 if has_header else 0:] if len(r) > col and r[col].strip()]
+    else:
+        values = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}, line {n} is not JSON: write one {{\"path\": ...}} per line") from None
+            value = rec.get("path") if isinstance(rec, dict) else rec
+            if not isinstance(value, str):
+                raise DataError(f"{path}, line {n} has no \"path\" string")
+            values.append(value)
+    for v in values:
+        q = Path(v.strip())
+        out.append(q if q.is_absolute() else path.parent / q)
+    if not out:
+        raise DataError(f"{path} lists no image paths")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# one record per image
+
+
+@dataclass
+class Prediction:
+    """What a collection run keeps per image: the answer, the top-k with scores, how it was reached."""
+
+    path: str
+    path_taken: str  # fast, slow, escalated-unavailable, escalated-failed, error
+    prediction: int | None = None
+    prediction_name: str | None = None
+    confidence: float | None = None
+    # top-k of System 1, each {id, name, score (the final one), fast, slow (None when System 2 did not run)}
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    trigger_score: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_result(cls, r: Result) -> "Prediction":
+        cands = [{"id": c.id, "name": c.name, "score": c.final if c.final is not None else c.fast,
+                  "fast": c.fast, "slow": c.slow} for c in r.candidates]
+        score = (r.trigger or {}).get("score")
+        return cls(r.path, r.path_taken, r.prediction, r.prediction_name, r.confidence, cands,
+                   None if score is None else float(score), r.error)
+
+
+def result_from_dict(d: dict[str, Any]) -> Result:
+    """The inverse of `Result.to_dict` (records cross process boundaries as JSON)."""
+    return Result(**{**d, "candidates": [Candidate(**c) for c in d.get("candidates") or []]})
+
+
+# ------------------------------------------------------------------------------------------------------
+# shards
+
+
+def _parquet_schema():
+    import pyarrow as pa
+
+    cand = pa.struct([("id", pa.int64()), ("name", pa.string()), ("score", pa.float64()),
+                      ("fast", pa.float64()), ("slow", pa.float64())])
+    return pa.schema([("path", pa.string()), ("path_taken", pa.string()), ("prediction", pa.int64()),
+                      ("prediction_name", pa.string()), ("confidence", pa.float64()),
+                      ("candidates", pa.list_(cand)), ("trigger_score", pa.float64()), ("error", pa.string())])
+
+
+def _need_pyarrow() -> None:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError("--format parquet needs pyarrow: pip install pyarrow (it comes with fgvr[ray])") from None
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(list(folder.glob("part-*.jsonl")) + list(folder.glob("part-*.parquet")))
+
+
+def read_predictions(folder: str | Path) -> list[dict[str, Any]]:
+    """Every record of PRED's shards, in shard order, first record per path kept."""
+    out, seen = [], set()
+    for f in shard_files(Path(folder)):
+        if f.suffix == ".parquet":
+            _need_pyarrow()
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(f).to_pylist()
+        else:
+            rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for r in rows:
+            if r["path"] not in seen:
+                seen.add(r["path"])
+                out.append(r)
+    return out
+
+
+class ShardWriter:
+    """Buffers records and writes them `shard_size` at a time as whole shard files (temp file + rename);
+    knows which paths are done, from the shards on disk and those it wrote."""
+
+    def __init__(self, folder: Path, fmt: str = "jsonl", shard_size: int = 256) -> None:
+        if fmt not in FORMATS:
+            raise DataError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        if fmt == "parquet":
+            _need_pyarrow()
+        self.folder, self.fmt, self.shard_size = folder, fmt, max(1, shard_size)
+        folder.mkdir(parents=True, exist_ok=True)
+        existing = shard_files(folder)
+        self.done: set[str] = {r["path"] for r in read_predictions(folder)}
+        self.next = 1 + max((int(f.stem.split("-")[1]) for f in existing), default=-1)
+        self.buffer: list[dict[str, Any]] = []
+        self.written = 0
+
+    def add(self, records: Iterable[dict[str, Any]]) -> int:
+        """Queue records of images not yet done (a retried batch may repeat some); returns how many."""
+        n = 0
+        for r in records:
+            if r["path"] in self.done:
+                continue
+            self.done.add(r["path"])
+            self.buffer.append(r)
+            n += 1
+        while len(self.buffer) >= self.shard_size:
+            self._write(self.buffer[:self.shard_size])
+            self.buffer = self.buffer[self.shard_size:]
+        return n
+
+    def flush(self) -> None:
+        """Write what is buffered (a last, shorter shard)."""
+        if self.buffer:
+            self._write(self.buffer)
+            self.buffer = []
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        path = self.folder / f"part-{self.next:06d}.{self.fmt}"
+        if self.fmt == "parquet":
+            import io
+
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            sink = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(records, schema=_parquet_schema()), sink)
+            atomic_write_bytes(path, sink.getvalue())
+        else:
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.written += len(records)
+        self.next += 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# engines: who computes the Results
+
+
+class LocalEngine:
+    """The stages in this process, batch by batch (the engine `fgvr classify` and `fgvr evaluate` use
+    without --ray). `fgvr.ray_run.RayEngine` has the same two methods."""
+
+    def __init__(self, system: DualSystem, batch_size: int = 16) -> None:
+        self.system, self.batch_size = system, max(1, batch_size)
+
+    def with_system(self, system: DualSystem) -> "LocalEngine":
+        """The same engine running `system` (e.g. with the trigger a run calibrated); this one is left as it is."""
+        return LocalEngine(system, self.batch_size)
+
+    def encode(self, paths: list[str]) -> Iterator[tuple[list[str], Any]]:
+        """(paths, EncodedBatch) per batch: decode + encode only (pass 1 of a run-calibrated evaluation)."""
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start:start + self.batch_size]
+            yield chunk, self.system.encode_paths(chunk, keep_images=False)
+
+    def classify(self, paths: list[str], cache: Any = None) -> Iterator[tuple[list[str], list[Result]]]:
+        """(paths, Results) per batch: the whole dual system, or from System 1 on with cached embeddings."""
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start:start + self.batch_size]
+            yield chunk, (self.system.classify_paths(chunk) if cache is None else cache.classify(self.system, chunk))
+
+
+# ------------------------------------------------------------------------------------------------------
+# the run
+
+
+def classify_collection(system: DualSystem, source: str | Path, out: str | Path, config: dict[str, Any], *,
+                        fmt: str = "jsonl", shard_size: int = 256, batch_size: int = 16,
+                        engine: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Classify every image of SOURCE not yet in OUT's shards; returns counts (also written to stdout by
+    the CLI). `config` is what the run is bound to (kb, encoder); the trigger and System 2 are added here."""
+    from tqdm import tqdm
+
+    from fgvr.evaluate import check_config
+
+    out = Path(out)
+    paths = list_source(source)
+    config = {**config, "data": str(source), "threshold": system.trigger.threshold, "budget": system.trigger.budget,
+              "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all, "calibrate": "support",
+              "system2": getattr(system.slow, "name", None) if system.slow is not None else None, "format": fmt}
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, config)
+    writer = ShardWriter(out, fmt, shard_size)
+    todo = [p for p in paths if p not in writer.done]
+    if writer.done and todo:
+        log.info("resuming %s: %d of %d image(s) already done", out, len(paths) - len(todo), len(paths))
+    engine = engine or LocalEngine(system, batch_size)
+    counts: dict[str, int] = {}
+    bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="classify", unit="img", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for chunk, results in engine.classify(todo):
+            records = []
+            for p, r in zip(chunk, results):
+                rec = asdict(Prediction.from_result(r))
+                rec["path"] = p
+                records.append(rec)
+            for rec in records:
+                if rec["path"] not in writer.done:
+                    counts[rec["path_taken"]] = counts.get(rec["path_taken"], 0) + 1
+            bar.update(writer.add(records))
+    finally:
+        writer.flush()  # what is finished is kept, also when the run stops on an error or Ctrl-C
+        bar.close()
+    return {"images": len(paths), "done_before": len(paths) - len(todo), "written": writer.written,
+            "paths": counts, "out": str(out), "shards": len(shard_files(out))}
