@@ -169,13 +169,13 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_a_programming_error_is_not_dressed_up_as_bad_input(world, monkeypatch):
     """A ValueError from a bug must show its traceback (the old handler turned any ValueError into one line)."""
-    import fgvr.knowledge_base as k
+    from fgvr import pipeline
 
     def boom(*a, **kw):
         raise ValueError("a bug, not bad input")
 
-    monkeypatch.setattr(k, "describe", boom)
-    r = fgvr("kb", "show", world / "kb")
+    monkeypatch.setattr(pipeline, "open_system", boom)
+    r = fgvr("classify", world / "kb", world / "test" / "red_disc" / "0.png")
     assert r.returncode == 1 and "Traceback" in r.stderr and "a bug, not bad input" in r.stderr
 
 
