@@ -44,6 +44,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +52,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fgvr.data import Sample
+from fgvr.data import ManifestWarning, Sample
 from fgvr.errors import RunMismatchError, UsageError
 from fgvr.io import atomic_write_bytes, atomic_write_json
 
@@ -328,7 +329,9 @@ def run_bench(
     out = Path(out)
     from fgvr.locks import output_lock
 
-    with output_lock(out, "bench"):  # one bench writes into OUT at a time (the cells' runs take their own)
+    with output_lock(out, "bench"), warnings.catch_warnings():  # one bench writes into OUT at a time
+        # the manifests under OUT/data name the dataset's own files by absolute path, on purpose
+        warnings.filterwarnings("ignore", message=r".*lead outside its folder", category=ManifestWarning)
         return _run_locked(info, out, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k,
                            weight, device, batch_size, vlm_options, cli_args, reports, progress)
 
