@@ -4,12 +4,39 @@ its step. Heavy imports (torch, transformers) happen inside commands so that `fg
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 
 import click
 
 from fgvr import __version__
+from fgvr.defaults import DEFAULTS
 from fgvr.errors import FgvrError, debug_enabled, storage_error
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (click's test runner swaps it per call)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """fgvr's messages ("fgvr: ...") on stderr: warnings only with -q, progress notes by default, debug with -v.
+
+    Library code only logs (`logging.getLogger(__name__)`); choosing what is shown is the program's job."""
+    logger = logging.getLogger("fgvr")
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("fgvr: %(message)s"))
+        logger.addHandler(handler)
 
 
 class _OneLine(click.ClickException):
@@ -60,7 +87,9 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
 @click.version_option(__version__, prog_name="fgvr")
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
               help="Show the full traceback of an error (also FGVR_DEBUG=1).")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="More detail on stderr (debug messages).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def cli(verbose: int = 0, quiet: bool = False) -> None:
     """Fine-grained visual recognition that thinks fast and slow.
 
     \b
@@ -71,6 +100,7 @@ def cli() -> None:
       fgvr evaluate kb test-photos/ --out run     # accuracy, slow-path rate, report
       fgvr memory plan --vlm qwen2.5-vl-7b --budget 18GiB
     """
+    configure_logging(verbose, quiet)
 
 
 # --- option types: checked at parse time, so nonsense never reaches a step ----------------------------
@@ -351,7 +381,7 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
 
 @cli.command("build-kb")
 @click.argument("data", type=click.Path(exists=True, path_type=str))
-@click.option("--shots", "-k", type=click.IntRange(min=1), default=5, show_default=True, help="support images per class")
+@click.option("--shots", "-k", type=click.IntRange(min=1), default=DEFAULTS.shots, show_default=True, help="support images per class")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the k-shot draw")
 @click.option("--encoder", default="efficientnet-lite0", show_default=True,
               help="efficientnet-lite0 / efficientnet-lite2, or a local CLIP/SigLIP folder")
@@ -403,10 +433,10 @@ def kb_show_cmd(kb_path, max_classes) -> None:
     descriptions (and experience rules, when the base has them)."""
     from pathlib import Path
 
-    from fgvr.knowledge_base import describe, load_knowledge_base
+    from fgvr.knowledge_base import format_knowledge_base, load_knowledge_base
 
     kb = load_knowledge_base(kb_path)
-    click.echo(describe(kb, max_classes=max_classes))
+    click.echo(format_knowledge_base(kb, max_classes=max_classes))
     # Hook for the experience library (issue 5): rules stored under KB/experience/ are listed by
     # fgvr.experience.describe_rules(kb_path) -> str, when that module provides it.
     if (Path(kb_path) / "experience").is_dir():
@@ -432,14 +462,14 @@ def _system_options(f):
                           "calibrated on the base's support set, or for evaluate see --calibrate."),
         click.option("--threshold", type=FiniteFloat(0, 1), default=None,
                      help="Trigger threshold on the doubt score in [0,1]."),
-        click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2."),
-        click.option("--weight", type=FiniteFloat(0, 1), default=0.5, show_default=True,
+        click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True, help="Candidates for System 2."),
+        click.option("--weight", type=FiniteFloat(0, 1), default=DEFAULTS.decision_weight, show_default=True,
                      help="System 2's weight in the decision (0: System 1 alone, 1: System 2 alone)."),
         click.option("--encoder", metavar="SPEC", default=None,
                      help="Query encoder (default: the base's own; another one is refused)."),
         click.option("--device", default="cpu", show_default=True, callback=_check_device,
                      help="cpu, cuda, cuda:N or auto."),
-        click.option("--rules", "n_rules", type=click.IntRange(0), default=3, show_default=True,
+        click.option("--rules", "n_rules", type=click.IntRange(0), default=DEFAULTS.rules, show_default=True,
                      help="Experience rules per query (those whose classes meet the candidates)."),
         click.option("--rationale", is_flag=True, help="Ask the VLM for a short rationale too."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
@@ -642,10 +672,10 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
               help="The Qwen2.5-VL that reasons and reflects: a model folder, or a served model's URL (http://HOST:PORT/v1).")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Passes over the held-out images (stops early when a pass keeps no new rule).")
-@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
-@click.option("--weight", type=FiniteFloat(0, 1), default=0.5, show_default=True,
+@click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True, help="Candidates for System 2.")
+@click.option("--weight", type=FiniteFloat(0, 1), default=DEFAULTS.decision_weight, show_default=True,
               help="System 2's weight in the decision, as in `fgvr evaluate`.")
-@click.option("--rules", "n_rules", type=click.IntRange(0), default=3, show_default=True,
+@click.option("--rules", "n_rules", type=click.IntRange(0), default=DEFAULTS.rules, show_default=True,
               help="Rules per prompt (those whose classes meet the candidates).")
 @click.option("--max-per-class", type=click.IntRange(1), default=None,
               help="Use at most N held-out images per class (each costs VLM calls).")
@@ -684,14 +714,14 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
 
 
 @cli.command()
-@click.option("--shots", "-k", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--shots", "-k", type=click.IntRange(min=1), default=DEFAULTS.shots, show_default=True,
               help="Support images per class (from the train split).")
 @click.option("--test-images", type=click.IntRange(min=1), default=None,
               help="Held-out test images (from the test split)  [default: 500; 100 with --quick]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of both samples.")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Where the images, knowledge base and run go (reruns reuse them).")
-@click.option("--slow-budget", type=FiniteFloat(0, 1), default=0.3, show_default=True,
+@click.option("--slow-budget", type=FiniteFloat(0, 1), default=DEFAULTS.slow_budget, show_default=True,
               help="Fraction of the test images to send to System 2 (threshold from their trigger scores).")
 @click.option("--quick", is_flag=True, help="A smaller test sample, for a first look.")
 def demo(shots, test_images, seed, out, slow_budget, quick) -> None:

@@ -33,6 +33,7 @@ when the run used `slow_all` (System 2 on every image, decisions still made by t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
@@ -49,6 +50,7 @@ from fgvr.fast_path import system1
 from fgvr.io import atomic_write_bytes, atomic_write_json, with_filename
 from fgvr.pipeline import (PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem,
                            Result)
+from fgvr.trigger import Trigger
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -56,6 +58,7 @@ RUN_CONFIG = "run.json"
 EMBED_DIR = "embeddings"
 CURVE_BUDGETS = [round(0.05 * i, 2) for i in range(21)]
 PEAKS = "peak_memory.json"
+log = logging.getLogger(__name__)
 # What a record depends on; a restart must match them ("limit" too when the run calibrates on itself).
 _MUST_MATCH = ("kb_digest", "data_digest", "experience_digest", "encoder", "system2", "system2_spec", "threshold",
                "budget", "calibrate", "top_k", "weight", "slow_all", "n_rules", "rationale", "max_image_pixels")
@@ -90,8 +93,7 @@ def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
         if rec is not None:
             records.append(rec)
         elif line.strip():
-            print(f"fgvr: {path}, line {n} is not a result record; skipping it (that image is redone)",
-                  file=sys.stderr)
+            log.warning("%s, line %d is not a result record; skipping it (that image is redone)", path, n)
     tail = data[cut:]
     if tail.strip():
         rec = _parse(tail)
@@ -101,8 +103,8 @@ def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
                 with path.open("ab") as f:
                     f.write(b"\n")
         elif repair:
-            print(f"fgvr: {path} ended in a partly written line (the last run was interrupted); "
-                  "dropping it and redoing that image", file=sys.stderr)
+            log.warning("%s ended in a partly written line (the last run was interrupted); dropping it and "
+                        "redoing that image", path)
             with path.open("r+b") as f:
                 f.truncate(cut)
                 f.flush()
@@ -276,8 +278,10 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
       "support"  the base's support images scored leave-one-out (what `fgvr classify` does: one image cannot
                  calibrate anything). Support images are scored against k-1 shots, so they look less certain
                  than queries, and the realised rate comes out below the budget (Fashion-MNIST 5-shot: 0.20
-                 for a budget of 0.3); one streaming pass.
-    With a threshold given directly, there is nothing to calibrate.
+                 for a budget of 0.3); one streaming pass. A threshold the system's trigger already has
+                 (`open_system` calibrates on the support set) is used as it is.
+    With a threshold given directly, there is nothing to calibrate. The run uses its own copy of the trigger
+    with the threshold it settles on (`summary["trigger"]`); `system` (and `engine`) are left as they are.
     `engine` computes the batches: `fgvr.collection.LocalEngine` (default, this process) or
     `fgvr.ray_run.RayEngine` (Ray Data); the files written are the same.
     """
@@ -297,69 +301,128 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
 def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[str, Any], *, limit: int | None,
                 batch_size: int, progress: bool, report: bool, calibrate: str, engine: Any) -> dict[str, Any]:
     kb = system.kb
-    budgeted = system.trigger.budget is not None
-    calibrate_on = calibrate if budgeted else None
-    slow_spec = getattr(system.slow, "spec", None)
-    config = {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
-              "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
-              "system2": getattr(system.slow, "name", None) if system.slow is not None else None,
-              "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
-              "rationale": bool(getattr(system.slow, "rationale", False)), "limit": limit,
-              "kb_digest": knowledge_base_digest(kb), "data_digest": data_digest(dataset),
-              "experience_digest": _experience_digest(system)}
-    from fgvr.data import max_decoded_pixels
-
-    config.setdefault("max_image_pixels", max_decoded_pixels())
-    stored = check_config(out, config)
+    calibrate_on = calibrate if system.trigger.budget is not None else None
+    stored = check_config(out, _run_config(system, dataset, config, calibrate_on, limit))
     support = support_files(kb)
     items, unknown = plan(dataset, kb.classes, limit, exclude=support)
     n_support = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in support)
-    if n_support:
-        print(f"fgvr: leaving out {n_support} image(s) of {dataset.root} that are in the knowledge base's "
-              "support set", file=sys.stderr)
-    if unknown:
-        n_unknown = sum(1 for _, _, cid in items if cid is None)
-        print(f"fgvr: test class(es) not in the knowledge base: {', '.join(unknown)}. Their {n_unknown} "
-              "image(s) are classified and reported separately, not counted in accuracy.", file=sys.stderr)
+    _say_what_is_left_out(dataset, items, unknown, n_support)
     results_file = out / RESULTS
     planned = {p for p, _, _ in items}
     previous = [r for r in read_results(results_file) if r["path"] in planned]
     done = {r["path"] for r in previous}
     todo = [it for it in items if it[0] not in done]
     if done and todo:
-        print(f"fgvr: resuming {out}: {len(items) - len(todo)} of {len(items)} image(s) already done",
-              file=sys.stderr)
-
-    from tqdm import tqdm
+        log.info("resuming %s: %d of %d image(s) already done", out, len(items) - len(todo), len(items))
 
     from fgvr.collection import LocalEngine
 
-    engine = engine or LocalEngine(system, batch_size)
     t0 = time.perf_counter()
     cache = None
     if calibrate_on == "run":
-        cache = EmbeddingCache(out / EMBED_DIR)
-        need = [p for p, _, _ in todo if p not in cache]
-        bar = tqdm(total=len(todo), initial=len(todo) - len(need), desc="encode (pass 1 of 2)", unit="img",
-                   file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
-        for chunk, enc in engine.encode(need):
-            cache.add(chunk, enc)
-            bar.update(len(chunk))
-        bar.close()
-        if stored.get("calibrated_threshold") is not None:
-            system.trigger.threshold = float(stored["calibrated_threshold"])
-        else:
-            readable = [p for p, _, _ in items if cache.embedding(p) is not None]
-            emb = torch.stack([cache.embedding(p) for p in readable]) if readable else torch.zeros(0, kb.prototypes.shape[1])
-            fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
-            system.trigger.calibrate(system.trigger.scores(fast, kb))
-            stored = {**stored, "calibrated_threshold": system.trigger.threshold, "calibrated_on_images": len(readable)}
-            atomic_write_json(out / RUN_CONFIG, stored)
-    elif calibrate_on == "support" and stored.get("calibrated_threshold") is None:
-        stored = {**stored, "calibrated_threshold": system.trigger.threshold, "calibrated_on": "support, leave-one-out"}
-        atomic_write_json(out / RUN_CONFIG, stored)
-    elif calibrate_on == "support":
-        system.trigger.threshold = float(stored["calibrated_threshold"])
+        cache = _encode_pass(engine or LocalEngine(system, batch_size), EmbeddingCache(out / EMBED_DIR), todo,
+                             progress)
+    trigger, stored = _settle_threshold(system, calibrate_on, stored, cache, items, out)
+    system = system.with_trigger(trigger)  # the run's own copy: the caller's system is left as it is
+    engine = engine.with_system(system) if engine is not None else LocalEngine(system, batch_size)
+    _classify_pass(system, engine, items, todo, previous, results_file, cache, out, progress)
+    wall = time.perf_counter() - t0
+    peaks = _record_peak(out, system)
+
+    records = _records_in_plan_order(results_file, items)
+    summary = summarise(records, kb.classes, unknown)
+    summary["support_images_excluded"] = n_support
+    summary["trigger"] = {"threshold": trigger.threshold, "budget": trigger.budget,
+                          "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
+    summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
+                      "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
+                      "peak_memory_this_process": peaks["this_process"],
+                      "peak_memory": peaks["run"]}
+    summary["config"] = stored
+    how = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
+    summary["system2"] = how() if how else ({"system2": system.slow.name} if system.slow else None)
+    atomic_write_json(out / SUMMARY, summary)
+    if report:
+        from fgvr.report import write_report
+
+        write_report(out, summary)
+    check_system2(summary, system, out)
+    return summary
+
+
+def _run_config(system: DualSystem, dataset: Dataset, config: dict[str, Any], calibrate_on: str | None,
+                limit: int | None) -> dict[str, Any]:
+    """What the run is bound to (a resumed run must match it): the caller's config, the system's settings,
+    and digests of the base, the data and the experience rules."""
+    from fgvr.data import max_decoded_pixels
+
+    budgeted = system.trigger.budget is not None
+    slow_spec = getattr(system.slow, "spec", None)
+    config = {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
+              "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
+              "system2": getattr(system.slow, "name", None) if system.slow is not None else None,
+              "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
+              "rationale": bool(getattr(system.slow, "rationale", False)), "limit": limit,
+              "kb_digest": knowledge_base_digest(system.kb), "data_digest": data_digest(dataset),
+              "experience_digest": _experience_digest(system)}
+    config.setdefault("max_image_pixels", max_decoded_pixels())
+    return config
+
+
+def _say_what_is_left_out(dataset: Dataset, items: list, unknown: list[str], n_support: int) -> None:
+    if n_support:
+        log.warning("leaving out %d image(s) of %s that are in the knowledge base's support set",
+                    n_support, dataset.root)
+    if unknown:
+        n_unknown = sum(1 for _, _, cid in items if cid is None)
+        log.warning("test class(es) not in the knowledge base: %s. Their %d image(s) are classified and "
+                    "reported separately, not counted in accuracy.", ", ".join(unknown), n_unknown)
+
+
+def _encode_pass(engine: Any, cache: "EmbeddingCache", todo: list, progress: bool) -> "EmbeddingCache":
+    """Pass 1 of a run-calibrated evaluation: every image not yet in the cache decoded and encoded once."""
+    from tqdm import tqdm
+
+    need = [p for p, _, _ in todo if p not in cache]
+    bar = tqdm(total=len(todo), initial=len(todo) - len(need), desc="encode (pass 1 of 2)", unit="img",
+               file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
+    for chunk, enc in engine.encode(need):
+        cache.add(chunk, enc)
+        bar.update(len(chunk))
+    bar.close()
+    return cache
+
+
+def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict, cache: "EmbeddingCache | None",
+                      items: list, out: Path) -> tuple[Trigger, dict]:
+    """(the trigger this run uses, run.json's content): a calibrated threshold is stored in run.json the
+    first time and read back on a resume, so a resumed run decides with the same threshold."""
+    trigger = system.trigger
+    if calibrate_on is None:
+        return trigger, stored
+    if stored.get("calibrated_threshold") is not None:
+        return trigger.with_threshold(stored["calibrated_threshold"]), stored
+    kb = system.kb
+    if calibrate_on == "run":
+        readable = [p for p, _, _ in items if cache.embedding(p) is not None]
+        emb = torch.stack([cache.embedding(p) for p in readable]) if readable else torch.zeros(0, kb.prototypes.shape[1])
+        fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
+        trigger = trigger.calibrated(trigger.scores(fast, kb))
+        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on_images": len(readable)}
+    else:
+        if trigger.threshold is None:
+            trigger = trigger.calibrated_on_support(kb, w=system.w, tau=system.tau)
+        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on": "support, leave-one-out"}
+    atomic_write_json(out / RUN_CONFIG, stored)
+    log.debug("trigger threshold %.4f, calibrated on the %s for a budget of %s", trigger.threshold,
+              calibrate_on, trigger.budget)
+    return trigger, stored
+
+
+def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, previous: list[dict],
+                   results_file: Path, cache: "EmbeddingCache | None", out: Path, progress: bool) -> None:
+    """Classify `todo` through the engine, appending each batch's records to the results file."""
+    from tqdm import tqdm
 
     n_known = sum(1 for r in previous if r.get("label_id") is not None)
     n_right = sum(1 for r in previous if r.get("correct"))
@@ -380,40 +443,25 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
                 n_known += 1
                 n_right += bool(rec["correct"])
         append_results(results_file, records)
-        peaks = _record_peak(out, system)
+        _record_peak(out, system)
         bar.update(len(batch))
         if n_known:
             bar.set_postfix(acc=f"{n_right / n_known:.3f}")
     bar.close()
-    wall = time.perf_counter() - t0
-    peaks = _record_peak(out, system)
 
+
+def _records_in_plan_order(results_file: Path, items: list) -> list[dict[str, Any]]:
+    """The run's records in plan order; an engine that finished out of order has its file rewritten so."""
+    planned = {p for p, _, _ in items}
     everything = read_results(results_file)
     records = [r for r in everything if r["path"] in planned]
     order = {p: i for i, (p, _, _) in enumerate(items)}
     if [r["path"] for r in records] != sorted((r["path"] for r in records), key=order.__getitem__):
-        records.sort(key=lambda r: order[r["path"]])  # an engine that finished out of order: plan order
+        records.sort(key=lambda r: order[r["path"]])
         rest = [r for r in everything if r["path"] not in planned]
         atomic_write_bytes(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                  for r in records + rest).encode("utf-8"))
-    summary = summarise(records, kb.classes, unknown)
-    summary["support_images_excluded"] = n_support
-    summary["trigger"] = {"threshold": system.trigger.threshold, "budget": system.trigger.budget,
-                          "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
-    summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
-                      "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
-                      "peak_memory_this_process": peaks["this_process"],
-                      "peak_memory": peaks["run"]}
-    summary["config"] = stored
-    describe = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
-    summary["system2"] = describe() if describe else ({"system2": system.slow.name} if system.slow else None)
-    atomic_write_json(out / SUMMARY, summary)
-    if report:
-        from fgvr.report import write_report
-
-        write_report(out, summary)
-    check_system2(summary, system, out)
-    return summary
+    return records
 
 
 def check_system2(summary: dict[str, Any], system: DualSystem, out: Path) -> None:
@@ -477,8 +525,7 @@ class EmbeddingCache:
                 if emb.shape[0] != len(meta["paths"]):
                     raise ValueError(f"{emb.shape[0]} embeddings for {len(meta['paths'])} paths")
             except Exception as e:  # noqa: BLE001 - a derived file: any failure means "encode again"
-                print(f"fgvr: {f} is damaged ({type(e).__name__}: {e}); its images are encoded again",
-                      file=sys.stderr)
+                log.warning("%s is damaged (%s: %s); its images are encoded again", f, type(e).__name__, e)
                 f.unlink(missing_ok=True)
                 continue
             for j, p in enumerate(meta["paths"]):

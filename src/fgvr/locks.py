@@ -14,15 +14,17 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from fgvr.errors import LockedError, StorageError
+
+log = logging.getLogger(__name__)
 
 
 def lock_path(out: str | os.PathLike) -> Path:
@@ -83,8 +85,8 @@ def output_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
         if previous:
             try:
                 old = json.loads(previous)
-                print(f"fgvr: taking over the lock of {Path(out)} left by pid {old.get('pid')} on "
-                      f"{old.get('host')} (no longer running)", file=sys.stderr)
+                log.warning("taking over the lock of %s left by pid %s on %s (no longer running)", Path(out),
+                            old.get("pid"), old.get("host"))
             except ValueError:
                 pass
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,

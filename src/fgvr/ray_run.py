@@ -26,6 +26,7 @@ one); the driver drops any repeat of a path. A killed driver loses only what was
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -175,8 +176,8 @@ class RayEngine:
     """Runs the stages on a Ray cluster and yields finished batches to the driver, in completion order.
 
     `open_kwargs`: what `fgvr.pipeline.open_system` takes (each actor opens its own system from it).
-    `system`: the driver's own system (its trigger threshold is read when a pass starts, so a threshold
-    calibrated between passes reaches the actors). `workers`: encode actors (default: one per CPU of the
+    `system`: the driver's own system (its trigger threshold is read when a pass starts; a run that
+    calibrates between passes hands the calibrated system over with `with_system`). `workers`: encode actors (default: one per CPU of the
     cluster, or per GPU with a CUDA device). `slow_workers`: System 2 actors (each takes one GPU with a
     CUDA device). `batch_size`: rows per batch in every stage.
     """
@@ -191,6 +192,12 @@ class RayEngine:
         self.cuda = str(open_kwargs.get("device", "cpu")).startswith("cuda")
         self.workers = max(1, workers or (int(res.get("GPU", 0)) if self.cuda and res.get("GPU") else self.cpus))
         self.has_system2 = bool(open_kwargs.get("vlm") or open_kwargs.get("reranker"))
+
+    def with_system(self, system: Any) -> "RayEngine":
+        """The same engine (cluster, actors' settings) for `system`, e.g. with the trigger a run calibrated."""
+        other = copy.copy(self)
+        other.system = system
+        return other
 
     # --- stages -----------------------------------------------------------------------------------------
     def _encode(self, ds: Any, threshold: float) -> Any:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fgvr import scoring
+from fgvr.defaults import DEFAULTS
 from fgvr.errors import KnowledgeBaseError as _KBError
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
@@ -45,7 +46,7 @@ DEFAULT_ENCODER = "efficientnet-lite2"
 DEFAULT_IMAGE_SIZE = 260  # Lite2's native resolution; System 1 runs Lite0 at 224
 DEFAULT_VIEWS = ("identity", "flip")
 DEFAULT_GRID = 3
-DEFAULT_TEMPERATURE = 0.05  # used only when the support set cannot tell (one shot per class)
+DEFAULT_TEMPERATURE = DEFAULTS.reranker_temperature  # used only when the support set cannot tell (one shot per class)
 TEMPERATURES = scoring.TEMPERATURES  # the one temperature grid (System 1's fusion fit uses it too)
 PROTO_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LAYOUT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
@@ -80,7 +81,7 @@ def _view(pixels: torch.Tensor, view: str) -> torch.Tensor:
     raise RerankerError(f"unknown test-time view {view!r}: use identity, flip or cropNN (e.g. crop90)")
 
 
-def describe(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int) -> torch.Tensor:
+def tta_descriptors(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int) -> torch.Tensor:
     """(N,3,H,W) preprocessed pixels -> (N,D') L2-normalised descriptors, averaged over the TTA views.
 
     The descriptor is [pooled, grid layout], each part L2-normalised and weighted equally, so a dot product
@@ -108,7 +109,7 @@ def describe(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int
 def weight_parts(descriptors: torch.Tensor, grid: int, layout_weight: float) -> torch.Tensor:
     """Re-weight a [pooled, layout] descriptor so a dot product is (1-w)*cos(pooled) + w*cos(layout).
 
-    `describe` gives each part norm 1/sqrt(2) (w = 0.5); how much the layout should count is a property of
+    `tta_descriptors` gives each part norm 1/sqrt(2) (w = 0.5); how much the layout should count is a property of
     the data (aligned product photos: a lot; free-form photos: less), so it is chosen on the support set.
     """
     if grid <= 0:
@@ -265,7 +266,7 @@ class VisualReranker:
             steps = tqdm(steps, desc=f"re-ranker ({self.spec.name})", unit="batch", file=sys.stderr)
         with registry.use(self.spec) as enc:
             for i in steps:
-                out.append(describe(enc, enc.preprocess(images[i : i + self.batch_size]), self.views, self.grid))
+                out.append(tta_descriptors(enc, enc.preprocess(images[i : i + self.batch_size]), self.views, self.grid))
         if not out:
             raise RerankerError("no images to describe")
         return torch.cat(out)

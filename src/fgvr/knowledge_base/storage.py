@@ -383,7 +383,7 @@ def _fsync_dir(path: Path) -> None:
 # showing
 
 
-def describe(kb: KnowledgeBase, max_classes: int = 50) -> str:
+def format_knowledge_base(kb: KnowledgeBase, max_classes: int = 50) -> str:
     """A readable account of what a base holds (`fgvr kb show`)."""
     m = kb.manifest
     lines = [f"knowledge base {kb.path}", f"  format v{m.get('format_version')}, fgvr {m.get('fgvr_version')}, "
