@@ -205,5 +205,5 @@ def test_bench_with_a_served_vlm_that_does_not_answer_fails_before_any_work(tmp_
     res = CliRunner().invoke(cli, ["bench", "pets", "--root", str(root), "--shots", "1", "--seeds", "0",
                                    "--vlm", f"http://127.0.0.1:{port}/v1", "--vlm-retries", "0", "--vlm-timeout", "2",
                                    "--out", str(out)])
-    assert res.exit_code == 1 and f"127.0.0.1:{port}" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 5 and f"127.0.0.1:{port}" in res.output and "Traceback" not in res.output  # ModelError
     assert not list(out.glob("k*-seed*"))  # no knowledge base was built for nothing

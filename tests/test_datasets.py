@@ -184,7 +184,7 @@ def test_bench_list_and_missing_root(tmp_path):
     r = CliRunner().invoke(cli, ["bench", "cub", "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "--root DIR is required for cub-200-2011" in r.output
     r = CliRunner().invoke(cli, ["bench", "cub", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "images.txt not found" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 3 and "images.txt not found" in r.output and "Traceback" not in r.output  # an InputError
 
 
 def test_a_file_that_is_not_a_mat_file(tmp_path):

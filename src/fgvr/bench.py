@@ -44,6 +44,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +52,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fgvr.data import Sample
+from fgvr.data import ManifestWarning, Sample
 from fgvr.errors import RunMismatchError, UsageError
 from fgvr.io import atomic_write_bytes, atomic_write_json
 
@@ -328,50 +329,88 @@ def run_bench(
     out = Path(out)
     from fgvr.locks import output_lock
 
-    with output_lock(out, "bench"):  # one bench writes into OUT at a time (the cells' runs take their own)
-        return _run_locked(info, out, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k,
-                           weight, device, batch_size, vlm_options, cli_args, reports, progress)
+    with output_lock(out, "bench"), warnings.catch_warnings():  # one bench writes into OUT at a time
+        # the manifests under OUT/data name the dataset's own files by absolute path, on purpose
+        warnings.filterwarnings("ignore", message=r".*lead outside its folder", category=ManifestWarning)
+        o = dict(root=root, shots=shots, seeds=seeds, encoder=encoder, vlm=vlm, reranker=reranker,
+                 slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight, device=device,
+                 batch_size=batch_size, vlm_options=vlm_options, cli_args=list(cli_args), reports=reports,
+                 progress=progress)
+        b = _prepare(info, out, o)
+        cells: list[CellResult] = []
+        done_runs: list[Path] = []
+        grid = [(k, s) for k in shots for s in seeds]
+        for n, (k, seed) in enumerate(grid, 1):
+            cells.append(_run_cell(b, k, seed, f"[{n}/{len(grid)}] k={k} seed={seed}", done_runs))
+            done_runs.append(out / f"k{k}-seed{seed}" / "run")
+            atomic_write_json(b.bench_file, b.state)
+        table = BenchTable(dataset=info.name, title=info.title, settings=b.settings, shots=shots, seeds=seeds,
+                           cells=cells, summary=summarise_cells(cells, shots), command=b.command)
+        table.markdown = format_table(table)
+        atomic_write_bytes(out / "table.md", (table.markdown + "\n").encode("utf-8"))
+        atomic_write_json(out / "table.json", {k: v for k, v in asdict(table).items() if k != "markdown"}
+                          | {"methods": method_names(b.settings)})
+        return table
 
 
-def _run_locked(info, out: Path, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k, weight,
-                device, batch_size, vlm_options, cli_args, reports, progress) -> BenchTable:
-    """`run_bench` under OUT's lock."""
-    from fgvr.backends import is_served, open_backend
-    from fgvr.data import read_dataset, split_k_shot
-    from fgvr.datasets import load_splits
-    from fgvr.evaluate import plan, read_results, run_evaluation, RESULTS
-    from fgvr.knowledge_base import build_knowledge_base
-    from fgvr.models.spec import ModelSpec, parse_spec
-    from fgvr.pipeline import open_system
+@dataclass
+class _Bench:
+    """What every cell of one invocation shares: the manifests, the models, the settings cells are bound to."""
 
-    def say(msg: str) -> None:
-        if progress:
+    info: Any
+    out: Path
+    o: dict[str, Any]
+    splits: Any
+    test: list[Sample]
+    train_csv: Path
+    test_csv: Path
+    settings: dict[str, Any]
+    enc_spec: Any
+    vlm_spec: Any
+    served_backend: Any
+    describe: bool
+    vlm_word: str | None
+    eval_opts: list[str]
+    command: str
+    bench_file: Path
+    state: dict[str, Any]
+    invocation: dict[str, Any]
+    train_ds: Any = None  # the train manifest as `fgvr build-kb` reads it (only to write on-demand images)
+
+    def say(self, msg: str) -> None:
+        if self.o["progress"]:
             print(f"fgvr bench: {msg}", file=sys.stderr, flush=True)
 
-    # 1. the official splits -> manifests (test: the evaluated images)
-    splits = load_splits(info.name, root, cache_dir=(out / "data" / "images").resolve())
-    items, _ = plan(splits.test, splits.test.classes, limit)
+
+def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
+    """The official splits -> OUT/data manifests (test: the evaluated images), the settings check, bench.json."""
+    from fgvr.backends import is_served, open_backend
+    from fgvr.datasets import load_splits
+    from fgvr.evaluate import plan
+    from fgvr.models.spec import ModelSpec, parse_spec
+
+    splits = load_splits(info.name, o["root"], cache_dir=(out / "data" / "images").resolve())
+    items, _ = plan(splits.test, splits.test.classes, o["limit"])
     test = sorted((Sample(Path(p), label) for p, label, _ in items), key=lambda s: str(s.path))
     train = sorted((Sample(s.path.resolve(), s.label) for s in splits.train.samples), key=lambda s: str(s.path))
-    train_csv, test_csv = out / "data" / "train.csv", out / "data" / "test.csv"
     train_bytes, test_bytes = _csv_bytes(train), _csv_bytes(test)
-
-    enc_spec = parse_spec(encoder, device=device)
+    vlm, device = o["vlm"], o["device"]
+    enc_spec = parse_spec(o["encoder"], device=device)
     served = is_served(vlm)
     vlm_spec = None if not vlm or served else (vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device))
-    describe = bool(vlm) and enc_spec.family in TEXT_FAMILIES
-    vlm_word = None if not vlm else (vlm if isinstance(vlm, str) else vlm_spec.source)
     # a server that does not answer is one clear error before any work (and it writes the descriptions)
-    served_backend = open_backend(vlm, _with_cache(vlm_options, None)) if served else None
+    served_backend = open_backend(vlm, _with_cache(o["vlm_options"], None)) if served else None
     settings = {
         "dataset": info.name, "root": str(splits.root.resolve()),
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
-        "system2": "reranker" if reranker else ("vlm" if vlm else "none"),
-        "vlm": (f"{vlm} model={getattr(vlm_options, 'model', None)}" if served
+        "system2": "reranker" if o["reranker"] else ("vlm" if vlm else "none"),
+        "vlm": (f"{vlm} model={getattr(o['vlm_options'], 'model', None)}" if served
                 else vlm_spec.replace(device="cpu").key if vlm_spec is not None else None),
-        "vlm_name": vlm if served else vlm_spec.name if vlm_spec is not None else None, "kb_descriptions": describe,
-        "slow_budget": float(slow_budget), "top_k": int(top_k), "weight": float(weight), "limit": limit,
-        "classes": len(splits.train.classes), "train_images": len(train), "test_images_official": len(splits.test.samples),
+        "vlm_name": vlm if served else vlm_spec.name if vlm_spec is not None else None,
+        "kb_descriptions": bool(vlm) and enc_spec.family in TEXT_FAMILIES,
+        "slow_budget": float(o["slow_budget"]), "top_k": int(o["top_k"]), "weight": float(o["weight"]),
+        "limit": o["limit"], "classes": len(splits.train.classes), "train_images": len(train),
+        "test_images_official": len(splits.test.samples),
         "train_sha256": hashlib.sha256(train_bytes).hexdigest(), "test_sha256": hashlib.sha256(test_bytes).hexdigest(),
     }
     bench_file = out / "bench.json"
@@ -381,88 +420,85 @@ def _run_locked(info, out: Path, root, shots, seeds, encoder, vlm, reranker, slo
         diff = ", ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in settings if old.get(k) != settings.get(k))
         raise BenchError(f"{out} holds a bench made with other settings ({diff}). Rerun with the same settings "
                          "(other --shots/--seeds are fine), or pass a new --out.")
+    train_csv, test_csv = out / "data" / "train.csv", out / "data" / "test.csv"
     _write_if_changed(train_csv, train_bytes)
     _write_if_changed(test_csv, test_bytes)
     splits.prepare(test)
-    # the options of `fgvr evaluate` that this bench sets (the same words on `fgvr bench`)
-    eval_opts = [*(["--reranker"] if reranker else []), *(["--vlm", vlm_word] if vlm else []),
-                 *cli_args, "--slow-budget", f"{slow_budget:g}",
-                 *(["--top-k", str(top_k)] if top_k != 5 else []), *(["--weight", f"{weight:g}"] if weight != 0.5 else []),
-                 *(["--device", device] if device != "cpu" else [])]
-    command = bench_command(info.name, None if root is None else str(root), out, shots, seeds,
-                            [*(["--encoder", encoder] if encoder != "efficientnet-lite0" else []), *eval_opts,
-                             *(["--limit", str(limit)] if limit is not None else [])])
+    vlm_word = None if not vlm else (vlm if isinstance(vlm, str) else vlm_spec.source)
+    eval_opts = _evaluate_options(o, vlm_word)
+    command = bench_command(info.name, None if o["root"] is None else str(o["root"]), out, o["shots"], o["seeds"],
+                            [*(["--encoder", o["encoder"]] if o["encoder"] != "efficientnet-lite0" else []),
+                             *eval_opts, *(["--limit", str(o["limit"])] if o["limit"] is not None else [])])
     invocation = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
                   "cells_run": [], "cells_reused": []}
     state = {"settings": settings, "invocations": state["invocations"] + [invocation]}
     atomic_write_json(bench_file, state)
-    say(f"{info.title}: {len(train):,} train / {len(test):,} test images, {len(splits.train.classes)} classes; "
-        f"{len(shots) * len(seeds)} cell(s) under {out}")
+    b = _Bench(info=info, out=out, o=o, splits=splits, test=test, train_csv=train_csv, test_csv=test_csv,
+               settings=settings, enc_spec=enc_spec, vlm_spec=vlm_spec, served_backend=served_backend,
+               describe=settings["kb_descriptions"], vlm_word=vlm_word, eval_opts=eval_opts, command=command,
+               bench_file=bench_file, state=state, invocation=invocation)
+    b.say(f"{info.title}: {len(train):,} train / {len(test):,} test images, {len(splits.train.classes)} classes; "
+          f"{len(o['shots']) * len(o['seeds'])} cell(s) under {out}")
+    return b
 
-    # 2. the cells
-    train_ds = None  # the train manifest as `fgvr build-kb` reads it; only needed to write on-demand images
-    cells: list[CellResult] = []
-    done_runs: list[Path] = []
-    grid = [(k, s) for k in shots for s in seeds]
-    for n, (k, seed) in enumerate(grid, 1):
-        cell = out / f"k{k}-seed{seed}"
-        kb_dir, run_dir, cell_file = cell / "kb", cell / "run", cell / "cell.json"
-        binding = {**settings, "k": k, "seed": seed}
-        if cell_file.is_file():
-            stored = json.loads(cell_file.read_text(encoding="utf-8"))
-            if stored.get("binding") != binding:
-                raise BenchError(f"{cell_file} was made with other settings; pass a new --out")
-            cells.append(CellResult(**{**stored["result"], **{f: tuple(stored["result"][f]) for f in
-                                                               ("system1_ci", "dual_ci", "delta_ci")}}))
-            done_runs.append(run_dir)
-            invocation["cells_reused"].append(cell.name)
-            say(f"[{n}/{len(grid)}] k={k} seed={seed}: done before, reused")
-            continue
-        vlm_flags = [*(["--vlm", vlm_word] if describe else []), *(cli_args if describe else [])]
-        build_cmd = shlex.join(["fgvr", "build-kb", str(train_csv), "--shots", str(k), "--seed", str(seed),
-                                "--encoder", encoder, *vlm_flags, *(["--device", device] if device != "cpu" else []),
-                                "--out", str(kb_dir)])
-        eval_cmd = shlex.join(["fgvr", "evaluate", str(kb_dir), str(test_csv), "--out", str(run_dir),
-                               *eval_opts])
-        times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        if not (kb_dir / "manifest.json").is_file():
-            say(f"[{n}/{len(grid)}] k={k} seed={seed}: knowledge base")
-            if splits.on_demand:
-                train_ds = train_ds or read_dataset(train_csv)
-                splits.prepare(split_k_shot(train_ds, k, seed)[0])
-            describer = None
-            if describe:  # what `fgvr build-kb --vlm` passes: a served VLM is opened with the options
-                describer = served_backend if served else vlm_spec
-            build_knowledge_base(train_csv, kb_dir, shots=k, seed=seed, encoder=enc_spec, vlm=describer,
-                                 device=device, progress=progress)
-        times["knowledge_base_s"] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
-        say(f"[{n}/{len(grid)}] k={k} seed={seed}: evaluation on {len(test):,} test images")
-        _seed_embeddings(run_dir, done_runs)
-        with open_system(kb_dir, vlm=vlm if served else vlm_spec, reranker=reranker, budget=slow_budget, k=top_k,
-                         weight=weight, device=device, vlm_options=_with_cache(vlm_options, run_dir / "vlm-cache")
-                         ) as system:
-            config = {"kb": str(kb_dir.resolve()), "encoder": system.encoder.spec.key,
-                      "data": str(test_csv.resolve()), "limit": None}
-            run_evaluation(system, read_dataset(test_csv), run_dir, config, batch_size=batch_size,
-                           progress=progress, report=reports, calibrate="run")
-        times["evaluate_s"] = round(time.perf_counter() - t0, 2)
-        planned = {str(s.path) for s in test}
-        result = cell_result([r for r in read_results(run_dir / RESULTS) if r["path"] in planned], k, seed)
-        result.seconds, result.commands = times, [build_cmd, eval_cmd]
-        atomic_write_json(cell_file, {"binding": binding, "result": asdict(result)})
-        cells.append(result)
-        done_runs.append(run_dir)
-        invocation["cells_run"].append(cell.name)
-        atomic_write_json(bench_file, state)
 
-    # 3. the table
-    table = BenchTable(dataset=info.name, title=info.title, settings=settings, shots=shots, seeds=seeds, cells=cells,
-                       summary=summarise_cells(cells, shots), command=command)
-    table.markdown = format_table(table)
-    atomic_write_bytes(out / "table.md", (table.markdown + "\n").encode("utf-8"))
-    atomic_write_json(out / "table.json", {k: v for k, v in asdict(table).items() if k != "markdown"}
-                      | {"methods": method_names(settings)})
-    atomic_write_json(bench_file, state)
-    return table
+def _evaluate_options(o: dict[str, Any], vlm_word: str | None) -> list[str]:
+    """The options of `fgvr evaluate` this bench sets (the same words on `fgvr bench`)."""
+    return [*(["--reranker"] if o["reranker"] else []), *(["--vlm", vlm_word] if vlm_word else []),
+            *o["cli_args"], "--slow-budget", f"{o['slow_budget']:g}",
+            *(["--top-k", str(o["top_k"])] if o["top_k"] != 5 else []),
+            *(["--weight", f"{o['weight']:g}"] if o["weight"] != 0.5 else []),
+            *(["--device", o["device"]] if o["device"] != "cpu" else [])]
+
+
+def _run_cell(b: _Bench, k: int, seed: int, tag: str, done_runs: list[Path]) -> CellResult:
+    """One (k, seed) cell: reused when done with the same binding; else base (kept if built), evaluation."""
+    from fgvr.data import read_dataset, split_k_shot
+    from fgvr.evaluate import RESULTS, read_results, run_evaluation
+    from fgvr.knowledge_base import build_knowledge_base
+    from fgvr.pipeline import open_system
+
+    o = b.o
+    cell = b.out / f"k{k}-seed{seed}"
+    kb_dir, run_dir, cell_file = cell / "kb", cell / "run", cell / "cell.json"
+    binding = {**b.settings, "k": k, "seed": seed}
+    if cell_file.is_file():
+        stored = json.loads(cell_file.read_text(encoding="utf-8"))
+        if stored.get("binding") != binding:
+            raise BenchError(f"{cell_file} was made with other settings; pass a new --out")
+        b.invocation["cells_reused"].append(cell.name)
+        b.say(f"{tag}: done before, reused")
+        return CellResult(**{**stored["result"], **{f: tuple(stored["result"][f])
+                                                     for f in ("system1_ci", "dual_ci", "delta_ci")}})
+    vlm_flags = ["--vlm", b.vlm_word, *o["cli_args"]] if b.describe else []
+    build_cmd = shlex.join(["fgvr", "build-kb", str(b.train_csv), "--shots", str(k), "--seed", str(seed),
+                            "--encoder", o["encoder"], *vlm_flags,
+                            *(["--device", o["device"]] if o["device"] != "cpu" else []), "--out", str(kb_dir)])
+    eval_cmd = shlex.join(["fgvr", "evaluate", str(kb_dir), str(b.test_csv), "--out", str(run_dir), *b.eval_opts])
+    t0 = time.perf_counter()
+    if not (kb_dir / "manifest.json").is_file():
+        b.say(f"{tag}: knowledge base")
+        if b.splits.on_demand:
+            b.train_ds = b.train_ds or read_dataset(b.train_csv)
+            b.splits.prepare(split_k_shot(b.train_ds, k, seed)[0])
+        describer = (b.served_backend or b.vlm_spec) if b.describe else None  # what `fgvr build-kb --vlm` passes
+        build_knowledge_base(b.train_csv, kb_dir, shots=k, seed=seed, encoder=b.enc_spec, vlm=describer,
+                             device=o["device"], progress=o["progress"])
+    times = {"knowledge_base_s": round(time.perf_counter() - t0, 2)}
+    t0 = time.perf_counter()
+    b.say(f"{tag}: evaluation on {len(b.test):,} test images")
+    _seed_embeddings(run_dir, done_runs)
+    with open_system(kb_dir, vlm=o["vlm"] if b.served_backend else b.vlm_spec, reranker=o["reranker"],
+                     budget=o["slow_budget"], k=o["top_k"], weight=o["weight"], device=o["device"],
+                     vlm_options=_with_cache(o["vlm_options"], run_dir / "vlm-cache")) as system:
+        config = {"kb": str(kb_dir.resolve()), "encoder": system.encoder.spec.key,
+                  "data": str(b.test_csv.resolve()), "limit": None}
+        run_evaluation(system, read_dataset(b.test_csv), run_dir, config, batch_size=o["batch_size"],
+                       progress=o["progress"], report=o["reports"], calibrate="run")
+    times["evaluate_s"] = round(time.perf_counter() - t0, 2)
+    planned = {str(s.path) for s in b.test}
+    result = cell_result([r for r in read_results(run_dir / RESULTS) if r["path"] in planned], k, seed)
+    result.seconds, result.commands = times, [build_cmd, eval_cmd]
+    atomic_write_json(cell_file, {"binding": binding, "result": asdict(result)})
+    b.invocation["cells_run"].append(cell.name)
+    return result
