@@ -174,7 +174,7 @@ def test_a_programming_error_is_not_dressed_up_as_bad_input(world, monkeypatch):
     def boom(*a, **kw):
         raise ValueError("a bug, not bad input")
 
-    monkeypatch.setattr(k, "describe", boom)
+    monkeypatch.setattr(k, "format_knowledge_base", boom)
     r = fgvr("kb", "show", world / "kb")
     assert r.returncode == 1 and "Traceback" in r.stderr and "a bug, not bad input" in r.stderr
 
