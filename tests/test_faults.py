@@ -298,10 +298,12 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(world,
     with output_lock(run, "evaluate"):  # held by this process; the commands run in another one
         r = fgvr_process("evaluate", world / "kb", world / "test", "--out", run, "--threshold", "0.5")
         one_line(r, EXIT_LOCKED, str(os.getpid()), "fgvr evaluate")
-        with output_lock(kb, "build-kb"):
+        with output_lock(kb, "build-kb"), output_lock(tmp_path / "pred", "classify"):
             r = fgvr_process("build-kb", world / "support", "--shots", "2", "--out", kb)
             one_line(r, EXIT_LOCKED, str(os.getpid()), "build-kb")
-    assert not (run / "results.jsonl").exists() and not kb.exists()
+            r = fgvr_process("classify", world / "kb", world / "test", "--out", tmp_path / "pred")
+            one_line(r, EXIT_LOCKED, str(os.getpid()), "classify")
+    assert not (run / "results.jsonl").exists() and not kb.exists() and not (tmp_path / "pred").exists()
     # a lock file left by a process that died (kill -9): its flock is gone, the lock is taken over
     lock_path(run).write_text(json.dumps({"pid": 999999, "host": "gone", "command": "evaluate", "since": "then"}))
     r = fgvr("evaluate", world / "kb", world / "test", "--out", run, "--threshold", "0.5")

@@ -732,6 +732,80 @@ def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
     demo_mod.main(out, shots, test_images, seed, slow_budget, quick)
 
 
+# --- bench (issue 15) -------------------------------------------------------------------------------
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write comma-separated integers, e.g. 1,5,16") from None
+    if not out:
+        raise click.BadParameter("give at least one value, e.g. 1,5,16")
+    return out
+
+
+def _list_datasets(ctx, param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        from fgvr.datasets import describe_datasets
+
+        click.echo(describe_datasets())
+        ctx.exit()
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="The dataset's folder as published (fashion-mnist: default /usr/share/datasets/fashion-mnist).")
+@click.option("--shots", default="1,5,16", show_default=True, callback=_int_list, help="k values, comma-separated.")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list, help="Seeds of the k-shot draw.")
+@click.option("--encoder", default="efficientnet-lite0", show_default=True, metavar="SPEC",
+              help="System 1's encoder: efficientnet-lite0/2, or a local CLIP/SigLIP folder.")
+@click.option("--vlm", metavar="SPEC", default=None,
+              help="System 2 = this Qwen2.5-VL folder or a served one's URL (with a CLIP/SigLIP encoder it also "
+                   "writes class descriptions).")
+@click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker.")
+@click.option("--slow-budget", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Fraction of the test images sent to System 2 (threshold from their own trigger scores).")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Evaluate N test images (a seeded spread over classes), the same N for every cell.")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
+@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="System 2's weight in the decision.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Bench folder: one subfolder per (k, seed), table.md, table.json (reruns resume).")
+@click.option("--no-reports", is_flag=True, help="Skip each cell's report.md and plots (the table is written anyway).")
+@click.option("--list", "list_", is_flag=True, is_eager=True, expose_value=False, callback=_list_datasets,
+              help="List the datasets fgvr reads, where each is published and its layout, and exit.")
+@vlm_options
+def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k, weight, device, batch_size,
+          out, no_reports, **vlm_opts) -> None:
+    """A paper's k-shot table on DATASET: for every k and seed, a knowledge base from the official train split,
+    the dual system on the official test split; mean ± 95% interval per method. Resumable.
+
+    \b
+    DATASET: cub-200-2011, stanford-dogs, stanford-cars, oxford-pets, fgvc-aircraft, flowers-102,
+    fashion-mnist (see --list for where each is published and the layout --root must hold).
+    """
+    from fgvr.bench import run_bench
+    from fgvr.datasets import dataset_info
+
+    # the VLM options given on this command line, to print in the commands that reproduce the table
+    cli_args = [w for k, v in vlm_opts.items() if v is not None and _given(k) for w in ("--" + k.replace("_", "-"), str(v))]
+    info = dataset_info(dataset)  # fgvr's errors are shown as one line with their exit code by the root group
+    if root is None and info.name != "fashion-mnist":
+        raise click.UsageError(f"--root DIR is required for {info.name}: the folder you downloaded it to. "
+                               "`fgvr bench --list` shows the expected layout.")
+    table = run_bench(dataset, out, root=root, shots=shots, seeds=seeds, encoder=encoder,
+                      vlm=vlm_spec(vlm, device, vlm_opts), vlm_options=vlm_backend_options({**vlm_opts, "device": device}),
+                      reranker=reranker, slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight,
+                      device=device, batch_size=batch_size, cli_args=cli_args, reports=not no_reports)
+    click.echo(table.markdown)
+    click.echo(f"wrote {out}/table.md and {out}/table.json", err=True)
+
+
 # --- serve (issue 14) -------------------------------------------------------------------------------
 
 
