@@ -14,6 +14,8 @@ Columns:
   wall (2B img)  the same over two batches only: mostly the fixed cost (actor start-up, model loads)
   steady img/s   (N - 2B) / (wall N - wall 2B): throughput once running, fixed costs differenced out
   overhead       Ray's steady seconds per image minus the single process's, as a share of the latter
+  tail img/s     the last two thirds of the records of the full run / the seconds they took to arrive (a
+                 second estimate of the running throughput, from one run: start-up is over by then)
   CPU s per image  CPU seconds of this process and all below it (Ray's daemons, workers, actors) per image,
                  differenced the same way; CPU overhead = Ray's / the single process's - 1. Less sensitive
                  than wall time to other jobs on a shared machine.
@@ -113,13 +115,18 @@ class CpuMeter:
 
 def timed(engine, paths: list[str]) -> dict:
     t0 = time.perf_counter()
-    results = []
+    results, arrivals = [], []
     with CpuMeter() as cpu:
         for _, res in engine.classify(paths):
             results += res
+            arrivals.append((time.perf_counter() - t0, len(results)))
     wall = time.perf_counter() - t0
     assert len(results) == len(paths) and len({r.path for r in results}) == len(paths)
-    return {"wall": wall, "cpu": cpu.seconds, "results": results}
+    # the last two thirds of the records, over the time they took to arrive: start-up is long over by then
+    t_third = next(t for t, n in arrivals if n >= len(paths) / 3)
+    n_third = next(n for t, n in arrivals if n >= len(paths) / 3)
+    tail = (len(paths) - n_third) / (wall - t_third) if wall > t_third else float("nan")
+    return {"wall": wall, "cpu": cpu.seconds, "tail": tail, "results": results}
 
 
 def measured(make, paths: list[str], short: int) -> dict:
@@ -128,7 +135,7 @@ def measured(make, paths: list[str], short: int) -> dict:
     a, b = timed(make(), paths[:short]), timed(make(), paths)
     dt = b["wall"] - a["wall"]
     return {"wall": b["wall"], "short_wall": a["wall"], "steady": (len(paths) - short) / dt if dt > 0 else float("nan"),
-            "cpu_per_image": (b["cpu"] - a["cpu"]) / (len(paths) - short), "startup_cpu": a["cpu"],
+            "cpu_per_image": (b["cpu"] - a["cpu"]) / (len(paths) - short), "startup_cpu": a["cpu"], "tail": b["tail"],
             "results": b["results"]}
 
 
@@ -174,8 +181,8 @@ def main() -> None:
           f"{os.cpu_count()} cores, Ray cluster of {args.cpus} CPUs, best of {args.repeats}")
     print(f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min)\n")
     print(f"| run | wall s ({len(paths)} img) | wall s ({2 * args.batch_size} img) | steady img/s | vs 1 worker "
-          "| overhead per image (wall) | CPU s per image | CPU overhead | CPU s, 2 batches |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| overhead per image (wall) | tail img/s | CPU s per image | CPU overhead | CPU s, 2 batches |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     one = rows["Ray, 1 worker"]["steady"]
     out = {}
     for name, r in rows.items():
@@ -183,8 +190,8 @@ def main() -> None:
         ratio = "" if name == "single process" else f"{r['steady'] / one:.2f}x"
         cpu_over = "" if name == "single process" else f"{r['cpu_per_image'] / single['cpu_per_image'] - 1:+.0%}"
         print(f"| {name} | {r['wall']:.1f} | {r['short_wall']:.1f} | {r['steady']:.2f} | {ratio} | {over} "
-              f"| {r['cpu_per_image']:.3f} | {cpu_over} | {r['startup_cpu']:.1f} |")
-        out[name] = {k: r[k] for k in ("wall", "short_wall", "steady", "cpu_per_image", "startup_cpu")}
+              f"| {r['tail']:.2f} | {r['cpu_per_image']:.3f} | {cpu_over} | {r['startup_cpu']:.1f} |")
+        out[name] = {k: r[k] for k in ("wall", "short_wall", "steady", "tail", "cpu_per_image", "startup_cpu")}
     print("\nper image, single process (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in stages.items()))
     if args.json:
         args.json.write_text(json.dumps({"images": len(paths), "batch": args.batch_size, "cpus": args.cpus,

@@ -14,7 +14,7 @@ from fgvr.data import read_dataset
 from fgvr.evaluate import EvaluateError, budget_curve, read_results, run_evaluation
 from fgvr.pipeline import DualSystem
 from fgvr.trigger import Trigger
-from test_pipeline import COLOURS, ColourEncoder, PickLast, colour_kb
+from fakes import COLOURS, ColourEncoder, PickLast, colour_kb
 
 STABLE = ("n_images", "n_labelled_known", "n_errors", "accuracy", "accuracy_readable", "accuracy_system1_alone",
           "per_class", "confusion", "unknown_classes", "unknown_class_images", "unknown_class_predictions",
@@ -43,11 +43,11 @@ def data(tmp_path):
     return read_dataset(make_data(tmp_path / "data"))
 
 
-def test_summary_exact_match_unknown_class_and_errors(tmp_path, data, capsys):
+def test_summary_exact_match_unknown_class_and_errors(tmp_path, data, caplog):
     out = tmp_path / "run"
     s = run_evaluation(system(), data, out, {"kb": "colours", "encoder": "colour", "data": "d"}, batch_size=5,
                        progress=False)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "yellow" in err and "not in the knowledge base" in err
     assert s["unknown_classes"] == ["yellow"] and s["unknown_class_images"] == 4
     assert s["n_images"] == 25 and s["n_errors"] == 1 and s["errors"][0]["path"].endswith("broken.png")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from fgvr.knowledge_base import (
     KnowledgeBaseError,
     augmented_views,
     build_knowledge_base,
-    describe,
+    format_knowledge_base,
     load_knowledge_base,
     retrieval_stats,
     text_prototypes,
@@ -291,16 +290,35 @@ def test_a_class_with_no_usable_image_is_an_error_naming_it_and_work_is_kept(tmp
 # ---------------------------------------------------------------------------------------------- resume
 
 
+# `fgvr build-kb` that logs every support image it decodes (argv[1]) and pauses after each class file is
+# written, so the test can kill it at a known point and count what was done.
+BUILD_WITH_PAUSES = """
+import sys, time
+from fgvr import cli
+from fgvr.knowledge_base import encoding
+log, load, write = open(sys.argv[1], "a"), encoding.load_image, encoding.atomic_write_bytes
+def load_image(path, **kw):
+    log.write(f"{path}\\n"); log.flush()
+    return load(path, **kw)
+def atomic_write_bytes(path, data):
+    write(path, data)
+    time.sleep(1.5)
+encoding.load_image, encoding.atomic_write_bytes = load_image, atomic_write_bytes
+sys.argv = ["fgvr", *sys.argv[2:]]
+cli.main()
+"""
+
+
 def test_resume_after_sigkill_redoes_nothing_and_loses_nothing(tmp_path, lite0):
     data = _make_folder(tmp_path / "d", {f"c{i}": (c, 3) for i, c in enumerate(["red", "green", "blue", "white"])})
     ref, _ = _quiet_build(data, tmp_path / "ref", shots=3, seed=1, batch_size=2)
 
     out = tmp_path / "kb"
-    env = dict(os.environ, FGVR_TEST_SLEEP_PER_CLASS="1.5")
+    decoded_log = tmp_path / "decoded.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fgvr.cli", "build-kb", str(data), "--shots", "3", "--seed", "1",
-         "--out", str(out), "--batch-size", "2"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", BUILD_WITH_PAUSES, str(decoded_log), "build-kb", str(data), "--shots", "3",
+         "--seed", "1", "--out", str(out), "--batch-size", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     partial = tmp_path / "kb.partial"
     deadline = time.time() + 120
@@ -314,7 +332,7 @@ def test_resume_after_sigkill_redoes_nothing_and_loses_nothing(tmp_path, lite0):
         proc.wait()
     finished = sorted(partial.glob("*/class-*.safetensors"))
     assert 2 <= len(finished) < 4 and not out.exists()
-    logged = (finished[0].parent / "encoded.log").read_text().splitlines()
+    logged = decoded_log.read_text().splitlines()
     done_images = sum(1 for line in logged if Path(line).parent.name in {"c0", "c1"})
     assert done_images == 6  # each finished class's images were encoded exactly once
 
@@ -369,7 +387,7 @@ def test_text_prototypes_with_vlm_descriptions(tmp_path, tiny_clip_dir, talkativ
     assert torch.allclose(loaded.text_prototypes, with_desc, atol=1e-5)
     assert not torch.allclose(with_desc, without, atol=1e-3)  # the descriptions are mixed in
     assert 0.0 <= loaded.fusion["w"] <= 1.0 and "leave-one-out" in loaded.fusion["source"]
-    shown = describe(loaded)
+    shown = format_knowledge_base(loaded)
     assert "image+text" in shown and stored["moss"][:20] in shown
 
 

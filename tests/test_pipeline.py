@@ -7,62 +7,14 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fgvr.knowledge_base import KnowledgeBase
 from fgvr.pipeline import PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem
-from fgvr.slow_path import SlowAnswer
 from fgvr.trigger import Trigger
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "orange": (230, 140, 20),
-           "purple": (140, 30, 200)}
-
-
-class ColourEncoder:
-    """Embeds an image as its normalised mean colour (3-d) plus a constant: a stand-in for a real encoder."""
-
-    embed_dim = 4
-
-    def __init__(self):
-        self.calls = 0
-
-    def encode_images(self, images, batch_size=64):
-        self.calls += 1
-        x = torch.tensor([[*(np.asarray(im.resize((4, 4)), dtype=np.float32).reshape(-1, 3).mean(0) / 255), 0.2]
-                          for im in images])
-        return torch.nn.functional.normalize(x, dim=1)
-
-
-def colour_kb(enc):
-    classes = sorted(COLOURS)
-    imgs = [Image.new("RGB", (8, 8), COLOURS[c]) for c in classes]
-    protos = enc.encode_images(imgs)
-    return KnowledgeBase(classes=classes, encoder_spec={}, encoder_key="colour", embed_dim=protos.shape[1],
-                         prototypes=protos, exemplars=protos, exemplar_labels=torch.arange(len(classes)),
-                         text_prototypes=None, fusion={"w": 1.0, "tau": 0.02}, stats=None)
-
-
-class PickLast:
-    """A System 2 that is sure the LAST candidate is right; records what it was asked."""
-
-    name = "pick-last"
-
-    def __init__(self):
-        self.batches = []
-
-    def rank(self, queries):
-        self.batches.append(queries)
-        out = []
-        for q in queries:
-            p = [0.01] * len(q.candidates)
-            p[-1] = 1.0
-            z = sum(p)
-            out.append(SlowAnswer(probs=[x / z for x in p], rationale="last one", tokens_in=10, tokens_out=2,
-                                  rules_used=[r for r in q.rules]))
-        return out
+from fakes import COLOURS, ColourEncoder, PickLast, colour_kb
 
 
 class Boom:
@@ -151,13 +103,13 @@ def test_only_triggered_samples_go_slow_unless_slow_all(images):
     assert all(r.slow_ran and r.slow_prediction == r.candidates[-1].id for r in res2 if r.path_taken != PATH_ERROR)
 
 
-def test_failing_system2_is_logged_and_the_run_goes_on(images, capsys):
+def test_failing_system2_is_logged_and_the_run_goes_on(images, caplog):
     enc = ColourEncoder()
     res = DualSystem(colour_kb(enc), enc, Boom(), Trigger(threshold=-1.0), k=2).classify_paths(images)
     ok = [r for r in res if r.path_taken != PATH_ERROR]
     assert all(r.path_taken == PATH_SLOW_FAILED and "out of memory" in r.error for r in ok)
     assert all(r.prediction == r.fast_prediction for r in ok)
-    assert "System 2 (boom) failed" in capsys.readouterr().err
+    assert "System 2 (boom) failed" in caplog.text
 
 
 def test_budget_trigger_is_calibrated_on_the_support_set():
@@ -167,15 +119,23 @@ def test_budget_trigger_is_calibrated_on_the_support_set():
     kb.exemplars = torch.nn.functional.normalize(kb.exemplars, dim=1)
     kb.exemplar_labels = torch.arange(5).repeat(2)
     trig = Trigger(budget=0.4)
-    DualSystem(kb, enc, None, trig)
+    calibrated = trig.calibrated_on_support(kb)  # explicit, by the caller (open_system does this)
+    assert calibrated.threshold is not None and 0 <= calibrated.threshold <= 1
+    DualSystem(kb, enc, None, calibrated)
     # the threshold is the support set's (1 - budget) quantile, scored leave-one-out: 4 of the 10 support
     # images lie above it, and a threshold from anywhere else (a default, the queries) would not do that
     from fgvr.fast_path import support_loo
 
     fast, _ = support_loo(kb)
-    scores = trig.scores(fast, kb)
-    assert trig.threshold == pytest.approx(float(torch.quantile(scores, 0.6)))
-    assert int((scores > trig.threshold).sum()) == 4
+    scores = calibrated.scores(fast, kb)
+    assert calibrated.threshold == pytest.approx(float(torch.quantile(scores, 0.6)))
+    assert int((scores > calibrated.threshold).sum()) == 4
+    # no hidden mutation: the system does not calibrate (or otherwise change) the trigger it is given,
+    # and one left without a threshold says so at the first image instead of guessing
+    uncalibrated = DualSystem(kb, enc, None, trig)
+    assert trig.threshold is None and uncalibrated.trigger is trig
+    with pytest.raises(ValueError, match="no threshold yet"):
+        uncalibrated.classify_images([Image.new("RGB", (8, 8), COLOURS["red"])], ["red.png"])
 
 
 def test_dual_system_with_the_tiny_qwen_reasoner_and_experience_rules(images, tiny_qwen_dir):

@@ -339,7 +339,7 @@ def test_build_kb_descriptions_come_from_the_served_vlm(url, tmp_path, tiny_clip
 def test_a_failed_row_takes_escalated_failed_and_the_rest_go_on(tmp_path):
     """A backend row that keeps failing (its error, not an exception) gives that image the escalated-failed
     path with its fast answer and the error; the other images of the same System 2 call are answered."""
-    from test_pipeline import ColourEncoder, colour_kb
+    from fakes import ColourEncoder, colour_kb
 
     from fgvr.backends import OptionScores
     from fgvr.pipeline import PATH_SLOW, PATH_SLOW_FAILED, DualSystem

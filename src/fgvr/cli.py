@@ -4,14 +4,92 @@ its step. Heavy imports (torch, transformers) happen inside commands so that `fg
 
 from __future__ import annotations
 
+import logging
+import math
+import sys
+
 import click
 
 from fgvr import __version__
+from fgvr.defaults import DEFAULTS
+from fgvr.errors import FgvrError, debug_enabled, storage_error
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (click's test runner swaps it per call)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """fgvr's messages ("fgvr: ...") on stderr: warnings only with -q, progress notes by default, debug with -v.
+
+    Library code only logs (`logging.getLogger(__name__)`); choosing what is shown is the program's job."""
+    logger = logging.getLogger("fgvr")
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("fgvr: %(message)s"))
+        logger.addHandler(handler)
+
+
+class _OneLine(click.ClickException):
+    """An fgvr error shown as one line (`Error: ...`) with its family's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class FgvrGroup(click.Group):
+    """The root group: fgvr's own errors (and OS errors of the file system, with the file named) become one
+    line and a distinct exit code; anything else is a bug and keeps its traceback. `--debug` / FGVR_DEBUG=1
+    keeps the traceback of fgvr's own errors too."""
+
+    def invoke(self, ctx: click.Context):
+        import warnings
+
+        def one_line_warning(message, category, filename, lineno, file=None, line=None):
+            click.echo(f"warning: {message}", err=True)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = one_line_warning
+                return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except FgvrError as e:
+            if debug_enabled():
+                raise
+            raise _OneLine(str(e), e.exit_code) from None
+        except OSError as e:
+            mapped = storage_error(e)
+            if mapped is None or debug_enabled():
+                raise
+            raise _OneLine(str(mapped), mapped.exit_code) from None
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    from fgvr.errors import set_debug
+
+    set_debug(value)
+    return value
+
+
+@click.group(cls=FgvrGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="fgvr")
-def cli() -> None:
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show the full traceback of an error (also FGVR_DEBUG=1).")
+@click.option("-v", "--verbose", count=True, help="More detail on stderr (debug messages).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def cli(verbose: int = 0, quiet: bool = False) -> None:
     """Fine-grained visual recognition that thinks fast and slow.
 
     \b
@@ -22,6 +100,104 @@ def cli() -> None:
       fgvr evaluate kb test-photos/ --out run     # accuracy, slow-path rate, report
       fgvr memory plan --vlm qwen2.5-vl-7b --budget 18GiB
     """
+    configure_logging(verbose, quiet)
+
+
+# --- option types: checked at parse time, so nonsense never reaches a step ----------------------------
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: `nan` passes every comparison of a plain FloatRange."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+class ByteSize(click.ParamType):
+    """A memory size such as 18GiB, 18GB, 16e9 or 500MiB: finite, and at least `minimum` bytes."""
+
+    name = "size"
+
+    def __init__(self, minimum: int = 1 << 20) -> None:
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        from fgvr.models.footprint import format_bytes, parse_bytes
+
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(str(value).strip().rstrip("bBkKmMgGtTiI ").replace("_", "") or "nan")
+        except ValueError:
+            number = 0.0  # not a plain number: parse_bytes names the problem
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite size: write e.g. 18GiB, 18GB, 16e9 or 500MiB", param, ctx)
+        try:
+            n = parse_bytes(value)
+        except (ValueError, OverflowError) as e:
+            self.fail(str(e), param, ctx)
+        if n < self.minimum:
+            self.fail(f"{value!r} is {format_bytes(n) if n else f'{n} B'}, below the smallest sensible size "
+                      f"({format_bytes(self.minimum)})", param, ctx)
+        return n
+
+
+class ImageSize(click.ParamType):
+    """HEIGHTxWIDTH in pixels, both at least 1."""
+
+    name = "HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            h, w = (int(x) for x in str(value).lower().split("x"))
+        except ValueError:
+            self.fail(f"{value!r}: write HEIGHTxWIDTH, e.g. 1024x1024", param, ctx)
+        if h < 1 or w < 1 or h > 1 << 20 or w > 1 << 20:
+            self.fail(f"{value!r}: both sides must lie in 1..{1 << 20} pixels", param, ctx)
+        return h, w
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """cpu, cuda, cuda:N or auto; a CUDA device must exist in this torch (a CPU-only build has none)."""
+    if value is None:
+        return value
+    d = value.strip().lower()
+    if d in ("cpu", "auto"):
+        return d
+    if d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise click.BadParameter(f"{value!r}: {why}; use --device cpu (or auto)", ctx, param)
+        n = torch.cuda.device_count()
+        if d.startswith("cuda:") and int(d[5:]) >= n:
+            raise click.BadParameter(f"{value!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})",
+                                     ctx, param)
+        return d
+    raise click.BadParameter(f"{value!r}: use cpu, cuda, cuda:N or auto", ctx, param)
+
+
+
+def _set_image_limit(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    from fgvr.data import DEFAULT_MAX_DECODED_PIXELS, set_max_decoded_pixels
+
+    set_max_decoded_pixels(DEFAULT_MAX_DECODED_PIXELS if value is None else value)
+
+
+def image_limit_option(f):
+    """--max-image-pixels: images larger than this once decoded are refused from their header."""
+    return click.option("--max-image-pixels", type=click.IntRange(1), default=None, expose_value=False,
+                        callback=_set_image_limit, metavar="N",
+                        help="Refuse images over N pixels once decoded (a JPEG is decoded reduced first); "
+                             "default 64000000.")(f)
 
 
 def vlm_options(f):
@@ -33,7 +209,7 @@ def vlm_options(f):
                      help="Quantise the VLM with bitsandbytes (CUDA only)."),
         click.option("--max-visual-tokens", type=click.IntRange(4), default=None,
                      help="Pixel cap per image in visual tokens of 28x28 pixels (default 1280)."),
-        click.option("--gpu-budget", default=None, metavar="SIZE",
+        click.option("--gpu-budget", type=ByteSize(), default=None, metavar="SIZE",
                      help="Memory the registry may use on the GPU, e.g. 18GiB (default: the card's capacity)."),
         click.option("--vlm-model", default=None, metavar="NAME",
                      help="Served --vlm URL: the model to ask (default: the only one the server lists)."),
@@ -101,18 +277,21 @@ def memory() -> None:
               help="clip-vit-b32/b16/l14, siglip-base, efficientnet-lite0/2, a local folder, or 'none'.")
 @click.option("--dtype", default="bf16", show_default=True, help="Compute dtype: bf16, fp16 or fp32.")
 @click.option("--encoder-dtype", default=None, help="Encoder dtype, if not --dtype.")
-@click.option("--budget", default="18GiB", show_default=True, help="GPU budget: 18GiB, 18GB, 16e9 ...")
-@click.option("--max-pixels", type=int, default=None, help="Pixel cap per image (default 1280 visual tokens).")
-@click.option("--max-visual-tokens", type=int, default=None, help="Pixel cap as visual tokens (x 28x28 pixels).")
+@click.option("--budget", type=ByteSize(), default="18GiB", show_default=True, help="GPU budget: 18GiB, 18GB, 16e9 ...")
+@click.option("--max-pixels", type=click.IntRange(1), default=None, help="Pixel cap per image (default 1280 visual tokens).")
+@click.option("--max-visual-tokens", type=click.IntRange(4), default=None,
+              help="Pixel cap as visual tokens (x 28x28 pixels).")
 @click.option("--quant", type=click.Choice(["int8", "nf4"]), default=None, help="Quantise the VLM (bitsandbytes).")
-@click.option("--image-size", default="1024x1024", show_default=True, help="Reference image HxW for token counts.")
-@click.option("--text-tokens", type=int, default=400, show_default=True, help="Prompt text tokens per query.")
-@click.option("--new-tokens", type=int, default=32, show_default=True, help="Generated tokens per query.")
+@click.option("--image-size", type=ImageSize(), default="1024x1024", show_default=True,
+              help="Reference image HxW for token counts.")
+@click.option("--text-tokens", type=click.IntRange(0), default=400, show_default=True, help="Prompt text tokens per query.")
+@click.option("--new-tokens", type=click.IntRange(0), default=32, show_default=True, help="Generated tokens per query.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Prompts per VLM forward (System 2 scores queries in batches).")
 @click.option("--serve", type=click.Choice(["vllm", "sglang", "both"]), default=None,
               help="Print the serving engine's command line that fits --gpu (System 2 served, see README).")
-@click.option("--gpu", default=None, metavar="SIZE", help="The GPU the engine runs on, for --serve (default: --budget).")
+@click.option("--gpu", type=ByteSize(), default=None, metavar="SIZE",
+              help="The GPU the engine runs on, for --serve (default: --budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visual_tokens, quant, image_size,
                 text_tokens, new_tokens, batch, serve, gpu, as_json) -> None:
@@ -125,9 +304,8 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
     """
     import json as _json
 
-    from fgvr.models.footprint import parse_bytes
-    from fgvr.models.plan import make_plan, parse_image_size
-    from fgvr.models.spec import QWEN_PATCH, SpecError
+    from fgvr.models.plan import make_plan
+    from fgvr.models.spec import QWEN_PATCH
 
     if max_pixels and max_visual_tokens:
         raise click.UsageError("give --max-pixels or --max-visual-tokens, not both")
@@ -139,10 +317,10 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
         from fgvr.models.serve_plan import make_serve_plan
 
         try:
-            plans = [make_serve_plan(e, vlm, parse_bytes(gpu or budget), max_pixels=max_pixels,
+            plans = [make_serve_plan(e, vlm, gpu or budget, max_pixels=max_pixels,
                                      encoder=None if encoder.lower() == "none" else encoder)
                      for e in (("vllm", "sglang") if serve == "both" else (serve,))]
-        except (SpecError, ValueError) as exc:
+        except ValueError as exc:  # SpecError is fgvr's own: the root group shows it
             raise click.ClickException(str(exc)) from None
         click.echo(_json.dumps([p.to_json() for p in plans], indent=2) if as_json
                    else "\n\n".join(p.format() for p in plans))
@@ -151,23 +329,21 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
     if served:
         click.echo(f"System 2 is served by {vlm}: the VLM's memory is the server's (plan it with "
                    "--vlm qwen2.5-vl-7b --serve vllm --gpu SIZE); below, fgvr's own process only.", err=True)
-    try:
-        plan = make_plan(
-            None if served or vlm.lower() == "none" else vlm,
-            None if encoder.lower() == "none" else encoder,
-            dtype, parse_bytes(budget), quantization=quant, max_pixels=max_pixels,
-            image_size=parse_image_size(image_size), text_tokens=text_tokens, new_tokens=new_tokens,
-            batch=batch, encoder_dtype=encoder_dtype,
-        )
-    except (SpecError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    plan = make_plan(
+        None if served or vlm.lower() == "none" else vlm,
+        None if encoder.lower() == "none" else encoder,
+        dtype, budget, quantization=quant, max_pixels=max_pixels,
+        image_size=image_size, text_tokens=text_tokens, new_tokens=new_tokens,
+        batch=batch, encoder_dtype=encoder_dtype,
+    )
     click.echo(_json.dumps(plan.to_json(), indent=2) if as_json else plan.format())
 
 
 @memory.command("report")
 @click.option("--load", "specs", multiple=True, metavar="SPEC",
               help="Load this model first (efficientnet-lite0, a model folder); repeatable.")
-@click.option("--device", default="cpu", show_default=True, help="Device for --load: cpu, cuda, cuda:N.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device,
+              help="Device for --load: cpu, cuda, cuda:N.")
 @click.option("--dtype", default=None, help="Dtype for --load (default: the family's).")
 @click.option("--budget", "budgets", multiple=True, metavar="DEVICE=SIZE", help="e.g. cuda:0=18GiB; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -180,16 +356,13 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
     import json as _json
     import time
 
-    from fgvr.models import MemoryBudgetError, SpecError, parse_spec, registry
+    from fgvr.models import parse_spec, registry
 
     for b in budgets:
         dev, _, size = b.partition("=")
         if not size:
             raise click.UsageError(f"--budget {b!r}: write DEVICE=SIZE, e.g. cuda:0=18GiB")
-        try:
-            registry.set_budget(dev, size)
-        except (SpecError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+        registry.set_budget(dev, ByteSize().convert(size, None, None))
     for text in specs:
         try:
             spec = parse_spec(text, device=device, dtype=dtype)
@@ -197,7 +370,7 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
             with registry.use(spec):
                 pass
             click.echo(f"loaded {spec.name} in {time.perf_counter() - t0:.2f} s", err=True)
-        except (SpecError, MemoryBudgetError, FileNotFoundError, ImportError) as exc:
+        except ImportError as exc:  # an optional package a family needs
             raise click.ClickException(str(exc)) from None
     rep = registry.report()
     click.echo(_json.dumps(rep.to_json(), indent=2) if as_json else rep.format())
@@ -208,7 +381,7 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
 
 @cli.command("build-kb")
 @click.argument("data", type=click.Path(exists=True, path_type=str))
-@click.option("--shots", "-k", type=click.IntRange(min=1), default=5, show_default=True, help="support images per class")
+@click.option("--shots", "-k", type=click.IntRange(min=1), default=DEFAULTS.shots, show_default=True, help="support images per class")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the k-shot draw")
 @click.option("--encoder", default="efficientnet-lite0", show_default=True,
               help="efficientnet-lite0 / efficientnet-lite2, or a local CLIP/SigLIP folder")
@@ -216,11 +389,13 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
                                          "writes one description per class")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=str), help="knowledge-base directory to write")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              callback=_check_device)
 @click.option("--augment", default="", help="comma list of augmentations averaged per image: flip,crop")
 @click.option("--classes-file", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="folder/label -> class name (JSON object, or `folder<TAB>name` lines)")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="decoding threads (default: up to 4 with CUDA, 1 on CPU)")
+@image_limit_option
 @vlm_options
 def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augment, classes_file, workers,
                  **vlm_opts) -> None:
@@ -228,19 +403,11 @@ def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augme
 
     Resumable: rerun the same command after an interruption and finished classes are reused.
     """
-    import warnings
+    from fgvr.backends import is_served, open_backend
+    from fgvr.knowledge_base import build_knowledge_base
+    from fgvr.locks import output_lock
 
-    from fgvr.data import DataError
-    from fgvr.knowledge_base import KnowledgeBaseError, build_knowledge_base
-    from fgvr.models.spec import SpecError
-
-    def show_warning(message, category, filename, lineno, file=None, line=None):
-        click.echo(f"warning: {message}", err=True)
-
-    warnings.showwarning = show_warning
-    from fgvr.backends import BackendError, is_served, open_backend
-
-    try:
+    with output_lock(out, "build-kb"):
         vlm_arg = vlm_spec(vlm, device, vlm_opts)
         if is_served(vlm_arg):  # opened here so --vlm-model / --vlm-concurrency / ... apply
             vlm_arg = open_backend(vlm_arg, vlm_backend_options({**vlm_opts, "device": device}))
@@ -249,8 +416,6 @@ def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augme
             batch_size=batch_size,
             augment=augment, classes_file=classes_file, workers=workers,
         )
-    except (BackendError, DataError, KnowledgeBaseError, SpecError) as e:
-        raise click.ClickException(str(e)) from None
     click.echo(f"knowledge base written to {out}")
     click.echo(summary.format())
 
@@ -268,13 +433,10 @@ def kb_show_cmd(kb_path, max_classes) -> None:
     descriptions (and experience rules, when the base has them)."""
     from pathlib import Path
 
-    from fgvr.knowledge_base import KnowledgeBaseError, describe, load_knowledge_base
+    from fgvr.knowledge_base import format_knowledge_base, load_knowledge_base
 
-    try:
-        kb = load_knowledge_base(kb_path)
-    except KnowledgeBaseError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(describe(kb, max_classes=max_classes))
+    kb = load_knowledge_base(kb_path)
+    click.echo(format_knowledge_base(kb, max_classes=max_classes))
     # Hook for the experience library (issue 5): rules stored under KB/experience/ are listed by
     # fgvr.rules.describe_rules(kb_path) -> str.
     if (Path(kb_path) / "experience").is_dir():
@@ -293,17 +455,19 @@ def _system_options(f):
         click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (in-process), or the URL "
                                                    "of an OpenAI-compatible server (vLLM, SGLang): http://HOST:PORT/v1."),
         click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker (no VLM needed)."),
-        click.option("--slow-budget", type=click.FloatRange(0, 1), default=None,
+        click.option("--slow-budget", type=FiniteFloat(0, 1), default=None,
                      help="Fraction of images to send slow (default 0.3 unless --threshold); the threshold is "
                           "calibrated on the base's support set, or for evaluate see --calibrate."),
-        click.option("--threshold", type=float, default=None, help="Trigger threshold on the doubt score in [0,1]."),
-        click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2."),
-        click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+        click.option("--threshold", type=FiniteFloat(0, 1), default=None,
+                     help="Trigger threshold on the doubt score in [0,1]."),
+        click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True, help="Candidates for System 2."),
+        click.option("--weight", type=FiniteFloat(0, 1), default=DEFAULTS.decision_weight, show_default=True,
                      help="System 2's weight in the decision (0: System 1 alone, 1: System 2 alone)."),
         click.option("--encoder", metavar="SPEC", default=None,
                      help="Query encoder (default: the base's own; another one is refused)."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
-        click.option("--rules", "n_rules", type=click.IntRange(0), default=3, show_default=True,
+        click.option("--device", default="cpu", show_default=True, callback=_check_device,
+                     help="cpu, cuda, cuda:N or auto."),
+        click.option("--rules", "n_rules", type=click.IntRange(0), default=DEFAULTS.rules, show_default=True,
                      help="Experience rules per query (those whose classes meet the candidates)."),
         click.option("--rationale", is_flag=True, help="Ask the VLM for a short rationale too."),
         click.option("--debias", type=click.Choice(["none", "cyclic", "prior"]), default="none", show_default=True,
@@ -311,7 +475,7 @@ def _system_options(f):
                           "averaged (k calls per image); prior = a letter prior estimated PriDe-style, then divided out."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
     ]
-    f = vlm_options(f)  # innermost: listed after --vlm in --help
+    f = vlm_options(image_limit_option(f))  # innermost: listed after --vlm in --help
     for o in reversed(opts):
         f = o(f)
     return f
@@ -320,6 +484,16 @@ def _system_options(f):
 def _system_kwargs(kb, o: dict, slow_all: bool = False, cache_dir=None) -> dict:
     """open_system's arguments from the options (Ray's actors open their own systems from the same)."""
     from pathlib import Path
+
+    if o["vlm"] and o["reranker"]:
+        raise click.UsageError("choose one System 2: --vlm SPEC or --reranker, not both")
+    if o["threshold"] is not None and o["slow_budget"] is not None:
+        raise click.UsageError("give --threshold or --slow-budget, not both")
+    if o["vlm"]:
+        from fgvr.slow_path import LETTERS
+
+        if o["top_k"] > len(LETTERS):
+            raise click.UsageError(f"--top-k {o['top_k']}: a VLM reads at most {len(LETTERS)} lettered options")
 
     enc = o["encoder"]
     enc = str(Path(enc).resolve()) if enc and Path(enc).exists() else enc  # actors may run in another folder
@@ -374,16 +548,10 @@ def _engine(o: dict, kwargs: dict, system):
 
 
 def _user_errors():
-    """The error types that mean 'bad input': shown as a one-line message, not a traceback."""
-    from fgvr.backends import BackendError
-    from fgvr.data import DataError
-    from fgvr.evaluate import EvaluateError
-    from fgvr.knowledge_base import KnowledgeBaseError
-    from fgvr.models.spec import SpecError
-    from fgvr.ray_run import RayError
-
-    return (BackendError, DataError, EvaluateError, KnowledgeBaseError, SpecError, ValueError, FileNotFoundError,
-            RayError)
+    """fgvr's user-facing error types. Commands need not catch them: the root group shows each as one line
+    with its exit code (see fgvr.errors); a ValueError or any other exception is a bug and keeps its
+    traceback."""
+    return (FgvrError,)
 
 
 @cli.command()
@@ -413,6 +581,9 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     import json
     from pathlib import Path
 
+    from fgvr.errors import NothingDoneError, System2Error
+    from fgvr.locks import output_lock
+
     _need_ray(o)
     if out is None and o["ray_address"]:
         raise click.UsageError("--ray classifies a collection: give it with --out PRED")
@@ -421,25 +592,32 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     if out is not None and len(images) != 1:
         raise click.UsageError(f"--out takes one collection (folder, .csv/.jsonl list or quoted glob), got "
                                f"{len(images)} arguments")
-    try:
-        if out is not None:
-            from fgvr.collection import classify_collection
-            from fgvr.pipeline import open_system
+    if out is not None:
+        from fgvr.collection import classify_collection
+        from fgvr.pipeline import open_system
 
+        with output_lock(out, "classify"):
             kwargs = _system_kwargs(kb, o, cache_dir=Path(out) / "vlm-cache")
             with open_system(**kwargs) as system:
                 counts = classify_collection(system, images[0], out, {"kb": str(Path(kb).resolve()),
                                                                       "encoder": system.encoder.spec.key},
                                              fmt=fmt, shard_size=shard_size, batch_size=o["batch_size"],
                                              engine=_engine(o, kwargs, system))
-            click.echo(json.dumps(counts))
-            return
-        with _open_system(kb, o) as system:
-            for i in range(0, len(images), o["batch_size"]):
-                for r in system.classify_paths(images[i:i + o["batch_size"]]):
-                    click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
-    except _user_errors() as e:
-        raise click.ClickException(str(e)) from None
+        click.echo(json.dumps(counts))
+        return
+    n_error = n_escalated = n_slow_failed = 0
+    with _open_system(kb, o) as system:
+        for i in range(0, len(images), o["batch_size"]):
+            for r in system.classify_paths(images[i:i + o["batch_size"]]):
+                click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+                n_error += r.path_taken == "error"
+                n_escalated += r.slow_ran or r.path_taken == "escalated-failed"
+                n_slow_failed += r.path_taken == "escalated-failed"
+    if n_error == len(images):
+        raise NothingDoneError(f"none of the {len(images)} image(s) could be read (see the error of each line)")
+    if n_escalated and n_slow_failed == n_escalated:
+        raise System2Error(f"System 2 failed for all {n_escalated} image(s) sent to it; their answers are "
+                           "System 1's (the reason is on each line and above)")
 
 
 @cli.command()
@@ -466,19 +644,18 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
     from fgvr.data import read_dataset
     from fgvr.evaluate import run_evaluation
 
-    _need_ray(o)
-    try:
-        from fgvr.pipeline import open_system
+    from fgvr.locks import output_lock
+    from fgvr.pipeline import open_system
 
-        dataset = read_dataset(Path(data), classes_file)
+    _need_ray(o)
+    dataset = read_dataset(Path(data), classes_file)
+    with output_lock(out, "evaluate"):
         kwargs = _system_kwargs(kb, o, slow_all, cache_dir=Path(out) / "vlm-cache")
         with open_system(**kwargs) as system:
             config = {"kb": str(Path(kb).resolve()), "encoder": system.encoder.spec.key,
                       "data": str(Path(data).resolve()), "limit": limit}
             s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"],
                                calibrate=calibrate, engine=_engine(o, kwargs, system))
-    except _user_errors() as e:
-        raise click.ClickException(str(e)) from None
     short = {k: s[k] for k in ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",
                                "unknown_classes", "n_errors")}
     short["latency_p50_s"] = s["latency_s"]["p50"]
@@ -514,14 +691,14 @@ def compare(run_a, run_b, as_json) -> None:
               help="The Qwen2.5-VL that reasons and reflects: a model folder, or a served model's URL (http://HOST:PORT/v1).")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Passes over the held-out images (stops early when a pass keeps no new rule).")
-@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
-@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True, help="Candidates for System 2.")
+@click.option("--weight", type=FiniteFloat(0, 1), default=DEFAULTS.decision_weight, show_default=True,
               help="System 2's weight in the decision, as in `fgvr evaluate`.")
-@click.option("--rules", "n_rules", type=click.IntRange(0), default=3, show_default=True,
+@click.option("--rules", "n_rules", type=click.IntRange(0), default=DEFAULTS.rules, show_default=True,
               help="Rules per prompt (those whose classes meet the candidates).")
 @click.option("--max-per-class", type=click.IntRange(1), default=None,
               help="Use at most N held-out images per class (each costs VLM calls).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, cuda:N or auto.")
 @click.option("--classes-file", type=click.Path(dir_okay=False), default=None,
               help="Folder/label -> class name mapping for DATA (see fgvr build-kb).")
 @click.option("--fresh", is_flag=True, help="Ignore a previous build's progress (accepted rules are kept).")
@@ -537,19 +714,18 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
     from pathlib import Path
 
     from fgvr.data import read_dataset
-    from fgvr.experience import ExperienceError, build_experience, describe_rules
-    try:
-        spec = vlm_spec(vlm, device, vlm_opts)
-        from fgvr.backends import is_served, open_backend
+    from fgvr.backends import is_served, open_backend
+    from fgvr.experience import build_experience, describe_rules
+    from fgvr.locks import output_lock
 
+    spec = vlm_spec(vlm, device, vlm_opts)
+    with output_lock(Path(kb) / "experience", "build-experience"):
         if is_served(spec):  # one backend for reasoning and reflection; its answers kept with the base
             spec = open_backend(spec, vlm_backend_options({**vlm_opts, "device": device},
                                                           Path(kb) / "experience" / "vlm-cache"))
         summary = build_experience(kb, read_dataset(Path(data), classes_file), spec, rounds, k=top_k,
                                    weight=weight, n_rules=n_rules, max_per_class=max_per_class,
                                    device=device, fresh=fresh)
-    except (ExperienceError, *_user_errors()) as e:
-        raise click.ClickException(str(e)) from None
     click.echo(json.dumps(summary.to_json()))
     click.echo(describe_rules(kb), err=True)
 
@@ -559,27 +735,96 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
 
 
 @cli.command()
-@click.option("--shots", "-k", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--shots", "-k", type=click.IntRange(min=1), default=DEFAULTS.shots, show_default=True,
               help="Support images per class (from the train split).")
 @click.option("--test-images", type=click.IntRange(min=1), default=None,
               help="Held-out test images (from the test split)  [default: 500; 100 with --quick]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of both samples.")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Where the images, knowledge base and run go (reruns reuse them).")
-@click.option("--slow-budget", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+@click.option("--slow-budget", type=FiniteFloat(0, 1), default=DEFAULTS.slow_budget, show_default=True,
               help="Fraction of the test images to send to System 2 (threshold from their trigger scores).")
 @click.option("--quick", is_flag=True, help="A smaller test sample, for a first look.")
 def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
     """The whole system on real images, CPU only: Fashion-MNIST -> image folder -> k-shot knowledge base
     (EfficientNet-Lite0) -> dual system with the visual re-ranker as System 2 -> accuracy and report."""
     from fgvr import demo as demo_mod
-    from fgvr.fashion_mnist import FashionMNISTMissing, IdxError
-    from fgvr.reranker import RerankerError
 
+    demo_mod.main(out, shots, test_images, seed, slow_budget, quick)
+
+
+# --- bench (issue 15) -------------------------------------------------------------------------------
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
     try:
-        demo_mod.main(out, shots, test_images, seed, slow_budget, quick)
-    except (FashionMNISTMissing, IdxError, RerankerError, *_user_errors()) as e:
-        raise click.ClickException(str(e)) from None
+        out = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write comma-separated integers, e.g. 1,5,16") from None
+    if not out:
+        raise click.BadParameter("give at least one value, e.g. 1,5,16")
+    return out
+
+
+def _list_datasets(ctx, param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        from fgvr.datasets import describe_datasets
+
+        click.echo(describe_datasets())
+        ctx.exit()
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="The dataset's folder as published (fashion-mnist: default /usr/share/datasets/fashion-mnist).")
+@click.option("--shots", default="1,5,16", show_default=True, callback=_int_list, help="k values, comma-separated.")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list, help="Seeds of the k-shot draw.")
+@click.option("--encoder", default="efficientnet-lite0", show_default=True, metavar="SPEC",
+              help="System 1's encoder: efficientnet-lite0/2, or a local CLIP/SigLIP folder.")
+@click.option("--vlm", metavar="SPEC", default=None,
+              help="System 2 = this Qwen2.5-VL folder or a served one's URL (with a CLIP/SigLIP encoder it also "
+                   "writes class descriptions).")
+@click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker.")
+@click.option("--slow-budget", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Fraction of the test images sent to System 2 (threshold from their own trigger scores).")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Evaluate N test images (a seeded spread over classes), the same N for every cell.")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
+@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="System 2's weight in the decision.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Bench folder: one subfolder per (k, seed), table.md, table.json (reruns resume).")
+@click.option("--no-reports", is_flag=True, help="Skip each cell's report.md and plots (the table is written anyway).")
+@click.option("--list", "list_", is_flag=True, is_eager=True, expose_value=False, callback=_list_datasets,
+              help="List the datasets fgvr reads, where each is published and its layout, and exit.")
+@vlm_options
+def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k, weight, device, batch_size,
+          out, no_reports, **vlm_opts) -> None:
+    """A paper's k-shot table on DATASET: for every k and seed, a knowledge base from the official train split,
+    the dual system on the official test split; mean ± 95% interval per method. Resumable.
+
+    \b
+    DATASET: cub-200-2011, stanford-dogs, stanford-cars, oxford-pets, fgvc-aircraft, flowers-102,
+    fashion-mnist (see --list for where each is published and the layout --root must hold).
+    """
+    from fgvr.bench import run_bench
+    from fgvr.datasets import dataset_info
+
+    # the VLM options given on this command line, to print in the commands that reproduce the table
+    cli_args = [w for k, v in vlm_opts.items() if v is not None and _given(k) for w in ("--" + k.replace("_", "-"), str(v))]
+    info = dataset_info(dataset)  # fgvr's errors are shown as one line with their exit code by the root group
+    if root is None and info.name != "fashion-mnist":
+        raise click.UsageError(f"--root DIR is required for {info.name}: the folder you downloaded it to. "
+                               "`fgvr bench --list` shows the expected layout.")
+    table = run_bench(dataset, out, root=root, shots=shots, seeds=seeds, encoder=encoder,
+                      vlm=vlm_spec(vlm, device, vlm_opts), vlm_options=vlm_backend_options({**vlm_opts, "device": device}),
+                      reranker=reranker, slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight,
+                      device=device, batch_size=batch_size, cli_args=cli_args, reports=not no_reports)
+    click.echo(table.markdown)
+    click.echo(f"wrote {out}/table.md and {out}/table.json", err=True)
 
 
 # --- serve (issue 14) -------------------------------------------------------------------------------
@@ -601,7 +846,8 @@ def _given(name: str) -> bool:
               help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
 @click.option("--runs", type=click.Path(file_okay=False, exists=True), default=None,
               help="An evaluation run folder (or a folder of them) to browse at /runs.")
-@click.option("--max-upload", default="10MiB", show_default=True, help="Largest request body (per image in a batch).")
+@click.option("--max-upload", type=ByteSize(minimum=1024), default="10MiB", show_default=True,
+              help="Largest request body (per image in a batch).")
 @click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
               help="Largest image (width x height, read from its header before decoding).")
 @click.option("--max-batch-images", type=click.IntRange(1), default=16, show_default=True,

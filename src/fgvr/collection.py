@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any, Iterable, Iterator
 from fgvr.data import IMAGE_SUFFIXES, DataError
 from fgvr.io import atomic_write_bytes, atomic_write_text
 from fgvr.pipeline import Candidate, DualSystem, Result
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "parquet")
 _GLOB_CHARS = set("*?[")
@@ -235,6 +238,10 @@ class LocalEngine:
     def __init__(self, system: DualSystem, batch_size: int = 16) -> None:
         self.system, self.batch_size = system, max(1, batch_size)
 
+    def with_system(self, system: DualSystem) -> "LocalEngine":
+        """The same engine running `system` (e.g. with the trigger a run calibrated); this one is left as it is."""
+        return LocalEngine(system, self.batch_size)
+
     def encode(self, paths: list[str]) -> Iterator[tuple[list[str], Any]]:
         """(paths, EncodedBatch) per batch: decode + encode only (pass 1 of a run-calibrated evaluation)."""
         for start in range(0, len(paths), self.batch_size):
@@ -271,8 +278,7 @@ def classify_collection(system: DualSystem, source: str | Path, out: str | Path,
     writer = ShardWriter(out, fmt, shard_size)
     todo = [p for p in paths if p not in writer.done]
     if writer.done and todo:
-        print(f"fgvr: resuming {out}: {len(paths) - len(todo)} of {len(paths)} image(s) already done",
-              file=sys.stderr)
+        log.info("resuming %s: %d of %d image(s) already done", out, len(paths) - len(todo), len(paths))
     engine = engine or LocalEngine(system, batch_size)
     counts: dict[str, int] = {}
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), desc="classify", unit="img", file=sys.stderr,

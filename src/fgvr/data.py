@@ -4,7 +4,9 @@ Two layouts are read:
 
 * a folder `root/<class>/<image>`: the class name is the folder name with `_` read as a space, unless a
   classes file maps folder names to class names;
-* a CSV manifest with a `path,label` header: relative paths are relative to the CSV file's folder.
+* a CSV manifest with a `path,label` header: relative paths are relative to the CSV file's folder. A row
+  repeated verbatim is read once (with a warning); one file under two labels is an error naming both
+  lines; paths that lead outside the manifest's folder (`../../etc/passwd`) are read, with a warning.
 
 Class ids are indices into the sorted list of class names, so the same data gives the same ids on every
 machine. The k-shot split is per class and depends only on the seed, the class name and the file names,
@@ -12,7 +14,10 @@ never on the order the file system lists them in.
 
 `load_image` is the one place images are decoded. Whatever arrives (grayscale, RGBA, palette, CMYK, 16-bit,
 EXIF-rotated, huge) leaves as an RGB `PIL.Image`; anything that is not a decodable image raises
-`ImageError(path, reason)` so callers can skip it, list it and go on.
+`ImageError(path, reason)` so callers can skip it, list it and go on. Memory is bounded before any pixel is
+decoded: the header gives the size, a JPEG is decoded at a reduced scale (draft), and an image whose
+decoded size would still exceed the limit (`set_max_decoded_pixels`, `--max-image-pixels`) is refused: a
+31 KB 1-bit PNG of 16000x16000 would otherwise become 768 MB of RGB.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from fgvr.errors import InputError
 
 # Files with these suffixes are treated as images; anything else in a class folder is listed as ignored
 # (not silently dropped) so a stray `notes.txt` shows up in the build summary.
@@ -43,8 +50,24 @@ Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS)
 # ~1,000 px per side (Qwen2.5-VL's default cap is 1280 visual tokens = ~1 Mpx).
 DEFAULT_MAX_SIDE = 2048
 
+# Largest image decoded in full (pixels after a JPEG's reduced decoding): 64 Mpx is 192 MB as RGB. The
+# file size says nothing (PNG and GIF compress flat areas a thousandfold); the header's size does.
+DEFAULT_MAX_DECODED_PIXELS = 64_000_000
+_max_decoded = [DEFAULT_MAX_DECODED_PIXELS]
 
-class DataError(ValueError):
+
+def set_max_decoded_pixels(n: int) -> None:
+    """The process-wide limit `load_image` applies (the CLI's --max-image-pixels)."""
+    if n < 1:
+        raise ValueError(f"the decoded-pixel limit must be at least 1, got {n}")
+    _max_decoded[0] = int(n)
+
+
+def max_decoded_pixels() -> int:
+    return _max_decoded[0]
+
+
+class DataError(InputError, ValueError):
     """The dataset as a whole cannot be read (no classes, an empty class, a bad manifest line)."""
 
 
@@ -59,6 +82,10 @@ class ImageError(Exception):
 
 class FewShotWarning(UserWarning):
     """A class has fewer images than the requested k; all of them are used."""
+
+
+class ManifestWarning(UserWarning):
+    """A manifest read with a caveat: repeated rows dropped, paths outside its folder."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +243,10 @@ def _read_manifest(path: Path, mapping: dict[str, str] | None, classes_file) -> 
     ip, il = header.index("path"), header.index("label")
     samples: list[Sample] = []
     seen_labels: set[str] = set()
+    first: dict[Path, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
+    repeated: list[int] = []
+    outside: list[str] = []
+    folder = path.parent.resolve()
     for lineno, row in enumerate(rows[1:], 2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -228,7 +259,26 @@ def _read_manifest(path: Path, mapping: dict[str, str] | None, classes_file) -> 
             label = mapping[label]
         seen_labels.add(row[il])
         p = Path(row[ip].strip())
-        samples.append(Sample(p if p.is_absolute() else path.parent / p, label))
+        full = p if p.is_absolute() else path.parent / p
+        key = full.resolve()
+        if key in first:
+            line0, label0 = first[key]
+            if label0 != label:
+                raise DataError(f"manifest {path}: {row[ip].strip()} is labelled {label0!r} on line {line0} and "
+                                f"{label!r} on line {lineno}; one image has one label: fix one of the lines")
+            repeated.append(lineno)
+            continue
+        first[key] = (lineno, label)
+        if not key.is_relative_to(folder):
+            outside.append(f"{row[ip].strip()} (line {lineno})")
+        samples.append(Sample(full, label))
+    if repeated:
+        warnings.warn(f"manifest {path}: {len(repeated)} repeated row(s) read once (line(s) "
+                      f"{', '.join(map(str, repeated[:10]))}{', ...' if len(repeated) > 10 else ''})",
+                      ManifestWarning, stacklevel=3)
+    if outside:
+        warnings.warn(f"manifest {path}: {len(outside)} path(s) lead outside its folder {folder} (first: "
+                      f"{outside[0]}); check that this is intended", ManifestWarning, stacklevel=3)
     if not samples:
         raise DataError(f"manifest {path} has a header but no rows")
     if mapping is not None:
@@ -268,13 +318,17 @@ def split_k_shot(dataset: Dataset, k: int, seed: int) -> tuple[list[Sample], lis
 # decoding one image
 
 
-def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE) -> Image.Image:
+def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE,
+               max_pixels: int | None = None) -> Image.Image:
     """Decode `path` to an RGB image with EXIF orientation applied, longest side at most `max_side`.
 
     Large JPEGs are decoded at a reduced scale (`draft`) so a 24 Mpx photo never occupies 72 MB before being
-    shrunk. Transparency is composited on white (what a viewer shows), 16-bit data is scaled to 8 bits
-    rather than clipped. Raises `ImageError(path, reason)` for anything that is not a decodable image.
+    shrunk. An image whose decoded size (after that reduction) exceeds `max_pixels` (default: the process
+    limit, see `set_max_decoded_pixels`) is refused from its header, before any pixel is decoded.
+    Transparency is composited on white (what a viewer shows), 16-bit data is scaled to 8 bits rather than
+    clipped. Raises `ImageError(path, reason)` for anything that is not a decodable image.
     """
+    limit = max_pixels if max_pixels is not None else _max_decoded[0]
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -295,6 +349,10 @@ def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE) -> Ima
                     r = max_side / max(w, h)
                     im.draft(im.mode if im.mode in ("RGB", "L", "CMYK") else "RGB",
                              (max(1, round(w * r)), max(1, round(h * r))))
+                dw, dh = im.size  # what decoding will really produce (reduced by draft for a JPEG)
+                if dw * dh > limit:
+                    raise ImageError(path, f"image is {w}x{h}, {dw * dh / 1e6:.1f} Mpx decoded, over the "
+                                           f"{limit / 1e6:g} Mpx limit (raise it with --max-image-pixels)")
                 im.load()
                 out = ImageOps.exif_transpose(im)
                 out = _to_rgb(out)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-DEFAULT_WEIGHT = 0.5
+from fgvr.defaults import DEFAULTS
+
+DEFAULT_WEIGHT = DEFAULTS.decision_weight
 EPS = 1e-6
 
 

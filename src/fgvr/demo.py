@@ -20,17 +20,21 @@ resolution" buys nothing on such images, so it runs at 224 here (its default for
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fgvr.defaults import DEFAULTS
+
+log = logging.getLogger(__name__)
+
 DEFAULT_OUT = "demo-output"
-DEFAULT_SHOTS = 5
+DEFAULT_SHOTS = DEFAULTS.shots
 DEFAULT_TEST_IMAGES = 500
 QUICK_TEST_IMAGES = 100
-DEFAULT_BUDGET = 0.3
+DEFAULT_BUDGET = DEFAULTS.slow_budget
 RERANKER_IMAGE_SIZE = 224  # see the module docstring: 28x28 sources gain nothing from 260
 
 
@@ -65,7 +69,6 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Prepare Fashion-MNIST, build a k-shot base, evaluate the dual system; see the module docstring."""
-    from fgvr import fashion_mnist as fm
     from fgvr.data import read_dataset
     from fgvr.evaluate import run_evaluation
     from fgvr.io import atomic_write_json
@@ -84,17 +87,11 @@ def run_demo(
 
     def say(msg: str) -> None:
         if progress:
-            print(f"fgvr demo: {msg}", file=sys.stderr, flush=True)
+            log.info("demo: %s", msg)
 
     # 1. data: the IDX files -> an image folder (support from train, test from test)
     t = time.perf_counter()
-    train, test = fm.load_split("train", data_root), fm.load_split("test", data_root)
-    support_dir = out / "images" / f"support-k{shots}-seed{seed}"
-    test_dir = out / "images" / f"test-n{test_images}-seed{seed}"
-    fm.export_image_folder(train, fm.sample_indices(train.labels, per_class=shots, seed=seed), support_dir,
-                           prefix="train")
-    fm.export_image_folder(test, fm.sample_indices(test.labels, total=test_images, seed=seed), test_dir,
-                           prefix="test")
+    support_dir, test_dir = _export_images(out, shots, test_images, seed, data_root)
     times["data"] = time.perf_counter() - t
     say(f"{shots} support image(s) per class in {support_dir}, {test_images} test image(s) in {test_dir}")
 
@@ -139,6 +136,21 @@ def run_demo(
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _export_images(out: Path, shots: int, test_images: int, seed: int,
+                   data_root: str | Path | None) -> tuple[Path, Path]:
+    """Fashion-MNIST's IDX files -> image folders: `shots` per class from train, `test_images` from test."""
+    from fgvr import fashion_mnist as fm
+
+    train, test = fm.load_split("train", data_root), fm.load_split("test", data_root)
+    support_dir = out / "images" / f"support-k{shots}-seed{seed}"
+    test_dir = out / "images" / f"test-n{test_images}-seed{seed}"
+    fm.export_image_folder(train, fm.sample_indices(train.labels, per_class=shots, seed=seed), support_dir,
+                           prefix="train")
+    fm.export_image_folder(test, fm.sample_indices(test.labels, total=test_images, seed=seed), test_dir,
+                           prefix="test")
+    return support_dir, test_dir
 
 
 def format_result(r: DemoResult) -> str:

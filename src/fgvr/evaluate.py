@@ -3,8 +3,16 @@
 Correct means exact match on class ids (the predicted class IS the labelled class), never a string
 similarity between names. Files written to the run folder RUN:
 
-* `run.json`      the settings the run was started with; a restart with other settings is refused, because
-                  appending to results made under different settings would mix two experiments.
+* `run.json`      what the run is bound to: the knowledge base's content digest (its tensors, classes,
+                  fusion, descriptions, support list; not its path: a base rebuilt in place with another
+                  seed is another base), the data list's digest, the experience rules' digest, and every
+                  setting that changes an answer. A restart with anything different is refused, naming what
+                  changed, because appending to results made under other inputs would mix two experiments.
+                  (`--limit` may grow or shrink on a restart when the threshold does not depend on the set
+                  of images: the plan is a seeded order, so a limit takes a prefix of it; with a threshold
+                  calibrated on the run's own images it may not.)
+* `.lock` next to RUN: one writer at a time (see `fgvr.locks`); a second `fgvr evaluate` into the same
+                  folder is refused naming the first.
 * `results.jsonl` one JSON line per image, appended and fsync'ed batch by batch. A killed run restarts
                   where it stopped: images already in the file are skipped, a torn last line (the crash
                   happened mid-write) is cut off and that image is redone. Never a duplicate.
@@ -25,6 +33,7 @@ when the run used `slow_all` (System 2 on every image, decisions still made by t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
@@ -36,21 +45,30 @@ import numpy as np
 import torch
 
 from fgvr.data import Dataset
+from fgvr.errors import InputError, RunMismatchError, System2Error
 from fgvr.fast_path import system1
-from fgvr.io import atomic_write_bytes, atomic_write_json
+from fgvr.io import atomic_write_bytes, atomic_write_json, with_filename
 from fgvr.pipeline import (PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem,
                            Result)
+from fgvr.trigger import Trigger
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
 RUN_CONFIG = "run.json"
 EMBED_DIR = "embeddings"
 CURVE_BUDGETS = [round(0.05 * i, 2) for i in range(21)]
-# Settings that change what a record means; a restart must match them.
-_MUST_MATCH = ("kb", "encoder", "system2", "threshold", "budget", "calibrate", "top_k", "weight", "slow_all", "data")
+PEAKS = "peak_memory.json"
+log = logging.getLogger(__name__)
+# What a record depends on; a restart must match them ("limit" too when the run calibrates on itself).
+_MUST_MATCH = ("kb_digest", "data_digest", "experience_digest", "encoder", "system2", "system2_spec", "threshold",
+               "budget", "calibrate", "top_k", "weight", "slow_all", "n_rules", "rationale", "max_image_pixels")
+_WHAT = {"kb_digest": "the knowledge base's content (rebuilt or changed since)",
+         "data_digest": "the data list (images or labels added, removed or relabelled)",
+         "experience_digest": "the experience rules of the base", "limit": "--limit (the threshold was "
+         "calibrated on the first run's images)"}
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(RunMismatchError, RuntimeError):
     """The run cannot start or continue; the message says what to do."""
 
 
@@ -75,8 +93,7 @@ def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
         if rec is not None:
             records.append(rec)
         elif line.strip():
-            print(f"fgvr: {path}, line {n} is not a result record; skipping it (that image is redone)",
-                  file=sys.stderr)
+            log.warning("%s, line %d is not a result record; skipping it (that image is redone)", path, n)
     tail = data[cut:]
     if tail.strip():
         rec = _parse(tail)
@@ -86,8 +103,8 @@ def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
                 with path.open("ab") as f:
                     f.write(b"\n")
         elif repair:
-            print(f"fgvr: {path} ended in a partly written line (the last run was interrupted); "
-                  "dropping it and redoing that image", file=sys.stderr)
+            log.warning("%s ended in a partly written line (the last run was interrupted); dropping it and "
+                        "redoing that image", path)
             with path.open("r+b") as f:
                 f.truncate(cut)
                 f.flush()
@@ -109,12 +126,16 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 def append_results(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records as JSON lines and fsync, so a batch on disk survives a kill -9 or a power cut."""
-    with path.open("a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append records as JSON lines and fsync, so a batch on disk survives a kill -9 or a power cut.
+    A batch is written with one write call, so a full disk leaves at most a torn last line (cut on resume)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    try:
+        with path.open("ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise with_filename(e, path) from e
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -136,27 +157,105 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
     """
     index = {c: i for i, c in enumerate(kb_classes)}
     unknown = sorted(c for c in dataset.classes if c not in index)
-    items = sorted((p, s.label) for s in dataset.samples if (p := str(Path(s.path).resolve())) not in exclude)
+    labels: dict[str, str] = {}
+    for s in dataset.samples:  # one record per file: a repeated row would be a duplicate result
+        p = str(Path(s.path).resolve())
+        if labels.setdefault(p, s.label) != s.label:
+            raise InputError(f"{p} is listed under two labels, {labels[p]!r} and {s.label!r}: keep one")
+    items = sorted((p, label) for p, label in labels.items() if p not in exclude)
     random.Random(seed).shuffle(items)
     if limit is not None:
         items = items[: max(0, limit)]
     return [(p, label, index.get(label)) for p, label in items], unknown
 
 
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(json.dumps(x, default=str).encode() + b"\0")
+
+    feed(obj)
+    return h.hexdigest()[:32]
+
+
+def knowledge_base_digest(kb: Any) -> str:
+    """The content of a base as System 1, the trigger and System 2 see it: tensors, classes, fusion,
+    statistics, descriptions, encoder and the support list (what the re-ranker matches against). Not its
+    path or build time: the same content at another path is the same base."""
+    stats = getattr(kb, "stats", None)
+    manifest = getattr(kb, "manifest", None) or {}
+    return _digest({
+        "classes": list(kb.classes), "encoder": getattr(kb, "encoder_key", None),
+        "prototypes": kb.prototypes, "exemplars": getattr(kb, "exemplars", None),
+        "exemplar_labels": getattr(kb, "exemplar_labels", None), "text": getattr(kb, "text_prototypes", None),
+        "stats": stats.tensors() if stats is not None and hasattr(stats, "tensors") else None,
+        "fusion": getattr(kb, "fusion", None), "descriptions": getattr(kb, "descriptions", None),
+        "support": manifest.get("support"), "data_root": (manifest.get("data") or {}).get("root"),
+    })
+
+
+def data_digest(dataset: Dataset) -> str:
+    """The data list: every (resolved path, label) pair and the class list, order-free."""
+    return _digest({"classes": sorted(dataset.classes),
+                    "samples": sorted((str(Path(s.path).resolve()), s.label) for s in dataset.samples)})
+
+
+def _experience_digest(system: Any) -> str | None:
+    lib = getattr(system, "experience", None)
+    rules = getattr(lib, "rules", None)
+    if not rules:
+        return None
+    return _digest([r.to_json() if hasattr(r, "to_json") else str(r) for r in rules])
+
+
+def _show(key: str, value: Any) -> str:
+    return f"{value[:12]}…" if key.endswith("_digest") and isinstance(value, str) else repr(value)
+
+
 def check_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Write run.json on the first start; on a restart refuse settings that differ. Returns what is stored
-    (a restart keeps the threshold calibrated the first time)."""
+    """Write run.json on the first start; on a restart refuse inputs or settings that differ. Returns what
+    is stored (a restart keeps the threshold calibrated the first time)."""
     f = out / RUN_CONFIG
     if f.is_file():
-        old = json.loads(f.read_text(encoding="utf-8"))
-        diff = [k for k in _MUST_MATCH if old.get(k) != config.get(k)]
+        try:
+            old = json.loads(f.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise EvaluateError(f"{f} cannot be read ({e}): it is not a run of this fgvr; start fresh with a new "
+                                f"--out folder (or delete {out})") from None
+        must = _MUST_MATCH + (("limit",) if config.get("calibrate") == "run" else ())
+        diff = [k for k in must if old.get(k) != config.get(k)]
         if diff:
-            lines = ", ".join(f"{k}: {old.get(k)!r} then, {config.get(k)!r} now" for k in diff)
+            lines = "; ".join(f"{_WHAT.get(k, k)}: {_show(k, old.get(k))} then, {_show(k, config.get(k))} now"
+                              for k in diff)
             raise EvaluateError(
-                f"{out} holds a run made with other settings ({lines}). Resume with the same settings, or "
-                "pass a new --out folder."
+                f"{out} holds a run made with other settings or inputs ({lines}). Resume with the same "
+                f"inputs and settings, or start fresh: pass a new --out folder (or delete {out})."
             )
-        return {**old, **config}  # keeps the threshold calibrated the first time
+        stored = {**old, **config}  # keeps the threshold calibrated the first time
+        if old.get("limit") != config.get("limit"):
+            atomic_write_json(f, stored)  # run.json says what the run now covers
+        return stored
     atomic_write_json(f, config)
     return dict(config)
 
@@ -179,22 +278,31 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
       "support"  the base's support images scored leave-one-out (what `fgvr classify` does: one image cannot
                  calibrate anything). Support images are scored against k-1 shots, so they look less certain
                  than queries, and the realised rate comes out below the budget (Fashion-MNIST 5-shot: 0.20
-                 for a budget of 0.3); one streaming pass.
-    With a threshold given directly, there is nothing to calibrate.
+                 for a budget of 0.3); one streaming pass. A threshold the system's trigger already has
+                 (`open_system` calibrates on the support set) is used as it is.
+    With a threshold given directly, there is nothing to calibrate. The run uses its own copy of the trigger
+    with the threshold it settles on (`summary["trigger"]`); `system` (and `engine`) are left as they are.
     `engine` computes the batches: `fgvr.collection.LocalEngine` (default, this process) or
     `fgvr.ray_run.RayEngine` (Ray Data); the files written are the same.
     """
     if calibrate not in ("run", "support"):
         raise ValueError(f"calibrate must be 'run' or 'support', got {calibrate!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: pass a folder for the run")
     out.mkdir(parents=True, exist_ok=True)
+    from fgvr.locks import output_lock
+
+    with output_lock(out, "evaluate"):
+        return _run_locked(system, dataset, out, config, limit=limit, batch_size=batch_size, progress=progress,
+                           report=report, calibrate=calibrate, engine=engine)
+
+
+def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[str, Any], *, limit: int | None,
+                batch_size: int, progress: bool, report: bool, calibrate: str, engine: Any) -> dict[str, Any]:
     kb = system.kb
-    budgeted = system.trigger.budget is not None
-    calibrate_on = calibrate if budgeted else None
-    config = {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
-              "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
-              "system2": getattr(system.slow, "name", None) if system.slow is not None else None}
-    stored = check_config(out, config)
+    calibrate_on = calibrate if system.trigger.budget is not None else None
+    stored = check_config(out, _run_config(system, dataset, config, calibrate_on, limit))
     support = support_files(kb)
     from fgvr.rules import experience_images
 
@@ -202,55 +310,127 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
     items, unknown = plan(dataset, kb.classes, limit, exclude=support | chose_rules)
     n_support = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in support)
     n_experience = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in chose_rules)
-    if n_support:
-        print(f"fgvr: leaving out {n_support} image(s) of {dataset.root} that are in the knowledge base's "
-              "support set", file=sys.stderr)
+    _say_what_is_left_out(dataset, items, unknown, n_support)
     if n_experience:
-        print(f"fgvr: leaving out {n_experience} image(s) of {dataset.root} that the experience build used "
-              "(its rules were chosen on them)", file=sys.stderr)
-    if unknown:
-        n_unknown = sum(1 for _, _, cid in items if cid is None)
-        print(f"fgvr: test class(es) not in the knowledge base: {', '.join(unknown)}. Their {n_unknown} "
-              "image(s) are classified and reported separately, not counted in accuracy.", file=sys.stderr)
+        log.warning("leaving out %d image(s) of %s that the experience build used (its rules were chosen on "
+                    "them)", n_experience, dataset.root)
     results_file = out / RESULTS
     planned = {p for p, _, _ in items}
     previous = [r for r in read_results(results_file) if r["path"] in planned]
     done = {r["path"] for r in previous}
     todo = [it for it in items if it[0] not in done]
     if done and todo:
-        print(f"fgvr: resuming {out}: {len(items) - len(todo)} of {len(items)} image(s) already done",
-              file=sys.stderr)
-
-    from tqdm import tqdm
+        log.info("resuming %s: %d of %d image(s) already done", out, len(items) - len(todo), len(items))
 
     from fgvr.collection import LocalEngine
 
-    engine = engine or LocalEngine(system, batch_size)
     t0 = time.perf_counter()
     cache = None
     if calibrate_on == "run":
-        cache = EmbeddingCache(out / EMBED_DIR)
-        need = [p for p, _, _ in todo if p not in cache]
-        bar = tqdm(total=len(todo), initial=len(todo) - len(need), desc="encode (pass 1 of 2)", unit="img",
-                   file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
-        for chunk, enc in engine.encode(need):
-            cache.add(chunk, enc)
-            bar.update(len(chunk))
-        bar.close()
-        if stored.get("calibrated_threshold") is not None:
-            system.trigger.threshold = float(stored["calibrated_threshold"])
-        else:
-            readable = [p for p, _, _ in items if cache.embedding(p) is not None]
-            emb = torch.stack([cache.embedding(p) for p in readable]) if readable else torch.zeros(0, kb.prototypes.shape[1])
-            fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
-            system.trigger.calibrate(system.trigger.scores(fast, kb))
-            stored = {**stored, "calibrated_threshold": system.trigger.threshold, "calibrated_on_images": len(readable)}
-            atomic_write_json(out / RUN_CONFIG, stored)
-    elif calibrate_on == "support" and stored.get("calibrated_threshold") is None:
-        stored = {**stored, "calibrated_threshold": system.trigger.threshold, "calibrated_on": "support, leave-one-out"}
-        atomic_write_json(out / RUN_CONFIG, stored)
-    elif calibrate_on == "support":
-        system.trigger.threshold = float(stored["calibrated_threshold"])
+        cache = _encode_pass(engine or LocalEngine(system, batch_size), EmbeddingCache(out / EMBED_DIR), todo,
+                             progress)
+    trigger, stored = _settle_threshold(system, calibrate_on, stored, cache, items, out)
+    system = system.with_trigger(trigger)  # the run's own copy: the caller's system is left as it is
+    engine = engine.with_system(system) if engine is not None else LocalEngine(system, batch_size)
+    _classify_pass(system, engine, items, todo, previous, results_file, cache, out, progress)
+    wall = time.perf_counter() - t0
+    peaks = _record_peak(out, system)
+
+    records = _records_in_plan_order(results_file, items)
+    summary = summarise(records, kb.classes, unknown)
+    summary["support_images_excluded"] = n_support
+    summary["experience_images_excluded"] = n_experience
+    summary["trigger"] = {"threshold": trigger.threshold, "budget": trigger.budget,
+                          "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
+    summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
+                      "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
+                      "peak_memory_this_process": peaks["this_process"],
+                      "peak_memory": peaks["run"]}
+    summary["config"] = stored
+    how = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
+    summary["system2"] = how() if how else ({"system2": system.slow.name} if system.slow else None)
+    atomic_write_json(out / SUMMARY, summary)
+    if report:
+        from fgvr.report import write_report
+
+        write_report(out, summary)
+    check_system2(summary, system, out)
+    return summary
+
+
+def _run_config(system: DualSystem, dataset: Dataset, config: dict[str, Any], calibrate_on: str | None,
+                limit: int | None) -> dict[str, Any]:
+    """What the run is bound to (a resumed run must match it): the caller's config, the system's settings,
+    and digests of the base, the data and the experience rules."""
+    from fgvr.data import max_decoded_pixels
+
+    budgeted = system.trigger.budget is not None
+    slow_spec = getattr(system.slow, "spec", None)
+    config = {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
+              "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
+              "system2": getattr(system.slow, "name", None) if system.slow is not None else None,
+              "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
+              "rationale": bool(getattr(system.slow, "rationale", False)), "limit": limit,
+              "kb_digest": knowledge_base_digest(system.kb), "data_digest": data_digest(dataset),
+              "experience_digest": _experience_digest(system)}
+    config.setdefault("max_image_pixels", max_decoded_pixels())
+    return config
+
+
+def _say_what_is_left_out(dataset: Dataset, items: list, unknown: list[str], n_support: int) -> None:
+    if n_support:
+        log.warning("leaving out %d image(s) of %s that are in the knowledge base's support set",
+                    n_support, dataset.root)
+    if unknown:
+        n_unknown = sum(1 for _, _, cid in items if cid is None)
+        log.warning("test class(es) not in the knowledge base: %s. Their %d image(s) are classified and "
+                    "reported separately, not counted in accuracy.", ", ".join(unknown), n_unknown)
+
+
+def _encode_pass(engine: Any, cache: "EmbeddingCache", todo: list, progress: bool) -> "EmbeddingCache":
+    """Pass 1 of a run-calibrated evaluation: every image not yet in the cache decoded and encoded once."""
+    from tqdm import tqdm
+
+    need = [p for p, _, _ in todo if p not in cache]
+    bar = tqdm(total=len(todo), initial=len(todo) - len(need), desc="encode (pass 1 of 2)", unit="img",
+               file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
+    for chunk, enc in engine.encode(need):
+        cache.add(chunk, enc)
+        bar.update(len(chunk))
+    bar.close()
+    return cache
+
+
+def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict, cache: "EmbeddingCache | None",
+                      items: list, out: Path) -> tuple[Trigger, dict]:
+    """(the trigger this run uses, run.json's content): a calibrated threshold is stored in run.json the
+    first time and read back on a resume, so a resumed run decides with the same threshold."""
+    trigger = system.trigger
+    if calibrate_on is None:
+        return trigger, stored
+    if stored.get("calibrated_threshold") is not None:
+        return trigger.with_threshold(stored["calibrated_threshold"]), stored
+    kb = system.kb
+    if calibrate_on == "run":
+        readable = [p for p, _, _ in items if cache.embedding(p) is not None]
+        emb = torch.stack([cache.embedding(p) for p in readable]) if readable else torch.zeros(0, kb.prototypes.shape[1])
+        fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
+        trigger = trigger.calibrated(trigger.scores(fast, kb))
+        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on_images": len(readable)}
+    else:
+        if trigger.threshold is None:
+            trigger = trigger.calibrated_on_support(kb, w=system.w, tau=system.tau)
+        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on": "support, leave-one-out"}
+    atomic_write_json(out / RUN_CONFIG, stored)
+    log.debug("trigger threshold %.4f, calibrated on the %s for a budget of %s", trigger.threshold,
+              calibrate_on, trigger.budget)
+    return trigger, stored
+
+
+def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, previous: list[dict],
+                   results_file: Path, cache: "EmbeddingCache | None", out: Path, progress: bool) -> None:
+    """Classify `todo` through the engine, appending each batch's records to the results file."""
+    from tqdm import tqdm
 
     n_known = sum(1 for r in previous if r.get("label_id") is not None)
     n_right = sum(1 for r in previous if r.get("correct"))
@@ -271,37 +451,62 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
                 n_known += 1
                 n_right += bool(rec["correct"])
         append_results(results_file, records)
+        _record_peak(out, system)
         bar.update(len(batch))
         if n_known:
             bar.set_postfix(acc=f"{n_right / n_known:.3f}")
     bar.close()
-    wall = time.perf_counter() - t0
 
+
+def _records_in_plan_order(results_file: Path, items: list) -> list[dict[str, Any]]:
+    """The run's records in plan order; an engine that finished out of order has its file rewritten so."""
+    planned = {p for p, _, _ in items}
     everything = read_results(results_file)
     records = [r for r in everything if r["path"] in planned]
     order = {p: i for i, (p, _, _) in enumerate(items)}
     if [r["path"] for r in records] != sorted((r["path"] for r in records), key=order.__getitem__):
-        records.sort(key=lambda r: order[r["path"]])  # an engine that finished out of order: plan order
+        records.sort(key=lambda r: order[r["path"]])
         rest = [r for r in everything if r["path"] not in planned]
         atomic_write_bytes(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                  for r in records + rest).encode("utf-8"))
-    summary = summarise(records, kb.classes, unknown)
-    summary["support_images_excluded"] = n_support
-    summary["experience_images_excluded"] = n_experience
-    summary["trigger"] = {"threshold": system.trigger.threshold, "budget": system.trigger.budget,
-                          "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
-    summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
-                      "images_per_s_this_process": (len(todo) / wall) if wall > 0 and todo else None,
-                      "peak_memory": peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))}
-    summary["config"] = stored
-    describe = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
-    summary["system2"] = describe() if describe else ({"system2": system.slow.name} if system.slow else None)
-    atomic_write_json(out / SUMMARY, summary)
-    if report:
-        from fgvr.report import write_report
+    return records
 
-        write_report(out, summary)
-    return summary
+
+def check_system2(summary: dict[str, Any], system: DualSystem, out: Path) -> None:
+    """System 2 was configured and images went to it, yet not one answer came back: the run's answers are
+    System 1's alone, which is not what was asked for. The summary is written; the exit is an error."""
+    if system.slow is None:
+        return
+    failed = summary["paths"].get(PATH_SLOW_FAILED, {}).get("n", 0)
+    if failed and summary["system2_calls"] == 0:
+        errors = [r for r in read_results(out / RESULTS, repair=False) if r.get("path_taken") == PATH_SLOW_FAILED]
+        reason = errors[0].get("error") if errors else "unknown"
+        raise System2Error(
+            f"System 2 failed for all {failed} image(s) sent to it, so every answer in {out} is System 1's "
+            f"(first error: {reason}); fix the cause and start fresh with a new --out"
+        )
+
+
+def _record_peak(out: Path, system: DualSystem) -> dict[str, Any]:
+    """This process's peak memory, merged into RUN/peak_memory.json (the largest of every process that
+    worked on the run, so a resumed run does not report only the resuming process)."""
+    this = peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))
+    f = out / PEAKS
+    try:
+        old = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except ValueError:
+        old = {}
+    merged = dict(old) if isinstance(old, dict) else {}
+    for k, v in this.items():
+        if isinstance(v, (int, float)):
+            merged[k] = max(v, merged.get(k, 0) if isinstance(merged.get(k), (int, float)) else 0)
+        else:
+            merged.setdefault(k, v)
+    pids = set(merged.get("pids", [])) | {os.getpid()}
+    merged["pids"] = sorted(pids)
+    merged["processes"] = len(pids)
+    atomic_write_json(f, merged)
+    return {"this_process": this, "run": merged}
 
 
 class EmbeddingCache:
@@ -318,12 +523,22 @@ class EmbeddingCache:
         self.errors: dict[str, str] = {}
         self.count = 0
         for f in sorted(folder.glob("chunk-*.safetensors")):
-            meta = json.loads(_safetensors_metadata(f)["fgvr"])
-            emb = load_file(str(f))["embeddings"]
+            try:  # new chunks are numbered after every existing one, damaged ones included
+                self.count = max(self.count, int(f.stem.split("-")[1]) + 1)
+            except ValueError:
+                pass
+            try:
+                meta = json.loads(_safetensors_metadata(f)["fgvr"])
+                emb = load_file(str(f))["embeddings"]
+                if emb.shape[0] != len(meta["paths"]):
+                    raise ValueError(f"{emb.shape[0]} embeddings for {len(meta['paths'])} paths")
+            except Exception as e:  # noqa: BLE001 - a derived file: any failure means "encode again"
+                log.warning("%s is damaged (%s: %s); its images are encoded again", f, type(e).__name__, e)
+                f.unlink(missing_ok=True)
+                continue
             for j, p in enumerate(meta["paths"]):
                 self.rows[p] = (emb[j], meta["decode_s"], meta["encode_s"])
             self.errors.update(meta["errors"])
-            self.count += 1
 
     def __contains__(self, path: str) -> bool:
         return path in self.rows or path in self.errors

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fgvr.errors import InputError
+
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "sudo apt-get install dataset-fashion-mnist"
 
@@ -44,11 +46,11 @@ _IDX_DTYPES = {
 }
 
 
-class IdxError(ValueError):
+class IdxError(InputError, ValueError):
     """A file that is not a well-formed IDX file; the message names the file and what is wrong."""
 
 
-class FashionMNISTMissing(FileNotFoundError):
+class FashionMNISTMissing(InputError, FileNotFoundError):
     """The Fashion-MNIST files are not installed; the message says what to install."""
 
 

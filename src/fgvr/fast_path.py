@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
+from fgvr.defaults import DEFAULTS
 from fgvr.scoring import Support, best_exemplar_scores, image_scores, mix  # noqa: F401 (best_exemplar_scores: re-exported)
 
-DEFAULT_W = 1.0
-DEFAULT_TAU = 0.05
-DEFAULT_EXEMPLAR_WEIGHT = 0.5
+DEFAULT_W = DEFAULTS.fusion_w
+DEFAULT_TAU = DEFAULTS.tau
+DEFAULT_EXEMPLAR_WEIGHT = DEFAULTS.exemplar_weight
 
 
 @dataclass
@@ -125,7 +126,7 @@ def system1(
     *,
     w: float | None = None,
     tau: float | None = None,
-    k: int = 5,
+    k: int = DEFAULTS.top_k,
 ) -> FastResult:
     """Fused posterior over all of kb's classes for (B, D) L2-normalised query embeddings.
 
@@ -151,7 +152,7 @@ def system1(
     return _posterior(logits, tau, k, w)
 
 
-def support_loo(kb: Any, *, w: float | None = None, tau: float | None = None, k: int = 5,
+def support_loo(kb: Any, *, w: float | None = None, tau: float | None = None, k: int = DEFAULTS.top_k,
                 chunk: int = 2048) -> tuple[FastResult, torch.Tensor]:
     """System 1 on the base's own exemplars, leave-one-out; returns (FastResult, true labels).
 

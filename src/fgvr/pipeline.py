@@ -15,7 +15,8 @@ images, and buys the exact accuracy-vs-budget curve for every budget from one ru
 
 from __future__ import annotations
 
-import sys
+import copy
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,10 +27,13 @@ import torch
 
 from fgvr.data import ImageError, load_image
 from fgvr.decision import DEFAULT_WEIGHT, decide
+from fgvr.defaults import DEFAULTS
 from fgvr.models.spec import ModelSpec
 from fgvr.fast_path import system1
 from fgvr.slow_path import SlowAnswer, SlowPath, SlowQuery
 from fgvr.trigger import Trigger
+
+log = logging.getLogger(__name__)
 
 PATH_FAST = "fast"
 PATH_SLOW = "slow"
@@ -92,7 +96,8 @@ class DualSystem:
     `encoder` is a loaded `fgvr.encoder.Encoder` (leased from the registry by the caller, so the caller
     decides how long it stays loaded). `slow` is any `SlowPath` or None. `experience` is anything with
     `retrieve(candidate_ids, n) -> list[Rule]` (an `fgvr.rules.ExperienceLibrary`).
-    A trigger with a budget and no threshold is calibrated here on the base's support set, leave-one-out.
+    The trigger is used as given: one with a budget needs its threshold before the first image, set by
+    the caller (`Trigger.calibrated_on_support(kb)`, as `open_system` does, or by `run_evaluation`).
     """
 
     def __init__(
@@ -101,11 +106,11 @@ class DualSystem:
         encoder: Any,
         slow: SlowPath | None,
         trigger: Trigger,
-        k: int = 5,
+        k: int = DEFAULTS.top_k,
         weight: float = DEFAULT_WEIGHT,
         experience: Any = None,
         *,
-        n_rules: int = 3,
+        n_rules: int = DEFAULTS.rules,
         w: float | None = None,
         tau: float | None = None,
         slow_all: bool = False,
@@ -121,11 +126,15 @@ class DualSystem:
             raise ValueError(f"top-k must be at least 1, got {k}")
         if not (0.0 <= weight <= 1.0):
             raise ValueError(f"decision weight must lie in [0, 1], got {weight}")
-        if trigger.threshold is None:
-            trigger.calibrate_on_support(kb, w=w, tau=tau)
         info = slow.describe() if slow is not None and hasattr(slow, "describe") else {}
         self.slow_backend = (f"{info['backend']}:{info['mode']}" if "backend" in info
                              else getattr(slow, "name", None) if slow is not None else None)
+
+    def with_trigger(self, trigger: Trigger) -> "DualSystem":
+        """The same system with another trigger (a shallow copy: this one is left as it is)."""
+        other = copy.copy(self)
+        other.trigger = trigger
+        return other
 
     # ------------------------------------------------------------------------------------------------
     def classify_paths(self, paths: Sequence[str | Path]) -> list[Result]:
@@ -267,7 +276,7 @@ class DualSystem:
                     raise RuntimeError(f"System 2 returned {len(got)} answers for {len(queries)} queries")
             except Exception as e:  # noqa: BLE001 - one failing batch must not end a long run
                 msg = f"System 2 ({getattr(self.slow, 'name', type(self.slow).__name__)}) failed: {type(e).__name__}: {e}"
-                print(f"fgvr: {msg}; the fast answers stand for {len(chunk)} image(s)", file=sys.stderr)
+                log.warning("%s; the fast answers stand for %d image(s)", msg, len(chunk))
                 for i in chunk:
                     errors[i] = msg
                 continue
@@ -298,11 +307,11 @@ def open_system(
     reranker: bool = False,
     budget: float | None = None,
     threshold: float | None = None,
-    k: int = 5,
+    k: int = DEFAULTS.top_k,
     weight: float = DEFAULT_WEIGHT,
     device: str = "cpu",
     rationale: bool = False,
-    n_rules: int = 3,
+    n_rules: int = DEFAULTS.rules,
     slow_all: bool = False,
     slow_batch: int = 8,
     debias: str | None = None,
@@ -327,7 +336,7 @@ def open_system(
     if threshold is not None and budget is not None:
         raise ValueError("give --threshold or --slow-budget, not both")
     if threshold is None and budget is None:
-        budget = 0.3
+        budget = DEFAULTS.slow_budget
     backend = None
     if vlm:  # first: a server that does not answer is one clear error before anything is loaded
         from dataclasses import replace
@@ -364,6 +373,8 @@ def open_system(
         lib = ExperienceLibrary.load(kb.path, classes=kb.classes)
         experience = lib if lib.rules else None
     trigger = Trigger(threshold=threshold, budget=budget if threshold is None else None)
+    if trigger.threshold is None:  # a budget: the threshold from the support set (`fgvr evaluate` may redo it)
+        trigger = trigger.calibrated_on_support(kb)
     with registry.use(spec) as enc:
         yield DualSystem(kb, enc, slow, trigger, k=k, weight=weight, experience=experience, n_rules=n_rules,
                          slow_all=slow_all, slow_batch=slow_batch)

@@ -26,6 +26,7 @@ one); the driver drops any repeat of a path. A killed driver loses only what was
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -34,13 +35,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from fgvr.errors import ModelError
 from fgvr.pipeline import PATH_ERROR, EncodedBatch, Result
 
 RAY_MISSING = ("--ray needs Ray, which is not installed here: pip install 'fgvr[ray]' "
                "(or run `make setup`, which installs it)")
 
 
-class RayError(RuntimeError):
+class RayError(ModelError, RuntimeError):
     """Ray is missing or the cluster cannot be reached; the message says what to do."""
 
 
@@ -174,8 +176,8 @@ class RayEngine:
     """Runs the stages on a Ray cluster and yields finished batches to the driver, in completion order.
 
     `open_kwargs`: what `fgvr.pipeline.open_system` takes (each actor opens its own system from it).
-    `system`: the driver's own system (its trigger threshold is read when a pass starts, so a threshold
-    calibrated between passes reaches the actors). `workers`: encode actors (default: one per CPU of the
+    `system`: the driver's own system (its trigger threshold is read when a pass starts; a run that
+    calibrates between passes hands the calibrated system over with `with_system`). `workers`: encode actors (default: one per CPU of the
     cluster, or per GPU with a CUDA device). `slow_workers`: System 2 actors (each takes one GPU with a
     CUDA device). `batch_size`: rows per batch in every stage.
     """
@@ -190,6 +192,12 @@ class RayEngine:
         self.cuda = str(open_kwargs.get("device", "cpu")).startswith("cuda")
         self.workers = max(1, workers or (int(res.get("GPU", 0)) if self.cuda and res.get("GPU") else self.cpus))
         self.has_system2 = bool(open_kwargs.get("vlm") or open_kwargs.get("reranker"))
+
+    def with_system(self, system: Any) -> "RayEngine":
+        """The same engine (cluster, actors' settings) for `system`, e.g. with the trigger a run calibrated."""
+        other = copy.copy(self)
+        other.system = system
+        return other
 
     # --- stages -----------------------------------------------------------------------------------------
     def _encode(self, ds: Any, threshold: float) -> Any:
@@ -212,7 +220,9 @@ class RayEngine:
                             fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
                                                    "system2": self.has_system2})
         if self.has_system2:
-            res = {"num_gpus": 1} if self.cuda and self.open_kwargs.get("vlm") else {"num_cpus": 0}
+            vlm = self.open_kwargs.get("vlm")
+            local_vlm = vlm is not None and not isinstance(vlm, str)  # a ModelSpec; a string is a server's URL
+            res = {"num_gpus": 1} if self.cuda and local_vlm else {"num_cpus": 0}
             ds = ds.map_batches(SlowStage, batch_size=self.batch_size, batch_format="numpy",
                                 compute=ActorPoolStrategy(size=self.slow_workers),
                                 fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold},

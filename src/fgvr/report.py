@@ -99,6 +99,11 @@ def plot_per_class(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _cell(text: str) -> str:
+    """A class name as one Markdown table cell: `|` escaped, line breaks shown as spaces."""
+    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
 def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     """Write RUN/report.md and its PNGs; returns the Markdown path."""
     run = Path(run)
@@ -163,7 +168,7 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     if summary["per_class"]:
         lines += ["## Per-class accuracy", "", "![per-class accuracy](per_class.png)", "",
                   "| class | images | accuracy |", "| --- | --- | --- |"]
-        lines += [f"| {k} | {v['n']} | {_fmt(v['accuracy'], True)} |" for k, v in summary["per_class"].items()]
+        lines += [f"| {_cell(k)} | {v['n']} | {_fmt(v['accuracy'], True)} |" for k, v in summary["per_class"].items()]
     md = run / "report.md"
     atomic_write_text(md, "\n".join(lines) + "\n")
     return md

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,13 +38,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fgvr import scoring
+from fgvr.defaults import DEFAULTS
+from fgvr.errors import KnowledgeBaseError as _KBError
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
 DEFAULT_ENCODER = "efficientnet-lite2"
 DEFAULT_IMAGE_SIZE = 260  # Lite2's native resolution; System 1 runs Lite0 at 224
 DEFAULT_VIEWS = ("identity", "flip")
 DEFAULT_GRID = 3
-DEFAULT_TEMPERATURE = 0.05  # used only when the support set cannot tell (one shot per class)
+DEFAULT_TEMPERATURE = DEFAULTS.reranker_temperature  # used only when the support set cannot tell (one shot per class)
 TEMPERATURES = scoring.TEMPERATURES  # the one temperature grid (System 1's fusion fit uses it too)
 PROTO_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LAYOUT_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
@@ -51,7 +54,15 @@ DEFAULT_PROTO_WEIGHT = 0.5
 DEFAULT_LAYOUT_WEIGHT = 0.5
 
 
-class RerankerError(ValueError):
+class CacheWarning(UserWarning):
+    """A derived cache that failed its check (rebuilt) or could not be written (kept in memory)."""
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().float().numpy().tobytes()).hexdigest()
+
+
+class RerankerError(_KBError):
     """A re-ranker that cannot be built as asked (no support images, mismatched labels); says what to do."""
 
 
@@ -70,7 +81,7 @@ def _view(pixels: torch.Tensor, view: str) -> torch.Tensor:
     raise RerankerError(f"unknown test-time view {view!r}: use identity, flip or cropNN (e.g. crop90)")
 
 
-def describe(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int) -> torch.Tensor:
+def tta_descriptors(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int) -> torch.Tensor:
     """(N,3,H,W) preprocessed pixels -> (N,D') L2-normalised descriptors, averaged over the TTA views.
 
     The descriptor is [pooled, grid layout], each part L2-normalised and weighted equally, so a dot product
@@ -98,7 +109,7 @@ def describe(encoder: Any, pixels: torch.Tensor, views: Sequence[str], grid: int
 def weight_parts(descriptors: torch.Tensor, grid: int, layout_weight: float) -> torch.Tensor:
     """Re-weight a [pooled, layout] descriptor so a dot product is (1-w)*cos(pooled) + w*cos(layout).
 
-    `describe` gives each part norm 1/sqrt(2) (w = 0.5); how much the layout should count is a property of
+    `tta_descriptors` gives each part norm 1/sqrt(2) (w = 0.5); how much the layout should count is a property of
     the data (aligned product photos: a lot; free-form photos: less), so it is chosen on the support set.
     """
     if grid <= 0:
@@ -255,7 +266,7 @@ class VisualReranker:
             steps = tqdm(steps, desc=f"re-ranker ({self.spec.name})", unit="batch", file=sys.stderr)
         with registry.use(self.spec) as enc:
             for i in steps:
-                out.append(describe(enc, enc.preprocess(images[i : i + self.batch_size]), self.views, self.grid))
+                out.append(tta_descriptors(enc, enc.preprocess(images[i : i + self.batch_size]), self.views, self.grid))
         if not out:
             raise RerankerError("no images to describe")
         return torch.cat(out)
@@ -278,10 +289,10 @@ class VisualReranker:
         if self.cache_dir is not None:
             cache = self.cache_dir / f"support-{self._cache_key()}.safetensors"
             if cache.is_file():
-                from safetensors.torch import load_file
-
-                self._support = load_file(str(cache))["descriptors"]
-                return self._support
+                cached = self._read_cache(cache)
+                if cached is not None:
+                    self._support = cached
+                    return cached
         images = [load_image(p) for p in self.support_paths]  # ImageError names the file
         feats = self.features(images, progress=self.progress)
         if cache is not None:
@@ -289,8 +300,33 @@ class VisualReranker:
 
             from fgvr.io import atomic_write_bytes
 
-            atomic_write_bytes(cache, save({"descriptors": feats.contiguous()}))
+            data = save({"descriptors": feats.contiguous()}, metadata={"sha256": _tensor_sha256(feats)})
+            try:
+                atomic_write_bytes(cache, data)
+            except OSError as e:
+                warnings.warn(f"cannot write the re-ranker cache {cache} ({e.strerror or e}); keeping it in memory "
+                              "for this run (the next run computes it again)", CacheWarning, stacklevel=2)
         self._support = feats
+        return feats
+
+    def _read_cache(self, cache: Path) -> torch.Tensor | None:
+        """The cached descriptors, or None (with a warning: the cache is then rebuilt) when the file fails its
+        checksum, does not parse, or does not fit the support set."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(cache), framework="pt") as sf:
+                digest = (sf.metadata() or {}).get("sha256")
+                feats = sf.get_tensor("descriptors")
+            if digest is None:
+                raise ValueError("it carries no checksum")
+            if _tensor_sha256(feats) != digest:
+                raise ValueError("its content does not match its checksum")
+            if feats.ndim != 2 or feats.shape[0] != len(self.support_paths):
+                raise ValueError(f"it has shape {tuple(feats.shape)} for {len(self.support_paths)} support images")
+        except Exception as e:  # noqa: BLE001 - a derived file: any failure means "compute it again"
+            warnings.warn(f"the re-ranker cache {cache} is damaged ({e}); rebuilding it", CacheWarning, stacklevel=3)
+            return None
         return feats
 
     def calibrate(self) -> None:

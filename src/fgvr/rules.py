@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fgvr.errors import InputError
 from fgvr.io import atomic_write_json, read_json
 
 FORMAT_VERSION = 1
@@ -26,7 +27,7 @@ EXPERIENCE_DIR = "experience"
 RULES_FILE = "rules.json"
 
 
-class ExperienceError(RuntimeError):
+class ExperienceError(InputError, RuntimeError):
     """A rules file that cannot be used; the message names the file and what to do."""
 
 

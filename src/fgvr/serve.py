@@ -424,9 +424,10 @@ class Service:
                      getattr(system.slow, "name", None), system.trigger.threshold)
         except BaseException as e:  # noqa: BLE001 - reported by /healthz and to the CLI, never swallowed
             self.error = f"{type(e).__name__}: {e}"
-            log.error("could not load the models: %s", self.error)
             if self.on_load_error is not None:
-                self.on_load_error(e)
+                self.on_load_error(e)  # the caller reports it (the CLI: one line, exit 1)
+            else:
+                log.error("could not load the models: %s", self.error)
 
     async def stop(self) -> None:
         for q in (self.encoder_q, self.slow_q):

@@ -29,6 +29,7 @@ on its own images' scores (`calibrate(scores)`, labels never used), which meets 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -163,6 +164,22 @@ class Trigger:
         """Calibrate on the base's support images scored leave-one-out (no query image needed)."""
         fast, _ = support_loo(kb, **fast_kwargs)
         return self.calibrate(self.scores(fast, kb))
+
+    def with_threshold(self, threshold: float) -> "Trigger":
+        """A copy with `threshold` set (this trigger is left as it is)."""
+        return dataclasses.replace(self, threshold=float(threshold))
+
+    def calibrated(self, scores: torch.Tensor) -> "Trigger":
+        """A copy calibrated on `scores` (see `calibrate`); this trigger is left as it is."""
+        copy = dataclasses.replace(self)
+        copy.calibrate(scores)
+        return copy
+
+    def calibrated_on_support(self, kb: Any, **fast_kwargs: Any) -> "Trigger":
+        """A copy calibrated on the base's support set (see `calibrate_on_support`); this one is left as it is."""
+        copy = dataclasses.replace(self)
+        copy.calibrate_on_support(kb, **fast_kwargs)
+        return copy
 
     def decide(self, fast: FastResult, kb: Any) -> list[TriggerDecision]:
         """One decision per sample, with every input logged. Needs a threshold (set or calibrated)."""

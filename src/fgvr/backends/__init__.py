@@ -34,12 +34,13 @@ from typing import Any, Protocol, Sequence
 
 from PIL import Image
 
+from fgvr.errors import ModelError
 from fgvr.models.spec import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, QWEN_PATCH
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class BackendError(RuntimeError):
+class BackendError(ModelError, RuntimeError):
     """A backend cannot start (server down, no such model, folder missing); the message says what to do."""
 
 

@@ -25,7 +25,7 @@ from fgvr.knowledge_base.storage import (
     RetrievalStats,
     SupportFile,
     check_encoder,
-    describe,
+    format_knowledge_base,
     load_knowledge_base,
     save_knowledge_base,
     support_files,
@@ -49,14 +49,15 @@ from fgvr.knowledge_base.text import (
     write_descriptions,
 )
 from fgvr.knowledge_base.fitting import EXEMPLAR_WEIGHT_GRID, TAU_GRID, W_GRID, choose_fusion, retrieval_stats
-from fgvr.knowledge_base.build import BuildSummary, build_knowledge_base
+from fgvr.knowledge_base.build import KnowledgeBaseBuildSummary, build_knowledge_base
+from fgvr.knowledge_base.integrity import manifest_digest, seal_manifest
 
 __all__ = [
     "AUGMENTATIONS", "CROP_FRACTION", "DEFAULT_TEMPLATES", "DESCRIPTIONS_FILE", "DESCRIPTION_IMAGES",
     "DESCRIPTION_MAX_NEW_TOKENS", "DESCRIPTION_PROMPT", "DESCRIPTION_WEIGHT", "EXEMPLAR_WEIGHT_GRID",
-    "FORMAT_VERSION", "MANIFEST_FILE", "TAU_GRID", "TENSORS_FILE", "W_GRID", "BuildSummary", "KnowledgeBase",
+    "FORMAT_VERSION", "MANIFEST_FILE", "TAU_GRID", "TENSORS_FILE", "W_GRID", "KnowledgeBase", "KnowledgeBaseBuildSummary",
     "KnowledgeBaseError", "RetrievalStats", "SupportFile", "augmented_views", "build_knowledge_base",
-    "check_encoder", "choose_fusion", "default_workers", "describe", "describe_classes", "encode_support",
+    "check_encoder", "choose_fusion", "default_workers", "describe_classes", "format_knowledge_base", "encode_support",
     "load_knowledge_base", "parse_augment", "retrieval_stats", "save_knowledge_base", "support_files",
-    "text_prototypes", "write_descriptions",
+    "text_prototypes", "write_descriptions", "manifest_digest", "seal_manifest",
 ]

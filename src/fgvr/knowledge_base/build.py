@@ -9,6 +9,7 @@ text prototypes (`text`), fit the fusion and leave-one-out statistics (`fitting`
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import warnings
@@ -29,9 +30,11 @@ from fgvr.knowledge_base.storage import (FORMAT_VERSION, KnowledgeBase, Knowledg
 from fgvr.knowledge_base.text import (DEFAULT_TEMPLATES, DESCRIPTION_IMAGES, DESCRIPTION_MAX_NEW_TOKENS,
                                       DESCRIPTION_PROMPT, DESCRIPTION_WEIGHT, text_prototypes, write_descriptions)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
-class BuildSummary:
+class KnowledgeBaseBuildSummary:
     classes: int
     images_used: int
     images_encoded: int  # this run (a resumed build reuses finished classes)
@@ -78,7 +81,7 @@ def build_knowledge_base(
     max_side: int | None = DEFAULT_MAX_SIDE,
     vlm_batch_size: int = 4,
     progress: bool = True,
-) -> tuple[KnowledgeBase, BuildSummary]:
+) -> tuple[KnowledgeBase, KnowledgeBaseBuildSummary]:
     """Build a knowledge base from k images per class of `data` and write it atomically to `out`.
 
     `encoder`/`vlm`: a spec string (`efficientnet-lite0`, a model folder) or a ModelSpec. Resumable: see
@@ -111,10 +114,8 @@ def build_knowledge_base(
 
     phases["encode"] = time.perf_counter() - t
     t = time.perf_counter()
-    descriptions: dict[str, str] = {}
-    if vlm_spec is not None:
-        descriptions = write_descriptions(vlm_spec, ds, results, work_dir, max_side=max_side,
-                                          batch_size=vlm_batch_size, progress=progress)
+    descriptions = {} if vlm_spec is None else write_descriptions(
+        vlm_spec, ds, results, work_dir, max_side=max_side, batch_size=vlm_batch_size, progress=progress)
     text = None
     if has_text:
         with registry.use(spec) as enc:
@@ -133,13 +134,14 @@ def build_knowledge_base(
     phases["stats"] = time.perf_counter() - t
     manifest["build"] = {"seconds": round(seconds, 3), "images_encoded": encoded, "classes_reused": reused,
                          "phases": {k: round(v, 3) for k, v in phases.items()}}
+    log.debug("build of %s: %s", out, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
     t = time.perf_counter()
     save_knowledge_base(kb, out)
     shutil.rmtree(partial_root, ignore_errors=True)
-    summary = BuildSummary(classes=len(ds.classes), images_used=int(exemplars.shape[0]), images_encoded=encoded,
-                           classes_reused=reused, skipped=skipped, seconds=time.perf_counter() - t0,
-                           descriptions=sum(bool(d) for d in descriptions.values()),
-                           phases={**phases, "save": time.perf_counter() - t})
+    summary = KnowledgeBaseBuildSummary(
+        classes=len(ds.classes), images_used=int(exemplars.shape[0]), images_encoded=encoded, classes_reused=reused,
+        skipped=skipped, seconds=time.perf_counter() - t0, descriptions=sum(bool(d) for d in descriptions.values()),
+        phases={**phases, "save": time.perf_counter() - t})
     return kb, summary
 
 

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,14 +124,6 @@ def _config_hash(spec_json: dict, augment: tuple[str, ...], max_side: int | None
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _test_pause() -> None:
-    """Test hook: FGVR_TEST_SLEEP_PER_CLASS=<seconds> pauses after each committed class, so the resume test
-    can kill a build at a known point. Unset in normal use."""
-    delay = os.environ.get("FGVR_TEST_SLEEP_PER_CLASS")
-    if delay:
-        time.sleep(float(delay))
-
-
 @dataclass
 class _ClassWork:
     cid: int
@@ -190,8 +181,7 @@ def encode_support(
     """Exemplars per class id: {cid: (exemplars (n,D), used paths, [[path, reason], ...])}.
 
     Classes already finished in `work_dir` are read back; the rest are encoded in batches that span
-    classes, and each class is written to `work_dir` the moment its last image is encoded. Every image
-    about to be encoded is appended to `work_dir/encoded.log` (what the resume test counts).
+    classes, and each class is written to `work_dir` the moment its last image is encoded.
     Returns (per-class results, images encoded now, classes reused).
     """
     done, todo = _plan_classes(classes, support, work_dir)
@@ -260,7 +250,6 @@ class _EncodingRun:
         self.encoder, self.work_dir, self.root, self.done = encoder, work_dir, root, done
         self.batch: list[tuple[_ClassWork, int, torch.Tensor]] = []
         self.encoded = 0
-        self.log = open(work_dir / "encoded.log", "a", encoding="utf-8")
         self.bar = tqdm(total=total, desc="encoding support images", unit="img", file=sys.stderr,
                         disable=not progress, dynamic_ncols=True)
 
@@ -268,7 +257,6 @@ class _EncodingRun:
         dim = self.encoder.embed_dim
         _save_class(self.work_dir, work, self.root, dim)
         self.done[work.cid] = _load_class(self.work_dir, work.key) or (torch.zeros(0, dim), [], [])
-        _test_pause()
 
     def skip(self, work: _ClassWork, i: int, reason: str | None) -> None:
         work.skipped.append((i, reason))
@@ -281,8 +269,6 @@ class _EncodingRun:
         if not self.batch:
             return
         batch, self.batch = self.batch, []
-        self.log.write("".join(f"{w.samples[i].path}\n" for w, i, _ in batch))
-        self.log.flush()
         pixels = torch.cat([p for _, _, p in batch])
         feats = self.encoder.encode_pixels(pixels).float()
         start = 0
@@ -299,4 +285,3 @@ class _EncodingRun:
 
     def close(self) -> None:
         self.bar.close()
-        self.log.close()

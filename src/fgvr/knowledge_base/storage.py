@@ -23,16 +23,15 @@ from typing import Any, NamedTuple
 import torch
 
 from fgvr import __version__
+from fgvr.errors import KnowledgeBaseError
 from fgvr.io import read_json
+from fgvr.knowledge_base.integrity import (check_manifest, check_tensors, load_descriptions, load_tensors,
+                                           seal_manifest)
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
 DESCRIPTIONS_FILE = "descriptions.json"
-
-
-class KnowledgeBaseError(ValueError):
-    """A base that cannot be built, loaded or used as asked; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,15 +233,14 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
     a base built with other weights is refused (see `check_encoder`). `verify` checks the sha256 of every
     file against the manifest, so a truncated copy fails here rather than as odd scores later.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     manifest = _read_manifest(path)
     if verify:
         _verify_checksums(path, manifest)
     if encoder is not None:
         check_encoder(manifest, encoder, path)
-    t = load_file(str(path / TENSORS_FILE))
+    t = load_tensors(path / TENSORS_FILE)
+    check_tensors(t, manifest, path / TENSORS_FILE)
     stats = None
     if "stats.confusion" in t:
         stats = RetrievalStats(
@@ -250,10 +248,8 @@ def load_knowledge_base(path: str | Path, encoder: Any = None, verify: bool = Tr
             true_correct=t["stats.true_correct"], true_total=t["stats.true_total"],
             confusion=t["stats.confusion"], excluded=int(manifest.get("stats", {}).get("excluded", 0)),
         )
-    descriptions = {}
-    if (path / DESCRIPTIONS_FILE).is_file():
-        descriptions = read_json(path / DESCRIPTIONS_FILE)
     classes = [c["name"] for c in sorted(manifest["classes"], key=lambda c: c["id"])]
+    descriptions = load_descriptions(path / DESCRIPTIONS_FILE, classes)
     return KnowledgeBase(
         classes=classes,
         encoder_spec=manifest["encoder"]["spec"],
@@ -287,6 +283,8 @@ def _read_manifest(path: Path) -> dict:
         manifest = read_json(mf)
     except (OSError, ValueError) as e:
         raise KnowledgeBaseError(f"{mf} cannot be read ({e}): rebuild the base with fgvr build-kb") from None
+    if not isinstance(manifest, dict):
+        check_manifest(manifest, mf)  # says what is wrong
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise KnowledgeBaseError(
@@ -294,6 +292,7 @@ def _read_manifest(path: Path) -> dict:
             f"{manifest.get('fgvr_version', '?')}); this fgvr {__version__} reads version {FORMAT_VERSION}: "
             "rebuild it with fgvr build-kb"
         )
+    check_manifest(manifest, mf)  # sealed, and shaped as the loader reads it (see integrity.py)
     return manifest
 
 
@@ -328,6 +327,7 @@ def save_knowledge_base(kb: KnowledgeBase, out: str | Path) -> Path:
     manifest = dict(kb.manifest)
     manifest["checksums"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     manifest["fusion"] = kb.fusion
+    seal_manifest(manifest)
     files[MANIFEST_FILE] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -383,7 +383,7 @@ def _fsync_dir(path: Path) -> None:
 # showing
 
 
-def describe(kb: KnowledgeBase, max_classes: int = 50) -> str:
+def format_knowledge_base(kb: KnowledgeBase, max_classes: int = 50) -> str:
     """A readable account of what a base holds (`fgvr kb show`)."""
     m = kb.manifest
     lines = [f"knowledge base {kb.path}", f"  format v{m.get('format_version')}, fgvr {m.get('fgvr_version')}, "

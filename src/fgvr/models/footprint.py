@@ -81,14 +81,6 @@ def module_params(*modules: torch.nn.Module) -> int:
     return n
 
 
-def module_devices(*modules: torch.nn.Module) -> dict[str, int]:
-    """Bytes per device type+index, e.g. {'cuda:0': ..., 'cpu': ...} (a model can straddle devices)."""
-    by_dev: dict[str, list[torch.Tensor]] = {}
-    for t in _tensors(modules):
-        by_dev.setdefault(str(t.device), []).append(t)
-    return {d: tensor_bytes(ts) for d, ts in by_dev.items()}
-
-
 def meta_bytes(build: Callable[[], torch.nn.Module]) -> int:
     """Bytes of the module `build()` returns, built on the meta device (no memory, no weights read)."""
     import torch

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fgvr.errors import ModelError
 from fgvr.models.footprint import format_bytes, module_bytes, parse_bytes
 from fgvr.models.spec import ModelSpec, normalise_device
 
@@ -43,7 +44,7 @@ Estimator = Callable[[ModelSpec], int]
 _SLOT = "_fgvr_model_registry_slot"  # the one per-process place the registry lives (see module docstring)
 
 
-class MemoryBudgetError(RuntimeError):
+class MemoryBudgetError(ModelError, RuntimeError):
     """A load that does not fit the device's budget even after evicting every idle model."""
 
     def __init__(self, message: str, *, key: str, device: str, requested: int, available: int,

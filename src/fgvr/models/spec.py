@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fgvr.errors import ModelError
+
 _DTYPES = {
     "fp32": "float32", "float32": "float32", "float": "float32",
     "fp16": "float16", "float16": "float16", "half": "float16",
@@ -30,7 +32,7 @@ DEFAULT_MAX_PIXELS = DEFAULT_MAX_VISUAL_TOKENS * QWEN_PATCH * QWEN_PATCH
 DEFAULT_MIN_PIXELS = 4 * QWEN_PATCH * QWEN_PATCH
 
 
-class SpecError(ValueError):
+class SpecError(ModelError, ValueError):
     """A spec that names nothing loadable; the message says what to fetch or type instead."""
 
 
