@@ -15,8 +15,26 @@ from fgvr.compare import CompareError, compare_runs
 from fgvr.data import DataError, read_dataset
 from fgvr.evaluate import run_evaluation
 from fgvr.metrics import classification_metrics, expected_calibration_error
+from fgvr.pipeline import DualSystem
 from fgvr.stats import mcnemar_exact, paired_bootstrap
-from test_evaluate import make_data, system
+from fgvr.trigger import Trigger
+from fakes import COLOURS, ColourEncoder, colour_kb
+
+
+def make_data(root: Path) -> Path:
+    """4 shades of each colour class, a class the base does not know, and one unreadable file."""
+    shades = [(0, 0, 0), (40, 40, 40), (-40, 20, 0), (90, 90, 90)]
+    for name, rgb in list(COLOURS.items()) + [("yellow", (230, 220, 30))]:
+        (root / name).mkdir(parents=True)
+        for i, sh in enumerate(shades):
+            Image.new("RGB", (12, 12), tuple(max(0, min(255, a + b)) for a, b in zip(rgb, sh))).save(root / name / f"{i}.png")
+    (root / "red" / "broken.png").write_bytes(b"\x89PNG but not really")
+    return root
+
+
+def system() -> DualSystem:
+    enc = ColourEncoder()
+    return DualSystem(colour_kb(enc), enc, None, Trigger(threshold=0.35), k=3, weight=1.0)
 
 
 def _record(label: int, ranked: list[int], conf: float, path: str = "x") -> dict:

@@ -22,6 +22,10 @@ METADATA = ("metadata.csv", "metadata.jsonl")
 LABEL_COLUMNS = ("label", "labels", "class", "category")
 
 
+class ImageFolderError(ValueError):
+    """A metadata file that cannot be read as an imagefolder split (`fgvr.data` reports it as a DataError)."""
+
+
 def imagefolder_metadata(root: Path) -> Path | None:
     """The metadata file of an imagefolder split, if `root` is one."""
     for name in METADATA:
@@ -37,8 +41,6 @@ def split_folders(root: Path) -> list[str]:
 
 
 def _rows(meta: Path) -> list[dict[str, str]]:
-    from fgvr.data import DataError
-
     if meta.suffix == ".csv":
         with meta.open(newline="", encoding="utf-8-sig") as f:
             return [dict(r) for r in csv.DictReader(f)]
@@ -49,40 +51,39 @@ def _rows(meta: Path) -> list[dict[str, str]]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise DataError(f"{meta}, line {n}: not a JSON object ({e})") from None
+            raise ImageFolderError(f"{meta}, line {n}: not a JSON object ({e})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{meta}, line {n}: expected a JSON object with file_name and a label")
+            raise ImageFolderError(f"{meta}, line {n}: expected a JSON object with file_name and a label")
         rows.append({str(k): v for k, v in row.items()})
     return rows
 
 
-def read_imagefolder(root: Path, mapping: dict[str, str] | None = None, classes_file: object = None):
-    """An imagefolder split (metadata.csv / metadata.jsonl + images) -> `fgvr.data.Dataset`."""
-    from fgvr.data import DataError, Dataset, Sample
-
+def read_imagefolder(root: Path, mapping: dict[str, str] | None = None,
+                     classes_file: object = None) -> list[tuple[Path, str]]:
+    """An imagefolder split (metadata.csv / metadata.jsonl + images) -> [(image path, class name)]."""
     meta = imagefolder_metadata(root)
     if meta is None:
-        raise DataError(f"{root} has no metadata.csv or metadata.jsonl")
+        raise ImageFolderError(f"{root} has no metadata.csv or metadata.jsonl")
     rows = _rows(meta)
     if not rows:
-        raise DataError(f"{meta} has no rows: expected file_name and a label per image")
+        raise ImageFolderError(f"{meta} has no rows: expected file_name and a label per image")
     columns = list(rows[0])
     if "file_name" not in columns:
-        raise DataError(f"{meta}: no file_name column (columns: {columns})")
+        raise ImageFolderError(f"{meta}: no file_name column (columns: {columns})")
     others = [c for c in columns if c != "file_name"]
     label_col = next((c for c in LABEL_COLUMNS if c in columns), others[0] if len(others) == 1 else None)
     if label_col is None:
-        raise DataError(f"{meta}: which column is the label? Name it `label` (columns: {columns})")
+        raise ImageFolderError(f"{meta}: which column is the label? Name it `label` (columns: {columns})")
     samples = []
     for n, row in enumerate(rows, 2 if meta.suffix == ".csv" else 1):
         name, label = row.get("file_name"), row.get(label_col)
         if not name or label is None or str(label) == "":
-            raise DataError(f"{meta}, row {n}: needs file_name and {label_col}, got {row}")
+            raise ImageFolderError(f"{meta}, row {n}: needs file_name and {label_col}, got {row}")
         label = str(label)
         if mapping is not None:
             if label not in mapping:
-                raise DataError(f"{meta}, row {n}: label {label!r} is not in classes file {classes_file}")
+                raise ImageFolderError(f"{meta}, row {n}: label {label!r} is not in classes file {classes_file}")
             label = mapping[label]
         p = Path(str(name))
-        samples.append(Sample(p if p.is_absolute() else root / p, label))
-    return Dataset(root=root, classes=sorted({s.label for s in samples}), samples=samples)
+        samples.append((p if p.is_absolute() else root / p, label))
+    return samples
