@@ -31,9 +31,12 @@ def test_hand_computed_three_candidates():
     assert decide([0.3, 0.15, 0.05], s, 0.25) == pytest.approx([r / z for r in raw])
 
 
-def test_agreement_sharpens_and_a_firm_veto_overturns():
+def test_agreement_does_not_sharpen_and_a_firm_veto_overturns():
     out = decide([0.7, 0.3], [0.7, 0.3], 0.5)
     assert out == pytest.approx([0.7, 0.3])  # same opinion: unchanged under geometric pooling
+    # two agreeing but different opinions: the result lies between them, never more confident than both
+    between = decide([0.7, 0.3], [0.9, 0.1], 0.5)[0]
+    assert 0.7 < between < 0.9 and between == pytest.approx(math.sqrt(0.63) / (math.sqrt(0.63) + math.sqrt(0.03)))
     veto = decide([0.9, 0.1], [0.001, 0.999], 0.5)
     assert veto[1] > veto[0]
     # moderate disagreement: sqrt(.95*.2)=.436 vs sqrt(.05*.8)=.2 -> candidate 0 stays ahead

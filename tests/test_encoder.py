@@ -90,3 +90,34 @@ def test_clip_meets_the_encoder_contract(tiny_clip_dir, sample_photos):
         assert enc.encode_texts([]).shape == (0, enc.embed_dim)
         empty = enc.encode_texts([""])  # an empty description is still a valid (special-token-only) text
         assert empty.shape == (1, enc.embed_dim) and torch.isfinite(empty).all()
+
+
+def test_resize_filter_is_part_of_the_efficientnet_definition(lite0_spec):
+    """New specs upscale bilinear (chosen on train images, benchmarks/preprocessing.py) and shrink bicubic;
+    a spec of the first revision (what older bases record) keeps bicubic both ways, so such a base is
+    encoded as it was built. The revision is in the spec's key, so the two never share a registry slot."""
+    from fgvr.models.families.efficientnet import RESIZE, REVISION
+    from fgvr.models.spec import SpecError
+
+    small = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    assert lite0_spec.revision == REVISION and RESIZE[REVISION] == ("bilinear", "bicubic")
+    old = lite0_spec.replace(revision="0.1.0")
+    assert old.key != lite0_spec.key
+    with registry.use(lite0_spec) as enc:
+        size = enc.image_size
+        new_px = enc.preprocess([small])
+        big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (500, 400, 3), dtype=np.uint8))
+        big_px = enc.preprocess([big])
+    with registry.use(old) as enc_old:
+        old_px = enc_old.preprocess([small])
+        assert torch.equal(big_px, enc_old.preprocess([big]))  # shrinking: bicubic in both revisions
+    del enc, enc_old  # the registry verifies the release: no reference may remain
+    assert registry.unload(old) == "unloaded"
+    want_new = (pil_to_tensor(small.resize((size, size), Image.BILINEAR)) - 127.0) / 128.0
+    want_old = (pil_to_tensor(small.resize((size, size), Image.BICUBIC)) - 127.0) / 128.0
+    assert torch.equal(new_px[0], want_new) and torch.equal(old_px[0], want_old)
+    assert not torch.equal(new_px, old_px)
+    with pytest.raises(SpecError, match="unknown efficientnet-lite0 revision"):
+        from fgvr.models.families.efficientnet import EfficientNetEncoder
+
+        EfficientNetEncoder(lite0_spec.replace(revision="9.9"), torch.nn.Identity())

@@ -88,6 +88,7 @@ def test_parse_rule_validates_classes_against_the_candidates():
 def test_acceptance_rule():
     assert accept(Trial(n=6, before=3, after=5, fixed=2, broken=0))  # helps
     assert accept(Trial(n=6, before=3, after=3, fixed=1, broken=1))  # tie that moved the confusion: kept
+    assert not accept(Trial(n=0, before=0, after=0, fixed=0, broken=0))  # no accept image to judge it on
     assert not accept(Trial(n=6, before=3, after=3, fixed=0, broken=0))  # changes nothing: tokens for nothing
     assert not accept(Trial(n=6, before=3, after=2, fixed=1, broken=2))  # hurts
     assert Trial(n=4, before=1, after=3, fixed=2, broken=0).effect == 0.5
@@ -155,7 +156,8 @@ COLOURS = {"coat": (200, 40, 40), "pullover": (40, 200, 40), "shirt": (40, 40, 2
 
 @pytest.fixture(scope="module")
 def kb_and_data(tmp_path_factory, tiny_clip_dir):
-    """4 classes x 5 images (32x32); the base takes 2 per class, 3 per class are held out (12 images)."""
+    """4 classes x 11 images (32x32); the base takes 2 per class, 9 per class are held out (36 images: 12 to
+    propose rules on, 12 to accept them on, 12 to report on; 3 of each class in each part)."""
     from fgvr.knowledge_base import build_knowledge_base
 
     root = tmp_path_factory.mktemp("exp-data")
@@ -163,7 +165,7 @@ def kb_and_data(tmp_path_factory, tiny_clip_dir):
     rng = np.random.default_rng(0)
     for name, rgb in COLOURS.items():
         (data / name).mkdir(parents=True)
-        for i in range(5):
+        for i in range(11):
             a = np.clip(np.array(rgb) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(a).save(data / name / f"{i}.png")
     kb = root / "kb"
@@ -252,13 +254,22 @@ SCRIPT = [
 ]
 
 
-def _held_out_shirts(kb: Path, data: Path) -> list[str]:
-    from fgvr.data import read_dataset
-
+def _support(kb: Path) -> set[str]:
     m = json.loads((kb / "manifest.json").read_text())
-    support = {str((Path(m["data"]["root"]) / s["path"]).resolve()) for s in m["support"]}
-    return [str(s.path) for s in read_dataset(data).samples
-            if s.label == "shirt" and str(Path(s.path).resolve()) not in support]
+    return {str((Path(m["data"]["root"]) / s["path"]).resolve()) for s in m["support"]}
+
+
+def _held_out_shirts(kb: Path, data: Path, part: str | None = "propose") -> list[str]:
+    """The held-out shirts of one part of the build (all parts with None), in the build's order."""
+    from fgvr.data import read_dataset
+    from fgvr.experience import split_parts
+
+    support = _support(kb)
+    names = [c["name"] for c in sorted(json.loads((kb / "manifest.json").read_text())["classes"],
+                                       key=lambda c: c["id"])]
+    held = [s for s in read_dataset(data).samples if str(Path(s.path).resolve()) not in support]
+    return [it.path for it in split_parts(held, names)
+            if names[it.label] == "shirt" and (part is None or it.part == part)]
 
 
 def _run_scripted(kb: Path, data: Path, slow=None, reflector=None, **kw):
@@ -281,30 +292,74 @@ def _log(kb: Path) -> list[dict]:
 def test_build_keeps_the_helpful_rule_and_rejects_harmful_and_idle_ones(kb_copy):
     kb, data = kb_copy
     summary, slow, refl = _run_scripted(kb, data)
-    # 12 held-out images, none of them a support image; the 3 shirts are wrong before any rule
-    support = {str((Path(json.loads((kb / "manifest.json").read_text())["data"]["root"]) / s["path"]).resolve())
-               for s in json.loads((kb / "manifest.json").read_text())["support"]}
-    assert summary.images == 12 and not ({q.path for q in slow.queries} & support)
-    assert summary.accuracy_first == 0.75 and summary.accuracy_last == 1.0
+    # 36 held-out images, none of them a support image, in three parts; the shirts are wrong before any rule
+    assert summary.images == 36 and not ({q.path for q in slow.queries} & _support(kb))
+    assert summary.parts == {"propose": 12, "accept": 12, "report": 12}
+    assert summary.accuracy_before == {"propose": 0.75, "accept": 0.75, "report": 0.75}
+    assert summary.accuracy_after == {"propose": 1.0, "accept": 1.0, "report": 1.0}
 
     lib = ExperienceLibrary.load(kb)
     assert len(lib.rules) == 1
     rule = lib.rules[0]
     assert rule.text == "Shirts have buttons down the front; T-shirts don't." and rule.cue == "buttons"
     assert rule.classes == ["shirt", "T-shirt"]
-    # every held-out image has shirt or T-shirt among its 4 candidates, so all 12 are re-run
+    # measured on the 12 ACCEPT images (all have shirt or T-shirt among their 4 candidates), never on the
+    # propose image that wrote it: it fixed the 3 accept shirts
+    assert rule.source_image in _held_out_shirts(kb, data, "propose")
     assert (rule.support, rule.fixed, rule.broken, rule.effect) == (12, 3, 0, 0.25)
 
     events = [(e["event"], e.get("reason")) for e in _log(kb)]
-    assert events == [("rejected", "accuracy on its images dropped"), ("rejected", "fixed no image"),
+    assert events == [("rejected", "accuracy on its accept images dropped"),
+                      ("rejected", "fixed no accept image (its own source image does not count)"),
                       ("accepted", None)]
     harmful = _log(kb)[0]
     assert harmful["trial"] == {"n": 12, "before": 9, "after": 3, "fixed": 0, "broken": 6, "effect": -0.5}
     assert harmful["rule"]["rule"].startswith("Harmful")  # the rejected rule's history stays in the log
-    # the garbage answer was retried once with the strict prompt, then parsed
+    # only propose images are reflected on; the garbage answer was retried once with the strict prompt
+    assert {r.path for r in refl.requests} <= set(_held_out_shirts(kb, data, "propose"))
     assert [r.strict for r in refl.requests] == [False, True, False, False]
     assert all(r.truth == "shirt" and r.predicted == "T-shirt" for r in refl.requests)
     assert summary.rounds_run == 2 and (summary.accepted, summary.rejected, summary.parse_failed) == (1, 2, 0)
+
+
+def test_a_rule_that_fixes_only_its_own_source_image_is_rejected(kb_copy):
+    """The buttons rule fixes the shirt that proposed it and no other (every other shirt is stubborn). The
+    old in-sample acceptance counted that one fix and kept it; out of sample it fixes nothing: rejected."""
+    kb, data = kb_copy
+    source = _held_out_shirts(kb, data)[0]
+    others = frozenset(_held_out_shirts(kb, data, None)) - {source}
+    names = [c["name"] for c in sorted(json.loads((kb / "manifest.json").read_text())["classes"],
+                                       key=lambda c: c["id"])]
+    slow = ScriptedSlow(_labels(data), names, stubborn=others)
+    reflector = ScriptedReflector([(HELPFUL, HELPFUL)], _held_out_shirts(kb, data))
+    summary, _, _ = _run_scripted(kb, data, slow=slow, reflector=reflector, rounds=1)
+    assert summary.accepted == 0 and ExperienceLibrary.load(kb).rules == []
+    first = _log(kb)[0]
+    assert first["image"] == source and first["event"] == "rejected"
+    assert first["trial"] == {"n": 12, "before": 9, "after": 9, "fixed": 0, "broken": 0, "effect": 0.0}
+    assert first["reason"] == "fixed no accept image (its own source image does not count)"
+    assert summary.accuracy_after["report"] == summary.accuracy_before["report"] == 0.75
+
+
+def test_rules_record_the_build_images_and_evaluate_leaves_them_out(kb_copy):
+    from fgvr.data import read_dataset
+    from fgvr.evaluate import run_evaluation
+    from fgvr.pipeline import open_system
+    from fgvr.rules import experience_images
+
+    kb, data = kb_copy
+    summary, _, _ = _run_scripted(kb, data, reflector=ScriptedReflector([(HELPFUL, HELPFUL)]), max_per_class=6,
+                                  rounds=1)  # 24 of the 36 held-out images
+    assert summary.images == 24 and summary.accepted == 1
+    used = experience_images(kb)
+    stored = json.loads((kb / "experience" / "rules.json").read_text())["build"]["images"]
+    assert sorted(stored) == ["accept", "propose", "report"] and sum(map(len, stored.values())) == 24 == len(used)
+    with open_system(kb, threshold=1.0) as system:
+        s = run_evaluation(system, read_dataset(data), kb.parent / "run", {"kb": str(kb), "data": str(data)},
+                           progress=False, report=False)
+    assert (s["support_images_excluded"], s["experience_images_excluded"], s["n_images"]) == (8, 24, 12)
+    done = {json.loads(x)["path"] for x in (kb.parent / "run" / "results.jsonl").read_text().splitlines()}
+    assert not (done & used) and len(done) == 12
 
 
 def test_retrieved_rules_reach_the_prompt_and_are_recorded(kb_copy):
@@ -312,9 +367,8 @@ def test_retrieved_rules_reach_the_prompt_and_are_recorded(kb_copy):
     concerns, and each answer records it."""
     kb, data = kb_copy
     _, slow, _ = _run_scripted(kb, data)
-    last = slow.queries[-12:]  # the final accuracy pass over the 12 images
-    with_rules = [q for q in slow.queries if q.rules]
-    assert with_rules and all([r.id for r in q.rules] == ["r1"] for q in last)
+    last = {q.path: q for q in slow.queries}  # each image's last prompt: with the final rules
+    assert len(last) == 36 and all([r.id for r in q.rules] == ["r1"] for q in last.values())
 
 
 def test_unparseable_answers_are_logged_and_skipped(kb_copy):
@@ -363,8 +417,9 @@ def test_build_resumes_after_sigkill(kb_copy, tmp_path, kb_and_data):
     _run_scripted(reference, data)
 
     cmd = [sys.executable, "-c", _RESUME_SCRIPT, str(HERE), str(kb), str(data)]
-    # rank() calls: 1 = first accuracy pass, 2 = harmful trial, 3 = idle trial (killed inside it)
-    killed = subprocess.run(cmd + ["3"], capture_output=True, text=True, timeout=300)
+    # rank() calls: 1-2 = first pass (two System 2 batches of the pipeline), 3 = harmful trial, 4 = idle
+    # trial (killed inside it)
+    killed = subprocess.run(cmd + ["4"], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     progress = json.loads((kb / "experience" / "progress.json").read_text())
     assert progress["round"] == 1 and len(progress["done"]) >= 1  # the harmful rule's image was checkpointed
@@ -425,7 +480,8 @@ def test_no_label_in_any_reasoning_prompt_with_the_tiny_qwen(kb_copy, tmp_path, 
         runs.append((summary, reasoning, reflection, _log(where)))
 
     (s1, reason1, refl1, log1), (s2, reason2, refl2, log2) = runs
-    assert reason1 and reason1 == reason2  # identical prompts whatever the labels
+    # identical prompts whatever the labels (their order follows the parts, which are stratified by label)
+    assert reason1 and sorted(reason1) == sorted(reason2)
     for p in reason1:
         assert "correct" not in p and "You answered" not in p
     # the reflections did see the labels (and differ between the runs), and nothing crashed
@@ -462,9 +518,9 @@ def test_cli_build_experience_and_kb_show(kb_copy, tiny_qwen_dir, tiny_clip_dir)
 
 
 def test_a_paraphrase_of_a_kept_rule_is_merged_not_trialled(kb_copy, minilm):
-    """The buttons rule fixes two of the three shirts; the third shirt's reflection says the same thing in
-    other words: MiniLM calls it a duplicate over the same classes, so it is merged (no second rule, no
-    re-run)."""
+    """The buttons rule fixes the accept shirts and two of the three propose shirts; the third propose
+    shirt's reflection says the same thing in other words: MiniLM calls it a duplicate over the same classes,
+    so it is merged (no second rule, no re-run)."""
     from fgvr.data import read_dataset
 
     kb, data = kb_copy
@@ -479,10 +535,10 @@ def test_a_paraphrase_of_a_kept_rule_is_merged_not_trialled(kb_copy, minilm):
     assert summary.similarity == "minilm"
     lib = ExperienceLibrary.load(kb)
     assert len(lib.rules) == 1 and lib.rules[0].proposals == 2
-    assert (lib.rules[0].fixed, lib.rules[0].broken) == (2, 0)
+    assert (lib.rules[0].fixed, lib.rules[0].broken) == (3, 0)
     assert [(e["event"], e.get("into")) for e in _log(kb)] == [("accepted", None), ("merged", "r1")]
     assert "trial" not in _log(kb)[1]  # merged without a re-run
-    assert summary.merged == 1 and summary.accuracy_last == 11 / 12
+    assert summary.merged == 1 and summary.accuracy_after["propose"] == 11 / 12
 
 
 def test_log_survives_a_line_cut_by_a_kill(tmp_path):
@@ -498,32 +554,3 @@ def test_log_survives_a_line_cut_by_a_kill(tmp_path):
     log.write("accepted", 1, "c", id="r1")
     lines = f.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["event"] == "accepted"
-
-
-def test_build_answers_as_the_dual_system_does(kb_copy, tiny_qwen_dir):
-    """The build runs System 1 once and System 2 + decision per rule set; its view of each held-out image
-    (candidates) and its accuracy must be what the pipeline itself gives with System 2 on every image."""
-    from fgvr.data import read_dataset
-    from fgvr.models import parse_spec
-    from fgvr.pipeline import open_system
-
-    kb, data = kb_copy
-    spec = parse_spec(str(tiny_qwen_dir))
-    summary = build_experience(kb, read_dataset(data), spec, rounds=1, k=3, weight=1.0, max_per_class=2,
-                               reflector=ScriptedReflector([("no json", "still none")]),
-                               similarity=TextSimilarity(use_model=False), show_progress=False)
-    items = json.loads((kb / "experience" / "progress.json").read_text())["items"]
-    names = [c["name"] for c in sorted(json.loads((kb / "manifest.json").read_text())["classes"],
-                                       key=lambda c: c["id"])]
-    with open_system(kb, vlm=str(tiny_qwen_dir), k=3, weight=1.0, slow_all=True, threshold=0.0) as system:
-        results = system.classify_paths([it["path"] for it in items])
-    assert [r.candidates[0].id for r in results] == [it["candidates"][0] for it in items]
-    assert [[c.id for c in r.candidates] for r in results] == [it["candidates"] for it in items]
-    correct = [r.slow_prediction == it["label"] for r, it in zip(results, items)]
-    assert summary.accuracy_last == sum(correct) / len(items)
-    # per image: every wrong answer is logged with what the build's dual system predicted
-    said = {e["image"]: e["predicted"] for e in _log(kb) if e["event"] in ("parse_failed", "fast_miss")}
-    assert len(said) == len(items) - sum(correct) > 0
-    for r in results:
-        if r.path in said:
-            assert names[r.slow_prediction] == said[r.path]

@@ -122,6 +122,14 @@ def test_budget_trigger_is_calibrated_on_the_support_set():
     calibrated = trig.calibrated_on_support(kb)  # explicit, by the caller (open_system does this)
     assert calibrated.threshold is not None and 0 <= calibrated.threshold <= 1
     DualSystem(kb, enc, None, calibrated)
+    # the threshold is the support set's (1 - budget) quantile, scored leave-one-out: 4 of the 10 support
+    # images lie above it, and a threshold from anywhere else (a default, the queries) would not do that
+    from fgvr.fast_path import support_loo
+
+    fast, _ = support_loo(kb)
+    scores = calibrated.scores(fast, kb)
+    assert calibrated.threshold == pytest.approx(float(torch.quantile(scores, 0.6)))
+    assert int((scores > calibrated.threshold).sum()) == 4
     # no hidden mutation: the system does not calibrate (or otherwise change) the trigger it is given,
     # and one left without a threshold says so at the first image instead of guessing
     uncalibrated = DualSystem(kb, enc, None, trig)

@@ -438,14 +438,12 @@ def kb_show_cmd(kb_path, max_classes) -> None:
     kb = load_knowledge_base(kb_path)
     click.echo(format_knowledge_base(kb, max_classes=max_classes))
     # Hook for the experience library (issue 5): rules stored under KB/experience/ are listed by
-    # fgvr.experience.describe_rules(kb_path) -> str, when that module provides it.
+    # fgvr.rules.describe_rules(kb_path) -> str.
     if (Path(kb_path) / "experience").is_dir():
-        import fgvr.experience as experience
+        from fgvr.rules import describe_rules
 
-        describe_rules = getattr(experience, "describe_rules", None)
-        if describe_rules is not None:
-            click.echo("")
-            click.echo(describe_rules(Path(kb_path)))
+        click.echo("")
+        click.echo(describe_rules(Path(kb_path)))
 
 
 # --- classify / evaluate (issue 4) ------------------------------------------------------------------
@@ -472,6 +470,9 @@ def _system_options(f):
         click.option("--rules", "n_rules", type=click.IntRange(0), default=DEFAULTS.rules, show_default=True,
                      help="Experience rules per query (those whose classes meet the candidates)."),
         click.option("--rationale", is_flag=True, help="Ask the VLM for a short rationale too."),
+        click.option("--debias", type=click.Choice(["none", "cyclic", "prior"]), default="none", show_default=True,
+                     help="Option-order debiasing of System 2 (fgvr.debias): cyclic = every order of the options, "
+                          "averaged (k calls per image); prior = a letter prior estimated PriDe-style, then divided out."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
     ]
     f = vlm_options(image_limit_option(f))  # innermost: listed after --vlm in --help
@@ -499,7 +500,7 @@ def _system_kwargs(kb, o: dict, slow_all: bool = False, cache_dir=None) -> dict:
     return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=vlm_spec(o["vlm"], o["device"], o),
                 reranker=o["reranker"], vlm_options=vlm_backend_options(o, cache_dir), budget=o["slow_budget"],
                 threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
-                rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all)
+                rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all, debias=o.get("debias"))
 
 
 def _open_system(kb, o: dict, slow_all: bool = False, cache_dir=None):
@@ -662,6 +663,24 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
     click.echo(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'report.md'}", err=True)
 
 
+@cli.command()
+@click.argument("run_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_b", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON object.")
+def compare(run_a, run_b, as_json) -> None:
+    """Is RUN_B really better (or worse) than RUN_A? Paired accuracy difference over the same images with a
+    bootstrap 95% interval, and McNemar's exact test. Runs over different image sets are refused."""
+    import json
+
+    from fgvr.compare import CompareError, compare_runs
+
+    try:
+        c = compare_runs(run_a, run_b)
+    except CompareError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(c.to_json()) if as_json else c.describe())
+
+
 # --- experience library (issue 5) -------------------------------------------------------------------
 
 
@@ -687,8 +706,10 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
 def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_class, device, classes_file, fresh,
                          **vlm_opts) -> None:
     """Learn experience rules for KB from the VLM's mistakes on the labelled images in DATA that did not
-    build the base. A rule is kept only if re-running the images it touches does not lower their accuracy
-    and it fixes at least one; history in KB/experience/log.jsonl. Killed builds resume."""
+    build the base. They are split into three parts: rules are proposed on one, kept only if re-running the
+    images of another that they touch does not lower their accuracy and fixes at least one, and the third
+    reports the effect out of sample. History in KB/experience/log.jsonl; `fgvr evaluate` leaves the build's
+    images out. Killed builds resume."""
     import json
     from pathlib import Path
 

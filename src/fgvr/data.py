@@ -183,6 +183,18 @@ def read_dataset(source: str | Path, classes_file: str | Path | None = None) -> 
         raise DataError(f"{source} does not exist: pass an image folder (root/<class>/<image>) or a .csv manifest")
     if not source.is_dir():
         raise DataError(f"{source} is neither a folder nor a .csv manifest (path,label)")
+    from fgvr.imagefolder import ImageFolderError, imagefolder_metadata, read_imagefolder, split_folders
+
+    if imagefolder_metadata(source) is not None:  # a Hugging Face imagefolder split
+        try:
+            rows = read_imagefolder(source, mapping, classes_file)
+        except ImageFolderError as e:
+            raise DataError(str(e)) from None
+        samples = [Sample(p, label) for p, label in rows]
+        return Dataset(root=source, classes=sorted({s.label for s in samples}), samples=samples)
+    if splits := split_folders(source):
+        raise DataError(f"{source} holds the splits {', '.join(splits)} (Hugging Face imagefolder layout): pass one "
+                        f"split, e.g. {source / splits[-1]} (build the base from train, evaluate on test)")
     return _read_folder(source, mapping, classes_file)
 
 

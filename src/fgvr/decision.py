@@ -8,8 +8,10 @@ Rule (log-linear pooling, a product of experts):
 
 Why log-linear rather than a linear mix (1-λ)·p_fast + λ·p_slow: the two systems look at the image
 differently (retrieval against the base vs. reasoning or re-ranking over the options), so their evidence
-multiplies. Two moderately confident systems that agree give a confident answer; one that firmly rules a
-candidate out removes it, which is what System 2 is asked to do. A linear mix can only average, so a
+multiplies: one that firmly rules a candidate out removes it, which is what System 2 is asked to do.
+Agreement does NOT sharpen: the exponents sum to 1, so two identical opinions give that same opinion, and
+two agreeing ones give something between them (a product with exponents summing above 1 would sharpen,
+and would be over-confident whenever the systems share their evidence, as two views of one image do). A linear mix can only average, so a
 System 2 that is sure the top-1 is wrong cannot overturn a peaked System 1 unless λ is large. λ = 0 is
 System 1 alone, λ = 1 System 2 alone. Probabilities are floored at `eps` so that one exact zero does not
 veto a class with certainty, and the computation is done in log space (float64) so that tiny values stay exact.

@@ -304,9 +304,16 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
     calibrate_on = calibrate if system.trigger.budget is not None else None
     stored = check_config(out, _run_config(system, dataset, config, calibrate_on, limit))
     support = support_files(kb)
-    items, unknown = plan(dataset, kb.classes, limit, exclude=support)
+    from fgvr.rules import experience_images
+
+    chose_rules = experience_images(getattr(kb, "path", None)) - support
+    items, unknown = plan(dataset, kb.classes, limit, exclude=support | chose_rules)
     n_support = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in support)
+    n_experience = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in chose_rules)
     _say_what_is_left_out(dataset, items, unknown, n_support)
+    if n_experience:
+        log.warning("leaving out %d image(s) of %s that the experience build used (its rules were chosen on "
+                    "them)", n_experience, dataset.root)
     results_file = out / RESULTS
     planned = {p for p, _, _ in items}
     previous = [r for r in read_results(results_file) if r["path"] in planned]
@@ -332,6 +339,7 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
     records = _records_in_plan_order(results_file, items)
     summary = summarise(records, kb.classes, unknown)
     summary["support_images_excluded"] = n_support
+    summary["experience_images_excluded"] = n_experience
     summary["trigger"] = {"threshold": trigger.threshold, "budget": trigger.budget,
                           "calibrated_on": calibrate_on, "realised_slow_rate": summary["slow_rate"]}
     summary["run"] = {"images_this_process": len(todo), "wall_s_this_process": wall,
@@ -663,7 +671,10 @@ def summarise(records: list[dict[str, Any]], classes: list[str], unknown: list[s
             d = unknown_preds.setdefault(r["label"], {})
             d[r["prediction_name"]] = d.get(r["prediction_name"], 0) + 1
     n_read = max(1, len(readable))
+    from fgvr.metrics import classification_metrics
+
     return {
+        **classification_metrics(records, classes),  # acc1/acc5, balanced accuracy, macro-F1, ECE (fgvr.metrics)
         "n_images": len(records),
         "n_labelled_known": len(known),
         "n_errors": len(records) - len(readable),

@@ -1,35 +1,41 @@
-"""Experience library: short rules learned from the VLM's own mistakes, retrieved by the classes they concern.
+"""Experience library build: short rules learned from the VLM's own mistakes, kept only out of sample.
 
 The slow path gets better when the VLM is told what it got wrong before ("a shirt has a button placket, a
 T-shirt has none"). The published reference builds such rules but leaks the true label into the reasoning
 prompt while building them, keeps rules it rejected, pastes every rule into every prompt and aborts on one
 malformed JSON answer. Here:
 
+* the build answers exactly as inference does: through `fgvr.pipeline.DualSystem` (System 1, System 2 with
+  the retrieved rules in its prompt, the decision), with System 2 on every image;
+* the held-out images are split (stratified by class) into three disjoint parts: PROPOSE (mistakes there
+  are reflected on and become rule proposals), ACCEPT (a proposed rule is re-run on the accept images whose
+  prompt it changes and kept only if their accuracy does not drop AND it fixes at least one of them) and
+  REPORT (never used to choose anything: accuracy before and after the rules there is the honest effect).
+  So the image that proposed a rule never counts as its fix: a rule that only fixes its own source image
+  is rejected. "Touches" = every accept image with one of the rule's classes among its candidates: exactly
+  the images whose prompt the rule changes;
 * the reasoning prompt never sees the true label; only the reflection step after a wrong answer does;
-* a proposed rule is kept only if re-running the validation images it touches does not lower their accuracy
-  AND it fixes at least one of them (see `accept`); rejected rules are gone, their history stays in the log.
-  "Touches" = every held-out image with one of the rule's classes among its candidates: exactly the images
-  whose prompt the rule changes, so no image outside the re-run can change its answer (a superset of "true
-  or predicted class among the rule's classes", which would miss a rule that breaks a bystander);
-* at inference only the few rules whose classes meet the sample's candidates are retrieved;
+* rejected rules are gone, their history stays in the log; at inference only the few rules whose classes
+  meet the sample's candidates are retrieved (`fgvr.rules`, importable without this module);
 * the VLM's JSON is repaired where possible, retried once, and otherwise logged and skipped.
 
 Storage, inside the knowledge base directory:
 
-    experience/rules.json     {"format_version": 1, "rules": [...]}: what inference reads; written atomically
-                              at the end of every build round
+    experience/rules.json     what inference reads (see `fgvr.rules`), with the images the build used, which
+                              `fgvr evaluate` leaves out; written atomically at the end of every round
     experience/log.jsonl      append-only, one JSON line per decision (accepted, rejected, merged,
                               parse_failed, fast_miss), with the trial numbers and the raw answers
-    experience/progress.json  the build's checkpoint, rewritten atomically after every image: System 1's
-                              candidates per held-out image, the round, the images done, the rules so far.
-                              One atomic write commits an image's decision and the rules together, so a
-                              build killed at any instant resumes where it was (a re-derived decision is
-                              never logged twice).
+    experience/embeddings.safetensors  the held-out images' System 1 embeddings (encoded once)
+    experience/progress.json  the build's checkpoint, rewritten atomically after every image: the images and
+                              their parts, the round, the images done, the rules so far. One atomic write
+                              commits an image's decision and the rules together, so a build killed at any
+                              instant resumes where it was (a re-derived decision is never logged twice).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -37,14 +43,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
-from fgvr.errors import InputError
-from fgvr.io import atomic_write_json, read_json
+from fgvr.io import atomic_write_bytes, atomic_write_json, read_json
+from fgvr.rules import (  # noqa: F401 - re-exported: the public names of the experience library
+    EXPERIENCE_DIR,
+    FORMAT_VERSION,
+    RULES_FILE,
+    ExperienceError,
+    ExperienceLibrary,
+    Rule,
+    describe_rules,
+    normalise_name,
+)
 
-FORMAT_VERSION = 1
-EXPERIENCE_DIR = "experience"
-RULES_FILE = "rules.json"
 LOG_FILE = "log.jsonl"
 PROGRESS_FILE = "progress.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+PARTS = ("propose", "accept", "report")
 # MiniLM cosine at or above which two rules over the same classes count as one. Measured here: a rewording
 # ("T-shirts do not" / "t-shirts don't") 0.97; the same cue in other words ("a button placket") 0.71; the
 # INVERTED rule ("Shirts have buttons" / "T-shirts have buttons") 0.93. So 0.95: near-verbatim repeats merge,
@@ -52,56 +66,34 @@ PROGRESS_FILE = "progress.json"
 DUPLICATE_SIMILARITY = 0.95
 
 
-class ExperienceError(InputError, RuntimeError):
-    """A rules file that cannot be used; the message names the file and what to do."""
-
-
-# --- rules ---------------------------------------------------------------------------------------------
-
-
-def normalise_name(name: str) -> str:
-    """Class names as a VLM writes them back: case, '_' / '-', quotes and stray punctuation do not matter."""
-    s = str(name).strip().strip("\"'`“”‘’").lower().replace("_", " ").replace("-", " ")
-    s = re.sub(r"\s+", " ", s)
-    return s.strip(" .,;:!?")
-
-
-@dataclass
-class Rule:
-    """One learned rule. `effect` and `support` are measured when it was accepted (see `Trial`)."""
-
-    id: str
-    classes: list[str]  # class names it concerns (>= 1, typically two confusable ones)
-    cue: str  # the discriminative visual cue, a few words
-    text: str  # the rule itself, one or two sentences
-    applies_when: str = ""
-    support: int = 0  # validation images its effect was measured on
-    effect: float = 0.0  # accuracy change on those images when the rule is in the prompt
-    fixed: int = 0  # images it turned right
-    broken: int = 0  # images it turned wrong
-    proposals: int = 1  # how many mistakes proposed it (merged duplicates add up)
-    created_round: int = 0
-    source_image: str = ""
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Rule":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def overlap(self, names: Iterable[str]) -> int:
-        """How many of this rule's classes are among `names`."""
-        wanted = {normalise_name(n) for n in names}
-        return sum(normalise_name(c) in wanted for c in self.classes)
-
-
 # --- robust JSON -----------------------------------------------------------------------------------------
 
 _FENCE = re.compile(r"```[a-zA-Z]*")
 _QUOTES_OPEN = "\"'“‘"
 _WORD_END = ",}]:\n"
+
+
+def _read_string(s: str, j: int, closer: str) -> tuple[str, int, bool]:
+    """The string starting at s[j] (after its opening quote) as a JSON string literal; the index after it;
+    whether it was closed. A single quote closes it only where JSON could go on ("the dog's ear")."""
+    n = len(s)
+    buf: list[str] = []
+    while j < n:
+        d = s[j]
+        if d == "\\" and j + 1 < n:
+            buf.append(s[j : j + 2])
+            j += 2
+            continue
+        if d == closer or (closer == "\"" and d == "”"):
+            rest = s[j + 1 :].lstrip(" \t")
+            if closer == "'" and rest and rest[0] not in _WORD_END:
+                buf.append("'")  # an apostrophe inside the text, not the end of the string
+                j += 1
+                continue
+            return "\"" + "".join(buf) + "\"", j + 1, True
+        buf.append({"\"": "\\\"", "\n": "\\n"}.get(d, d))
+        j += 1
+    return "\"" + "".join(buf) + "\"", j, False
 
 
 def _repair(s: str) -> str:
@@ -129,33 +121,8 @@ def _repair(s: str) -> str:
             closer = {"\"": "\"", "'": "'", "“": "”", "‘": "’"}[c]
             if last_sig() in ("\"", "]", "}") or (last_sig().isdigit() and stack):
                 out.append(",")
-            j = i + 1
-            buf: list[str] = []
-            closed = False
-            while j < n:
-                d = s[j]
-                if d == "\\" and j + 1 < n:
-                    buf.append(s[j : j + 2])
-                    j += 2
-                    continue
-                if d == closer or (closer == "\"" and d == "”"):
-                    if closer == "'":
-                        rest = s[j + 1 :].lstrip(" \t")
-                        if rest and rest[0] not in _WORD_END:
-                            buf.append("'")  # an apostrophe inside the text, not the end of the string
-                            j += 1
-                            continue
-                    closed = True
-                    j += 1
-                    break
-                if d == "\"":
-                    buf.append("\\\"")
-                elif d == "\n":
-                    buf.append("\\n")
-                else:
-                    buf.append(d)
-                j += 1
-            out.append("\"" + "".join(buf) + "\"")
+            text, j, closed = _read_string(s, i + 1, closer)
+            out.append(text)
             i = j
             if not closed:
                 break
@@ -261,88 +228,6 @@ def parse_rule(text: str, candidate_names: Sequence[str]) -> tuple[dict | None, 
 # --- the library ---------------------------------------------------------------------------------------
 
 
-class ExperienceLibrary:
-    """The accepted rules of one knowledge base, and retrieval by candidate classes."""
-
-    def __init__(self, rules: list[Rule] | None = None, classes: Sequence[str] | None = None,
-                 path: Path | None = None) -> None:
-        self.rules: list[Rule] = list(rules or [])
-        self.classes = list(classes) if classes is not None else None  # for retrieval by class id
-        self.path = path  # the experience/ directory
-
-    @classmethod
-    def load(cls, kb_path: str | Path, classes: Sequence[str] | None = None) -> "ExperienceLibrary":
-        """The library stored in `kb_path/experience/`; empty if none was built yet."""
-        d = Path(kb_path) / EXPERIENCE_DIR
-        f = d / RULES_FILE
-        if not f.is_file():
-            return cls([], classes, d)
-        try:
-            data = read_json(f)
-        except (OSError, ValueError) as e:
-            raise ExperienceError(f"{f}: cannot read the rules ({e}); delete it and rerun `fgvr build-experience`") from e
-        version = data.get("format_version") if isinstance(data, dict) else None
-        if version != FORMAT_VERSION:
-            raise ExperienceError(
-                f"{f}: format_version {version!r}, this fgvr reads {FORMAT_VERSION}; rebuild it with "
-                "`fgvr build-experience`"
-            )
-        return cls([Rule.from_json(r) for r in data.get("rules", [])], classes, d)
-
-    def save(self) -> None:
-        if self.path is None:
-            raise ExperienceError("this library has no directory to save to")
-        atomic_write_json(self.path / RULES_FILE,
-                          {"format_version": FORMAT_VERSION, "rules": [r.to_json() for r in self.rules]})
-
-    def _names(self, candidates: Iterable[int | str]) -> list[str]:
-        names = []
-        for c in candidates:
-            if isinstance(c, str):
-                names.append(c)
-            else:
-                if self.classes is None:
-                    raise ExperienceError("retrieval by class id needs the knowledge base's class list")
-                names.append(self.classes[int(c)])
-        return names
-
-    def retrieve(self, candidates: Iterable[int | str], n: int = 3) -> list[Rule]:
-        """At most `n` rules whose classes meet the candidates: best measured effect first.
-
-        Ties on effect go to the rule with a larger share of its classes among the candidates (a rule
-        about shirt/T-shirt fits a shirt/T-shirt query better than one about shirt/coat), then more support.
-        """
-        names = self._names(candidates)
-        hits = [(r.overlap(names) / max(1, len(r.classes)), r) for r in self.rules]
-        hits = [(o, r) for o, r in hits if o > 0]
-        hits.sort(key=lambda t: (-t[1].effect, -t[0], -t[1].support))
-        return [r for _, r in hits[: max(0, n)]]
-
-    def next_id(self) -> str:
-        taken = {r.id for r in self.rules}
-        i = len(self.rules) + 1
-        while f"r{i}" in taken:
-            i += 1
-        return f"r{i}"
-
-    def describe(self) -> str:
-        if not self.rules:
-            return "experience: no rules (build them with `fgvr build-experience KB DATA`)"
-        lines = [f"experience: {len(self.rules)} rule(s)"]
-        for r in sorted(self.rules, key=lambda r: -r.effect):
-            lines.append(
-                f"  {r.id}  [{' / '.join(r.classes)}]  effect {r.effect:+.3f} "
-                f"(fixed {r.fixed}, broke {r.broken}, on {r.support} images; proposed {r.proposals}x)"
-            )
-            lines.append(f"      {r.text}" + (f"  (cue: {r.cue})" if r.cue else ""))
-        return "\n".join(lines)
-
-
-def describe_rules(kb_path: str | Path) -> str:
-    """What `fgvr kb show` prints about the experience library of a base."""
-    return ExperienceLibrary.load(kb_path).describe()
-
-
 # --- keep what helps -----------------------------------------------------------------------------------
 
 
@@ -362,13 +247,13 @@ class Trial:
 
 
 def accept(trial: Trial) -> bool:
-    """Keep a rule iff accuracy on the images it touches does not drop AND it fixes at least one of them.
+    """Keep a rule iff accuracy on the ACCEPT images it touches does not drop AND it fixes one of them.
 
-    "Does not drop" alone would keep rules that change nothing: they cost prompt tokens on every later
-    sample and crowd better rules out of the top-n, for no measured gain. Requiring one fix (usually the
-    mistake that proposed it) means every kept rule has earned its place; a rule that fixes as many as it
-    breaks (effect 0, fixed >= 1) is kept, because it moved the model on the confusion it was written for
-    and did not cost accuracy.
+    The trial never includes the image that proposed the rule (that image is in the propose part), so "fixes
+    one" means it generalised to at least one image it was not written for. "Does not drop" alone would keep
+    rules that change nothing: they cost prompt tokens on every later sample and crowd better rules out of
+    the top-n. A rule that fixes as many as it breaks (effect 0, fixed >= 1) is kept: it moved the model
+    on the confusion it was written for, on other images, and did not cost accuracy.
     """
     return trial.after >= trial.before and trial.fixed >= 1
 
@@ -499,19 +384,21 @@ class VlmReflector:
 
 @dataclass
 class Item:
-    """A held-out validation image and System 1's view of it (which does not depend on the rules)."""
+    """A held-out validation image: its part of the build, and System 1's candidates (rules never change
+    them; filled in by the first pass)."""
 
     path: str
     label: int
-    candidates: list[int]
-    fast: list[float]  # System 1's posterior renormalised over the candidates
+    part: str  # one of PARTS
+    candidates: list[int] = field(default_factory=list)
 
 
 @dataclass
 class BuildSummary:
     rounds_run: int = 0
     images: int = 0
-    wrong: int = 0  # wrong answers seen (over all rounds)
+    parts: dict[str, int] = field(default_factory=dict)  # images per part (propose / accept / report)
+    wrong: int = 0  # wrong answers on propose images (over all rounds)
     fast_miss: int = 0  # wrong with the true class not among the candidates: no rule can fix those
     proposed: int = 0
     accepted: int = 0
@@ -519,8 +406,10 @@ class BuildSummary:
     merged: int = 0
     parse_failed: int = 0
     rules: int = 0
-    accuracy_first: float | None = None  # dual-system accuracy on the validation images, first round start
-    accuracy_last: float | None = None  # ... with the final rules
+    # dual-system accuracy per part before any new rule and with the final rules. The REPORT part chose
+    # nothing: its before/after is the out-of-sample effect of the rules; propose/accept are in-sample.
+    accuracy_before: dict[str, float | None] = field(default_factory=dict)
+    accuracy_after: dict[str, float | None] = field(default_factory=dict)
     similarity: str = ""
     skipped_classes: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
@@ -542,15 +431,14 @@ class _Log:
                 f.write(b"\n")
         self.keys: set[tuple] = set()
         self.rejected: list[dict] = []  # rejected rule proposals, for "never propose it again"
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a kill: ignore it
-                self.keys.add((rec.get("round"), rec.get("image"), rec.get("event")))
-                if rec.get("event") == "rejected" and isinstance(rec.get("rule"), dict):
-                    self.rejected.append(rec["rule"])
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill: ignore it
+            self.keys.add((rec.get("round"), rec.get("image"), rec.get("event")))
+            if rec.get("event") == "rejected" and isinstance(rec.get("rule"), dict):
+                self.rejected.append(rec["rule"])
 
     def write(self, event: str, round_: int, image: str | None, **data: Any) -> None:
         key = (round_, image, event)
@@ -558,7 +446,6 @@ class _Log:
             return
         self.keys.add(key)
         rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "round": round_, "image": image, "event": event, **data}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
@@ -583,88 +470,202 @@ def _support_paths(kb: Any, dataset: Any) -> set[str]:
     return {str(Path(s.path).resolve()) for s in support}
 
 
-def _fingerprint(kb: Any, k: int, paths: Sequence[str]) -> dict:
-    import hashlib
+def split_parts(samples: Sequence[Any], classes: Sequence[str]) -> list[Item]:
+    """Held-out samples -> Items in three disjoint parts, stratified by class and deterministic.
 
-    h = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-    return {"classes": list(kb.classes), "encoder": getattr(kb, "encoder_key", ""), "k": k, "validation": h}
+    Within a class (paths sorted), image i goes to PARTS[(i + class id) % 3]: every class spreads over the
+    parts as evenly as its count allows, and the rotation by class id spreads classes with one or two images
+    too, so no part is empty while there are three images.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    by_class: dict[int, list[str]] = {}
+    for s in samples:
+        by_class.setdefault(index[s.label], []).append(str(s.path))
+    items = []
+    for cid in sorted(by_class):
+        for i, p in enumerate(sorted(by_class[cid])):
+            items.append(Item(p, cid, PARTS[(i + cid) % len(PARTS)]))
+    return items
 
 
-def _system1_items(kb: Any, samples: Sequence[Any], k: int, summary: BuildSummary,
-                   show_progress: bool, device: str | None = None) -> list[Item]:
-    """Encode the validation images once (the encoder is leased and released before the VLM is) and
-    keep System 1's candidates: rules change only System 2's prompt, never these."""
-    import torch
+def _held_out(kb: Any, dataset: Any, max_per_class: int | None, summary: BuildSummary) -> list[Item]:
+    """The labelled images of the base's classes that did not build it, split into the three parts."""
+    support = _support_paths(kb, dataset)
+    known = set(kb.classes)
+    summary.skipped_classes = sorted({s.label for s in dataset.samples if s.label not in known})
+    samples = [s for s in dataset.samples if s.label in known and str(Path(s.path).resolve()) not in support]
+    if max_per_class:
+        per: dict[str, int] = {}
+        kept = []
+        for s in samples:
+            per[s.label] = per.get(s.label, 0) + 1
+            if per[s.label] <= max_per_class:
+                kept.append(s)
+        samples = kept
+    if not samples:
+        raise ExperienceError(f"{dataset.root}: no labelled images outside the knowledge base's support set "
+                              "(and of its classes) to learn from; pass a folder of held-out images")
+    return split_parts(samples, kb.classes)
 
-    from fgvr.data import ImageError, load_image
-    from fgvr.fast_path import system1
+
+class _CachedSlow:
+    """A System 2 that remembers its answers: with the same image and the same rules in its prompt an
+    answer cannot change, so trials re-run only the images whose prompt a rule changes."""
+
+    def __init__(self, slow: Any) -> None:
+        self.slow = slow
+        self.name = getattr(slow, "name", type(slow).__name__)
+        self.cache: dict[tuple, Any] = {}
+
+    @staticmethod
+    def _key(q: Any) -> tuple:
+        return (q.path, tuple((getattr(r, "id", ""), getattr(r, "text", "")) for r in q.rules))
+
+    def rank(self, queries: Sequence[Any]) -> list[Any]:
+        todo = [q for q in queries if self._key(q) not in self.cache]
+        if todo:
+            for q, a in zip(todo, self.slow.rank(todo)):
+                self.cache[self._key(q)] = a
+        return [self.cache[self._key(q)] for q in queries]
+
+
+class _RulesWithTrial:
+    """What the pipeline retrieves rules from during a trial: the library, with the trial rule first for
+    the images it concerns (it is what is being measured)."""
+
+    def __init__(self, lib: ExperienceLibrary, trial: Rule | None) -> None:
+        self.lib, self.trial = lib, trial
+
+    def retrieve(self, candidates: Iterable[int], n: int = 3) -> list[Rule]:
+        candidates = list(candidates)
+        rules = self.lib.retrieve(candidates, n)
+        if self.trial is not None and self.trial.overlap(self.lib._names(candidates)):
+            rules = [self.trial] + rules[: max(0, n - 1)]
+        return rules
+
+
+class _Scorer:
+    """The dual system (`fgvr.pipeline.DualSystem`) on the build's images, System 2 on every image, from
+    their stored embeddings; answers of System 2 are cached (see `_CachedSlow`)."""
+
+    def __init__(self, kb: Any, slow: Any, embeddings: Any, paths: Sequence[str], *, k: int, weight: float,
+                 n_rules: int) -> None:
+        from fgvr.pipeline import DualSystem
+        from fgvr.trigger import Trigger
+
+        self.slow = _CachedSlow(slow)
+        self.system = DualSystem(kb, None, self.slow, Trigger(threshold=-math.inf), k=min(k, len(kb.classes)),
+                                 weight=weight, n_rules=n_rules, slow_all=True, slow_batch=32)
+        self.embeddings, self.row = embeddings, {p: i for i, p in enumerate(paths)}
+
+    def answers(self, lib: ExperienceLibrary, items: Sequence[Item], trial: Rule | None = None) -> list[Any]:
+        """One `Result` per item: what `fgvr classify` would say with these rules and System 2 on it."""
+        if not items:
+            return []
+        self.system.experience = _RulesWithTrial(lib, trial)
+        emb = self.embeddings[[self.row[it.path] for it in items]]
+        results = self.system.classify_embeddings(emb, [it.path for it in items], None)
+        for r in results:
+            if r.slow_prediction is None:
+                raise ExperienceError(f"System 2 gave no answer for {r.path}: {r.error}; fix that and rerun "
+                                      "`fgvr build-experience` (it resumes)")
+        return results
+
+    def predict(self, lib: ExperienceLibrary, items: Sequence[Item], trial: Rule | None = None) -> list[int]:
+        return [r.slow_prediction for r in self.answers(lib, items, trial)]
+
+
+def _encode(kb: Any, items: list[Item], file: Path, summary: BuildSummary, device: str | None,
+            show_progress: bool) -> tuple[list[Item], Any]:
+    """Encode the held-out images once with the base's encoder (leased, and released before the VLM is),
+    through the pipeline's `encode_paths`; unreadable ones are listed and dropped. Stored atomically."""
+    from safetensors.torch import save
+    from tqdm import tqdm
+
     from fgvr.models import registry
     from fgvr.models.spec import ModelSpec
+    from fgvr.pipeline import DualSystem
+    from fgvr.trigger import Trigger
+
+    import torch
 
     spec = kb.encoder_spec if isinstance(kb.encoder_spec, ModelSpec) else ModelSpec(**kb.encoder_spec)
     if device is not None:
         spec = spec.replace(device=device)
-    items: list[Item] = []
-    batch = 32
-    from tqdm import tqdm
-
-    with registry.use(spec) as enc, tqdm(total=len(samples), desc="System 1", disable=not show_progress,
+    kept, chunks = [], []
+    with registry.use(spec) as enc, tqdm(total=len(items), desc="encode", disable=not show_progress,
                                          file=sys.stderr) as bar:
-        for i in range(0, len(samples), batch):
-            chunk, images = [], []
-            for s in samples[i : i + batch]:
-                try:
-                    images.append(load_image(s.path))
-                    chunk.append(s)
-                except ImageError as e:
-                    summary.unreadable.append(f"{s.path}: {e.reason}")
-            bar.update(len(samples[i : i + batch]))
-            if not images:
-                continue
-            with torch.inference_mode():
-                emb = enc.encode_images(images)
-            fast = system1(kb, emb, k=min(k, len(kb.classes)))
-            for j, s in enumerate(chunk):
-                items.append(Item(str(s.path), kb.classes.index(s.label), fast.topk_ids[j].tolist(),
-                                  fast.candidates_probs(j)))
-    return items
+        system = DualSystem(kb, enc, None, Trigger(threshold=-math.inf))
+        for i in range(0, len(items), 32):
+            chunk = items[i : i + 32]
+            got = system.encode_paths([it.path for it in chunk], keep_images=False)
+            summary.unreadable += [f"{r.path}: {r.error}" for r in got.errors if r is not None]
+            kept += [chunk[j] for j in got.ok]
+            chunks.append(got.embeddings)
+            bar.update(len(chunk))
+    emb = torch.cat(chunks) if chunks else torch.zeros(0, kb.prototypes.shape[1])
+    atomic_write_bytes(file, save({"embeddings": emb.float().contiguous()}))
+    return kept, emb
 
 
-class _Answerer:
-    """System 2 + decision for validation items under a given rule list, cached: with the same image and
-    the same rules in its prompt an answer cannot change, so re-runs cost only the images a rule touches."""
+def _fingerprint(kb: Any, k: int, items: Sequence[Item]) -> dict:
+    import hashlib
 
-    def __init__(self, slow: Any, weight: float, n_rules: int) -> None:
-        self.slow, self.weight, self.n_rules = slow, weight, n_rules
-        self.cache: dict[tuple, int] = {}
-        self.calls = 0
+    h = hashlib.sha256("\n".join(f"{it.path}|{it.part}" for it in items).encode()).hexdigest()[:16]
+    return {"classes": list(kb.classes), "encoder": getattr(kb, "encoder_key", ""), "k": k, "validation": h}
 
-    def rules_for(self, lib: ExperienceLibrary, item: Item, trial: Rule | None = None) -> list[Rule]:
-        rules = lib.retrieve(item.candidates, self.n_rules)
-        if trial is not None and trial.overlap(lib._names(item.candidates)):
-            rules = [trial] + rules[: self.n_rules - 1]
-        return rules
 
-    @staticmethod
-    def _key(item: Item, rules: Sequence[Rule]) -> tuple:
-        return (item.path, tuple((r.id, r.text) for r in rules))
+def _accuracy(preds: Sequence[int], items: Sequence[Item]) -> dict[str, float | None]:
+    """Accuracy per part ({part: None} where a part has no image)."""
+    out: dict[str, float | None] = {}
+    for part in PARTS:
+        rows = [p == it.label for p, it in zip(preds, items) if it.part == part]
+        out[part] = sum(rows) / len(rows) if rows else None
+    return out
 
-    def predict(self, lib: ExperienceLibrary, items: Sequence[Item], trial: Rule | None = None) -> list[int]:
-        from fgvr.data import load_image
-        from fgvr.decision import decide
-        from fgvr.slow_path import SlowQuery
 
-        rules = [self.rules_for(lib, it, trial) for it in items]
-        todo = [(it, rs) for it, rs in zip(items, rules) if self._key(it, rs) not in self.cache]
-        for i in range(0, len(todo), 16):
-            chunk = todo[i : i + 16]
-            queries = [SlowQuery(load_image(it.path), it.candidates, list(rs), it.path) for it, rs in chunk]
-            answers = self.slow.rank(queries)
-            self.calls += len(queries)
-            for (it, rs), a in zip(chunk, answers):
-                final = decide(it.fast, a.probs, self.weight)
-                self.cache[self._key(it, rs)] = it.candidates[max(range(len(final)), key=final.__getitem__)]
-        return [self.cache[self._key(it, rs)] for it, rs in zip(items, rules)]
+def _open_systems(kb: Any, vlm_spec: Any, slow: Any, reflector: Any, n_rules: int) -> tuple[Any, Any]:
+    """System 2 and the reflector: the VLM reasoner and reflector on `vlm_spec` unless given (tests)."""
+    if slow is not None and reflector is not None:
+        return slow, reflector
+    if vlm_spec is None:
+        raise ExperienceError("building the experience library needs a VLM: pass --vlm FOLDER "
+                              "(a Qwen2.5-VL folder saved with save_pretrained)")
+    from fgvr.backends import open_backend
+    from fgvr.slow_path import VlmReasoner
+
+    backend = vlm_spec if hasattr(vlm_spec, "generate") else open_backend(vlm_spec)  # one for both steps
+    slow = slow or VlmReasoner(backend, kb.classes, getattr(kb, "descriptions", None) or {}, max_rules=n_rules)
+    return slow, reflector or VlmReflector(backend)
+
+
+def _start(kb: Any, kb_path: Path, dataset: Any, k: int, max_per_class: int | None, fresh: bool,
+           summary: BuildSummary, device: str | None, show_progress: bool) -> tuple[dict, Any]:
+    """The build's state: resumed from progress.json (same base, data and k), or started: the held-out
+    images split into parts and encoded once. Returns (state, embeddings aligned with state["items"])."""
+    from safetensors.torch import load_file
+
+    exp_dir = kb_path / EXPERIENCE_DIR
+    progress_file, emb_file = exp_dir / PROGRESS_FILE, exp_dir / EMBEDDINGS_FILE
+    items = _held_out(kb, dataset, max_per_class, summary)
+    fingerprint = _fingerprint(kb, k, items)
+    if progress_file.is_file() and not fresh:
+        state = read_json(progress_file)
+        if state.get("format_version") != FORMAT_VERSION or state.get("fingerprint") != fingerprint:
+            raise ExperienceError(
+                f"{progress_file} belongs to another build (other base, data or k); rerun with --fresh to "
+                "start over (accepted rules in rules.json are kept)"
+            )
+        if emb_file.is_file():
+            return state, load_file(str(emb_file))["embeddings"]
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    items, emb = _encode(kb, items, emb_file, summary, device, show_progress)
+    lib0 = ExperienceLibrary.load(kb_path, kb.classes)
+    state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "finished_rounds": 0, "round": 1,
+             "done": [], "rules": [r.to_json() for r in lib0.rules], "items": [asdict(it) for it in items],
+             "unreadable": summary.unreadable, "accuracy_before": None}
+    atomic_write_json(progress_file, state)
+    return state, emb
 
 
 def build_experience(
@@ -691,182 +692,170 @@ def build_experience(
     the VLM reasoner and reflector on `vlm_spec`; tests pass scripted ones. Resumes from
     experience/progress.json unless `fresh`.
     """
-    from tqdm import tqdm
-
     from fgvr.data import Dataset, read_dataset
     from fgvr.decision import DEFAULT_WEIGHT
     from fgvr.knowledge_base import load_knowledge_base
 
-    kb_path = Path(kb_path)
-    kb = load_knowledge_base(kb_path)
-    weight = DEFAULT_WEIGHT if weight is None else weight
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    if slow is None or reflector is None:
-        if vlm_spec is None:
-            raise ExperienceError("building the experience library needs a VLM: pass --vlm FOLDER "
-                                  "(a Qwen2.5-VL folder saved with save_pretrained)")
-        from fgvr.backends import open_backend
-        from fgvr.slow_path import VlmReasoner
-
-        backend = vlm_spec if hasattr(vlm_spec, "generate") else open_backend(vlm_spec)  # one for both steps
-        slow = slow or VlmReasoner(backend, kb.classes, getattr(kb, "descriptions", None) or {},
-                                   max_rules=n_rules)
-        reflector = reflector or VlmReflector(backend)
+    kb_path = Path(kb_path)
+    kb = load_knowledge_base(kb_path)
+    slow, reflector = _open_systems(kb, vlm_spec, slow, reflector, n_rules)
     dataset = data if isinstance(data, Dataset) else read_dataset(Path(data))
-    exp_dir = kb_path / EXPERIENCE_DIR
-    progress_file = exp_dir / PROGRESS_FILE
-    log = _Log(exp_dir / LOG_FILE)
     summary = BuildSummary()
-
-    support = _support_paths(kb, dataset)
-    known = set(kb.classes)
-    summary.skipped_classes = sorted({s.label for s in dataset.samples if s.label not in known})
-    samples = [s for s in dataset.samples if s.label in known and str(Path(s.path).resolve()) not in support]
-    if max_per_class:
-        per: dict[str, int] = {}
-        kept = []
-        for s in samples:
-            per[s.label] = per.get(s.label, 0) + 1
-            if per[s.label] <= max_per_class:
-                kept.append(s)
-        samples = kept
-    if not samples:
-        raise ExperienceError(f"{dataset.root}: no labelled images outside the knowledge base's support set "
-                              "(and of its classes) to learn from; pass a folder of held-out images")
-    fingerprint = _fingerprint(kb, k, [str(s.path) for s in samples])
-
-    state: dict | None = None
-    if progress_file.is_file() and not fresh:
-        state = read_json(progress_file)
-        if state.get("format_version") != FORMAT_VERSION or state.get("fingerprint") != fingerprint:
-            raise ExperienceError(
-                f"{progress_file} belongs to another build (other base, data or k); rerun with --fresh to "
-                "start over (accepted rules in rules.json are kept)"
-            )
-    if state is None:
-        lib0 = ExperienceLibrary.load(kb_path, kb.classes)
-        items = _system1_items(kb, samples, k, summary, show_progress, device)
-        state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "finished_rounds": 0,
-                 "round": 1, "done": [], "rules": [r.to_json() for r in lib0.rules],
-                 "items": [asdict(it) for it in items], "unreadable": summary.unreadable,
-                 "accuracy_first": None}
-        atomic_write_json(progress_file, state)
+    state, emb = _start(kb, kb_path, dataset, k, max_per_class, fresh, summary, device, show_progress)
     items = [Item(**d) for d in state["items"]]
     summary.unreadable = list(state.get("unreadable", []))
     summary.images = len(items)
+    summary.parts = {p: sum(it.part == p for it in items) for p in PARTS}
+    exp_dir = kb_path / EXPERIENCE_DIR
     lib = ExperienceLibrary([Rule.from_json(r) for r in state["rules"]], kb.classes, exp_dir)
-    sim = similarity or TextSimilarity()
-    answer = _Answerer(slow, weight, n_rules)
-    names = kb.classes
-
-    def checkpoint() -> None:
-        state["rules"] = [r.to_json() for r in lib.rules]
-        atomic_write_json(progress_file, state)
-
-    def accuracy() -> float:
-        preds = answer.predict(lib, items)
-        return sum(p == it.label for p, it in zip(preds, items)) / len(items)
-
-    if state.get("accuracy_first") is None:
-        state["accuracy_first"] = accuracy()
-        checkpoint()
-    summary.accuracy_first = state["accuracy_first"]
-
-    while state["round"] <= rounds:
-        rnd = state["round"]
-        done = set(state["done"])
-        if not done:  # (a resumed round keeps the count from its start)
-            state["rules_at_round_start"] = len(lib.rules)
-        bar = tqdm(items, desc=f"experience round {rnd}/{rounds}", disable=not show_progress, file=sys.stderr)
-        for it in bar:
-            if it.path in done:
-                continue
-            pred = answer.predict(lib, [it])[0]
-            if pred != it.label:
-                summary.wrong += 1
-                _learn_from(it, pred, rnd, lib, items, answer, reflector, sim, log, summary, names)
-            state["done"].append(it.path)
-            checkpoint()
-            bar.set_postfix(rules=len(lib.rules))
-        bar.close()
-        state["round"] = rnd + 1
-        state["done"] = []
-        state["finished_rounds"] = rnd
-        checkpoint()
-        lib.save()  # publish after every round: inference sees whole rounds only
-        summary.rounds_run += 1
-        if len(lib.rules) == state.get("rules_at_round_start", 0) and rnd < rounds:
-            print(f"fgvr: round {rnd} kept no new rule; later rounds would repeat it, stopping", file=sys.stderr)
-            state["round"] = rounds + 1
-            checkpoint()
-            break
+    lib.images = {p: [str(Path(it.path).resolve()) for it in items if it.part == p] for p in PARTS}
+    scorer = _Scorer(kb, slow, emb, [it.path for it in items],
+                     k=k, weight=DEFAULT_WEIGHT if weight is None else weight, n_rules=n_rules)
+    ctx = _Build(state, items, lib, scorer, reflector, similarity or TextSimilarity(), _Log(exp_dir / LOG_FILE),
+                 summary, kb.classes, exp_dir / PROGRESS_FILE)
+    ctx.first_pass()
+    ctx.run_rounds(rounds, show_progress)
     lib.save()
     summary.rules = len(lib.rules)
-    summary.similarity = sim.method if summary.proposed else "unused"
-    if summary.rounds_run or state.get("accuracy_last") is None:
-        state["accuracy_last"] = accuracy()
-        checkpoint()
-    summary.accuracy_last = state["accuracy_last"]
+    summary.similarity = ctx.sim.method if summary.proposed else "unused"
+    if summary.rounds_run or state.get("accuracy_after") is None:
+        state["accuracy_after"] = _accuracy(scorer.predict(lib, items), items)
+        ctx.checkpoint()
+    summary.accuracy_before, summary.accuracy_after = state["accuracy_before"], state["accuracy_after"]
     return summary
 
 
-def _learn_from(it: Item, pred: int, rnd: int, lib: ExperienceLibrary, items: list[Item], answer: _Answerer,
-                reflector: Reflector, sim: TextSimilarity, log: _Log, summary: BuildSummary,
-                names: Sequence[str]) -> None:
-    """One wrong answer → reflect → parse (retry once) → merge / reject / trial → keep or drop."""
-    from fgvr.data import load_image
+@dataclass
+class _Build:
+    """One build's moving parts, so that each step below stays a few lines."""
 
-    truth, said = names[it.label], names[pred]
-    cand_names = [names[c] for c in it.candidates]
-    if it.label not in it.candidates:
-        summary.fast_miss += 1
-        log.write("fast_miss", rnd, it.path, truth=truth, predicted=said, candidates=cand_names)
-        return
-    image = load_image(it.path)
-    proposal, raws, why = None, [], ""
-    for strict in (False, True):
-        try:
-            raw = reflector.reflect([ReflectRequest(image, cand_names, said, truth, strict, it.path)])[0]
-        except Exception as e:  # noqa: BLE001 - one failed reflection must not end the build
-            raw, why = "", f"reflection failed: {type(e).__name__}: {e}"
-        raws.append(raw[:1000])
-        proposal, err = parse_rule(raw, cand_names)
-        why = why or err
-        if proposal is not None:
-            break
-    if proposal is None:
-        summary.parse_failed += 1
-        log.write("parse_failed", rnd, it.path, truth=truth, predicted=said, reason=why, answers=raws)
-        return
-    summary.proposed += 1
-    dup = find_duplicate(proposal, lib.rules, sim)
-    if dup is not None:
-        dup.proposals += 1
-        summary.merged += 1
-        log.write("merged", rnd, it.path, into=dup.id, rule=proposal)
-        return
-    if find_duplicate(proposal, log.rejected, sim) is not None:
+    state: dict
+    items: list[Item]
+    lib: ExperienceLibrary
+    scorer: _Scorer
+    reflector: Reflector
+    sim: TextSimilarity
+    log: _Log
+    summary: BuildSummary
+    names: Sequence[str]
+    progress_file: Path
+
+    def checkpoint(self) -> None:
+        self.state["rules"] = [r.to_json() for r in self.lib.rules]
+        self.state["items"] = [asdict(it) for it in self.items]
+        atomic_write_json(self.progress_file, self.state)
+
+    def first_pass(self) -> None:
+        """System 1's candidates of every image and the accuracy per part before any new rule."""
+        if self.state.get("accuracy_before") is not None:
+            return
+        results = self.scorer.answers(self.lib, self.items)
+        for it, r in zip(self.items, results):
+            it.candidates = [c.id for c in r.candidates]
+        self.state["accuracy_before"] = _accuracy([r.slow_prediction for r in results], self.items)
+        self.checkpoint()
+
+    def run_rounds(self, rounds: int, show_progress: bool) -> None:
+        """Passes over the PROPOSE images: each wrong answer may propose a rule (see `learn_from`)."""
+        from tqdm import tqdm
+
+        state, lib = self.state, self.lib
+        propose = [it for it in self.items if it.part == "propose"]
+        while state["round"] <= rounds:
+            rnd = state["round"]
+            done = set(state["done"])
+            if not done:  # (a resumed round keeps the count from its start)
+                state["rules_at_round_start"] = len(lib.rules)
+            bar = tqdm(propose, desc=f"experience round {rnd}/{rounds}", disable=not show_progress, file=sys.stderr)
+            for it in bar:
+                if it.path in done:
+                    continue
+                pred = self.scorer.predict(lib, [it])[0]
+                if pred != it.label:
+                    self.summary.wrong += 1
+                    self.learn_from(it, pred, rnd)
+                state["done"].append(it.path)
+                self.checkpoint()
+                bar.set_postfix(rules=len(lib.rules))
+            bar.close()
+            state.update(round=rnd + 1, done=[], finished_rounds=rnd)
+            self.checkpoint()
+            lib.save()  # publish after every round: inference sees whole rounds only
+            self.summary.rounds_run += 1
+            if len(lib.rules) == state.get("rules_at_round_start", 0) and rnd < rounds:
+                print(f"fgvr: round {rnd} kept no new rule; later rounds would repeat it, stopping", file=sys.stderr)
+                state["round"] = rounds + 1
+                self.checkpoint()
+                break
+
+    def propose(self, it: Item, pred: int, rnd: int) -> dict | None:
+        """Reflect on one mistake (retry once with the strict prompt) and parse the rule, or log why not."""
+        from fgvr.data import load_image
+
+        truth, said = self.names[it.label], self.names[pred]
+        cand_names = [self.names[c] for c in it.candidates]
+        image = load_image(it.path)
+        proposal, raws, why = None, [], ""
+        for strict in (False, True):
+            try:
+                raw = self.reflector.reflect([ReflectRequest(image, cand_names, said, truth, strict, it.path)])[0]
+            except Exception as e:  # noqa: BLE001 - one failed reflection must not end the build
+                raw, why = "", f"reflection failed: {type(e).__name__}: {e}"
+            raws.append(raw[:1000])
+            proposal, err = parse_rule(raw, cand_names)
+            why = why or err
+            if proposal is not None:
+                return proposal
+        self.summary.parse_failed += 1
+        self.log.write("parse_failed", rnd, it.path, truth=truth, predicted=said, reason=why, answers=raws)
+        return None
+
+    def trial(self, rule: Rule) -> Trial:
+        """Re-run the ACCEPT images whose prompt the rule changes, without and with it."""
+        touched = [x for x in self.items
+                   if x.part == "accept" and rule.overlap([self.names[c] for c in x.candidates])]
+        ok_b = [p == x.label for p, x in zip(self.scorer.predict(self.lib, touched), touched)]
+        ok_a = [p == x.label for p, x in zip(self.scorer.predict(self.lib, touched, trial=rule), touched)]
+        return Trial(n=len(touched), before=sum(ok_b), after=sum(ok_a),
+                     fixed=sum(a and not b for a, b in zip(ok_a, ok_b)),
+                     broken=sum(b and not a for a, b in zip(ok_a, ok_b)))
+
+    def learn_from(self, it: Item, pred: int, rnd: int) -> None:
+        """One wrong answer → reflect → parse → merge / reject / trial on other images → keep or drop."""
+        summary, log, lib = self.summary, self.log, self.lib
+        if it.label not in it.candidates:
+            summary.fast_miss += 1
+            log.write("fast_miss", rnd, it.path, truth=self.names[it.label], predicted=self.names[pred],
+                      candidates=[self.names[c] for c in it.candidates])
+            return
+        proposal = self.propose(it, pred, rnd)
+        if proposal is None:
+            return
+        summary.proposed += 1
+        dup = find_duplicate(proposal, lib.rules, self.sim)
+        if dup is not None:
+            dup.proposals += 1
+            summary.merged += 1
+            log.write("merged", rnd, it.path, into=dup.id, rule=proposal)
+            return
+        if find_duplicate(proposal, log.rejected, self.sim) is not None:
+            summary.rejected += 1
+            log.write("rejected", rnd, it.path, rule=proposal, reason="same as a rule rejected before")
+            return
+        rule = Rule(id=lib.next_id(), classes=proposal["classes"], cue=proposal["cue"], text=proposal["rule"],
+                    applies_when=proposal["applies_when"], created_round=rnd, source_image=it.path)
+        trial = self.trial(rule)
+        record = {"rule": proposal, "trial": {**asdict(trial), "effect": trial.effect}}
+        if accept(trial):
+            rule.support, rule.effect, rule.fixed, rule.broken = trial.n, trial.effect, trial.fixed, trial.broken
+            lib.rules.append(rule)
+            summary.accepted += 1
+            log.write("accepted", rnd, it.path, id=rule.id, **record)
+            return
         summary.rejected += 1
-        log.write("rejected", rnd, it.path, rule=proposal, reason="same as a rule rejected before")
-        return
-    rule = Rule(id=lib.next_id(), classes=proposal["classes"], cue=proposal["cue"], text=proposal["rule"],
-                applies_when=proposal["applies_when"], created_round=rnd, source_image=it.path)
-    touched = [x for x in items if rule.overlap([names[c] for c in x.candidates])]
-    before = answer.predict(lib, touched)
-    after = answer.predict(lib, touched, trial=rule)
-    ok_b = [p == x.label for p, x in zip(before, touched)]
-    ok_a = [p == x.label for p, x in zip(after, touched)]
-    trial = Trial(n=len(touched), before=sum(ok_b), after=sum(ok_a),
-                  fixed=sum(a and not b for a, b in zip(ok_a, ok_b)),
-                  broken=sum(b and not a for a, b in zip(ok_a, ok_b)))
-    record = {"rule": proposal, "trial": {**asdict(trial), "effect": trial.effect}}
-    if accept(trial):
-        rule.support, rule.effect, rule.fixed, rule.broken = trial.n, trial.effect, trial.fixed, trial.broken
-        lib.rules.append(rule)
-        summary.accepted += 1
-        log.write("accepted", rnd, it.path, id=rule.id, **record)
-    else:
-        summary.rejected += 1
-        log.write("rejected", rnd, it.path, **record,
-                  reason="accuracy on its images dropped" if trial.after < trial.before else "fixed no image")
+        reason = ("no accept image has its classes among the candidates" if trial.n == 0 else
+                  "accuracy on its accept images dropped" if trial.after < trial.before else
+                  "fixed no accept image (its own source image does not count)")
+        log.write("rejected", rnd, it.path, **record, reason=reason)

@@ -95,7 +95,7 @@ class DualSystem:
 
     `encoder` is a loaded `fgvr.encoder.Encoder` (leased from the registry by the caller, so the caller
     decides how long it stays loaded). `slow` is any `SlowPath` or None. `experience` is anything with
-    `retrieve(candidate_ids, n) -> list[Rule]` (an `fgvr.experience.ExperienceLibrary`).
+    `retrieve(candidate_ids, n) -> list[Rule]` (an `fgvr.rules.ExperienceLibrary`).
     The trigger is used as given: one with a budget needs its threshold before the first image, set by
     the caller (`Trigger.calibrated_on_support(kb)`, as `open_system` does, or by `run_evaluation`).
     """
@@ -314,6 +314,7 @@ def open_system(
     n_rules: int = DEFAULTS.rules,
     slow_all: bool = False,
     slow_batch: int = 8,
+    debias: str | None = None,
     vlm_options: Any = None,
 ) -> Iterator[DualSystem]:
     """Load the base, lease its encoder from the registry for the duration, and wire up System 2.
@@ -323,7 +324,8 @@ def open_system(
     a ModelSpec, the URL of an OpenAI-compatible server, or an open `fgvr.backends` backend; opened with
     `vlm_options`, a `BackendOptions`) or `reranker` picks System 2; neither means none (escalations are
     marked unavailable). The trigger uses `threshold` when given, else `budget` (default 0.3) calibrated on
-    the base's support set.
+    the base's support set. `debias` ('cyclic' or 'prior') wraps System 2 in `fgvr.debias` (option-order
+    debiasing; off by default).
     """
     from fgvr.knowledge_base import load_knowledge_base
     from fgvr.models import registry
@@ -360,9 +362,13 @@ def open_system(
         from fgvr.reranker import VisualReranker
 
         slow = VisualReranker.from_knowledge_base(kb, device=device)
+    if debias not in (None, "none"):
+        from fgvr.debias import debiased
+
+        slow = debiased(slow, debias)
     experience = None
     if slow is not None and kb.path is not None:
-        from fgvr.experience import ExperienceLibrary
+        from fgvr.rules import ExperienceLibrary
 
         lib = ExperienceLibrary.load(kb.path, classes=kb.classes)
         experience = lib if lib.rules else None

@@ -107,6 +107,7 @@ def _cell(text: str) -> str:
 def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     """Write RUN/report.md and its PNGs; returns the Markdown path."""
     run = Path(run)
+    write_tables(run, summary)
     plot_confusion(summary, run / "confusion.png")
     plot_budget_curve(summary, run / "budget_curve.png")
     if summary["per_class"]:
@@ -127,6 +128,10 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
         f"| accuracy | {_fmt(summary['accuracy'], True)} |",
         f"| accuracy, readable images only | {_fmt(summary['accuracy_readable'], True)} |",
         f"| System 1 alone | {_fmt(summary['accuracy_system1_alone'], True)} |",
+        f"| top-5 accuracy | {_fmt(summary.get('top5_accuracy'), True)} |",
+        f"| balanced accuracy (mean per-class recall) | {_fmt(summary.get('balanced_accuracy'), True)} |",
+        f"| macro-F1 | {_fmt(summary.get('macro_f1'))} |",
+        f"| calibration error of the final confidence (ECE, 15 bins) | {_fmt(summary.get('ece'))} |",
         f"| slow-path rate | {_fmt(summary['slow_rate'], True)} (threshold {_fmt(summary.get('trigger', {}).get('threshold', cfg.get('threshold')))}, "
         f"budget {_fmt(cfg.get('budget'))}) |",
         f"| System 2 calls per image | {_fmt(summary['system2_calls_per_image'])} |",
@@ -157,7 +162,9 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
               "![accuracy vs budget](budget_curve.png)", "",
               "| budget | accuracy |", "| --- | --- |"]
     lines += [f"| {p['budget']:.2f} | {_fmt(p['accuracy'], True)} |" for p in curve["points"]]
-    lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion.png)", ""]
+    lines += ["", "## Confusion matrix", "", "![confusion matrix](confusion.png)", "",
+              "Counts in `confusion.csv` (rows: true class, columns: predicted class); per-class precision, "
+              "recall and F1 in `per_class.csv`.", ""]
     if summary["per_class"]:
         lines += ["## Per-class accuracy", "", "![per-class accuracy](per_class.png)", "",
                   "| class | images | accuracy |", "| --- | --- | --- |"]
@@ -165,3 +172,26 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     md = run / "report.md"
     atomic_write_text(md, "\n".join(lines) + "\n")
     return md
+
+
+def write_tables(run: Path, summary: dict[str, Any]) -> None:
+    """RUN/per_class.csv (n, correct, accuracy, precision, recall, F1 per class) and RUN/confusion.csv."""
+    import csv
+    import io
+
+    metrics = summary.get("per_class_metrics", {})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "n", "correct", "accuracy", "predicted", "precision", "recall", "f1"])
+    for name in sorted(set(summary["per_class"]) | set(metrics)):
+        pc, m = summary["per_class"].get(name, {}), metrics.get(name, {})
+        w.writerow([name, pc.get("n", 0), pc.get("correct", 0), pc.get("accuracy", ""), m.get("predicted", 0),
+                    m.get("precision", ""), m.get("recall", ""), m.get("f1", "")])
+    atomic_write_text(run / "per_class.csv", buf.getvalue())
+    conf = summary["confusion"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["true \\ predicted", *conf["classes"]])
+    for name, row in zip(conf["classes"], conf["matrix"]):
+        w.writerow([name, *row])
+    atomic_write_text(run / "confusion.csv", buf.getvalue())

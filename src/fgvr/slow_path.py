@@ -12,6 +12,7 @@ from typing import Any, Protocol, Sequence
 
 from PIL import Image
 
+from fgvr.rules import normalise_name
 # LETTERS and the chat helpers live with the backends; re-exported for callers that build conversations.
 from fgvr.backends import LETTERS, user_turn  # noqa: F401
 from fgvr.backends.transformers_vlm import letter_token_ids, render_chat, vlm_generate, vlm_inputs  # noqa: F401
@@ -23,7 +24,7 @@ class SlowQuery:
 
     image: Image.Image
     candidates: list[int]
-    rules: list[Any] = field(default_factory=list)  # fgvr.experience.Rule
+    rules: list[Any] = field(default_factory=list)  # fgvr.rules.Rule
     path: str | None = None
 
 
@@ -66,8 +67,6 @@ def one_line(text: str | None, max_chars: int = 160) -> str:
 
 def rule_concerns(rule: Any, names: Sequence[str]) -> bool:
     """A rule concerns a query when one of its classes is among the query's candidates."""
-    from fgvr.experience import normalise_name
-
     wanted = {normalise_name(n) for n in names}
     return any(normalise_name(c) in wanted for c in getattr(rule, "classes", []))
 
