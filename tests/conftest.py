@@ -39,3 +39,41 @@ def sample_photos():
     from sklearn.datasets import load_sample_images
 
     return [Image.fromarray(a) for a in load_sample_images().images]
+
+
+@pytest.fixture(scope="session")
+def lite0_setup(tmp_path_factory):
+    """A Lite0 base (3 classes x 3 shots) and one uninterrupted `fgvr evaluate` run over 14 test images
+    (12 of known classes, 1 of a class the base does not know, 1 unreadable)."""
+    from click.testing import CliRunner
+    from fakes import pattern_images
+    from PIL import Image
+
+    from fgvr.cli import cli
+    from fgvr.knowledge_base import build_knowledge_base
+
+    root = tmp_path_factory.mktemp("lite0")
+    pattern_images(root / "support", 3, seed=0)
+    pattern_images(root / "test", 4, seed=1)
+    (root / "test" / "yellow_half").mkdir()
+    Image.new("RGB", (32, 32), (240, 230, 30)).save(root / "test" / "yellow_half" / "0.png")
+    (root / "test" / "red_disc" / "broken.png").write_bytes(b"garbage")
+    build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
+    full = CliRunner().invoke(cli, ["evaluate", str(root / "kb"), str(root / "test"), "--slow-budget", "0.3",
+                                    "--batch-size", "8", "--out", str(root / "full")])
+    assert full.exit_code == 0, full.output
+    return root, full
+
+
+@pytest.fixture(scope="session")
+def shapes_kb(tmp_path_factory) -> Path:
+    """A Lite0 knowledge base of 3 classes x 3 shots, and 2 test images per class under ../test."""
+    from fakes import write_shapes
+
+    from fgvr.knowledge_base import build_knowledge_base
+
+    root = tmp_path_factory.mktemp("serve")
+    write_shapes(root / "support", 3, seed=0)
+    write_shapes(root / "test", 2, seed=1)
+    build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
+    return root / "kb"

@@ -15,7 +15,8 @@ from PIL import Image
 from fgvr.cli import cli
 from fgvr.collection import LocalEngine, ShardWriter, classify_collection, list_source, read_predictions, shard_files
 from fgvr.data import DataError
-from test_evaluate import lite0_setup, make_data, system  # noqa: F401 (a fixture)
+from fakes import colour_system as system
+from fakes import make_data
 
 
 @pytest.fixture()

@@ -4,38 +4,19 @@ resumable results file (torn line, restart without duplicates), the budget curve
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 from fgvr.data import read_dataset
 from fgvr.evaluate import EvaluateError, budget_curve, read_results, run_evaluation
 from fgvr.pipeline import DualSystem
 from fgvr.trigger import Trigger
-from fakes import COLOURS, ColourEncoder, PickLast, colour_kb
+from fakes import ColourEncoder, PickLast, colour_kb, make_data
+from fakes import colour_system as system
 
 STABLE = ("n_images", "n_labelled_known", "n_errors", "accuracy", "accuracy_readable", "accuracy_system1_alone",
           "per_class", "confusion", "unknown_classes", "unknown_class_images", "unknown_class_predictions",
           "slow_rate", "paths", "slowed_images", "system2_calls", "tokens_in_per_image", "budget_curve")
-
-
-def make_data(root: Path, per_class: int = 4) -> Path:
-    shades = [(0, 0, 0), (40, 40, 40), (-40, 20, 0), (90, 90, 90), (20, -30, 60)]
-    for name, rgb in list(COLOURS.items()) + [("yellow", (230, 220, 30))]:
-        d = root / name
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            c = tuple(max(0, min(255, a + b)) for a, b in zip(rgb, shades[i % len(shades)]))
-            Image.new("RGB", (12, 12), c).save(d / f"{i}.png")
-    (root / "red" / "broken.png").write_bytes(b"\x89PNG but not really")
-    return root
-
-
-def system(slow=None, threshold=0.35, **kw):
-    enc = ColourEncoder()
-    return DualSystem(colour_kb(enc), enc, slow, Trigger(threshold=threshold), k=3, weight=1.0, **kw)
 
 
 @pytest.fixture()
@@ -194,45 +175,6 @@ def test_read_results_tolerates_torn_tail_and_missing_newline(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------
 # end to end with the real EfficientNet-Lite0 and the real CLI
-
-
-def _pattern_images(root: Path, per_class: int, seed: int) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:32, :32]
-    masks = {"red_disc": ((yy - 16) ** 2 + (xx - 16) ** 2 < 100, (220, 30, 30)),
-             "blue_stripes": ((xx // 4) % 2 == 0, (30, 40, 220)),
-             "green_checker": (((xx // 8) + (yy // 8)) % 2 == 0, (30, 200, 40))}
-    for name, (mask, rgb) in masks.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            a = np.full((32, 32, 3), 128, np.int64)
-            a[mask] = rgb
-            a += rng.integers(-25, 25, a.shape)
-            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
-
-
-@pytest.fixture(scope="session")
-def lite0_setup(tmp_path_factory):
-    """A Lite0 base (3 classes x 3 shots) and one uninterrupted `fgvr evaluate` run over 14 test images
-    (12 of known classes, 1 of a class the base does not know, 1 unreadable)."""
-    from click.testing import CliRunner
-
-    from fgvr.cli import cli
-    from fgvr.knowledge_base import build_knowledge_base
-
-    root = tmp_path_factory.mktemp("lite0")
-    _pattern_images(root / "support", 3, seed=0)
-    _pattern_images(root / "test", 4, seed=1)
-    (root / "test" / "yellow_half").mkdir()
-    Image.new("RGB", (32, 32), (240, 230, 30)).save(root / "test" / "yellow_half" / "0.png")
-    (root / "test" / "red_disc" / "broken.png").write_bytes(b"garbage")
-    build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
-    full = CliRunner().invoke(cli, ["evaluate", str(root / "kb"), str(root / "test"), "--slow-budget", "0.3",
-                                    "--batch-size", "8", "--out", str(root / "full")])
-    assert full.exit_code == 0, full.output
-    return root, full
 
 
 def _stable(summary):

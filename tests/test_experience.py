@@ -542,13 +542,13 @@ def test_a_paraphrase_of_a_kept_rule_is_merged_not_trialled(kb_copy, minilm):
 
 
 def test_log_survives_a_line_cut_by_a_kill(tmp_path):
-    from fgvr.experience import _Log
+    from fgvr.experience import ExperienceLog
 
     f = tmp_path / "experience" / "log.jsonl"
     f.parent.mkdir()
     f.write_text('{"round": 1, "image": "a", "event": "rejected", "rule": {"classes": ["shirt"], "rule": "x"}}\n'
                  '{"round": 1, "image": "b", "ev')  # killed mid-write
-    log = _Log(f)
+    log = ExperienceLog(f)
     assert log.rejected == [{"classes": ["shirt"], "rule": "x"}]
     log.write("rejected", 1, "a", rule={"classes": ["shirt"], "rule": "x"})  # already logged: not again
     log.write("accepted", 1, "c", id="r1")

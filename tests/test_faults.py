@@ -29,10 +29,10 @@ EXIT_USAGE, EXIT_INPUT, EXIT_KB, EXIT_RUN, EXIT_LOCKED, EXIT_STORAGE, EXIT_SYSTE
 
 
 def _patterns(root: Path, per_class: int, seed: int) -> None:
-    """test_evaluate's three patterns (red_disc, blue_stripes, green_checker), with `|` in one class name."""
-    from test_evaluate import _pattern_images
+    """fakes.pattern_images (red_disc, blue_stripes, green_checker), with `|` in one class name."""
+    from fakes import pattern_images
 
-    _pattern_images(root, per_class, seed)
+    pattern_images(root, per_class, seed)
     (root / "blue_stripes").rename(root / "blue | stripes")
 
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from fgvr.cli import cli
 from fgvr.collection import classify_collection, read_predictions, shard_files
-from test_evaluate import _pattern_images
+from fakes import pattern_images
 
 ray = pytest.importorskip("ray", reason="Ray is the fgvr[ray] extra (make setup installs it)")
 pytestmark = pytest.mark.slow
@@ -50,8 +50,8 @@ def ray_cluster():
 def _images(root: Path, per_class: int, seed: int) -> None:
     """test_evaluate's three patterns plus a fourth class drawn like red_disc: the base's leave-one-out
     precision is low for the two twins, so the trigger sends some images slow and keeps others fast."""
-    _pattern_images(root, per_class, seed)
-    _pattern_images(root / ".twin", per_class, seed + 100)
+    pattern_images(root, per_class, seed)
+    pattern_images(root / ".twin", per_class, seed + 100)
     (root / ".twin" / "red_disc").rename(root / "red_disc_twin")
     shutil.rmtree(root / ".twin")
 

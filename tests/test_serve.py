@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import struct
 import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,60 +19,7 @@ pytest.importorskip("fastapi", reason="fgvr serve needs the serve extra: pip ins
 from fastapi.testclient import TestClient  # noqa: E402
 
 from fgvr.serve import MicroBatcher, ServeSettings, UploadError, create_app, is_loopback, loud_warning  # noqa: E402
-
-SHAPES = ("blue stripes", "green checker", "red disc")
-
-
-def shape_image(name: str, seed: int, size: int = 48) -> Image.Image:
-    """A noisy picture of one of three patterns, distinct enough for Lite0 features at 3 shots."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    a = np.full((size, size, 3), 200, np.int64)
-    if name == "red disc":
-        a[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2] = (220, 30, 30)
-    elif name == "blue stripes":
-        a[(xx // 6) % 2 == 0] = (30, 40, 210)
-    else:
-        a[((xx // 8) + (yy // 8)) % 2 == 0] = (30, 170, 40)
-    a += rng.integers(-20, 20, a.shape)
-    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
-
-
-def write_shapes(root: Path, per_class: int, seed: int) -> Path:
-    for c, name in enumerate(SHAPES):
-        (root / name.replace(" ", "_")).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            shape_image(name, seed * 1000 + c * 100 + i).save(root / name.replace(" ", "_") / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="session")
-def shapes_kb(tmp_path_factory) -> Path:
-    """A Lite0 knowledge base of 3 classes x 3 shots, and 2 test images per class under ../test."""
-    from fgvr.knowledge_base import build_knowledge_base
-
-    root = tmp_path_factory.mktemp("serve")
-    write_shapes(root / "support", 3, seed=0)
-    write_shapes(root / "test", 2, seed=1)
-    build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
-    return root / "kb"
-
-
-def png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height; its (compressed) pixels are a few bytes. Decoding it would
-    allocate width x height pixels: the server must refuse from the header alone."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
+from fakes import SHAPES, bomb_png, png_bytes, shape_image  # noqa: E402
 
 def opener_for(kb: Path, **kw):
     from fgvr.pipeline import open_system

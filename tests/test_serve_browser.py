@@ -23,7 +23,7 @@ from PIL import Image
 httpx = pytest.importorskip("httpx", reason="fgvr serve needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("fastapi", reason="fgvr serve needs the serve extra: pip install -e '.[serve]'")
 
-from test_serve import SHAPES, bomb_png, png_bytes, shape_image, shapes_kb  # noqa: E402,F401 - shapes_kb is a fixture
+from fakes import SHAPES, bomb_png, png_bytes, shape_image  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",

@@ -14,19 +14,6 @@ import fgvr
 SRC = Path(fgvr.__file__).resolve().parent
 MAX_FUNCTION_LINES = 80
 
-# Known exceptions, each owned by another open issue; remove the entry when that issue lands.
-KNOWN_CYCLE_EDGES = {
-    ("fgvr.slow_path", "fgvr.experience"),  # issue 12: experience answers through the pipeline, no cycle
-    ("fgvr.collection", "fgvr.evaluate"),  # issue 13: collection.py takes check_config from evaluate.py, which
-                                           # takes LocalEngine from collection.py; one belongs in a shared module
-}
-LONG_FUNCTION_EXCEPTIONS = {
-    "experience.py": "issue 12 owns experience.py (build through DualSystem)",
-    "slow_path.py": "issue 10 owns slow_path.py (System 2 backends)",
-    "serve.py": "issue 14 owns serve.py (create_app: 195 lines)",
-    "bench.py": "issue 15 owns bench.py (_run_locked: 133 lines)",
-}
-
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(SRC.parent).with_suffix("").parts
@@ -127,17 +114,12 @@ def test_the_import_graph_sees_imports_inside_functions():
 
 
 def test_no_import_cycle_in_fgvr():
-    graph = import_graph()
-    for a, b in KNOWN_CYCLE_EDGES:
-        graph[a].discard(b)
-    assert _cycles(graph) == []
+    assert _cycles(import_graph()) == []
 
 
 def _long_functions() -> list[str]:
     long = []
     for path in sorted(SRC.rglob("*.py")):
-        if path.name in LONG_FUNCTION_EXCEPTIONS:
-            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
@@ -151,13 +133,6 @@ def test_no_function_over_80_lines():
 
 
 TESTS = Path(__file__).resolve().parent
-# Private names tests still import, each owned by another open issue; remove the entry when that issue lands.
-KNOWN_PRIVATE_IMPORTS = {("test_experience.py", "fgvr.experience._Log")}  # issue 12 owns experience.py
-# Test modules other test modules still import; their helpers belong in tests/fakes.py or conftest.py.
-KNOWN_TEST_IMPORTS = {
-    ("test_collection.py", "test_evaluate"), ("test_faults.py", "test_evaluate"),  # issues 13, 11
-    ("test_ray_run.py", "test_evaluate"), ("test_serve_browser.py", "test_serve"),  # issues 13, 14
-}
 
 
 def test_tests_import_only_the_package_and_their_own_fixtures():
@@ -170,9 +145,7 @@ def test_tests_import_only_the_package_and_their_own_fixtures():
                 bad += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("test_")]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 if node.module.startswith("test_"):
-                    if (path.name, node.module) not in KNOWN_TEST_IMPORTS:
-                        bad.append(f"{path.name}: from {node.module}")
+                    bad.append(f"{path.name}: from {node.module}")
                 elif node.module.startswith("fgvr"):
-                    bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
-                            and (path.name, f"{node.module}.{a.name}") not in KNOWN_PRIVATE_IMPORTS]
+                    bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert bad == []

@@ -38,11 +38,11 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shlex
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -55,6 +55,8 @@ import numpy as np
 from fgvr.data import ManifestWarning, Sample
 from fgvr.errors import RunMismatchError, UsageError
 from fgvr.io import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHOTS = (1, 5, 16)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -379,7 +381,7 @@ class _Bench:
 
     def say(self, msg: str) -> None:
         if self.o["progress"]:
-            print(f"fgvr bench: {msg}", file=sys.stderr, flush=True)
+            log.info("bench: %s", msg)
 
 
 def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:

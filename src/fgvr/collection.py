@@ -24,9 +24,10 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from fgvr.data import IMAGE_SUFFIXES, DataError
+from fgvr.engine import LocalEngine  # noqa: F401 (re-exported: fgvr.collection.LocalEngine)
 from fgvr.io import atomic_write_bytes, atomic_write_text
 from fgvr.pipeline import Candidate, DualSystem, Result
 
@@ -225,34 +226,6 @@ class ShardWriter:
             atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self.written += len(records)
         self.next += 1
-
-
-# ------------------------------------------------------------------------------------------------------
-# engines: who computes the Results
-
-
-class LocalEngine:
-    """The stages in this process, batch by batch (the engine `fgvr classify` and `fgvr evaluate` use
-    without --ray). `fgvr.ray_run.RayEngine` has the same two methods."""
-
-    def __init__(self, system: DualSystem, batch_size: int = 16) -> None:
-        self.system, self.batch_size = system, max(1, batch_size)
-
-    def with_system(self, system: DualSystem) -> "LocalEngine":
-        """The same engine running `system` (e.g. with the trigger a run calibrated); this one is left as it is."""
-        return LocalEngine(system, self.batch_size)
-
-    def encode(self, paths: list[str]) -> Iterator[tuple[list[str], Any]]:
-        """(paths, EncodedBatch) per batch: decode + encode only (pass 1 of a run-calibrated evaluation)."""
-        for start in range(0, len(paths), self.batch_size):
-            chunk = paths[start:start + self.batch_size]
-            yield chunk, self.system.encode_paths(chunk, keep_images=False)
-
-    def classify(self, paths: list[str], cache: Any = None) -> Iterator[tuple[list[str], list[Result]]]:
-        """(paths, Results) per batch: the whole dual system, or from System 1 on with cached embeddings."""
-        for start in range(0, len(paths), self.batch_size):
-            chunk = paths[start:start + self.batch_size]
-            yield chunk, (self.system.classify_paths(chunk) if cache is None else cache.classify(self.system, chunk))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -282,7 +282,7 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
                  (`open_system` calibrates on the support set) is used as it is.
     With a threshold given directly, there is nothing to calibrate. The run uses its own copy of the trigger
     with the threshold it settles on (`summary["trigger"]`); `system` (and `engine`) are left as they are.
-    `engine` computes the batches: `fgvr.collection.LocalEngine` (default, this process) or
+    `engine` computes the batches: `fgvr.engine.LocalEngine` (default, this process) or
     `fgvr.ray_run.RayEngine` (Ray Data); the files written are the same.
     """
     if calibrate not in ("run", "support"):
@@ -322,7 +322,7 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
     if done and todo:
         log.info("resuming %s: %d of %d image(s) already done", out, len(items) - len(todo), len(items))
 
-    from fgvr.collection import LocalEngine
+    from fgvr.engine import LocalEngine
 
     t0 = time.perf_counter()
     cache = None

@@ -35,6 +35,7 @@ Storage, inside the knowledge base directory:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sys
@@ -54,6 +55,8 @@ from fgvr.rules import (  # noqa: F401 - re-exported: the public names of the ex
     describe_rules,
     normalise_name,
 )
+
+log = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
 PROGRESS_FILE = "progress.json"
@@ -284,8 +287,8 @@ class TextSimilarity:
 
                 self._spec = parse_spec("all-minilm-l6-v2")
             except Exception as e:  # noqa: BLE001 - any failure to find the model means: use the exact fallback
-                print(f"fgvr: MiniLM unavailable ({type(e).__name__}: {e}); duplicate rules are matched on "
-                      "normalised text only", file=sys.stderr)
+                log.warning("MiniLM unavailable (%s: %s); duplicate rules are matched on normalised text only",
+                            type(e).__name__, e)
         return self._spec
 
     @property
@@ -418,7 +421,7 @@ class BuildSummary:
         return asdict(self)
 
 
-class _Log:
+class ExperienceLog:
     """experience/log.jsonl: append-only. A resumed build re-derives the decision for an image it had not
     checkpointed; the (round, image, event) key keeps that from writing the line twice."""
 
@@ -713,7 +716,7 @@ def build_experience(
     lib.images = {p: [str(Path(it.path).resolve()) for it in items if it.part == p] for p in PARTS}
     scorer = _Scorer(kb, slow, emb, [it.path for it in items],
                      k=k, weight=DEFAULT_WEIGHT if weight is None else weight, n_rules=n_rules)
-    ctx = _Build(state, items, lib, scorer, reflector, similarity or TextSimilarity(), _Log(exp_dir / LOG_FILE),
+    ctx = _Build(state, items, lib, scorer, reflector, similarity or TextSimilarity(), ExperienceLog(exp_dir / LOG_FILE),
                  summary, kb.classes, exp_dir / PROGRESS_FILE)
     ctx.first_pass()
     ctx.run_rounds(rounds, show_progress)
@@ -737,7 +740,7 @@ class _Build:
     scorer: _Scorer
     reflector: Reflector
     sim: TextSimilarity
-    log: _Log
+    log: ExperienceLog
     summary: BuildSummary
     names: Sequence[str]
     progress_file: Path
@@ -785,7 +788,7 @@ class _Build:
             lib.save()  # publish after every round: inference sees whole rounds only
             self.summary.rounds_run += 1
             if len(lib.rules) == state.get("rules_at_round_start", 0) and rnd < rounds:
-                print(f"fgvr: round {rnd} kept no new rule; later rounds would repeat it, stopping", file=sys.stderr)
+                log.info("round %d kept no new rule; later rounds would repeat it, stopping", rnd)
                 state["round"] = rounds + 1
                 self.checkpoint()
                 break

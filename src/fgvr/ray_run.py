@@ -169,7 +169,7 @@ class SlowStage(_Stage):
 
 
 # ------------------------------------------------------------------------------------------------------
-# the engine the driver uses (same two methods as fgvr.collection.LocalEngine)
+# the engine the driver uses (same two methods as fgvr.engine.LocalEngine)
 
 
 class RayEngine:

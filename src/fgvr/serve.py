@@ -757,6 +757,18 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
     api = FastAPI(title="fgvr", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     api.state.service = service
     api.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_page_routes(api, service, settings)
+    _add_classify_routes(api, service, settings)
+    _add_run_routes(api, service)
+    _add_metrics_route(api, service)
+
+    app = Guard(api, service)
+    app.state = api.state  # type: ignore[attr-defined]  # so tests and the CLI reach the service
+    return app
+
+
+def _add_page_routes(api: FastAPI, service: Service, settings: ServeSettings) -> None:
+    """The refusal handler, the two HTML pages, /healthz, /v1/info and /v1/classes."""
 
     @api.exception_handler(UploadError)
     async def refused(request: Request, e: UploadError) -> JSONResponse:
@@ -795,59 +807,67 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
                                          for j in service.support_by_class.get(i, [])]}
                             for i, n in enumerate(kb.classes)]}
 
-    async def _images(request: Request, field: str, many: bool) -> list[tuple[bytes, str]]:
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            try:
-                # the parser's own file cap sits well above ours, so too many images gets our 413, not its 400
-                form = await request.form(max_files=4 * settings.max_batch_images + 16, max_fields=64)
-            except Exception as e:  # noqa: BLE001 - the multipart parser's own errors are the client's
-                raise UploadError(400, f"cannot parse the multipart form: {e}") from None
-            files = [f for key in dict.fromkeys((field, "image", "images")) for f in form.getlist(key)
-                     if hasattr(f, "read")]
-            out = [(await f.read(), f.filename or f"upload-{i}") for i, f in enumerate(files)]
-            await form.close()
-        elif ctype.startswith("application/json"):
-            try:
-                body = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError):
-                raise UploadError(400, "the body is not valid JSON") from None
-            if not isinstance(body, dict):
-                raise UploadError(400, f'expected a JSON object {{"{field}": ...}}')
-            raw = body.get(field) if many else body.get("image")
-            if raw is None:
-                raise UploadError(400, f'the JSON object has no "{field if many else "image"}" field')
-            items = raw if many else [raw]
-            if many and not isinstance(raw, list):
-                raise UploadError(400, f'"{field}" must be a list of base64 strings')
-            names = body.get("names") if isinstance(body.get("names"), list) else []
-            out = [(b64decode(x), str(names[i]) if i < len(names) else f"upload-{i}") for i, x in enumerate(items)]
-        else:
-            raise UploadError(415, "send multipart/form-data (field 'image') or application/json "
-                                   '({"image": "<base64>"})')
-        if not out:
-            raise UploadError(400, f"no image in the request (multipart field '{field}')")
-        if many and len(out) > settings.max_batch_images:
-            raise UploadError(413, f"{len(out)} images in one request, over this server's limit of "
-                                   f"{settings.max_batch_images}")
-        if not many and len(out) > 1:
-            raise UploadError(400, "one image per /v1/classify request; use /v1/classify/batch for several")
-        for data, name in out:
-            if len(data) > settings.max_upload_bytes:
-                raise UploadError(413, f"image {name} is {len(data):,} bytes, over the limit of "
-                                       f"{settings.max_upload_bytes:,}")
-        return out
+
+async def read_images(request: Request, settings: ServeSettings, field: str,
+                      many: bool) -> list[tuple[bytes, str]]:
+    """The uploaded images of a request (multipart or base64 JSON) as (bytes, name), checked against the
+    limits in `settings`; `UploadError` for anything the client got wrong."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        try:
+            # the parser's own file cap sits well above ours, so too many images gets our 413, not its 400
+            form = await request.form(max_files=4 * settings.max_batch_images + 16, max_fields=64)
+        except Exception as e:  # noqa: BLE001 - the multipart parser's own errors are the client's
+            raise UploadError(400, f"cannot parse the multipart form: {e}") from None
+        files = [f for key in dict.fromkeys((field, "image", "images")) for f in form.getlist(key)
+                 if hasattr(f, "read")]
+        out = [(await f.read(), f.filename or f"upload-{i}") for i, f in enumerate(files)]
+        await form.close()
+    elif ctype.startswith("application/json"):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise UploadError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise UploadError(400, f'expected a JSON object {{"{field}": ...}}')
+        raw = body.get(field) if many else body.get("image")
+        if raw is None:
+            raise UploadError(400, f'the JSON object has no "{field if many else "image"}" field')
+        items = raw if many else [raw]
+        if many and not isinstance(raw, list):
+            raise UploadError(400, f'"{field}" must be a list of base64 strings')
+        names = body.get("names") if isinstance(body.get("names"), list) else []
+        out = [(b64decode(x), str(names[i]) if i < len(names) else f"upload-{i}") for i, x in enumerate(items)]
+    else:
+        raise UploadError(415, "send multipart/form-data (field 'image') or application/json "
+                               '({"image": "<base64>"})')
+    if not out:
+        raise UploadError(400, f"no image in the request (multipart field '{field}')")
+    if many and len(out) > settings.max_batch_images:
+        raise UploadError(413, f"{len(out)} images in one request, over this server's limit of "
+                               f"{settings.max_batch_images}")
+    if not many and len(out) > 1:
+        raise UploadError(400, "one image per /v1/classify request; use /v1/classify/batch for several")
+    for data, name in out:
+        if len(data) > settings.max_upload_bytes:
+            raise UploadError(413, f"image {name} is {len(data):,} bytes, over the limit of "
+                                   f"{settings.max_upload_bytes:,}")
+    return out
+
+
+def _add_classify_routes(api: FastAPI, service: Service, settings: ServeSettings) -> None:
+    """/v1/classify, /v1/classify/batch and the support thumbnails."""
 
     @api.post("/v1/classify")
     async def classify(request: Request) -> JSONResponse:
         service.require_ready()
-        [(data, name)] = await _images(request, "image", many=False)
+        [(data, name)] = await read_images(request, settings, "image", many=False)
         return JSONResponse(await service.classify(data, name))
 
     @api.post("/v1/classify/batch")
     async def classify_batch(request: Request) -> JSONResponse:
         service.require_ready()
-        images = await _images(request, "images", many=True)
+        images = await read_images(request, settings, "images", many=True)
 
         async def one(data: bytes, name: str) -> dict[str, Any]:
             try:
@@ -869,6 +889,24 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
         except ImageError as e:
             raise UploadError(404, f"support image {index} cannot be read now: {e.reason}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+def _cell_item(name: str, i: int, r: dict[str, Any]) -> dict[str, Any]:
+    """One record of a run as the confusion-cell view shows it (candidates best first)."""
+    cands = sorted(r.get("candidates") or [], key=lambda c: -(c.get("final") if c.get("final") is not None
+                                                                else c.get("fast") or 0))
+    t = r.get("trigger") or {}
+    return {"n": i, "file": Path(r["path"]).name, "label": r.get("label"),
+            "prediction": r.get("prediction_name"), "path_taken": r.get("path_taken"),
+            "confidence": r.get("confidence"), "image": f"/v1/runs/{name}/image/{i}",
+            "trigger": {"score": t.get("score"), "threshold": t.get("threshold")},
+            "candidates": [{"label": c.get("name"), "score": c.get("final") if c.get("final") is not None
+                            else c.get("fast"), "fast": c.get("fast"), "slow": c.get("slow")}
+                           for c in cands]}
+
+
+def _add_run_routes(api: FastAPI, service: Service) -> None:
+    """The run browser: /v1/runs, one run, a confusion cell, a record's image (404 without --runs)."""
 
     def _runs() -> RunBrowser:
         if service.runs is None:
@@ -895,18 +933,7 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
     async def cell(name: str, true: int, pred: int, limit: int = 60) -> dict:
         recs = _runs().records(name)
         hits = [(i, r) for i, r in enumerate(recs) if r.get("label_id") == true and r.get("prediction") == pred]
-        items = []
-        for i, r in hits[: max(0, min(limit, 200))]:
-            cands = sorted(r.get("candidates") or [], key=lambda c: -(c.get("final") if c.get("final") is not None
-                                                                        else c.get("fast") or 0))
-            t = r.get("trigger") or {}
-            items.append({"n": i, "file": Path(r["path"]).name, "label": r.get("label"),
-                          "prediction": r.get("prediction_name"), "path_taken": r.get("path_taken"),
-                          "confidence": r.get("confidence"), "image": f"/v1/runs/{name}/image/{i}",
-                          "trigger": {"score": t.get("score"), "threshold": t.get("threshold")},
-                          "candidates": [{"label": c.get("name"), "score": c.get("final") if c.get("final") is not None
-                                          else c.get("fast"), "fast": c.get("fast"), "slow": c.get("slow")}
-                                         for c in cands]})
+        items = [_cell_item(name, i, r) for i, r in hits[: max(0, min(limit, 200))]]
         return {"true": true, "pred": pred, "count": len(hits), "items": items}
 
     @api.get("/v1/runs/{name}/image/{n}")
@@ -921,6 +948,10 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
             raise UploadError(404, f"image of record {n} cannot be read now: {e.reason}") from None
         return Response(data, media_type="image/jpeg")
 
+
+def _add_metrics_route(api: FastAPI, service: Service) -> None:
+    """/metrics in the Prometheus text format."""
+
     @api.get("/metrics")
     async def metrics() -> PlainTextResponse:
         extra = ["# HELP fgvr_ready 1 once the models are loaded.", "# TYPE fgvr_ready gauge",
@@ -929,10 +960,6 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
         extra += [f'fgvr_queue_depth{{queue="{q.name}"}} {q.depth()}' for q in (service.encoder_q, service.slow_q) if q]
         extra += model_memory_lines()
         return PlainTextResponse(service.metrics.render(extra), media_type="text/plain; version=0.0.4")
-
-    app = Guard(api, service)
-    app.state = api.state  # type: ignore[attr-defined]  # so tests and the CLI reach the service
-    return app
 
 
 def loud_warning(host: str, token: str | None) -> str | None:
