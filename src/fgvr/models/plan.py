@@ -195,19 +195,12 @@ def estimate_spec_bytes(spec: ModelSpec) -> int:
 
 
 def visual_tokens_for(height: int, width: int, max_pixels: int, min_pixels: int = 4 * QWEN_PATCH**2) -> int:
-    """Visual tokens Qwen2.5-VL's processor produces for an image (its smart_resize, factor 28)."""
-    f = QWEN_PATCH
-    h = max(f, round(height / f) * f)
-    w = max(f, round(width / f) * f)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(f, math.floor(height / beta / f) * f)
-        w = max(f, math.floor(width / beta / f) * f)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / f) * f
-        w = math.ceil(width * beta / f) * f
-    return (h // f) * (w // f)
+    """Visual tokens Qwen2.5-VL's processor produces for an image (its smart_resize, factor 28): the size
+    every System 2 backend sends (`fgvr.backends.fitted_size`), in 28x28 patches."""
+    from fgvr.backends import fitted_size
+
+    h, w = fitted_size(height, width, max_pixels, min_pixels)
+    return (h // QWEN_PATCH) * (w // QWEN_PATCH)
 
 
 def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int] = (1024, 1024),
