@@ -199,7 +199,10 @@ def visual_tokens_for(height: int, width: int, max_pixels: int, min_pixels: int 
     every System 2 backend sends (`fgvr.backends.fitted_size`), in 28x28 patches."""
     from fgvr.backends import fitted_size
 
-    h, w = fitted_size(height, width, max_pixels, min_pixels)
+    try:
+        h, w = fitted_size(height, width, max_pixels, min_pixels)
+    except ValueError as e:  # an aspect ratio Qwen's processor refuses: bad input, not a bug
+        raise SpecError(f"image size {height}x{width}: {e}") from None
     return (h // QWEN_PATCH) * (w // QWEN_PATCH)
 
 
