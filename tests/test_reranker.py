@@ -147,3 +147,37 @@ def test_from_knowledge_base_needs_support_paths():
                        exemplars=z, exemplar_labels=torch.arange(2), manifest={"support": []})
     with pytest.raises(rr.RerankerError, match="lists no support image paths"):
         rr.VisualReranker.from_knowledge_base(kb)
+
+
+def test_image_size_follows_the_support_images(tmp_path):
+    """28-px support images are enlarged either way: 224, System 1's size. One photo of 300 px: Lite2's 260."""
+    from PIL import Image
+
+    small = []
+    for i in range(3):
+        small.append(tmp_path / f"small{i}.png")
+        Image.new("L", (28, 28), 40 * i).save(small[-1])
+    assert rr.image_size_for(small) == rr.SMALL_SOURCE_SIZE == 224
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (400, 300), "white").save(big)
+    assert rr.image_size_for(small + [big]) == rr.DEFAULT_IMAGE_SIZE == 260
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert rr.image_size_for(small + [tmp_path / "broken.png"]) == 260  # unknown: the size for real photos
+
+
+def test_from_knowledge_base_uses_the_rule_unless_told(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (28, 28), 100 * i).save(root / c / f"{i}.png")
+    z = torch.zeros(4, 4)
+    support = [{"path": f"{c}/{i}.png", "class_id": j} for j, c in enumerate("ab") for i in range(2)]
+    kb = KnowledgeBase(classes=["a", "b"], encoder_spec={}, encoder_key="e", embed_dim=4, prototypes=z[:2],
+                       exemplars=z, exemplar_labels=torch.tensor([0, 0, 1, 1]),
+                       manifest={"support": support, "data": {"root": str(root)}})
+    assert [r.path.name for r in kb.support_files()] == ["0.png", "1.png"] * 2
+    assert rr.VisualReranker.from_knowledge_base(kb).spec.image_size == 224
+    assert rr.VisualReranker.from_knowledge_base(kb, image_size=260).spec.image_size == 260

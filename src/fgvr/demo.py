@@ -15,7 +15,8 @@ its results.jsonl. Folder names carry the parameters, so runs with other setting
 Sizing (2 CPU cores): Lite0 at 224x224 costs about 50 ms per image, the re-ranker (Lite2 at 224x224 with a
 mirrored view) about 90 ms per image it sees. 10 classes x 5 shots + 500 test images at a 30% budget is about
 a minute of encoding plus model loading. The 28x28 source images are upsampled; the re-ranker's "higher
-resolution" buys nothing on such images, so it runs at 224 here (its default for real photos is 260).
+resolution" buys nothing on such images, so it runs at 224 here, as it does for any base whose support
+images are all that small (`fgvr.reranker.image_size_for`; its size for real photos is 260).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ DEFAULT_SHOTS = DEFAULTS.shots
 DEFAULT_TEST_IMAGES = 500
 QUICK_TEST_IMAGES = 100
 DEFAULT_BUDGET = DEFAULTS.slow_budget
-RERANKER_IMAGE_SIZE = 224  # see the module docstring: 28x28 sources gain nothing from 260
 
 
 @dataclass
@@ -110,7 +110,7 @@ def run_demo(
     # 3. the dual system on the held-out test images, the visual re-ranker as System 2
     t = time.perf_counter()
     run_dir = out / f"run-k{shots}-n{test_images}-seed{seed}-budget{slow_budget:g}"
-    reranker = VisualReranker.from_knowledge_base(kb, image_size=RERANKER_IMAGE_SIZE, progress=progress)
+    reranker = VisualReranker.from_knowledge_base(kb, progress=progress)
     trigger = Trigger(budget=slow_budget)
     config = {"kb": str(kb_dir), "data": str(test_dir), "encoder": kb.encoder_key, "demo": True,
               "reranker": {"encoder": reranker.spec.key, "views": list(reranker.views), "grid": reranker.grid}}
