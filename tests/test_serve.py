@@ -215,6 +215,21 @@ def test_healthz_is_ready_only_once_loaded_and_a_failed_load_is_reported(shapes_
     assert errors
 
 
+def test_cli_serve_on_a_folder_that_is_no_base_is_one_line_and_exit_4(tmp_path):
+    """The load error stops the server and leaves with its family's exit code, as every other command does."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "fgvr.cli", "serve", str(tmp_path), "--port", str(port)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 4, p.stderr
+    assert "is not a knowledge base" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_slow_path_with_the_reranker_shows_question_and_answer(shapes_kb):
     """Threshold 0: every image goes slow; System 2 (the CPU re-ranker) answers through its bounded queue."""
     app = create_app(opener_for(shapes_kb, threshold=0.0, reranker=True))

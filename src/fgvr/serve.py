@@ -425,7 +425,7 @@ class Service:
         except BaseException as e:  # noqa: BLE001 - reported by /healthz and to the CLI, never swallowed
             self.error = f"{type(e).__name__}: {e}"
             if self.on_load_error is not None:
-                self.on_load_error(e)  # the caller reports it (the CLI: one line, exit 1)
+                self.on_load_error(e)  # the caller reports it (the CLI: one line, the error's exit code)
             else:
                 log.error("could not load the models: %s", self.error)
 
@@ -997,7 +997,9 @@ def header_deadline_protocol(seconds: float) -> type:
 
 def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, port: int,
           settings: ServeSettings) -> int:
-    """Run the server until interrupted; 1 when the models could not be loaded."""
+    """Run the server until interrupted (0). When the models cannot be loaded, the server stops and the load
+    error is raised here, so the CLI shows it as one line with its family's exit code (4: not a knowledge
+    base, 5: a model or server that is not there) instead of a generic failure."""
     import sys
 
     import uvicorn
@@ -1022,6 +1024,5 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
           f"/healthz says when ready)", file=sys.stderr, flush=True)
     server.run()
     if failed:
-        print(f"fgvr serve: could not load the models: {failed[0]}", file=sys.stderr)
-        return 1
+        raise failed[0]
     return 0
