@@ -24,7 +24,7 @@ def photos(tmp_path) -> Path:
     return make_data(tmp_path / "photos", per_class=3)
 
 
-def test_list_source_folder_csv_jsonl_and_glob_agree(photos, tmp_path):
+def test_list_source_folder_csv_jsonl_and_glob_agree(photos, tmp_path, caplog):
     from_folder = list_source(photos)
     assert len(from_folder) == 19 and all(Path(p).is_absolute() for p in from_folder)  # 6 classes x 3 + broken
     (photos / ".hidden").mkdir()
@@ -34,9 +34,13 @@ def test_list_source_folder_csv_jsonl_and_glob_agree(photos, tmp_path):
 
     rel = [str(Path(p).relative_to(photos)) for p in from_folder]
     (photos / "list.csv").write_text("path,extra\n" + "".join(f"{r},x\n" for r in rel + rel[:2]))
-    assert list_source(photos / "list.csv") == from_folder  # relative to the list's folder; repeats dropped
+    with caplog.at_level("WARNING", logger="fgvr.collection"):
+        assert list_source(photos / "list.csv") == from_folder  # relative to the list's folder; repeats dropped
+    assert "2 entries name an image listed before" in caplog.text and rel[0] in caplog.text  # and said so
+    caplog.clear()
     (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": p}) + "\n" for p in from_folder))
     assert list_source(tmp_path / "list.jsonl") == from_folder
+    assert "listed before" not in caplog.text
     assert list_source(str(photos / "*" / "*.png")) == from_folder
 
     with pytest.raises(DataError, match="matches no file"):

@@ -63,8 +63,15 @@ def list_source(source: str | Path) -> list[str]:
     else:
         raise DataError(f"{p} does not exist: pass a folder, a .csv / .jsonl list of image paths, or a glob")
     seen: dict[str, None] = {}
+    repeated: list[str] = []
     for q in paths:
-        seen.setdefault(str(Path(q).resolve()), None)
+        key = str(Path(q).resolve())
+        if key in seen:
+            repeated.append(str(q))
+        seen.setdefault(key, None)
+    if repeated:  # said, not silent: a prediction count below the list's length would otherwise surprise
+        log.warning("%s: %d entr%s name an image listed before (first: %s); each image is classified once",
+                    text, len(repeated), "y" if len(repeated) == 1 else "ies", repeated[0])
     return list(seen)
 
 
