@@ -445,3 +445,47 @@ def test_build_from_csv_manifest(tmp_path, lite0):
     root = Path(kb.manifest["data"]["root"])
     resolved = [(Path(p) if Path(p).is_absolute() else root / p).resolve() for p in kb.support_paths]
     assert resolved == [(imgs / "b" / "img00.png").resolve(), (imgs / "r" / "img00.png").resolve()]
+
+
+def _fusion_view(x: torch.Tensor, y: torch.Tensor, num_classes: int):
+    from types import SimpleNamespace
+
+    x = torch.nn.functional.normalize(x, dim=1)
+    protos = torch.nn.functional.normalize(torch.zeros(num_classes, x.shape[1]).index_add_(0, y, x), dim=1)
+    return SimpleNamespace(prototypes=protos, exemplars=x, exemplar_labels=y, text_prototypes=None,
+                           num_classes=num_classes)
+
+
+def test_exemplar_weight_follows_the_one_standard_error_rule():
+    """The smallest exemplar weight within one standard error of the best NLL; where the prototype is
+    clearly wrong (each class two far-apart modes) the exemplars are kept."""
+    from fgvr.fast_path import support_loo
+    from fgvr.knowledge_base.fitting import EXEMPLAR_WEIGHT_GRID, choose_fusion
+    from fgvr.scoring import fit_temperature, nll_per_row
+
+    g = torch.Generator()
+    bit = 0
+    for seed in range(8):  # noisy 5-shot sets, classes of two close modes: checked against the rule computed here
+        g.manual_seed(seed)
+        y = torch.arange(10).repeat_interleave(5)
+        modes, mode = torch.randn(20, 32, generator=g), torch.randint(0, 2, (50,), generator=g)
+        x = torch.randn(10, 32, generator=g)[y] + modes[2 * y + mode] + torch.randn(50, 32, generator=g)
+        kb = _fusion_view(x, y, 10)
+        f = choose_fusion(kb)
+        nll = {}
+        for e in EXEMPLAR_WEIGHT_GRID:
+            kb.fusion, kb.stats = {"w": 1.0, "tau": 1.0, "exemplar_weight": e}, None
+            logits = support_loo(kb, k=1)[0].logits
+            nll[e] = nll_per_row(logits, y, fit_temperature(logits, y)[0])
+        best = min(EXEMPLAR_WEIGHT_GRID, key=lambda e: float(nll[e].mean()))
+        within = [e for e in EXEMPLAR_WEIGHT_GRID if e <= best
+                  and float((nll[e] - nll[best]).mean()) <= float((nll[e] - nll[best]).std()) / 50 ** 0.5]
+        assert f["best_exemplar_weight"] == best and f["exemplar_weight"] == min(within)
+        bit += f["exemplar_weight"] < best
+    assert bit >= 1  # the rule changed the choice somewhere, so the check above saw it act
+    modes = torch.randn(20, 32, generator=g) * 3
+    y = torch.arange(10).repeat_interleave(20)
+    mode = torch.arange(200) % 2  # class c: modes 2c and 2c+1, far apart
+    x = modes[2 * y + mode] + 0.3 * torch.randn(200, 32, generator=g)
+    f = choose_fusion(_fusion_view(x, y, 10))
+    assert f["exemplar_weight"] > 0 and f["exemplar_weight"] == f["best_exemplar_weight"]

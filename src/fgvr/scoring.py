@@ -92,6 +92,15 @@ class Support:
         return torch.cat(out)
 
 
+def nll_per_row(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N,) float64 -log softmax(logits / t)[true], computed as `fit_temperature` explains (no rounding to 0)."""
+    logits = logits.double()
+    y = labels.long().view(-1, 1)
+    margins = logits - logits.gather(1, y)
+    margins.scatter_(1, y, -math.inf)  # the true class itself is the "1" in log(1 + ...)
+    return torch.nn.functional.softplus(torch.logsumexp(margins / temperature, dim=1))
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor,
                     temperatures: tuple[float, ...] = TEMPERATURES) -> tuple[float, float]:
     """(temperature, mean NLL): the grid point where softmax(logits / t) gives the true class the highest
@@ -101,13 +110,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor,
     c != true of exp((s_c - s_true) / t)). Written as logsumexp(all) - s_true it rounds to exactly 0 once
     every margin exceeds ~37 t, and well-separated choices would tie at 0 instead of being told apart.
     """
-    logits = logits.double()
-    y = labels.long().view(-1, 1)
-    margins = logits - logits.gather(1, y)
-    margins.scatter_(1, y, -math.inf)  # the true class itself is the "1" in log(1 + ...)
     best: tuple[float, float] | None = None
     for t in temperatures:
-        nll = float(torch.nn.functional.softplus(torch.logsumexp(margins / t, dim=1)).mean())
+        nll = float(nll_per_row(logits, labels, t).mean())
         if best is None or nll < best[1] - 1e-12:
             best = (t, nll)
     return best
