@@ -70,8 +70,8 @@ def list_source(source: str | Path) -> list[str]:
             repeated.append(str(q))
         seen.setdefault(key, None)
     if repeated:  # said, not silent: a prediction count below the list's length would otherwise surprise
-        log.warning("%s: %d entr%s name an image listed before (first: %s); each image is classified once",
-                    text, len(repeated), "y" if len(repeated) == 1 else "ies", repeated[0])
+        log.warning("%s: %d %s an image listed before (first: %s); each image is classified once",
+                    text, len(repeated), "entry names" if len(repeated) == 1 else "entries name", repeated[0])
     return list(seen)
 
 
