@@ -34,8 +34,9 @@ FEATURE_DIM = 1280
 # How images are resized, part of the encoder's definition: spec revision -> (upscale, downscale) filter.
 # "0.1.0" is the first definition (bicubic both ways), kept so that a base built with it is still encoded
 # the same way; REVISION is what `parse_spec` gives new specs. Measured on Fashion-MNIST TRAIN images (28 px,
-# enlarged 8x; benchmarks/results/preprocessing.md): for Lite0 the two filters tie on validation (bilinear
-# +0.3 points over 3 seeds), so bilinear, which does not overshoot at the sharp edges of enlarged pixels.
+# enlarged 8x; benchmarks/results/preprocessing.md): for Lite0 and Lite2 the two filters tie on validation
+# (bicubic -0.3 [-1.5, +1.0] and -0.1 [-1.5, +1.1] points), so bilinear, which does not overshoot at the
+# sharp edges of enlarged pixels.
 # Shrinking large photos keeps bicubic, the filter of TF's EfficientNet eval preprocessing (not measured
 # here: no labelled large-image set offline).
 RESIZE: dict[str, tuple[str, str]] = {"0.1.0": ("bicubic", "bicubic"), "0.1.0+up-bilinear": ("bilinear", "bicubic")}
