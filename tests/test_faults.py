@@ -93,11 +93,9 @@ def reseal(kb: Path, mutate_manifest=None) -> None:
         for name in list(m.get("checksums", {})):
             if (kb / name).is_file():
                 m["checksums"][name] = hashlib.sha256((kb / name).read_bytes()).hexdigest()
-        try:
-            from fgvr.knowledge_base import seal_manifest
-        except ImportError:
-            seal_manifest = None
-        if seal_manifest is not None and "manifest_sha256" in m:
+        from fgvr.knowledge_base import seal_manifest
+
+        if "manifest_sha256" in m:
             seal_manifest(m)
     (kb / "manifest.json").write_text(json.dumps(m, indent=2))
 
@@ -365,8 +363,8 @@ def test_damaged_bases_are_one_line_errors(world, tmp_path):
     kb = cases["descriptions"] = copy_kb(world, tmp_path, "descriptions")
     (kb / "descriptions.json").write_text("{not json")
     reseal(kb)
-    needles = {"encoder": "manifest.json", "truncated": "tensors.safetensors", "list": "manifest.json",
-               "no-encoder": "encoder", "class-removed": "class", "descriptions": "descriptions.json"}
+    needles = {"encoder": "does not match its own checksum", "truncated": "tensors.safetensors", "list": "manifest.json",
+               "no-encoder": "lacks the 'encoder' entry", "class-removed": "class id outside the class list", "descriptions": "descriptions.json"}
     for name, kb in cases.items():
         r = fgvr("classify", kb, img, "--threshold", "0.5")
         one_line(r, EXIT_KB, str(kb), needles[name])
