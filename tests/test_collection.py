@@ -15,6 +15,7 @@ from PIL import Image
 from fgvr.cli import cli
 from fgvr.collection import LocalEngine, ShardWriter, classify_collection, list_source, read_predictions, shard_files
 from fgvr.data import DataError
+from fgvr.errors import RunMismatchError
 from fakes import colour_system as system
 from fakes import make_data
 
@@ -88,8 +89,27 @@ def test_collection_one_record_per_image_resumes_without_duplicates(photos, tmp_
     lines = sum(len(f.read_text().splitlines()) for f in shard_files(out))
     assert lines == 19 and {r["path"]: r for r in recs} == ref  # every image exactly once, same answers
     # another threshold on the same folder would mix two experiments: refused
-    with pytest.raises(Exception, match="other settings"):
+    with pytest.raises(RunMismatchError, match="other settings"):
         classify_collection(system(threshold=0.9), photos, out, {"kb": "colours"}, progress=False)
+    # so would a base whose content changed (same path, same threshold): the base's digest is bound
+    changed = system()
+    changed.kb.prototypes = changed.kb.prototypes.flip(0)
+    with pytest.raises(RunMismatchError, match="knowledge base's content"):
+        classify_collection(changed, photos, out, {"kb": "colours"}, progress=False)
+
+
+def test_outcome_nothing_read_or_system2_failed_everywhere_is_an_error():
+    """The check `classify` (both ways) runs on the answers' paths: exit 10 and 9, never a quiet 0."""
+    from fgvr.errors import NothingDoneError, System2Error
+    from fgvr.pipeline import check_outcome
+
+    check_outcome({"fast": 3, "error": 1}, "here")
+    check_outcome({"slow": 1, "escalated-failed": 4}, "here")  # System 2 answered some: the failures are on their lines
+    check_outcome({}, "here")  # nothing new on a resume
+    with pytest.raises(NothingDoneError, match="none of the 2"):
+        check_outcome({"error": 2}, "here")
+    with pytest.raises(System2Error, match="failed for all 3"):
+        check_outcome({"fast": 5, "escalated-failed": 3}, "here")
 
 
 def test_parquet_shards_hold_the_same_records(photos, tmp_path):

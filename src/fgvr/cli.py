@@ -581,8 +581,8 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     import json
     from pathlib import Path
 
-    from fgvr.errors import NothingDoneError, System2Error
     from fgvr.locks import output_lock
+    from fgvr.pipeline import check_outcome
 
     _need_ray(o)
     if out is None and o["ray_address"]:
@@ -604,20 +604,15 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
                                              fmt=fmt, shard_size=shard_size, batch_size=o["batch_size"],
                                              engine=_engine(o, kwargs, system))
         click.echo(json.dumps(counts))
+        check_outcome(counts["paths"], f"in the records under {out}")  # this run's new records
         return
-    n_error = n_escalated = n_slow_failed = 0
+    paths: dict[str, int] = {}
     with _open_system(kb, o) as system:
         for i in range(0, len(images), o["batch_size"]):
             for r in system.classify_paths(images[i:i + o["batch_size"]]):
                 click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
-                n_error += r.path_taken == "error"
-                n_escalated += r.slow_ran or r.path_taken == "escalated-failed"
-                n_slow_failed += r.path_taken == "escalated-failed"
-    if n_error == len(images):
-        raise NothingDoneError(f"none of the {len(images)} image(s) could be read (see the error of each line)")
-    if n_escalated and n_slow_failed == n_escalated:
-        raise System2Error(f"System 2 failed for all {n_escalated} image(s) sent to it; their answers are "
-                           "System 1's (the reason is on each line and above)")
+                paths[r.path_taken] = paths.get(r.path_taken, 0) + 1
+    check_outcome(paths, "on its line")
 
 
 @cli.command()

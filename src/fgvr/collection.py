@@ -246,13 +246,13 @@ def classify_collection(system: DualSystem, source: str | Path, out: str | Path,
     the CLI). `config` is what the run is bound to (kb, encoder); the trigger and System 2 are added here."""
     from tqdm import tqdm
 
-    from fgvr.evaluate import check_config
+    from fgvr.evaluate import check_config, system_binding
 
     out = Path(out)
     paths = list_source(source)
-    config = {**config, "data": str(source), "threshold": system.trigger.threshold, "budget": system.trigger.budget,
-              "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all, "calibrate": "support",
-              "system2": getattr(system.slow, "name", None) if system.slow is not None else None, "format": fmt}
+    # the trigger's threshold is bound too (a budget is calibrated on the support set here, never on the run)
+    config = {**config, **system_binding(system), "threshold": system.trigger.threshold, "data": str(source),
+              "calibrate": "support", "format": fmt}
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, config)
     writer = ShardWriter(out, fmt, shard_size)

@@ -358,23 +358,28 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
     return summary
 
 
+def system_binding(system: DualSystem) -> dict[str, Any]:
+    """Every setting of a system that changes its answers, with digests of its base and experience rules:
+    what a resumable run (`fgvr evaluate`, `fgvr classify --out`) is bound to besides its data."""
+    from fgvr.data import max_decoded_pixels
+
+    slow_spec = getattr(system.slow, "spec", None)
+    return {"threshold": None if system.trigger.budget is not None else system.trigger.threshold,
+            "budget": system.trigger.budget, "top_k": system.k, "weight": system.weight,
+            "slow_all": system.slow_all, "system2": getattr(system.slow, "name", None) if system.slow else None,
+            "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
+            "rationale": bool(getattr(system.slow, "rationale", False)),
+            "kb_digest": knowledge_base_digest(system.kb), "experience_digest": _experience_digest(system),
+            "max_image_pixels": max_decoded_pixels()}
+
+
 def _run_config(system: DualSystem, dataset: Dataset, config: dict[str, Any], calibrate_on: str | None,
                 limit: int | None) -> dict[str, Any]:
     """What the run is bound to (a resumed run must match it): the caller's config, the system's settings,
     and digests of the base, the data and the experience rules."""
-    from fgvr.data import max_decoded_pixels
-
-    budgeted = system.trigger.budget is not None
-    slow_spec = getattr(system.slow, "spec", None)
-    config = {**config, "threshold": None if budgeted else system.trigger.threshold, "budget": system.trigger.budget,
-              "calibrate": calibrate_on, "top_k": system.k, "weight": system.weight, "slow_all": system.slow_all,
-              "system2": getattr(system.slow, "name", None) if system.slow is not None else None,
-              "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
-              "rationale": bool(getattr(system.slow, "rationale", False)), "limit": limit,
-              "kb_digest": knowledge_base_digest(system.kb), "data_digest": data_digest(dataset),
-              "experience_digest": _experience_digest(system)}
-    config.setdefault("max_image_pixels", max_decoded_pixels())
-    return config
+    binding = system_binding(system)
+    binding.update({k: config[k] for k in ("max_image_pixels",) if k in config})  # the caller's, where given
+    return {**config, **binding, "calibrate": calibrate_on, "limit": limit, "data_digest": data_digest(dataset)}
 
 
 def _say_what_is_left_out(dataset: Dataset, items: list, unknown: list[str], n_support: int) -> None:

@@ -42,6 +42,20 @@ PATH_SLOW_FAILED = "escalated-failed"  # the trigger fired, System 2 raised: fas
 PATH_ERROR = "error"  # the image could not be read: no answer
 
 
+def check_outcome(paths: dict[str, int], where: str) -> None:
+    """Refuse a finished batch of answers that is not what was asked for, with its own exit code: nothing
+    could be read (10), or System 2 was asked and failed for every image sent to it (9; the answers stored are
+    System 1's). `paths` counts the answers by path taken; `where` says where they are."""
+    from fgvr.errors import NothingDoneError, System2Error
+
+    n, failed = sum(paths.values()), paths.get(PATH_SLOW_FAILED, 0)
+    if n and paths.get(PATH_ERROR, 0) == n:
+        raise NothingDoneError(f"none of the {n} image(s) could be read (the error of each is {where})")
+    if failed and not paths.get(PATH_SLOW, 0):
+        raise System2Error(f"System 2 failed for all {failed} image(s) sent to it; their answers are System 1's "
+                           f"(the reason of each is {where}); fix the cause and run again with a new --out")
+
+
 @dataclass
 class Candidate:
     id: int
