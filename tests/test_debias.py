@@ -102,3 +102,27 @@ def test_pride_estimates_within_one_batch():
     assert inner.calls == 2 * 4 + 2  # the first two under every shift, the other two once
     z = sum(TRUE[c] for c in qs[3].candidates)
     assert answers[3].probs == pytest.approx([TRUE[c] / z for c in qs[3].candidates])
+
+
+class FailsOn(LetterBiased):
+    """LetterBiased, but the query whose first option is `bad_first` fails (a served VLM's timeout, say)."""
+
+    def __init__(self, bad_first):
+        super().__init__()
+        self.bad_first = bad_first
+
+    def rank(self, queries):
+        answers = super().rank(queries)
+        return [SlowAnswer(probs=[], error="timed out") if q.candidates[0] == self.bad_first else a
+                for q, a in zip(queries, answers)]
+
+
+def test_a_failed_call_stays_a_failure_never_a_biased_or_crashed_answer():
+    cyc = DebiasedSlowPath(FailsOn(bad_first=2), "cyclic")  # one of the four shifts of [0, 1, 2, 3] fails
+    a, b = cyc.rank([_q([0, 1, 2, 3]), _q([4, 5, 0, 1])])
+    assert a.error == "timed out" and b.error is None and sum(b.probs) == pytest.approx(1.0)
+    pri = DebiasedSlowPath(FailsOn(bad_first=5), "prior", n_estimate=1)
+    pri.rank([_q([0, 1, 2, 3])])  # the estimate
+    ok, failed = pri.rank([_q([1, 2, 3, 4]), _q([5, 0, 1, 2])])  # the second fails after the estimate
+    assert failed.error == "timed out" and failed.probs == []
+    assert ok.error is None and sum(ok.probs) == pytest.approx(1.0)

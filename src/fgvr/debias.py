@@ -35,6 +35,10 @@ def _normalise(p: Sequence[float]) -> list[float]:
     return [x / z for x in p] if z > 0 else [1.0 / len(p)] * len(p)
 
 
+def _failed(answer: Any, k: int) -> bool:
+    return answer.error is not None or len(answer.probs) != k
+
+
 class DebiasedSlowPath:
     """A `SlowPath` whose option probabilities do not depend on the order of the options (see module)."""
 
@@ -73,6 +77,9 @@ class DebiasedSlowPath:
             answers = self.inner.rank([queries[i] for i in once])
             self.calls += len(once)
             for i, a in zip(once, answers):
+                if _failed(a, len(queries[i].candidates)):
+                    out[i] = a  # a failure stays one (the pipeline keeps System 1's answer and logs it)
+                    continue
                 pri = self.prior(len(queries[i].candidates))
                 out[i] = replace(a, probs=_normalise([p / max(pr, 1e-12) for p, pr in zip(a.probs, pri)]))
         return out
@@ -92,6 +99,11 @@ class DebiasedSlowPath:
         out = []
         for q, shifts in zip(queries, per):
             k = len(q.candidates)
+            bad = next((a for _, a in shifts if _failed(a, k)), None)
+            if bad is not None:  # an average without one shift is biased again: the query failed
+                out.append(replace(bad, error=bad.error or f"System 2 gave {len(bad.probs)} probabilities for {k} "
+                                   "options under one shift of the options"))
+                continue
             probs = [0.0] * k
             log_letter = [0.0] * k
             for s, a in shifts:
