@@ -209,3 +209,13 @@ def test_bench_with_a_served_vlm_that_does_not_answer_fails_before_any_work(tmp_
                                    "--out", str(out)])
     assert res.exit_code == 5 and f"127.0.0.1:{port}" in res.output and "Traceback" not in res.output  # ModelError
     assert not list(out.glob("k*-seed*"))  # no knowledge base was built for nothing
+
+
+@pytest.mark.parametrize("option", [["--weight", "nan"], ["--slow-budget", "nan"], ["--device", "cuda:7"]])
+def test_bench_refuses_silly_options_before_any_work(tmp_path, option):
+    """nan passes every comparison of a plain float range, and a GPU that is not there fails late: both are
+    refused at parse time (exit 2), before a cell is built."""
+    res = CliRunner().invoke(cli, ["bench", "flowers", "--root", str(tmp_path), "--shots", "1", "--seeds", "0",
+                                   "--out", str(tmp_path / "bench"), *option])
+    assert res.exit_code == 2, res.output
+    assert not (tmp_path / "bench").exists()

@@ -215,7 +215,7 @@ def vlm_options(f):
                      help="Served --vlm URL: the model to ask (default: the only one the server lists)."),
         click.option("--vlm-concurrency", type=click.IntRange(1), default=8, show_default=True,
                      help="Served --vlm URL: requests in flight at once (the engine batches them)."),
-        click.option("--vlm-timeout", type=click.FloatRange(0, min_open=True), default=120.0, show_default=True,
+        click.option("--vlm-timeout", type=FiniteFloat(0, min_open=True), default=120.0, show_default=True,
                      help="Served --vlm URL: seconds to wait for one answer before retrying."),
         click.option("--vlm-retries", type=click.IntRange(0), default=4, show_default=True,
                      help="Served --vlm URL: retries (with backoff) after a 429/5xx/time-out. The API key, "
@@ -316,12 +316,9 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
     if serve:
         from fgvr.models.serve_plan import make_serve_plan
 
-        try:
-            plans = [make_serve_plan(e, vlm, gpu or budget, max_pixels=max_pixels,
-                                     encoder=None if encoder.lower() == "none" else encoder)
-                     for e in (("vllm", "sglang") if serve == "both" else (serve,))]
-        except ValueError as exc:  # SpecError is fgvr's own: the root group shows it
-            raise click.ClickException(str(exc)) from None
+        plans = [make_serve_plan(e, vlm, gpu or budget, max_pixels=max_pixels,
+                                 encoder=None if encoder.lower() == "none" else encoder)
+                 for e in (("vllm", "sglang") if serve == "both" else (serve,))]  # errors: one line, exit 5
         click.echo(_json.dumps([p.to_json() for p in plans], indent=2) if as_json
                    else "\n\n".join(p.format() for p in plans))
         return
@@ -547,13 +544,6 @@ def _engine(o: dict, kwargs: dict, system):
                      batch_size=o["batch_size"])
 
 
-def _user_errors():
-    """fgvr's user-facing error types. Commands need not catch them: the root group shows each as one line
-    with its exit code (see fgvr.errors); a ValueError or any other exception is a bug and keeps its
-    traceback."""
-    return (FgvrError,)
-
-
 @cli.command()
 @click.argument("kb", type=click.Path(file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
@@ -667,12 +657,9 @@ def compare(run_a, run_b, as_json) -> None:
     bootstrap 95% interval, and McNemar's exact test. Runs over different image sets are refused."""
     import json
 
-    from fgvr.compare import CompareError, compare_runs
+    from fgvr.compare import compare_runs
 
-    try:
-        c = compare_runs(run_a, run_b)
-    except CompareError as e:
-        raise click.ClickException(str(e)) from None
+    c = compare_runs(run_a, run_b)
     click.echo(json.dumps(c.to_json()) if as_json else c.describe())
 
 
@@ -781,14 +768,16 @@ def _list_datasets(ctx, param, value) -> None:
               help="System 2 = this Qwen2.5-VL folder or a served one's URL (with a CLIP/SigLIP encoder it also "
                    "writes class descriptions).")
 @click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker.")
-@click.option("--slow-budget", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+@click.option("--slow-budget", type=FiniteFloat(0, 1), default=DEFAULTS.slow_budget, show_default=True,
               help="Fraction of the test images sent to System 2 (threshold from their own trigger scores).")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Evaluate N test images (a seeded spread over classes), the same N for every cell.")
-@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Candidates for System 2.")
-@click.option("--weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True,
+              help="Candidates for System 2.")
+@click.option("--weight", type=FiniteFloat(0, 1), default=DEFAULTS.decision_weight, show_default=True,
               help="System 2's weight in the decision.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device,
+              help="cpu, cuda, cuda:N or auto.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Bench folder: one subfolder per (k, seed), table.md, table.json (reruns resume).")
@@ -847,9 +836,9 @@ def _given(name: str) -> bool:
               help="Largest image (width x height, read from its header before decoding).")
 @click.option("--max-batch-images", type=click.IntRange(1), default=16, show_default=True,
               help="Images in one /v1/classify/batch request.")
-@click.option("--read-timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+@click.option("--read-timeout", type=FiniteFloat(0.1), default=30.0, show_default=True,
               help="Seconds a client has to send its request body.")
-@click.option("--encode-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+@click.option("--encode-wait-ms", type=FiniteFloat(0), default=5.0, show_default=True,
               help="Longest wait for the encoder's micro-batch to fill (--batch-size is its size).")
 @click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
               help="Images per System 2 call; one call runs at a time.")
@@ -872,15 +861,12 @@ def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_ima
     from fgvr.models.footprint import parse_bytes
     from fgvr.serve import ServeSettings, serve
 
-    try:
-        settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
-                                 max_batch_images=max_batch_images, read_timeout_s=read_timeout,
-                                 encode_batch=o["batch_size"] if _given("batch_size") else 4,
-                                 encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
-                                 token=token or None, runs=Path(runs) if runs else None)
-        kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
-    except _user_errors() as e:
-        raise click.ClickException(str(e)) from None
+    settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
+                             max_batch_images=max_batch_images, read_timeout_s=read_timeout,
+                             encode_batch=o["batch_size"] if _given("batch_size") else 4,
+                             encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
+                             token=token or None, runs=Path(runs) if runs else None)
+    kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
 
     def opener():
         from fgvr.pipeline import open_system

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fgvr.errors import RunMismatchError
 from fgvr.stats import mcnemar_exact, paired_bootstrap
 
 
-class CompareError(ValueError):
-    """The two runs cannot be compared; the message says why and what to do."""
+class CompareError(RunMismatchError, ValueError):
+    """The two runs cannot be compared; the message says why and what to do (one line, exit 6)."""
 
 
 @dataclass
@@ -74,7 +75,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 10000, s
     if not a:
         raise CompareError(f"{run_a} and {run_b} have no labelled image of a known class to compare")
     paths = sorted(a)
-    wrong_label = [p for p in paths if a[p]["label"] != b[p]["label"]]
+    wrong_label = [p for p in paths if a[p].get("label") != b[p].get("label")]
     if wrong_label:
         raise CompareError(f"the runs label {len(wrong_label)} image(s) differently (e.g. {wrong_label[0]}): "
                            "they were evaluated on different data")
