@@ -174,7 +174,21 @@ def test_huggingface_imagefolder_splits(tmp_path):
     with pytest.raises(DataError, match="pass one split"):
         read_dataset(root)
     (root / "test" / "metadata.jsonl").write_text('{"file_name": "imgs/0.png", "species": "cat", "size": 3}\n')
-    with pytest.raises(DataError, match="which column is the label"):
+    with pytest.raises(DataError, match="no label column"):
         read_dataset(root / "test")
-    (root / "test" / "metadata.jsonl").write_text('{"file_name": "imgs/0.png", "species": "cat"}\n')
-    assert read_dataset(root / "test").samples[0].label == "cat"  # the one column besides file_name
+    # one other column is not taken for the class either: it may be a caption (each caption a "class")
+    (root / "test" / "metadata.jsonl").write_text('{"file_name": "imgs/0.png", "text": "a red coat on a chair"}\n')
+    with pytest.raises(DataError, match="no label column"):
+        read_dataset(root / "test")
+    (root / "test" / "metadata.jsonl").write_text('{"file_name": "imgs/0.png", "class": "cat"}\n')
+    assert read_dataset(root / "test").samples[0].label == "cat"  # a label column by another known name
+    # read as a CSV manifest is: a repeat is read once (warned), one image under two labels is an error
+    rows = [("imgs/0.png", "cat"), ("imgs/1.png", "dog"), ("imgs/0.png", "cat")]
+    (root / "test" / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "label": y}) + "\n"
+                                                          for f, y in rows))
+    with pytest.warns(UserWarning, match="1 repeated row"):
+        assert len(read_dataset(root / "test").samples) == 2
+    (root / "test" / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "label": y}) + "\n"
+                                                          for f, y in rows[:2] + [("imgs/0.png", "dog")]))
+    with pytest.raises(DataError, match="labelled 'cat' on line 1 and 'dog' on line 3"):
+        read_dataset(root / "test")

@@ -187,10 +187,10 @@ def read_dataset(source: str | Path, classes_file: str | Path | None = None) -> 
 
     if imagefolder_metadata(source) is not None:  # a Hugging Face imagefolder split
         try:
-            rows = read_imagefolder(source, mapping, classes_file)
+            meta, entries = read_imagefolder(source)
         except ImageFolderError as e:
             raise DataError(str(e)) from None
-        samples = [Sample(p, label) for p, label in rows]
+        samples = labelled_samples(str(meta), entries, mapping, classes_file)
         return Dataset(root=source, classes=sorted({s.label for s in samples}), samples=samples)
     if splits := split_folders(source):
         raise DataError(f"{source} holds the splits {', '.join(splits)} (Hugging Face imagefolder layout): pass one "
@@ -246,51 +246,57 @@ def _read_manifest(path: Path, mapping: dict[str, str] | None, classes_file) -> 
     if "path" not in header or "label" not in header:
         raise DataError(f"manifest {path}: the first line must be the header `path,label` (got {rows[0]})")
     ip, il = header.index("path"), header.index("label")
-    samples: list[Sample] = []
-    seen_labels: set[str] = set()
-    first: dict[Path, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
-    repeated: list[int] = []
-    outside: list[str] = []
-    folder = path.parent.resolve()
+    entries: list[tuple[int, str, Path, str]] = []
     for lineno, row in enumerate(rows[1:], 2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= max(ip, il) or not row[ip].strip() or row[il] == "":
             raise DataError(f"manifest {path}, line {lineno}: expected `path,label`, got {row}")
-        label = row[il]
+        p = Path(row[ip].strip())
+        entries.append((lineno, row[ip].strip(), p if p.is_absolute() else path.parent / p, row[il]))
+    if not entries:
+        raise DataError(f"manifest {path} has a header but no rows")
+    samples = labelled_samples(f"manifest {path}", entries, mapping, classes_file)
+    folder = path.parent.resolve()
+    outside = [f"{name} (line {n})" for n, name, full, _ in entries if not full.resolve().is_relative_to(folder)]
+    if outside:
+        warnings.warn(f"manifest {path}: {len(outside)} path(s) lead outside its folder {folder} (first: "
+                      f"{outside[0]}); check that this is intended", ManifestWarning, stacklevel=3)
+    return Dataset(root=path.parent, classes=sorted({s.label for s in samples}), samples=samples)
+
+
+def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapping: dict[str, str] | None,
+                     classes_file: object) -> list[Sample]:
+    """(line, path as written, full path, label) rows of a list of labelled images -> samples, read the same
+    way for every list format (CSV manifest, imagefolder metadata): a label outside the classes file is an
+    error, so is a class of the classes file with no row, and so is one image under two labels; an image
+    listed twice with one label is read once, with a warning."""
+    samples: list[Sample] = []
+    first: dict[Path, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
+    repeated: list[int] = []
+    for lineno, name, full, label in entries:
         if mapping is not None:
             if label not in mapping:
-                raise DataError(f"manifest {path}, line {lineno}: label {label!r} is not in classes file {classes_file}")
-            label = mapping[label]
-        seen_labels.add(row[il])
-        p = Path(row[ip].strip())
-        full = p if p.is_absolute() else path.parent / p
+                raise DataError(f"{where}, line {lineno}: label {label!r} is not in classes file {classes_file}")
         key = full.resolve()
         if key in first:
             line0, label0 = first[key]
             if label0 != label:
-                raise DataError(f"manifest {path}: {row[ip].strip()} is labelled {label0!r} on line {line0} and "
-                                f"{label!r} on line {lineno}; one image has one label: fix one of the lines")
+                raise DataError(f"{where}: {name} is labelled {label0!r} on line {line0} and {label!r} on line "
+                                f"{lineno}; one image has one label: fix one of the lines")
             repeated.append(lineno)
             continue
         first[key] = (lineno, label)
-        if not key.is_relative_to(folder):
-            outside.append(f"{row[ip].strip()} (line {lineno})")
-        samples.append(Sample(full, label))
+        samples.append(Sample(full, mapping[label] if mapping is not None else label))
     if repeated:
-        warnings.warn(f"manifest {path}: {len(repeated)} repeated row(s) read once (line(s) "
+        warnings.warn(f"{where}: {len(repeated)} repeated row(s) read once (line(s) "
                       f"{', '.join(map(str, repeated[:10]))}{', ...' if len(repeated) > 10 else ''})",
-                      ManifestWarning, stacklevel=3)
-    if outside:
-        warnings.warn(f"manifest {path}: {len(outside)} path(s) lead outside its folder {folder} (first: "
-                      f"{outside[0]}); check that this is intended", ManifestWarning, stacklevel=3)
-    if not samples:
-        raise DataError(f"manifest {path} has a header but no rows")
+                      ManifestWarning, stacklevel=4)
     if mapping is not None:
-        missing = sorted(set(mapping) - seen_labels)
+        missing = sorted(set(mapping) - {label for _, _, _, label in entries})
         if missing:
-            raise DataError(f"classes file {classes_file} names label(s) {missing} with no rows in {path}")
-    return Dataset(root=path.parent, classes=sorted({s.label for s in samples}), samples=samples)
+            raise DataError(f"classes file {classes_file} names label(s) {missing} with no rows in {where}")
+    return samples
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
     data/train/metadata.csv      file_name,label          data/test/metadata.jsonl
     data/train/0001.png          0001.png,shirt           {"file_name": "a/0002.png", "label": "coat"}
 
-`file_name` is relative to the metadata file's folder; the label column is `label`, else the one column
-besides `file_name` (HF's datasets also allow other feature columns: then name the label `label`). The
+`file_name` is relative to the metadata file's folder; the label column is `label` (or `labels`, `class`,
+`category`): another column may be a caption or a feature, so it is never taken for the class. The
 other imagefolder form, one subfolder per class, is fgvr's own folder layout already. A root that holds
 only split folders (`train/`, `test/`, ...) is refused with the split to pass: building a base from the
 train split and evaluating on the test split are two commands, and reading both as one dataset would
@@ -58,9 +58,9 @@ def _rows(meta: Path) -> list[dict[str, str]]:
     return rows
 
 
-def read_imagefolder(root: Path, mapping: dict[str, str] | None = None,
-                     classes_file: object = None) -> list[tuple[Path, str]]:
-    """An imagefolder split (metadata.csv / metadata.jsonl + images) -> [(image path, class name)]."""
+def read_imagefolder(root: Path) -> tuple[Path, list[tuple[int, str, Path, str]]]:
+    """An imagefolder split -> (its metadata file, [(line, file_name, image path, label)]); `fgvr.data` reads
+    the rows as it reads a CSV manifest's (classes file, repeated rows, one image under two labels)."""
     meta = imagefolder_metadata(root)
     if meta is None:
         raise ImageFolderError(f"{root} has no metadata.csv or metadata.jsonl")
@@ -70,20 +70,15 @@ def read_imagefolder(root: Path, mapping: dict[str, str] | None = None,
     columns = list(rows[0])
     if "file_name" not in columns:
         raise ImageFolderError(f"{meta}: no file_name column (columns: {columns})")
-    others = [c for c in columns if c != "file_name"]
-    label_col = next((c for c in LABEL_COLUMNS if c in columns), others[0] if len(others) == 1 else None)
-    if label_col is None:
-        raise ImageFolderError(f"{meta}: which column is the label? Name it `label` (columns: {columns})")
-    samples = []
+    label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
+    if label_col is None:  # another column may be a caption or a feature: never guess which one is the class
+        raise ImageFolderError(f"{meta}: no label column: name the class column one of {', '.join(LABEL_COLUMNS)} "
+                               f"(columns: {columns})")
+    entries = []
     for n, row in enumerate(rows, 2 if meta.suffix == ".csv" else 1):
         name, label = row.get("file_name"), row.get(label_col)
         if not name or label is None or str(label) == "":
             raise ImageFolderError(f"{meta}, row {n}: needs file_name and {label_col}, got {row}")
-        label = str(label)
-        if mapping is not None:
-            if label not in mapping:
-                raise ImageFolderError(f"{meta}, row {n}: label {label!r} is not in classes file {classes_file}")
-            label = mapping[label]
         p = Path(str(name))
-        samples.append((p if p.is_absolute() else root / p, label))
-    return samples
+        entries.append((n, str(name), p if p.is_absolute() else root / p, str(label)))
+    return meta, entries
