@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from fgvr.experience import (
+    ExperienceError,
     ExperienceLibrary,
     Rule,
     TextSimilarity,
@@ -360,6 +361,15 @@ def test_rules_record_the_build_images_and_evaluate_leaves_them_out(kb_copy):
     assert (s["support_images_excluded"], s["experience_images_excluded"], s["n_images"]) == (8, 24, 12)
     done = {json.loads(x)["path"] for x in (kb.parent / "run" / "results.jsonl").read_text().splitlines()}
     assert not (done & used) and len(done) == 12
+    # a --fresh build keeps the accepted rules, so it keeps the record of the images that chose them
+    _run_scripted(kb, data, reflector=ScriptedReflector([]), max_per_class=3, rounds=1, fresh=True)
+    assert used <= experience_images(kb)
+    # rules with no record of their images (a rules.json from before the record): refused, never guessed
+    rules = json.loads((kb / "experience" / "rules.json").read_text())
+    rules["build"] = {}
+    (kb / "experience" / "rules.json").write_text(json.dumps(rules))
+    with pytest.raises(ExperienceError, match="no record of the images"):
+        experience_images(kb)
 
 
 def test_retrieved_rules_reach_the_prompt_and_are_recorded(kb_copy):

@@ -713,7 +713,10 @@ def build_experience(
     summary.parts = {p: sum(it.part == p for it in items) for p in PARTS}
     exp_dir = kb_path / EXPERIENCE_DIR
     lib = ExperienceLibrary([Rule.from_json(r) for r in state["rules"]], kb.classes, exp_dir)
-    lib.images = {p: [str(Path(it.path).resolve()) for it in items if it.part == p] for p in PARTS}
+    # the images of the rules kept from an earlier build (`--fresh` keeps accepted rules) stay recorded too
+    earlier = ExperienceLibrary.load(kb_path, kb.classes).images
+    lib.images = {p: sorted({str(Path(it.path).resolve()) for it in items if it.part == p} | set(earlier.get(p, [])))
+                  for p in set(PARTS) | set(earlier)}
     scorer = _Scorer(kb, slow, emb, [it.path for it in items],
                      k=k, weight=DEFAULT_WEIGHT if weight is None else weight, n_rules=n_rules)
     ctx = _Build(state, items, lib, scorer, reflector, similarity or TextSimilarity(), ExperienceLog(exp_dir / LOG_FILE),

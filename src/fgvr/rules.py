@@ -167,4 +167,8 @@ def experience_images(kb_path: str | Path | None) -> set[str]:
     lib = ExperienceLibrary.load(kb_path)
     if not lib.rules:
         return set()
+    if not any(lib.images.values()):  # written before builds recorded their images: which to leave out is unknown
+        raise ExperienceError(
+            f"{lib.path / RULES_FILE}: {len(lib.rules)} rule(s) but no record of the images they were chosen on, "
+            "so an evaluation could score those very images; rebuild them with `fgvr build-experience --fresh`")
     return {p for paths in lib.images.values() for p in paths}
