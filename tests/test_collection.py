@@ -41,6 +41,11 @@ def test_list_source_folder_csv_jsonl_and_glob_agree(photos, tmp_path, caplog):
     caplog.clear()
     (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": p}) + "\n" for p in from_folder))
     assert list_source(tmp_path / "list.jsonl") == from_folder
+    # no header, and the first image is gone: it is a record (classified as unreadable), not taken for a header
+    (photos / "bare.csv").write_text("".join(f"{r}\n" for r in ["gone.png"] + rel))
+    assert list_source(photos / "bare.csv") == [str((photos / "gone.png").resolve())] + from_folder
+    (photos / "headed.csv").write_text("".join(f"{r}\n" for r in ["image"] + rel))  # a header by another name
+    assert list_source(photos / "headed.csv") == from_folder
     assert "listed before" not in caplog.text
     assert list_source(str(photos / "*" / "*.png")) == from_folder
 

@@ -83,7 +83,10 @@ def _read_list(path: Path) -> list[Path]:
         if not rows:
             raise DataError(f"{path} is empty: expected a column of image paths (header `path`)")
         col = rows[0].index("path") if "path" in rows[0] else 0
-        has_header = "path" in rows[0] or not (path.parent / rows[0][col]).exists()
+        first = Path(rows[0][col].strip()) if rows[0] else Path()
+        # a header names a column; a missing first image (it has an image suffix) is a record, reported unreadable
+        has_header = "path" in rows[0] or (not (path.parent / first).exists()
+                                           and first.suffix.lower() not in IMAGE_SUFFIXES)
         values = [r[col] for r in rows[1 if has_header else 0:] if len(r) > col and r[col].strip()]
     else:
         values = []
