@@ -122,7 +122,7 @@ def test_bad_input_is_refused_with_status_and_reason(client, case):
 
 def test_bomb_is_refused_before_decoding(client, monkeypatch):
     """The pixel check reads the header only: load_image (the decoder) is never reached for a bomb."""
-    import fgvr.serve as serve_mod
+    import fgvr.serve.upload as serve_mod
 
     called = []
     monkeypatch.setattr(serve_mod, "load_image", lambda *a, **k: called.append(a) or Image.new("RGB", (8, 8)))

@@ -1,0 +1,59 @@
+"""The run browser (--runs): evaluation runs under a folder, addressed by name, read and never modified."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fgvr.serve.settings import UploadError
+
+
+class RunBrowser:
+    """Evaluation runs under a folder (or the folder itself if it is one run), addressed by folder name.
+    Files are read from the names listed here, never from a name the request makes up."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+
+    def list(self) -> dict[str, Path]:
+        if (self.folder / "summary.json").is_file():
+            return {self.folder.resolve().name: self.folder}
+        if not self.folder.is_dir():
+            return {}
+        return {p.name: p for p in sorted(self.folder.iterdir()) if (p / "summary.json").is_file()}
+
+    def get(self, name: str) -> Path:
+        runs = self.list()
+        if name not in runs:
+            raise UploadError(404, f"no evaluation run named {name!r}")
+        return runs[name]
+
+    def summary(self, name: str) -> dict[str, Any]:
+        return json.loads((self.get(name) / "summary.json").read_text())
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        from fgvr.evaluate import RESULTS, read_results
+
+        f = self.get(name) / RESULTS
+        mtime = f.stat().st_mtime if f.is_file() else 0.0
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != mtime:
+            hit = (mtime, read_results(f, repair=False))  # never modify a run from here
+            self._cache[name] = hit
+        return hit[1]
+
+
+def cell_item(name: str, i: int, r: dict[str, Any]) -> dict[str, Any]:
+    """One record of a run as the confusion-cell view shows it (candidates best first)."""
+    cands = sorted(r.get("candidates") or [], key=lambda c: -(c.get("final") if c.get("final") is not None
+                                                                else c.get("fast") or 0))
+    t = r.get("trigger") or {}
+    return {"n": i, "file": Path(r["path"]).name, "label": r.get("label"),
+            "prediction": r.get("prediction_name"), "path_taken": r.get("path_taken"),
+            "confidence": r.get("confidence"), "image": f"/v1/runs/{name}/image/{i}",
+            "trigger": {"score": t.get("score"), "threshold": t.get("threshold")},
+            "candidates": [{"label": c.get("name"), "score": c.get("final") if c.get("final") is not None
+                            else c.get("fast"), "fast": c.get("fast"), "slow": c.get("slow")}
+                           for c in cands]}

@@ -1,0 +1,69 @@
+"""Running the app under uvicorn: the header deadline protocol and `serve()`."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager
+from typing import Any, Callable
+
+from fgvr.pipeline import DualSystem
+from fgvr.serve.routes import create_app
+from fgvr.serve.settings import ServeSettings, loud_warning
+
+log = logging.getLogger("fgvr.serve")
+
+
+def header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline for the request head: a connection that has not sent complete
+    headers within `seconds` of opening is closed (uvicorn itself only times out idle keep-alive
+    connections, so a client trickling its headers would hold a connection forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineProtocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # noqa: ANN401
+            super().connection_made(transport)
+            self._head_deadline = self.loop.call_later(seconds, self._head_overdue)
+
+        def _head_overdue(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                log.info("closing a connection that sent no complete request head in %.1f s", seconds)
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadlineProtocol
+
+
+def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, port: int,
+          settings: ServeSettings) -> int:
+    """Run the server until interrupted (0). When the models cannot be loaded, the server stops and the load
+    error is raised here, so the CLI shows it as one line with its family's exit code (4: not a knowledge
+    base, 5: a model or server that is not there) instead of a generic failure."""
+    import sys
+
+    import uvicorn
+
+    warning = loud_warning(host, settings.token)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def load_failed(e: BaseException) -> None:
+        failed.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(opener, settings, on_load_error=load_failed)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            http=header_deadline_protocol(settings.read_timeout_s), timeout_keep_alive=5,
+                            limit_concurrency=512, lifespan="on")
+    server = uvicorn.Server(config)
+    print(f"fgvr serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (loading the models; "
+          f"/healthz says when ready)", file=sys.stderr, flush=True)
+    server.run()
+    if failed:
+        raise failed[0]
+    return 0

@@ -1,0 +1,59 @@
+"""A server's limits and batching, the refusal it answers with, and whether a host is loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKEN_ENV = "FGVR_TOKEN"
+
+
+@dataclass
+class ServeSettings:
+    """Limits and batching of one server. The defaults suit a 2-core CPU machine and phone photos."""
+
+    max_upload_bytes: int = 10 * 2**20  # request body of /v1/classify, and each image of a batch
+    max_pixels: int = 40_000_000  # width x height from the header; more is refused before decoding
+    max_batch_images: int = 16  # images in one /v1/classify/batch request
+    read_timeout_s: float = 30.0  # a request body must arrive within this (slow client: 408)
+    encode_batch: int = 4  # encoder micro-batch (CPU: bigger did not lower the cost per image, and costs memory)
+    encode_wait_ms: float = 5.0  # longest wait for a micro-batch to fill
+    slow_batch: int = 4  # System 2 images per call; one call in flight
+    max_queue: int = 256  # images waiting for a model; more is answered 503
+    decode_threads: int = 2  # images decoded at once (each may take max_pixels x 4 bytes for a moment)
+    support_per_candidate: int = 3  # support images shown per candidate (nearest first)
+    token: str | None = None
+    runs: Path | None = None
+
+    @property
+    def max_batch_body(self) -> int:
+        return 4 * self.max_upload_bytes
+
+
+class UploadError(Exception):
+    """A request the server refuses: HTTP status and a reason a person can act on."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; a name or 0.0.0.0 is not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loud_warning(host: str, token: str | None) -> str | None:
+    """The warning for a server reachable beyond this machine without a token (None when there is none)."""
+    if is_loopback(host) or token:
+        return None
+    bar = "!" * 78
+    return (f"{bar}\nWARNING: fgvr serve is listening on {host}, reachable from other machines, WITHOUT a token.\n"
+            f"Anyone who can reach it can classify images and read this knowledge base's support images.\n"
+            f"Set --token (or {TOKEN_ENV}), or bind to 127.0.0.1.\n{bar}")
