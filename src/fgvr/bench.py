@@ -48,13 +48,17 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from fgvr.data import ManifestWarning, Sample
 from fgvr.errors import RunMismatchError, UsageError
 from fgvr.io import atomic_write_bytes, atomic_write_json
+from fgvr.run_dir import identity_diff
+
+if TYPE_CHECKING:
+    from fgvr.records import ResultRow
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +138,18 @@ def bootstrap_interval(correct: np.ndarray, baseline: np.ndarray | None = None, 
     return float(lo), float(hi)
 
 
-def cell_result(records: list[dict[str, Any]], k: int, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> CellResult:
-    """A cell's numbers from its results.jsonl records (labelled images only; an error is wrong for both)."""
-    known = [r for r in records if r.get("label_id") is not None]
-    s1 = np.array([r.get("fast_prediction") is not None and r["fast_prediction"] == r["label_id"] for r in known])
-    dual = np.array([bool(r.get("correct")) for r in known])
-    readable = [r for r in records if r.get("path_taken") != "error"]
-    slow = [r for r in readable if (r.get("trigger") or {}).get("go_slow")]
+def cell_result(records: Sequence[ResultRow | dict[str, Any]], k: int, seed: int,
+                resamples: int = BOOTSTRAP_RESAMPLES) -> CellResult:
+    """A cell's numbers from its results.jsonl rows (labelled images only; an error is wrong for both)."""
+    from fgvr.pipeline import PATH_ERROR
+    from fgvr.records import as_rows
+
+    records = as_rows(records)
+    known = [r for r in records if r.known]
+    s1 = np.array([r.fast_prediction is not None and r.fast_prediction == r.label_id for r in known])
+    dual = np.array([bool(r.correct) for r in known])
+    readable = [r for r in records if r.path_taken != PATH_ERROR]
+    slow = [r for r in readable if (r.trigger or {}).get("go_slow")]
     return CellResult(
         k=k, seed=seed, n_test=len(known),
         system1=float(s1.mean()) if known else float("nan"), dual=float(dual.mean()) if known else float("nan"),
@@ -148,7 +157,7 @@ def cell_result(records: list[dict[str, Any]], k: int, seed: int, resamples: int
         delta=float((dual.astype(float) - s1).mean()) if known else float("nan"),
         delta_ci=bootstrap_interval(dual, s1, resamples=resamples),
         slow_rate=len(slow) / len(readable) if readable else None,
-        system2_calls_per_image=sum(1 for r in readable if r.get("slow_ran")) / len(readable) if readable else None,
+        system2_calls_per_image=sum(1 for r in readable if r.slow_ran) / len(readable) if readable else None,
         errors=len(records) - len(readable),
     )
 
@@ -418,8 +427,8 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     bench_file = out / "bench.json"
     state = json.loads(bench_file.read_text(encoding="utf-8")) if bench_file.is_file() else {"invocations": []}
     old = state.get("settings")
-    if old is not None and old != settings:
-        diff = ", ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in settings if old.get(k) != settings.get(k))
+    diff = ", ".join(identity_diff(old, settings, keys=settings)) if old is not None else ""
+    if diff:
         raise BenchError(f"{out} holds a bench made with other settings ({diff}). Rerun with the same settings "
                          "(other --shots/--seeds are fine), or pass a new --out.")
     train_csv, test_csv = out / "data" / "train.csv", out / "data" / "test.csv"
@@ -456,7 +465,8 @@ def _evaluate_options(o: dict[str, Any], vlm_word: str | None) -> list[str]:
 def _run_cell(b: _Bench, k: int, seed: int, tag: str, done_runs: list[Path]) -> CellResult:
     """One (k, seed) cell: reused when done with the same binding; else base (kept if built), evaluation."""
     from fgvr.data import read_dataset, split_k_shot
-    from fgvr.evaluate import RESULTS, read_results, run_evaluation
+    from fgvr.evaluate import run_evaluation
+    from fgvr.records import RESULTS, read_rows
     from fgvr.knowledge_base import build_knowledge_base
     from fgvr.pipeline import open_system
 
@@ -466,8 +476,9 @@ def _run_cell(b: _Bench, k: int, seed: int, tag: str, done_runs: list[Path]) -> 
     binding = {**b.settings, "k": k, "seed": seed}
     if cell_file.is_file():
         stored = json.loads(cell_file.read_text(encoding="utf-8"))
-        if stored.get("binding") != binding:
-            raise BenchError(f"{cell_file} was made with other settings; pass a new --out")
+        diff = identity_diff(stored.get("binding") or {}, binding)
+        if diff:
+            raise BenchError(f"{cell_file} was made with other settings ({'; '.join(diff)}); pass a new --out")
         b.invocation["cells_reused"].append(cell.name)
         b.say(f"{tag}: done before, reused")
         return CellResult(**{**stored["result"], **{f: tuple(stored["result"][f])
@@ -499,7 +510,7 @@ def _run_cell(b: _Bench, k: int, seed: int, tag: str, done_runs: list[Path]) -> 
                        progress=o["progress"], report=o["reports"], calibrate="run")
     times["evaluate_s"] = round(time.perf_counter() - t0, 2)
     planned = {str(s.path) for s in b.test}
-    result = cell_result([r for r in read_results(run_dir / RESULTS) if r["path"] in planned], k, seed)
+    result = cell_result([r for r in read_rows(run_dir / RESULTS) if r.path in planned], k, seed)
     result.seconds, result.commands = times, [build_cmd, eval_cmd]
     atomic_write_json(cell_file, {"binding": binding, "result": asdict(result)})
     b.invocation["cells_run"].append(cell.name)

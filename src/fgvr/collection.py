@@ -22,14 +22,16 @@ import glob
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from fgvr.data import IMAGE_SUFFIXES, DataError
 from fgvr.engine import LocalEngine  # noqa: F401 (re-exported: fgvr.collection.LocalEngine)
 from fgvr.io import atomic_write_bytes, atomic_write_text
-from fgvr.pipeline import Candidate, DualSystem, Result
+from fgvr.binding import EXPLAIN, MUST_MATCH, system_binding
+from fgvr.pipeline import DualSystem
+from fgvr.records import Prediction, result_from_dict  # noqa: F401 (re-exported: one record per image)
+from fgvr.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -107,38 +109,6 @@ def _read_list(path: Path) -> list[Path]:
     if not out:
         raise DataError(f"{path} lists no image paths")
     return out
-
-
-# ------------------------------------------------------------------------------------------------------
-# one record per image
-
-
-@dataclass
-class Prediction:
-    """What a collection run keeps per image: the answer, the top-k with scores, how it was reached."""
-
-    path: str
-    path_taken: str  # fast, slow, escalated-unavailable, escalated-failed, error
-    prediction: int | None = None
-    prediction_name: str | None = None
-    confidence: float | None = None
-    # top-k of System 1, each {id, name, score (the final one), fast, slow (None when System 2 did not run)}
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    trigger_score: float | None = None
-    error: str | None = None
-
-    @classmethod
-    def from_result(cls, r: Result) -> "Prediction":
-        cands = [{"id": c.id, "name": c.name, "score": c.final if c.final is not None else c.fast,
-                  "fast": c.fast, "slow": c.slow} for c in r.candidates]
-        score = (r.trigger or {}).get("score")
-        return cls(r.path, r.path_taken, r.prediction, r.prediction_name, r.confidence, cands,
-                   None if score is None else float(score), r.error)
-
-
-def result_from_dict(d: dict[str, Any]) -> Result:
-    """The inverse of `Result.to_dict` (records cross process boundaries as JSON)."""
-    return Result(**{**d, "candidates": [Candidate(**c) for c in d.get("candidates") or []]})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -249,15 +219,12 @@ def classify_collection(system: DualSystem, source: str | Path, out: str | Path,
     the CLI). `config` is what the run is bound to (kb, encoder); the trigger and System 2 are added here."""
     from tqdm import tqdm
 
-    from fgvr.evaluate import check_config, system_binding
-
     out = Path(out)
     paths = list_source(source)
     # the trigger's threshold is bound too (a budget is calibrated on the support set here, never on the run)
     config = {**config, **system_binding(system), "threshold": system.trigger.threshold, "data": str(source),
               "calibrate": "support", "format": fmt}
-    out.mkdir(parents=True, exist_ok=True)
-    check_config(out, config)
+    RunDir(out).bind(config, MUST_MATCH, EXPLAIN)
     writer = ShardWriter(out, fmt, shard_size)
     todo = [p for p in paths if p not in writer.done]
     if writer.done and todo:
@@ -270,7 +237,7 @@ def classify_collection(system: DualSystem, source: str | Path, out: str | Path,
         for chunk, results in engine.classify(todo):
             records = []
             for p, r in zip(chunk, results):
-                rec = asdict(Prediction.from_result(r))
+                rec = Prediction.from_result(r).to_dict()
                 rec["path"] = p
                 records.append(rec)
             for rec in records:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fgvr.errors import RunMismatchError
 from fgvr.stats import mcnemar_exact, paired_bootstrap
+
+if TYPE_CHECKING:
+    from fgvr.records import ResultRow
 
 
 class CompareError(RunMismatchError, ValueError):
@@ -52,13 +55,13 @@ class Comparison:
         ])
 
 
-def _records(run: Path) -> dict[str, dict[str, Any]]:
-    from fgvr.evaluate import RESULTS, read_results
+def _records(run: Path) -> dict[str, ResultRow]:
+    from fgvr.records import RESULTS, read_rows
 
     f = run / RESULTS
     if not f.is_file():
         raise CompareError(f"{run} has no {RESULTS}: pass a folder written by `fgvr evaluate --out`")
-    return {r["path"]: r for r in read_results(f, repair=False) if r.get("label_id") is not None}
+    return {r.path: r for r in read_rows(f, repair=False) if r.known}
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 10000, seed: int = 0) -> Comparison:
@@ -75,12 +78,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, n_boot: int = 10000, s
     if not a:
         raise CompareError(f"{run_a} and {run_b} have no labelled image of a known class to compare")
     paths = sorted(a)
-    wrong_label = [p for p in paths if a[p].get("label") != b[p].get("label")]
+    wrong_label = [p for p in paths if a[p].label != b[p].label]
     if wrong_label:
         raise CompareError(f"the runs label {len(wrong_label)} image(s) differently (e.g. {wrong_label[0]}): "
                            "they were evaluated on different data")
-    ca = [bool(a[p].get("correct")) for p in paths]
-    cb = [bool(b[p].get("correct")) for p in paths]
+    ca = [bool(a[p].correct) for p in paths]
+    cb = [bool(b[p].correct) for p in paths]
     boot = paired_bootstrap([float(x) for x in cb], [float(x) for x in ca], n_boot=n_boot, seed=seed)
     test = mcnemar_exact(ca, cb)
     return Comparison(str(run_a), str(run_b), len(paths), sum(ca) / len(paths), sum(cb) / len(paths),

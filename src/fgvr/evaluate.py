@@ -39,103 +39,32 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 
+from fgvr.binding import EXPLAIN, MUST_MATCH, data_digest, system_binding
 from fgvr.data import Dataset
 from fgvr.errors import InputError, RunMismatchError, System2Error
 from fgvr.fast_path import system1
-from fgvr.io import atomic_write_bytes, atomic_write_json, with_filename
-from fgvr.pipeline import (PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem,
-                           Result)
+from fgvr.io import atomic_write_bytes, atomic_write_json
+from fgvr.pipeline import PATH_ERROR, PATH_SLOW_FAILED, DualSystem, Result
+from fgvr.records import RESULTS, ResultRow, as_rows, read_results, read_rows, results_journal
+from fgvr.run_dir import RunDir
+from fgvr.summary import budget_curve, summarise
 from fgvr.trigger import Trigger
 
-RESULTS = "results.jsonl"
+__all__ = ["EMBED_DIR", "RESULTS", "SUMMARY", "EmbeddingCache", "EvaluateError", "budget_curve", "plan",
+           "read_results", "run_evaluation", "summarise", "support_files"]
+
 SUMMARY = "summary.json"
-RUN_CONFIG = "run.json"
 EMBED_DIR = "embeddings"
-CURVE_BUDGETS = [round(0.05 * i, 2) for i in range(21)]
 PEAKS = "peak_memory.json"
 log = logging.getLogger(__name__)
-# What a record depends on; a restart must match them ("limit" too when the run calibrates on itself).
-_MUST_MATCH = ("kb_digest", "data_digest", "experience_digest", "encoder", "system2", "system2_spec", "threshold",
-               "budget", "calibrate", "top_k", "weight", "slow_all", "n_rules", "rationale", "max_image_pixels")
-_WHAT = {"kb_digest": "the knowledge base's content (rebuilt or changed since)",
-         "data_digest": "the data list (images or labels added, removed or relabelled)",
-         "experience_digest": "the experience rules of the base", "limit": "--limit (the threshold was "
-         "calibrated on the first run's images)"}
 
 
 class EvaluateError(RunMismatchError, RuntimeError):
     """The run cannot start or continue; the message says what to do."""
-
-
-# ------------------------------------------------------------------------------------------------------
-# results.jsonl: append, fsync, resume
-
-
-def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
-    """Records of a results file, first record per path kept.
-
-    A torn last line (a crash mid-write) is cut from the file when `repair`, so the next append starts on
-    a clean line and that image is redone. A bad line in the middle (not written by us) is reported on
-    stderr and skipped, so its image is redone too.
-    """
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1  # everything before `cut` is complete lines
-    records = []
-    for n, line in enumerate(data[:cut].split(b"\n")[:-1], 1):
-        rec = _parse(line)
-        if rec is not None:
-            records.append(rec)
-        elif line.strip():
-            log.warning("%s, line %d is not a result record; skipping it (that image is redone)", path, n)
-    tail = data[cut:]
-    if tail.strip():
-        rec = _parse(tail)
-        if rec is not None:  # complete record, only its newline missing
-            records.append(rec)
-            if repair:
-                with path.open("ab") as f:
-                    f.write(b"\n")
-        elif repair:
-            log.warning("%s ended in a partly written line (the last run was interrupted); dropping it and "
-                        "redoing that image", path)
-            with path.open("r+b") as f:
-                f.truncate(cut)
-                f.flush()
-                os.fsync(f.fileno())
-    seen, unique = set(), []
-    for r in records:
-        if r["path"] not in seen:
-            seen.add(r["path"])
-            unique.append(r)
-    return unique
-
-
-def _parse(line: bytes) -> dict[str, Any] | None:
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) and "path" in rec else None
-
-
-def append_results(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records as JSON lines and fsync, so a batch on disk survives a kill -9 or a power cut.
-    A batch is written with one write call, so a full disk leaves at most a torn last line (cut on resume)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    try:
-        with path.open("ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise with_filename(e, path) from e
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -167,97 +96,6 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
     if limit is not None:
         items = items[: max(0, limit)]
     return [(p, label, index.get(label)) for p, label in items], unknown
-
-
-def _digest(obj: Any) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-
-    def feed(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-        elif isinstance(x, dict):
-            h.update(b"{")
-            for k in sorted(x, key=str):
-                feed(str(k))
-                feed(x[k])
-            h.update(b"}")
-        elif isinstance(x, (list, tuple)):
-            h.update(b"[")
-            for v in x:
-                feed(v)
-            h.update(b"]")
-        else:
-            h.update(json.dumps(x, default=str).encode() + b"\0")
-
-    feed(obj)
-    return h.hexdigest()[:32]
-
-
-def knowledge_base_digest(kb: Any) -> str:
-    """The content of a base as System 1, the trigger and System 2 see it: tensors, classes, fusion,
-    statistics, descriptions, encoder and the support list (what the re-ranker matches against). Not its
-    path or build time: the same content at another path is the same base."""
-    stats = getattr(kb, "stats", None)
-    manifest = getattr(kb, "manifest", None) or {}
-    return _digest({
-        "classes": list(kb.classes), "encoder": getattr(kb, "encoder_key", None),
-        "prototypes": kb.prototypes, "exemplars": getattr(kb, "exemplars", None),
-        "exemplar_labels": getattr(kb, "exemplar_labels", None), "text": getattr(kb, "text_prototypes", None),
-        "stats": stats.tensors() if stats is not None and hasattr(stats, "tensors") else None,
-        "fusion": getattr(kb, "fusion", None), "descriptions": getattr(kb, "descriptions", None),
-        "support": manifest.get("support"), "data_root": (manifest.get("data") or {}).get("root"),
-    })
-
-
-def data_digest(dataset: Dataset) -> str:
-    """The data list: every (resolved path, label) pair and the class list, order-free."""
-    return _digest({"classes": sorted(dataset.classes),
-                    "samples": sorted((str(Path(s.path).resolve()), s.label) for s in dataset.samples)})
-
-
-def _experience_digest(system: Any) -> str | None:
-    lib = getattr(system, "experience", None)
-    rules = getattr(lib, "rules", None)
-    if not rules:
-        return None
-    return _digest([r.to_json() if hasattr(r, "to_json") else str(r) for r in rules])
-
-
-def _show(key: str, value: Any) -> str:
-    return f"{value[:12]}…" if key.endswith("_digest") and isinstance(value, str) else repr(value)
-
-
-def check_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Write run.json on the first start; on a restart refuse inputs or settings that differ. Returns what
-    is stored (a restart keeps the threshold calibrated the first time)."""
-    f = out / RUN_CONFIG
-    if f.is_file():
-        try:
-            old = json.loads(f.read_text(encoding="utf-8"))
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise EvaluateError(f"{f} cannot be read ({e}): it is not a run of this fgvr; start fresh with a new "
-                                f"--out folder (or delete {out})") from None
-        must = _MUST_MATCH + (("limit",) if config.get("calibrate") == "run" else ())
-        diff = [k for k in must if old.get(k) != config.get(k)]
-        if diff:
-            lines = "; ".join(f"{_WHAT.get(k, k)}: {_show(k, old.get(k))} then, {_show(k, config.get(k))} now"
-                              for k in diff)
-            raise EvaluateError(
-                f"{out} holds a run made with other settings or inputs ({lines}). Resume with the same "
-                f"inputs and settings, or start fresh: pass a new --out folder (or delete {out})."
-            )
-        stored = {**old, **config}  # keeps the threshold calibrated the first time
-        if old.get("limit") != config.get("limit"):
-            atomic_write_json(f, stored)  # run.json says what the run now covers
-        return stored
-    atomic_write_json(f, config)
-    return dict(config)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -302,7 +140,9 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
                 batch_size: int, progress: bool, report: bool, calibrate: str, engine: Any) -> dict[str, Any]:
     kb = system.kb
     calibrate_on = calibrate if system.trigger.budget is not None else None
-    stored = check_config(out, _run_config(system, dataset, config, calibrate_on, limit))
+    must = MUST_MATCH + (("limit",) if calibrate_on == "run" else ())
+    run = RunDir(out, error=EvaluateError)
+    stored = run.bind(_run_config(system, dataset, config, calibrate_on, limit), must, EXPLAIN)
     support = support_files(kb)
     from fgvr.rules import experience_images
 
@@ -314,10 +154,10 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
     if n_experience:
         log.warning("leaving out %d image(s) of %s that the experience build used (its rules were chosen on "
                     "them)", n_experience, dataset.root)
-    results_file = out / RESULTS
+    results = results_journal(out / RESULTS)
     planned = {p for p, _, _ in items}
-    previous = [r for r in read_results(results_file) if r["path"] in planned]
-    done = {r["path"] for r in previous}
+    previous = [r for r in as_rows(results.read()) if r.path in planned]
+    done = {r.path for r in previous}
     todo = [it for it in items if it[0] not in done]
     if done and todo:
         log.info("resuming %s: %d of %d image(s) already done", out, len(items) - len(todo), len(items))
@@ -329,14 +169,14 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
     if calibrate_on == "run":
         cache = _encode_pass(engine or LocalEngine(system, batch_size), EmbeddingCache(out / EMBED_DIR), todo,
                              progress)
-    trigger, stored = _settle_threshold(system, calibrate_on, stored, cache, items, out)
+    trigger, stored = _settle_threshold(system, calibrate_on, stored, cache, items, run)
     system = system.with_trigger(trigger)  # the run's own copy: the caller's system is left as it is
     engine = engine.with_system(system) if engine is not None else LocalEngine(system, batch_size)
-    _classify_pass(system, engine, items, todo, previous, results_file, cache, out, progress)
+    _classify_pass(system, engine, items, todo, previous, results, cache, out, progress)
     wall = time.perf_counter() - t0
     peaks = _record_peak(out, system)
 
-    records = _records_in_plan_order(results_file, items)
+    records = _records_in_plan_order(results.path, items)
     summary = summarise(records, kb.classes, unknown)
     summary["support_images_excluded"] = n_support
     summary["experience_images_excluded"] = n_experience
@@ -356,21 +196,6 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
         write_report(out, summary)
     check_system2(summary, system, out)
     return summary
-
-
-def system_binding(system: DualSystem) -> dict[str, Any]:
-    """Every setting of a system that changes its answers, with digests of its base and experience rules:
-    what a resumable run (`fgvr evaluate`, `fgvr classify --out`) is bound to besides its data."""
-    from fgvr.data import max_decoded_pixels
-
-    slow_spec = getattr(system.slow, "spec", None)
-    return {"threshold": None if system.trigger.budget is not None else system.trigger.threshold,
-            "budget": system.trigger.budget, "top_k": system.k, "weight": system.weight,
-            "slow_all": system.slow_all, "system2": getattr(system.slow, "name", None) if system.slow else None,
-            "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
-            "rationale": bool(getattr(system.slow, "rationale", False)),
-            "kb_digest": knowledge_base_digest(system.kb), "experience_digest": _experience_digest(system),
-            "max_image_pixels": max_decoded_pixels()}
 
 
 def _run_config(system: DualSystem, dataset: Dataset, config: dict[str, Any], calibrate_on: str | None,
@@ -407,7 +232,7 @@ def _encode_pass(engine: Any, cache: "EmbeddingCache", todo: list, progress: boo
 
 
 def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict, cache: "EmbeddingCache | None",
-                      items: list, out: Path) -> tuple[Trigger, dict]:
+                      items: list, run: RunDir) -> tuple[Trigger, dict]:
     """(the trigger this run uses, run.json's content): a calibrated threshold is stored in run.json the
     first time and read back on a resume, so a resumed run decides with the same threshold."""
     trigger = system.trigger
@@ -426,36 +251,31 @@ def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict
         if trigger.threshold is None:
             trigger = trigger.calibrated_on_support(kb, w=system.w, tau=system.tau)
         stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on": "support, leave-one-out"}
-    atomic_write_json(out / RUN_CONFIG, stored)
+    stored = run.update(**stored)
     log.debug("trigger threshold %.4f, calibrated on the %s for a budget of %s", trigger.threshold,
               calibrate_on, trigger.budget)
     return trigger, stored
 
 
-def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, previous: list[dict],
-                   results_file: Path, cache: "EmbeddingCache | None", out: Path, progress: bool) -> None:
-    """Classify `todo` through the engine, appending each batch's records to the results file."""
+def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, previous: list[ResultRow],
+                   results: Any, cache: "EmbeddingCache | None", out: Path, progress: bool) -> None:
+    """Classify `todo` through the engine, appending each batch's rows to the results journal."""
     from tqdm import tqdm
 
-    n_known = sum(1 for r in previous if r.get("label_id") is not None)
-    n_right = sum(1 for r in previous if r.get("correct"))
+    n_known = sum(1 for r in previous if r.known)
+    n_right = sum(1 for r in previous if r.correct)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="evaluate", unit="img",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     labels = {p: (label, cid) for p, label, cid in todo}
-    for paths, results in engine.classify([p for p, _, _ in todo], cache):
+    for paths, got in engine.classify([p for p, _, _ in todo], cache):
         batch = [(p, *labels[p]) for p in paths]
-        records = []
-        for (p, label, cid), res in zip(batch, results):
-            rec = res.to_dict()
-            rec["path"] = p
-            rec["label"] = label
-            rec["label_id"] = cid
-            rec["correct"] = None if cid is None else (res.prediction == cid)
-            records.append(rec)
-            if cid is not None:
-                n_known += 1
-                n_right += bool(rec["correct"])
-        append_results(results_file, records)
+        rows = []
+        for (p, label, cid), res in zip(batch, got):
+            res.path = p
+            rows.append(ResultRow.of(res, label, cid))
+        written = results.append([r.to_dict() for r in rows])
+        n_known += sum(1 for r in written if r["label_id"] is not None)
+        n_right += sum(1 for r in written if r["correct"])
         _record_peak(out, system)
         bar.update(len(batch))
         if n_known:
@@ -463,8 +283,8 @@ def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, pre
     bar.close()
 
 
-def _records_in_plan_order(results_file: Path, items: list) -> list[dict[str, Any]]:
-    """The run's records in plan order; an engine that finished out of order has its file rewritten so."""
+def _records_in_plan_order(results_file: Path, items: list) -> list[ResultRow]:
+    """The run's rows in plan order; an engine that finished out of order has its file rewritten so."""
     planned = {p for p, _, _ in items}
     everything = read_results(results_file)
     records = [r for r in everything if r["path"] in planned]
@@ -474,7 +294,7 @@ def _records_in_plan_order(results_file: Path, items: list) -> list[dict[str, An
         rest = [r for r in everything if r["path"] not in planned]
         atomic_write_bytes(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                  for r in records + rest).encode("utf-8"))
-    return records
+    return as_rows(records)
 
 
 def check_system2(summary: dict[str, Any], system: DualSystem, out: Path) -> None:
@@ -484,8 +304,8 @@ def check_system2(summary: dict[str, Any], system: DualSystem, out: Path) -> Non
         return
     failed = summary["paths"].get(PATH_SLOW_FAILED, {}).get("n", 0)
     if failed and summary["system2_calls"] == 0:
-        errors = [r for r in read_results(out / RESULTS, repair=False) if r.get("path_taken") == PATH_SLOW_FAILED]
-        reason = errors[0].get("error") if errors else "unknown"
+        errors = [r for r in read_rows(out / RESULTS, repair=False) if r.path_taken == PATH_SLOW_FAILED]
+        reason = errors[0].error if errors else "unknown"
         raise System2Error(
             f"System 2 failed for all {failed} image(s) sent to it, so every answer in {out} is System 1's "
             f"(first error: {reason}); fix the cause and start fresh with a new --out"
@@ -603,106 +423,3 @@ def peak_memory(device: str = "cpu") -> dict[str, Any]:
     except ProbeUnavailable as e:
         out["cuda"] = f"not measured: {e}"
     return out
-
-
-# ------------------------------------------------------------------------------------------------------
-# summary
-
-
-def _acc(rows: list[dict[str, Any]]) -> float | None:
-    return (sum(1 for r in rows if r.get("correct")) / len(rows)) if rows else None
-
-
-def _pct(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    a = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
-
-
-def budget_curve(records: list[dict[str, Any]], budgets: list[float] = CURVE_BUDGETS) -> dict[str, Any]:
-    """Accuracy if a fraction b of the labelled, readable images (the most uncertain) had gone slow.
-
-    Points whose top-b images include one without a System 2 answer are not computable and are left out.
-    """
-    rows = [r for r in records if r.get("label_id") is not None and r.get("path_taken") != PATH_ERROR
-            and r.get("trigger")]
-    rows.sort(key=lambda r: (-(r["trigger"]["score"] if r["trigger"]["score"] is not None else 0.0), r["path"]))
-    n = len(rows)
-    points = []
-    for b in budgets:
-        m = int(round(b * n))
-        if any(r.get("slow_prediction") is None for r in rows[:m]):
-            continue
-        right = sum(r["slow_prediction"] == r["label_id"] for r in rows[:m])
-        right += sum(r["fast_prediction"] == r["label_id"] for r in rows[m:])
-        points.append({"budget": b, "slow_images": m, "accuracy": right / n if n else None})
-    has_slow = sum(1 for r in rows if r.get("slow_prediction") is not None)
-    return {"points": points, "n": n, "images_with_slow_answer": has_slow,
-            "exact": "all budgets" if n and has_slow == n else f"budgets up to {has_slow / n:.3f}" if n else "none"}
-
-
-def summarise(records: list[dict[str, Any]], classes: list[str], unknown: list[str]) -> dict[str, Any]:
-    """Everything `summary.json` holds except run timings and memory; a function of the records alone."""
-    known = [r for r in records if r.get("label_id") is not None]
-    readable = [r for r in records if r.get("path_taken") != PATH_ERROR]
-    known_readable = [r for r in known if r.get("path_taken") != PATH_ERROR]
-    c = len(classes)
-    confusion = [[0] * c for _ in range(c)]
-    per_class: dict[str, dict[str, Any]] = {}
-    for r in known:
-        name = classes[r["label_id"]]
-        pc = per_class.setdefault(name, {"n": 0, "correct": 0})
-        pc["n"] += 1
-        pc["correct"] += bool(r.get("correct"))
-        if r.get("prediction") is not None:
-            confusion[r["label_id"]][r["prediction"]] += 1
-    for pc in per_class.values():
-        pc["accuracy"] = pc["correct"] / pc["n"]
-    per_class = dict(sorted(per_class.items()))
-
-    paths: dict[str, dict[str, Any]] = {}
-    for name in (PATH_FAST, PATH_SLOW, PATH_UNAVAILABLE, PATH_SLOW_FAILED, PATH_ERROR):
-        rows = [r for r in records if r.get("path_taken") == name]
-        if rows:
-            paths[name] = {"n": len(rows), "accuracy": _acc([r for r in rows if r.get("label_id") is not None])}
-    triggered = [r for r in readable if r.get("trigger") and r["trigger"].get("go_slow")]
-    slowed = [r for r in known_readable if r.get("path_taken") == PATH_SLOW]
-    ran = [r for r in readable if r.get("slow_ran")]
-    unknown_preds: dict[str, dict[str, int]] = {}
-    for r in records:
-        if r.get("label_id") is None and r.get("prediction_name") is not None:
-            d = unknown_preds.setdefault(r["label"], {})
-            d[r["prediction_name"]] = d.get(r["prediction_name"], 0) + 1
-    n_read = max(1, len(readable))
-    from fgvr.metrics import classification_metrics
-
-    return {
-        **classification_metrics(records, classes),  # acc1/acc5, balanced accuracy, macro-F1, ECE (fgvr.metrics)
-        "n_images": len(records),
-        "n_labelled_known": len(known),
-        "n_errors": len(records) - len(readable),
-        "errors": [{"path": r["path"], "error": r.get("error")} for r in records if r.get("path_taken") == PATH_ERROR],
-        "accuracy": _acc(known),
-        "accuracy_readable": _acc(known_readable),
-        "accuracy_system1_alone": (sum(r["fast_prediction"] == r["label_id"] for r in known_readable)
-                                   / len(known_readable)) if known_readable else None,
-        "per_class": per_class,
-        "confusion": {"classes": classes, "rows": "true class", "columns": "predicted class", "matrix": confusion},
-        "unknown_classes": unknown,
-        "unknown_class_images": len(records) - len(known),
-        "unknown_class_predictions": unknown_preds,
-        "slow_rate": len(triggered) / n_read if readable else None,
-        "paths": paths,
-        "slowed_images": {"n": len(slowed),
-                          "system1_accuracy": (sum(r["fast_prediction"] == r["label_id"] for r in slowed) / len(slowed))
-                          if slowed else None,
-                          "final_accuracy": _acc(slowed)},
-        "system2_calls": len(ran),
-        "system2_calls_per_image": len(ran) / n_read if readable else None,
-        "tokens_in_per_image": sum(r.get("slow_tokens_in", 0) for r in readable) / n_read if readable else None,
-        "tokens_out_per_image": sum(r.get("slow_tokens_out", 0) for r in readable) / n_read if readable else None,
-        "latency_s": _pct([r["timings"]["total"] for r in readable if r.get("timings", {}).get("total") is not None]),
-        "budget_curve": budget_curve(records),
-    }

@@ -157,7 +157,7 @@ def _add_run_routes(api: FastAPI, service: Service) -> None:
     @api.get("/v1/runs/{name}/cell")
     async def cell(name: str, true: int, pred: int, limit: int = 60) -> dict:
         recs = _runs().records(name)
-        hits = [(i, r) for i, r in enumerate(recs) if r.get("label_id") == true and r.get("prediction") == pred]
+        hits = [(i, r) for i, r in enumerate(recs) if r.label_id == true and r.prediction == pred]
         items = [cell_item(name, i, r) for i, r in hits[: max(0, min(limit, 200))]]
         return {"true": true, "pred": pred, "count": len(hits), "items": items}
 
@@ -168,7 +168,7 @@ def _add_run_routes(api: FastAPI, service: Service) -> None:
             raise UploadError(404, f"run {name} has no record {n}")
         try:
             data = await asyncio.get_running_loop().run_in_executor(
-                None, service.thumbnail, f"run:{name}", n, recs[n]["path"])
+                None, service.thumbnail, f"run:{name}", n, recs[n].path)
         except ImageError as e:
             raise UploadError(404, f"image of record {n} cannot be read now: {e.reason}") from None
         return Response(data, media_type="image/jpeg")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fgvr.serve.settings import UploadError
+
+if TYPE_CHECKING:
+    from fgvr.records import ResultRow
 
 
 class RunBrowser:
@@ -33,27 +36,27 @@ class RunBrowser:
     def summary(self, name: str) -> dict[str, Any]:
         return json.loads((self.get(name) / "summary.json").read_text())
 
-    def records(self, name: str) -> list[dict[str, Any]]:
-        from fgvr.evaluate import RESULTS, read_results
+    def records(self, name: str) -> list[ResultRow]:
+        from fgvr.records import RESULTS, read_rows
 
         f = self.get(name) / RESULTS
         mtime = f.stat().st_mtime if f.is_file() else 0.0
         hit = self._cache.get(name)
         if hit is None or hit[0] != mtime:
-            hit = (mtime, read_results(f, repair=False))  # never modify a run from here
+            hit = (mtime, read_rows(f, repair=False))  # never modify a run from here
             self._cache[name] = hit
         return hit[1]
 
 
-def cell_item(name: str, i: int, r: dict[str, Any]) -> dict[str, Any]:
+def cell_item(name: str, i: int, r: ResultRow) -> dict[str, Any]:
     """One record of a run as the confusion-cell view shows it (candidates best first)."""
-    cands = sorted(r.get("candidates") or [], key=lambda c: -(c.get("final") if c.get("final") is not None
-                                                                else c.get("fast") or 0))
-    t = r.get("trigger") or {}
-    return {"n": i, "file": Path(r["path"]).name, "label": r.get("label"),
-            "prediction": r.get("prediction_name"), "path_taken": r.get("path_taken"),
-            "confidence": r.get("confidence"), "image": f"/v1/runs/{name}/image/{i}",
+    def score(c: Any) -> float:
+        return c.final if c.final is not None else c.fast
+
+    t = r.trigger or {}
+    return {"n": i, "file": Path(r.path).name, "label": r.label,
+            "prediction": r.prediction_name, "path_taken": r.path_taken,
+            "confidence": r.confidence, "image": f"/v1/runs/{name}/image/{i}",
             "trigger": {"score": t.get("score"), "threshold": t.get("threshold")},
-            "candidates": [{"label": c.get("name"), "score": c.get("final") if c.get("final") is not None
-                            else c.get("fast"), "fast": c.get("fast"), "slow": c.get("slow")}
-                           for c in cands]}
+            "candidates": [{"label": c.name, "score": score(c), "fast": c.fast, "slow": c.slow}
+                           for c in sorted(r.candidates, key=lambda c: -(score(c) or 0))]}

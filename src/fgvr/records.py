@@ -1,0 +1,114 @@
+"""The records that cross modules, typed: a result row of `fgvr evaluate` (results.jsonl, read by compare,
+bench, serve's run browser and the summary) and a prediction row of `fgvr classify --out` (the shards).
+
+Each is a dataclass with `to_dict` / `from_dict`; the JSON keys on disk are the dataclass fields, so a
+reader names a field (`row.label_id`) instead of guessing with `r.get("label_id")`. `from_dict` takes what
+an older or newer fgvr wrote: a missing field gets its default, an unknown one is ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from fgvr.pipeline import Candidate, Result
+from fgvr.run_dir import Journal
+
+RESULTS = "results.jsonl"
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def result_from_dict(d: dict[str, Any]) -> Result:
+    """The inverse of `Result.to_dict` (records cross process boundaries as JSON)."""
+    return Result(**{**_known(Result, d), "candidates": [Candidate(**c) for c in d.get("candidates") or []]})
+
+
+@dataclass
+class ResultRow(Result):
+    """One line of results.jsonl: an image's `Result` and its label (`label_id` None for a class the base
+    does not know; `correct` None then too)."""
+
+    label: str | None = None
+    label_id: int | None = None
+    correct: bool | None = None
+
+    @classmethod
+    def of(cls, result: Result, label: str | None, label_id: int | None) -> "ResultRow":
+        d = {f.name: getattr(result, f.name) for f in fields(Result)}
+        return cls(**d, label=label, label_id=label_id,
+                   correct=None if label_id is None else result.prediction == label_id)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ResultRow":
+        return cls(**{"path_taken": "", **_known(cls, d),
+                      "candidates": [Candidate(**c) for c in d.get("candidates") or []]})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def known(self) -> bool:
+        """Labelled with a class of the base (the only images accuracy can count)."""
+        return self.label_id is not None
+
+    @property
+    def score(self) -> float | None:
+        """The trigger's doubt score, where the trigger ran."""
+        return (self.trigger or {}).get("score")
+
+
+def as_rows(records: Iterable[ResultRow | dict[str, Any]]) -> list[ResultRow]:
+    """Rows from rows or from their JSON dicts."""
+    return [r if isinstance(r, ResultRow) else ResultRow.from_dict(r) for r in records]
+
+
+def results_journal(path: Path) -> Journal:
+    """results.jsonl as a journal keyed by image path."""
+    return Journal(path, key=lambda r: r["path"], valid=lambda r: "path" in r)
+
+
+def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
+    """The JSON records of a results file, first record per path kept (see `fgvr.run_dir.Journal`: a torn
+    last line is cut when `repair`; a bad line in the middle is skipped, so its image is redone)."""
+    return results_journal(Path(path)).read(repair)
+
+
+def read_rows(path: Path, repair: bool = True) -> list[ResultRow]:
+    """`read_results` as typed rows."""
+    return [ResultRow.from_dict(d) for d in read_results(path, repair)]
+
+
+@dataclass
+class Prediction:
+    """What a collection run keeps per image: the answer, the top-k with scores, how it was reached."""
+
+    path: str
+    path_taken: str  # fast, slow, escalated-unavailable, escalated-failed, error
+    prediction: int | None = None
+    prediction_name: str | None = None
+    confidence: float | None = None
+    # top-k of System 1, each {id, name, score (the final one), fast, slow (None when System 2 did not run)}
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    trigger_score: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_result(cls, r: Result) -> "Prediction":
+        cands = [{"id": c.id, "name": c.name, "score": c.final if c.final is not None else c.fast,
+                  "fast": c.fast, "slow": c.slow} for c in r.candidates]
+        score = (r.trigger or {}).get("score")
+        return cls(r.path, r.path_taken, r.prediction, r.prediction_name, r.confidence, cands,
+                   None if score is None else float(score), r.error)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Prediction":
+        return cls(**_known(cls, d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
