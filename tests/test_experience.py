@@ -562,5 +562,15 @@ def test_log_survives_a_line_cut_by_a_kill(tmp_path):
     assert log.rejected == [{"classes": ["shirt"], "rule": "x"}]
     log.write("rejected", 1, "a", rule={"classes": ["shirt"], "rule": "x"})  # already logged: not again
     log.write("accepted", 1, "c", id="r1")
-    lines = f.read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[2])["event"] == "accepted"
+    lines = f.read_text().splitlines()  # the cut line dropped, the repeat not written, the new line whole
+    assert [json.loads(x)["image"] for x in lines] == ["a", "c"] and json.loads(lines[1])["event"] == "accepted"
+
+
+def test_a_resume_on_other_held_out_images_is_refused_naming_what_differs(kb_copy):
+    kb, data = kb_copy
+    _run_scripted(kb, data, reflector=ScriptedReflector([]), max_per_class=3, rounds=1)
+    progress = (kb / "experience" / "progress.json").read_bytes()
+    with pytest.raises(ExperienceError, match=r"another build \(the held-out images or their parts: \S+ then, "
+                                              r"\S+ now\); rerun with --fresh"):
+        _run_scripted(kb, data, reflector=ScriptedReflector([]), max_per_class=6, rounds=1)
+    assert (kb / "experience" / "progress.json").read_bytes() == progress  # nothing of the first build lost

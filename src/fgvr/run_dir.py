@@ -16,7 +16,8 @@ here once:
   kill leaves the previous state or the new one, never half of one; `identity_key` names content-addressed
   partial work (a file whose name is the digest of what made it).
 
-One writer at a time is `fgvr.locks.output_lock`'s job; a `RunDir` assumes its caller holds it.
+One writer at a time is `fgvr.locks.output_lock`'s job (`RunDir.lock`); the other methods assume the
+caller holds it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import json
 import logging
 import os
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 from fgvr.errors import RunMismatchError
 from fgvr.io import atomic_write_json, with_filename
+from fgvr.locks import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,7 @@ class Checkpoint:
 @dataclass
 class RunDir:
     """One run folder (see the module docstring). `error` is the exception family a refused resume
-    raises (a `RunMismatchError`, exit code 6), `command` the word that names its folder flag."""
+    raises (a `RunMismatchError`, exit code 6), `flag` the option that names the folder in messages."""
 
     path: Path
     error: type[Exception] = RunMismatchError
@@ -242,3 +245,7 @@ class RunDir:
 
     def checkpoint(self, name: str) -> Checkpoint:
         return Checkpoint(self.path / name)
+
+    def lock(self, command: str) -> AbstractContextManager[Path]:
+        """One writer at a time (`fgvr.locks.output_lock`): a second gets a LockedError naming the first."""
+        return output_lock(self.path, command)

@@ -61,6 +61,7 @@ from PIL import Image
 
 from fgvr.backends import (LETTERS, BackendError, BackendOptions, Generated, OptionScores, fit_pixels, is_served,
                            user_turn)
+from fgvr.run_dir import Journal
 
 NAME = "openai"
 MODES = ("logprob_token_ids", "top_logprobs", "choice", "letter")
@@ -147,19 +148,17 @@ class _Http:
 
 
 class AnswerCache:
-    """Answers already received, appended one JSON line each (a torn last line after a kill is ignored)."""
+    """Answers already received, appended one JSON line each to a `fgvr.run_dir.Journal` keyed by the
+    request's digest (a torn last line after a kill is dropped; an answer is never stored twice)."""
 
     def __init__(self, folder: Path | None) -> None:
         self.path = None if folder is None else Path(folder) / CACHE_FILE
         self.answers: dict[str, Any] = {}
         self._lock = threading.Lock()
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_bytes().split(b"\n"):
-                try:
-                    rec = json.loads(line)
-                    self.answers[rec["key"]] = rec["response"]
-                except (ValueError, KeyError, TypeError):
-                    continue
+        self.journal = None if self.path is None else Journal(self.path, key=lambda r: r["key"],
+                                                              valid=lambda r: "response" in r)
+        if self.journal is not None:
+            self.answers = {rec["key"]: rec["response"] for rec in self.journal.read()}
 
     @staticmethod
     def key(body: dict) -> str:
@@ -171,12 +170,9 @@ class AnswerCache:
     def put(self, key: str, response: Any) -> None:
         if self.path is None:
             return
-        line = json.dumps({"key": key, "response": response}) + "\n"
         with self._lock:
             self.answers[key] = response
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:  # flushed on close: a kill -9 loses nothing sent
-                f.write(line)
+            self.journal.append([{"key": key, "response": response}], fsync=False)  # flushed: a kill -9 loses nothing sent
 
 
 def image_data_uri(image: Image.Image, max_pixels: int, min_pixels: int) -> tuple[str, str]:

@@ -15,7 +15,8 @@ from fgvr.experience.loop import Build
 from fgvr.experience.reflection import Reflector, VlmReflector
 from fgvr.experience.scoring import Scorer
 from fgvr.experience.similarity import TextSimilarity
-from fgvr.io import atomic_write_bytes, atomic_write_json, read_json
+from fgvr.io import atomic_write_bytes
+from fgvr.run_dir import Checkpoint, identity_diff
 from fgvr.rules import EXPERIENCE_DIR, FORMAT_VERSION, ExperienceError, ExperienceLibrary, Rule
 
 log = logging.getLogger("fgvr.experience")
@@ -58,6 +59,10 @@ def encode_items(kb: Any, items: list[Item], file: Path, summary: BuildSummary, 
     return kept, emb
 
 
+_EXPLAIN = {"classes": "the base's classes", "encoder": "the base's encoder", "k": "k (candidates per image)",
+            "validation": "the held-out images or their parts", "format_version": "the progress file's format"}
+
+
 def fingerprint_of(kb: Any, k: int, items: Sequence[Item]) -> dict:
     import hashlib
 
@@ -87,14 +92,16 @@ def start_build(kb: Any, kb_path: Path, dataset: Any, k: int, max_per_class: int
     from safetensors.torch import load_file
 
     exp_dir = kb_path / EXPERIENCE_DIR
-    progress_file, emb_file = exp_dir / PROGRESS_FILE, exp_dir / EMBEDDINGS_FILE
+    progress, emb_file = Checkpoint(exp_dir / PROGRESS_FILE), exp_dir / EMBEDDINGS_FILE
     items = held_out(kb, dataset, max_per_class, summary)
     fingerprint = fingerprint_of(kb, k, items)
-    if progress_file.is_file() and not fresh:
-        state = read_json(progress_file)
-        if state.get("format_version") != FORMAT_VERSION or state.get("fingerprint") != fingerprint:
+    if progress.exists() and not fresh:
+        state = progress.load()
+        diff = identity_diff({"format_version": state.get("format_version"), **(state.get("fingerprint") or {})},
+                             {"format_version": FORMAT_VERSION, **fingerprint}, explain=_EXPLAIN)
+        if diff:
             raise ExperienceError(
-                f"{progress_file} belongs to another build (other base, data or k); rerun with --fresh to "
+                f"{progress.path} belongs to another build ({'; '.join(diff)}); rerun with --fresh to "
                 "start over (accepted rules in rules.json are kept)"
             )
         if emb_file.is_file():
@@ -105,7 +112,7 @@ def start_build(kb: Any, kb_path: Path, dataset: Any, k: int, max_per_class: int
     state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "finished_rounds": 0, "round": 1,
              "done": [], "rules": [r.to_json() for r in lib0.rules], "items": [asdict(it) for it in items],
              "unreadable": summary.unreadable, "accuracy_before": None}
-    atomic_write_json(progress_file, state)
+    progress.save(state)
     return state, emb
 
 
@@ -158,7 +165,7 @@ def build_experience(
     scorer = Scorer(kb, slow, emb, [it.path for it in items],
                      k=k, weight=DEFAULT_WEIGHT if weight is None else weight, n_rules=n_rules)
     ctx = Build(state, items, lib, scorer, reflector, similarity or TextSimilarity(), ExperienceLog(exp_dir / LOG_FILE),
-                 summary, kb.classes, exp_dir / PROGRESS_FILE)
+                 summary, kb.classes, Checkpoint(exp_dir / PROGRESS_FILE))
     ctx.first_pass()
     ctx.run_rounds(rounds, show_progress)
     lib.save()

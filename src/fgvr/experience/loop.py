@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 from fgvr.experience.heldout import BuildSummary, Item, accuracy_per_part
@@ -15,7 +14,7 @@ from fgvr.experience.repair import parse_rule
 from fgvr.experience.scoring import Scorer
 from fgvr.experience.similarity import TextSimilarity, find_duplicate
 from fgvr.experience.trial import Trial, accept
-from fgvr.io import atomic_write_json
+from fgvr.run_dir import Checkpoint
 from fgvr.rules import ExperienceLibrary, Rule
 
 log = logging.getLogger("fgvr.experience")
@@ -34,12 +33,12 @@ class Build:
     log: ExperienceLog
     summary: BuildSummary
     names: Sequence[str]
-    progress_file: Path
+    progress: Checkpoint
 
     def checkpoint(self) -> None:
         self.state["rules"] = [r.to_json() for r in self.lib.rules]
         self.state["items"] = [asdict(it) for it in self.items]
-        atomic_write_json(self.progress_file, self.state)
+        self.progress.save(self.state)
 
     def first_pass(self) -> None:
         """System 1's candidates of every image and the accuracy per part before any new rule."""

@@ -28,6 +28,7 @@ from PIL import Image
 from fgvr.data import DEFAULT_MAX_SIDE, ImageError, Sample, load_image
 from fgvr.io import atomic_write_bytes
 from fgvr.knowledge_base.storage import FORMAT_VERSION, KnowledgeBaseError
+from fgvr.run_dir import identity_key
 
 AUGMENTATIONS = ("flip", "crop")
 CROP_FRACTION = 0.8  # "crop": the four corner crops covering 80% of each side
@@ -119,9 +120,7 @@ def _config_hash(spec_json: dict, augment: tuple[str, ...], max_side: int | None
     """What makes two builds' exemplars interchangeable. The device is left out: a build started on one
     device may finish on another (float noise only)."""
     identity = {k: v for k, v in spec_json.items() if k != "device"}
-    blob = json.dumps({"format": FORMAT_VERSION, "encoder": identity, "augment": augment,
-                       "max_side": max_side}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return identity_key({"format": FORMAT_VERSION, "encoder": identity, "augment": list(augment), "max_side": max_side})
 
 
 @dataclass

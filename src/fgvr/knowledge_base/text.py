@@ -7,7 +7,6 @@ with one VLM-written description per class when a VLM is given. Long description
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 from fgvr.data import Dataset, ImageError, load_image
-from fgvr.io import atomic_write_json, read_json
+from fgvr.run_dir import Checkpoint, identity_key
 
 # CLIP-style prompt templates (a subset of the ensemble CLIP's authors use for ImageNet): several phrasings
 # average out the quirks of any one of them.
@@ -86,8 +85,8 @@ def write_descriptions(vlm_spec: Any, ds: Dataset, results: dict[int, Any], work
     from up to `DESCRIPTION_IMAGES` of the class's encoded support images. Each batch is saved to
     `work_dir` as it finishes, so a resumed build does not write the same descriptions again."""
     key = vlm_spec.describe()["key"]  # vlm_spec: the VLM's backend (fgvr.backends)
-    desc_file = work_dir / f"descriptions-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-    descriptions = read_json(desc_file) if desc_file.is_file() else {}
+    saved = Checkpoint(work_dir / f"descriptions-{identity_key(key, 12)}.json")  # one file per describing VLM
+    descriptions = saved.load() if saved.exists() else {}
     pending = []
     for cid, name in enumerate(ds.classes):
         if name in descriptions:
@@ -105,7 +104,7 @@ def write_descriptions(vlm_spec: Any, ds: Dataset, results: dict[int, Any], work
     if pending:
         def save_batch(got: dict[str, str]) -> None:
             descriptions.update(got)
-            atomic_write_json(desc_file, descriptions)
+            saved.save(descriptions)
 
         describe_classes(vlm_spec, pending, batch_size=batch_size, progress=progress, on_batch=save_batch)
     return {c: descriptions.get(c, "") for c in ds.classes}
