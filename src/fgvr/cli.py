@@ -571,7 +571,6 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     import json
     from pathlib import Path
 
-    from fgvr.locks import output_lock
     from fgvr.pipeline import check_outcome
 
     _need_ray(o)
@@ -583,16 +582,7 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
         raise click.UsageError(f"--out takes one collection (folder, .csv/.jsonl list or quoted glob), got "
                                f"{len(images)} arguments")
     if out is not None:
-        from fgvr.collection import classify_collection
-        from fgvr.pipeline import open_system
-
-        with output_lock(out, "classify"):
-            kwargs = _system_kwargs(kb, o, cache_dir=Path(out) / "vlm-cache")
-            with open_system(**kwargs) as system:
-                counts = classify_collection(system, images[0], out, {"kb": str(Path(kb).resolve()),
-                                                                      "encoder": system.encoder.spec.key},
-                                             fmt=fmt, shard_size=shard_size, batch_size=o["batch_size"],
-                                             engine=_engine(o, kwargs, system))
+        counts = _classify_to_shards(kb, images[0], out, fmt, shard_size, o)
         click.echo(json.dumps(counts))
         check_outcome(counts["paths"], f"in the records under {out}")  # this run's new records
         return
@@ -603,6 +593,23 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
                 click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
                 paths[r.path_taken] = paths.get(r.path_taken, 0) + 1
     check_outcome(paths, "on its line")
+
+
+def _classify_to_shards(kb: str, source: str, out: str, fmt: str, shard_size: int, o: dict) -> dict:
+    """`fgvr classify KB SOURCE --out PRED`: the collection run under PRED's lock; returns its counts."""
+    from pathlib import Path
+
+    from fgvr.collection import classify_collection
+    from fgvr.locks import output_lock
+    from fgvr.pipeline import open_system
+
+    with output_lock(out, "classify"):
+        kwargs = _system_kwargs(kb, o, cache_dir=Path(out) / "vlm-cache")
+        with open_system(**kwargs) as system:
+            return classify_collection(system, source, out, {"kb": str(Path(kb).resolve()),
+                                                             "encoder": system.encoder.spec.key},
+                                       fmt=fmt, shard_size=shard_size, batch_size=o["batch_size"],
+                                       engine=_engine(o, kwargs, system))
 
 
 @cli.command()
@@ -627,8 +634,7 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
     from pathlib import Path
 
     from fgvr.data import read_dataset
-    from fgvr.evaluate import run_evaluation
-
+    from fgvr.evaluate import headline, run_evaluation
     from fgvr.locks import output_lock
     from fgvr.pipeline import open_system
 
@@ -641,10 +647,7 @@ def evaluate(kb, data, out, limit, slow_all, calibrate, classes_file, **o) -> No
                       "data": str(Path(data).resolve()), "limit": limit}
             s = run_evaluation(system, dataset, out, config, limit=limit, batch_size=o["batch_size"],
                                calibrate=calibrate, engine=_engine(o, kwargs, system))
-    short = {k: s[k] for k in ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",
-                               "unknown_classes", "n_errors")}
-    short["latency_p50_s"] = s["latency_s"]["p50"]
-    click.echo(json.dumps(short))
+    click.echo(json.dumps(headline(s)))
     click.echo(f"wrote {Path(out) / 'summary.json'} and {Path(out) / 'report.md'}", err=True)
 
 

@@ -54,8 +54,8 @@ from fgvr.run_dir import RunDir
 from fgvr.summary import budget_curve, summarise
 from fgvr.trigger import Trigger
 
-__all__ = ["EMBED_DIR", "RESULTS", "SUMMARY", "EmbeddingCache", "EvaluateError", "budget_curve", "plan",
-           "read_results", "run_evaluation", "summarise", "support_files"]
+__all__ = ["EMBED_DIR", "RESULTS", "SUMMARY", "EmbeddingCache", "EvaluateError", "budget_curve", "headline",
+           "plan", "read_results", "run_evaluation", "summarise", "support_files"]
 
 SUMMARY = "summary.json"
 EMBED_DIR = "embeddings"
@@ -196,6 +196,13 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
         write_report(out, summary)
     check_system2(summary, system, out)
     return summary
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers `fgvr evaluate` prints on stdout (the rest is in summary.json)."""
+    keep = ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",
+            "unknown_classes", "n_errors")
+    return {**{k: summary[k] for k in keep}, "latency_p50_s": summary["latency_s"]["p50"]}
 
 
 def _run_config(system: DualSystem, dataset: Dataset, config: dict[str, Any], calibrate_on: str | None,
