@@ -276,13 +276,12 @@ def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, pre
     labels = {p: (label, cid) for p, label, cid in todo}
     for paths, got in engine.classify([p for p, _, _ in todo], cache):
         batch = [(p, *labels[p]) for p in paths]
-        rows = []
-        for (p, label, cid), res in zip(batch, got):
-            res.path = p
-            rows.append(ResultRow.of(res, label, cid))
-        written = results.append([r.to_dict() for r in rows])
-        n_known += sum(1 for r in written if r["label_id"] is not None)
-        n_right += sum(1 for r in written if r["correct"])
+        rows = [ResultRow.of(res, label, cid) for (_, label, cid), res in zip(batch, got)]
+        for row, (p, _, _) in zip(rows, batch):
+            row.path = p  # the planned (resolved) path, whatever the engine echoed
+        new = {d["path"] for d in results.append([r.to_dict() for r in rows])}
+        n_known += sum(1 for r in rows if r.path in new and r.known)
+        n_right += sum(1 for r in rows if r.path in new and r.correct)
         _record_peak(out, system)
         bar.update(len(batch))
         if n_known:
