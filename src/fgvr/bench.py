@@ -260,7 +260,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 def _seed_embeddings(cell_run: Path, done_runs: list[Path]) -> None:
     """Start a cell's run with the query embeddings a finished cell computed (same images, same encoder)."""
-    from fgvr.evaluate import EMBED_DIR
+    from fgvr.embedding_cache import EMBED_DIR
 
     dst = cell_run / EMBED_DIR
     if dst.is_dir() and any(dst.iterdir()):
