@@ -322,9 +322,9 @@ def _record_peak(out: Path, system: DualSystem) -> dict[str, Any]:
     """This process's peak memory, merged into RUN/peak_memory.json (the largest of every process that
     worked on the run, so a resumed run does not report only the resuming process)."""
     this = peak_memory(getattr(getattr(system.encoder, "spec", None), "device", "cpu"))
-    f = out / PEAKS
+    peaks = RunDir(out).checkpoint(PEAKS)
     try:
-        old = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        old = peaks.load() if peaks.exists() else {}
     except ValueError:
         old = {}
     merged = dict(old) if isinstance(old, dict) else {}
@@ -336,7 +336,7 @@ def _record_peak(out: Path, system: DualSystem) -> dict[str, Any]:
     pids = set(merged.get("pids", [])) | {os.getpid()}
     merged["pids"] = sorted(pids)
     merged["processes"] = len(pids)
-    atomic_write_json(f, merged)
+    peaks.save(merged)
     return {"this_process": this, "run": merged}
 
 
