@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import sys
@@ -27,7 +28,7 @@ from typing import Any, Iterable
 
 from fgvr.data import IMAGE_SUFFIXES, DataError
 from fgvr.engine import LocalEngine  # noqa: F401 (re-exported: fgvr.collection.LocalEngine)
-from fgvr.io import atomic_write_bytes, atomic_write_text
+from fgvr.io import atomic_write_bytes, atomic_write_text, read_user_text
 from fgvr.binding import EXPLAIN, MUST_MATCH, system_binding
 from fgvr.pipeline import DualSystem
 from fgvr.records import Prediction, result_from_dict  # noqa: F401 (re-exported: one record per image)
@@ -80,8 +81,7 @@ def list_source(source: str | Path) -> list[str]:
 def _read_list(path: Path) -> list[Path]:
     out: list[Path] = []
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        rows = list(csv.reader(io.StringIO(read_user_text(path, "image list"), newline="")))
         if not rows:
             raise DataError(f"{path} is empty: expected a column of image paths (header `path`)")
         col = rows[0].index("path") if "path" in rows[0] else 0
@@ -92,7 +92,7 @@ def _read_list(path: Path) -> list[Path]:
         values = [r[col] for r in rows[1 if has_header else 0:] if len(r) > col and r[col].strip()]
     else:
         values = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_user_text(path, "image list").splitlines(), 1):
             if not line.strip():
                 continue
             try:

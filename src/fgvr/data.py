@@ -23,6 +23,7 @@ decoded size would still exceed the limit (`set_max_decoded_pixels`, `--max-imag
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import warnings
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fgvr.errors import InputError
+from fgvr.io import read_user_text
 
 # Files with these suffixes are treated as images; anything else in a class folder is listed as ignored
 # (not silently dropped) so a stray `notes.txt` shows up in the build summary.
@@ -144,7 +146,7 @@ def read_classes_file(path: Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"classes file {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_user_text(path, "classes file")
     if path.suffix.lower() == ".json":
         obj = json.loads(text)
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
@@ -238,8 +240,7 @@ def _read_folder(root: Path, mapping: dict[str, str] | None, classes_file) -> Da
 
 
 def _read_manifest(path: Path, mapping: dict[str, str] | None, classes_file) -> Dataset:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_user_text(path, "manifest"), newline="")))
     if not rows:
         raise DataError(f"manifest {path} is empty: expected a header `path,label` and one row per image")
     header = [h.strip().lower() for h in rows[0]]

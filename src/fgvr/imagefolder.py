@@ -14,8 +14,11 @@ make "train" and "test" two classes.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
+
+from fgvr.io import read_user_text
 
 SPLITS = {"train", "test", "validation", "valid", "val", "dev"}
 METADATA = ("metadata.csv", "metadata.jsonl")
@@ -42,10 +45,9 @@ def split_folders(root: Path) -> list[str]:
 
 def _rows(meta: Path) -> list[dict[str, str]]:
     if meta.suffix == ".csv":
-        with meta.open(newline="", encoding="utf-8-sig") as f:
-            return [dict(r) for r in csv.DictReader(f)]
+        return [dict(r) for r in csv.DictReader(io.StringIO(read_user_text(meta, "metadata file"), newline=""))]
     rows = []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_user_text(meta, "metadata file").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -65,3 +65,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_user_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a file a user wrote (manifest, list, metadata, rules), UTF-8 with or without a BOM.
+
+    Anything else (a Latin-1 or UTF-16 export from a spreadsheet) is refused as one `InputError` line that
+    names the file, the first byte that is not UTF-8, and the fix, instead of a UnicodeDecodeError traceback.
+    """
+    from fgvr.errors import InputError
+
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = data[e.start:e.start + 1].hex()
+        hint = (" (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+        raise InputError(f"{what} {path} is not UTF-8 text{hint}: byte {e.start} is 0x{bad}; save it as UTF-8 "
+                         "(e.g. `iconv -f latin1 -t utf-8`, or \"CSV UTF-8\" in a spreadsheet) and rerun") from None
