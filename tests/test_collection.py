@@ -141,9 +141,9 @@ def test_cli_collection_and_clear_errors(lite0_setup, photos, tmp_path, monkeypa
     assert recs["red_disc"]["prediction_name"] == "red disc" and recs["red_disc"]["path_taken"] == "fast"
     r = CliRunner().invoke(cli, ["classify", str(kb), str(photos), "--threshold", "0.9"])
     assert r.exit_code != 0 and "--out PRED" in r.output  # a folder without --out: say what to do
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: the usage error still comes first
     r = CliRunner().invoke(cli, ["classify", str(kb), str(photos / "red" / "0.png"), "--ray", "local"])
-    assert r.exit_code != 0 and "--out" in r.output
-    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert r.exit_code == 2 and "--out" in r.output
     r = CliRunner().invoke(cli, ["evaluate", str(kb), str(photos), "--out", str(tmp_path / "e"), "--ray", "local"])
     assert r.exit_code != 0 and "fgvr[ray]" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "e").exists()  # refused before anything ran

@@ -573,9 +573,9 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
 
     from fgvr.pipeline import check_outcome
 
-    _need_ray(o)
-    if out is None and o["ray_address"]:
+    if out is None and o["ray_address"]:  # a usage error first: it holds whether or not Ray is installed
         raise click.UsageError("--ray classifies a collection: give it with --out PRED")
+    _need_ray(o)
     if out is None and any(Path(p).is_dir() for p in images):
         raise click.UsageError("IMAGES names a folder: to classify a collection, add --out PRED (prediction shards)")
     if out is not None and len(images) != 1:
