@@ -35,3 +35,32 @@ def test_a_latin1_list_for_classify_is_one_data_error(tmp_path):
     csv.write_bytes("path\ncafé/a.png\n".encode("latin-1"))
     with pytest.raises(InputError, match="UTF-8"):
         list_source(csv)
+
+
+class _TokenCluster:
+    """What `ray` does against a `ray start` cluster with token auth, from a client without a token: its C++
+    core prints retries to file descriptor 2, then ray.init raises ConnectionError."""
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+    @staticmethod
+    def init(**kw):
+        import os
+
+        for _ in range(20):
+            os.write(2, b"gcs_client.cc:210: Failed to get cluster ID from GCS server: Unauthenticated: RPC error: "
+                        b"InvalidAuthToken: Authentication token is missing or incorrect\n")
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+
+def test_ray_token_cluster_is_one_line_with_the_auth_hint(monkeypatch, capfd):
+    from fgvr import ray_run
+
+    monkeypatch.setattr(ray_run, "require_ray", lambda: _TokenCluster)
+    with pytest.raises(ray_run.RayError) as e:
+        ray_run.connect("127.0.0.1:6379")
+    msg = str(e.value)
+    assert "\n" not in msg and "RAY_AUTH_MODE=token" in msg and "--ray auto" in msg
+    assert "InvalidAuthToken" not in capfd.readouterr().err  # Ray's twenty lines are not shown

@@ -62,19 +62,71 @@ def connect(address: str, num_cpus: int | None = None) -> dict[str, float]:
     resources."""
     ray = require_ray()
     if not ray.is_initialized():
-        try:
-            if address == "local":
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                         configure_logging=False, log_to_driver=True)
-            else:
-                ray.init(address=address, configure_logging=False, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RayError(f"--ray {address}: cannot connect to a Ray cluster ({e}). Use `--ray local` to start "
-                           "one on this machine, or start one with `ray start --head` and pass `--ray auto`") from None
+        with _NativeStderr() as caught:
+            try:
+                if address == "local":
+                    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                             configure_logging=False, log_to_driver=True)
+                else:
+                    ray.init(address=address, configure_logging=False, log_to_driver=True)
+                error = None
+            except Exception as e:  # noqa: BLE001 (ConnectionError, RuntimeError, ray's AuthenticationError, ...)
+                error = e
+        if error is not None:
+            raise _connect_error(address, error, caught.text) from None
+        caught.replay()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # fgvr shows its own progress, per image
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+AUTH_HINT = ("the cluster asks for a token (`ray start` turns token auth on by default): run with "
+             "RAY_AUTH_MODE=token in the environment (the token is read from ~/.ray/auth_token or "
+             "RAY_AUTH_TOKEN), or on the head node pass `--ray auto`")
+
+
+def _connect_error(address: str, error: Exception, native: str) -> RayError:
+    """One line for a failed ray.init: a cluster that wants a token says so and how to give it (Ray's own
+    output is twenty lines of InvalidAuthToken retries, then "Failed to connect")."""
+    text = f"{error} {native}"
+    if "InvalidAuthToken" in text or "Unauthenticated" in text or type(error).__name__ == "AuthenticationError":
+        return RayError(f"--ray {address}: {AUTH_HINT}")
+    if not isinstance(error, (ConnectionError, RuntimeError, ValueError)):
+        raise error
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RayError(f"--ray {address}: cannot connect to a Ray cluster ({first}). Use `--ray local` to start "
+                    "one on this machine, or start one with `ray start --head` and pass `--ray auto`")
+
+
+class _NativeStderr:
+    """Catches what Ray's C++ core writes to file descriptor 2 while connecting (its retries are printed
+    there, past Python's logging), so a failed connection is one line; the caught text goes to the debug log
+    and, on success, back to stderr unchanged."""
+
+    def __enter__(self):
+        import tempfile
+
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        raw = self._tmp.read()
+        self._tmp.close()
+        self.text = raw.decode("utf-8", "replace")
+        if self.text:
+            logging.getLogger(__name__).debug("ray.init said: %s", self.text)
+
+    def replay(self) -> None:
+        """What was caught, written to stderr after all (a connection that worked keeps Ray's own words)."""
+        if self.text:
+            os.write(2, self.text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------------
