@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+from PIL import Image
 
 from fgvr.models import ModelSpec, SpecError, parse_spec
 from fgvr.models.spec import DEFAULT_MAX_PIXELS, normalise_device, normalise_dtype
@@ -123,3 +124,24 @@ def test_cli_vlm_options_become_the_spec_and_the_budget(tiny_qwen_dir):
     assert vlm_spec(None, "cpu", {}) is None
     with pytest.raises(Exception, match="Qwen2.5-VL"):
         vlm_spec("efficientnet-lite0", "cpu", {})
+
+
+def test_a_text_only_model_as_image_encoder_is_one_line_and_not_offered(tmp_path):
+    from click.testing import CliRunner
+
+    from fgvr.cli import cli
+    from fgvr.models.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="text-only") as e:
+        parse_spec("minilm", role="image-encoder")
+    assert "minilm" not in str(e.value).split("known:")[1]
+    with pytest.raises(SpecError) as e:
+        parse_spec("nosuch", role="image-encoder")
+    assert "minilm" not in str(e.value) and "lite0" in str(e.value)
+    data = tmp_path / "d"
+    for c in "ab":
+        (data / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(data / c / "0.png")
+    r = CliRunner().invoke(cli, ["build-kb", str(data), "--out", str(tmp_path / "kb"), "--encoder", "minilm", "-k", "1"])
+    assert r.exit_code == 5 and "text-only" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "kb").exists()

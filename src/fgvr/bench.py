@@ -406,7 +406,7 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     train = sorted((Sample(s.path.resolve(), s.label) for s in splits.train.samples), key=lambda s: str(s.path))
     train_bytes, test_bytes = _csv_bytes(train), _csv_bytes(test)
     vlm, device = o["vlm"], o["device"]
-    enc_spec = parse_spec(o["encoder"], device=device)
+    enc_spec = parse_spec(o["encoder"], device=device, role="image-encoder")
     served = is_served(vlm)
     vlm_spec = None if not vlm or served else (vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device))
     # a server that does not answer is one clear error before any work (and it writes the descriptions)

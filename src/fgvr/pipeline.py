@@ -360,7 +360,7 @@ def open_system(
         backend = vlm if hasattr(vlm, "score_options") else open_backend(
             vlm, replace(vlm_options or BackendOptions(), device=device))
     if encoder is not None:
-        spec = parse_spec(encoder, device=device)
+        spec = parse_spec(encoder, device=device, role="image-encoder")
         kb = load_knowledge_base(kb_path, encoder=spec)  # refuses another encoder's base
     else:
         kb = load_knowledge_base(kb_path)

@@ -158,7 +158,7 @@ def _specs(encoder: Any, vlm: Any, device: str) -> tuple[Any, Any]:
     `fgvr.backends` backend; an in-process VLM must be a Qwen2.5-VL."""
     from fgvr.models.spec import ModelSpec, parse_spec
 
-    spec = encoder if isinstance(encoder, ModelSpec) else parse_spec(str(encoder), device=device)
+    spec = encoder if isinstance(encoder, ModelSpec) else parse_spec(str(encoder), device=device, role="image-encoder")
     if vlm is None:
         return spec, None
     from fgvr.backends import BackendOptions, is_served, open_backend

@@ -174,7 +174,7 @@ def _spec_json(encoder: Any) -> tuple[dict, int | None]:
     if isinstance(encoder, str):
         from fgvr.models.spec import parse_spec
 
-        encoder = parse_spec(encoder)
+        encoder = parse_spec(encoder, role="image-encoder")
     if hasattr(encoder, "to_json") and hasattr(encoder, "key"):  # ModelSpec
         return encoder.to_json(), None
     if hasattr(encoder, "spec"):  # a loaded Encoder

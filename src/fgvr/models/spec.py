@@ -181,11 +181,18 @@ def _detect_family(folder: Path) -> str:
     raise SpecError(f"{cfg}: model_type {model_type!r} is not supported; use {titles}")
 
 
-def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None, **kw) -> ModelSpec:
+_ROLE_WORDS = {"image-encoder": "an image encoder", "vlm": "a vision-language model",
+               "text-embedder": "a text embedder"}
+
+
+def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None, role: str | None = None,
+               **kw) -> ModelSpec:
     """Turn what a user types (`efficientnet-lite0`, a local model folder) into a spec.
 
     Names of models that must be fetched by hand (clip-vit-b32, qwen2.5-vl-7b) are refused with the place
-    to put them, because nothing downloads at run time.
+    to put them, because nothing downloads at run time. With `role` ("image-encoder" for --encoder), a model
+    of another role (MiniLM, a text-only model, given as --encoder) is refused in one line, and the names
+    offered are only those of that role.
     """
     from fgvr.models import families
 
@@ -193,11 +200,14 @@ def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None
     low = t.lower()
     for fam in families.all_families():
         if low in fam.named_sources:
+            _check_role(t, fam, role)
             source, revision = fam.named_sources[low]()
             return ModelSpec.create(fam.name, source, revision=revision, dtype=dtype, device=device, **kw)
     p = Path(t).expanduser()
     if p.is_dir():
-        return ModelSpec.create(_detect_family(p), p, dtype=dtype, device=device, **kw)
+        fam_name = _detect_family(p)
+        _check_role(t, _family(fam_name), role)
+        return ModelSpec.create(fam_name, p, dtype=dtype, device=device, **kw)
     from fgvr.models.configs import HUB_IDS
 
     if low in HUB_IDS:
@@ -206,8 +216,20 @@ def parse_spec(text: str, *, dtype: str | None = None, device: str | None = None
             f"{HUB_IDS[low]} (e.g. `huggingface-cli download {HUB_IDS[low]} --local-dir models/{low}`) "
             f"and pass the folder: --encoder/--vlm models/{low}"
         )
-    known = ", ".join(n for f in families.all_families() for n in f.named_sources)
+    known = ", ".join(n for f in families.all_families() if role in (None, f.role) for n in f.named_sources)
     raise SpecError(
         f"{t!r} is neither a known model name ({known}) nor a local model "
         "folder; pass the path of a folder saved with save_pretrained"
     )
+
+
+def _check_role(text: str, fam, role: str | None) -> None:
+    if role is None or fam.role == role:
+        return
+    from fgvr.models import families
+
+    offered = ", ".join(n for f in families.all_families() if f.role == role for n in f.named_sources)
+    what = ("a text-only model: it cannot encode images" if fam.role == "text-embedder"
+            else f"{_ROLE_WORDS.get(fam.role, fam.role)}")
+    raise SpecError(f"{text!r} is {fam.title}, {what}; {_ROLE_WORDS.get(role, role)} is needed here"
+                    + (f" (known: {offered}, or a local CLIP / SigLIP folder)" if role == "image-encoder" else ""))
