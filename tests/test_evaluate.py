@@ -39,6 +39,9 @@ def test_summary_exact_match_unknown_class_and_errors(tmp_path, data, caplog):
     assert all(r["correct"] is None for r in recs if r["label"] == "yellow")
     assert s["accuracy"] == pytest.approx(sum(r["correct"] for r in known) / 21)
     assert s["accuracy_readable"] == pytest.approx(sum(r["correct"] for r in known) / 20)
+    # no System 2: both systems are one, on the same images (an unreadable one wrong for both, or left out)
+    assert s["n_unreadable"] == 1
+    assert s["accuracy_system1_alone"] == s["accuracy"] and s["accuracy_system1_alone_readable"] == s["accuracy_readable"]
     m = s["confusion"]["matrix"]
     assert sum(map(sum, m)) == 20 and sum(m[i][i] for i in range(5)) == sum(r["correct"] for r in known)
     assert s["per_class"]["red"]["n"] == 5
@@ -240,3 +243,15 @@ def test_evaluate_resumes_after_kill_9(lite0_setup, tmp_path):
     b = json.loads((run / "summary.json").read_text())
     assert _stable(a) == _stable(b)
     assert b["run"]["images_this_process"] == 14 - done_before
+
+
+def test_system1_and_dual_are_compared_on_the_same_images(tmp_path, data):
+    s = run_evaluation(system(PickLast()), data, tmp_path / "r", {"kb": "c", "encoder": "e", "data": "d"},
+                       batch_size=5, progress=False, report=False)
+    known = [r for r in read_results(tmp_path / "r" / "results.jsonl") if r["label_id"] is not None]
+    fast = [r["fast_prediction"] == r["label_id"] for r in known if r["path_taken"] != "error"]
+    assert s["n_unreadable"] == 1 and len(fast) == 20
+    assert s["accuracy_system1_alone"] == pytest.approx(sum(fast) / 21)  # the unreadable one is wrong, as in accuracy
+    assert s["accuracy_system1_alone_readable"] == pytest.approx(sum(fast) / 20)
+    gain = s["accuracy_readable"] - s["accuracy_system1_alone_readable"]
+    assert gain == pytest.approx((s["accuracy"] - s["accuracy_system1_alone"]) * 21 / 20)

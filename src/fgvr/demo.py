@@ -56,6 +56,9 @@ class DemoResult:
     kb: str
     run: str
     report: str
+    unreadable: int = 0  # test images neither system could read: counted wrong for both in the two accuracies
+    accuracy_system1_readable: float | None = None  # the same pair on the readable images only
+    accuracy_dual_readable: float | None = None
 
 
 def run_demo(
@@ -129,6 +132,9 @@ def run_demo(
         seconds={k: round(v, 2) for k, v in times.items()},
         images_per_second=(summary.get("run") or {}).get("images_per_s_this_process"),
         kb=str(kb_dir), run=str(run_dir), report=str(run_dir / "report.md"),
+        unreadable=summary.get("n_unreadable", 0),
+        accuracy_system1_readable=summary.get("accuracy_system1_alone_readable"),
+        accuracy_dual_readable=summary.get("accuracy_readable"),
     )
     atomic_write_json(out / "demo.json", asdict(result) | {"reranker_fit": reranker.fit_log})
     return result
@@ -162,6 +168,8 @@ def format_result(r: DemoResult) -> str:
         f"{r.test_images} held-out test images (test split)",
         f"  {'System 1 alone (EfficientNet-Lite0 prototypes)':<52}{_pct(r.accuracy_system1)}",
         f"  {'dual system, System 2 = visual re-ranker':<52}{_pct(r.accuracy_dual)}",
+        *([f"  {r.unreadable} unreadable test image(s), wrong for both above; on the readable ones: System 1 "
+           f"{_pct(r.accuracy_system1_readable)} -> dual {_pct(r.accuracy_dual_readable)}"] if r.unreadable else []),
         f"  {f'slow-path rate (budget {_pct(r.slow_budget)})':<52}{_pct(r.slow_rate)}",
         f"  on the images sent slow: System 1 {_pct(r.slowed_system1_accuracy)} -> "
         f"dual {_pct(r.slowed_final_accuracy)}",

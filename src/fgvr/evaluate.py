@@ -200,8 +200,8 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """The few numbers `fgvr evaluate` prints on stdout (the rest is in summary.json)."""
-    keep = ("n_images", "accuracy", "accuracy_system1_alone", "slow_rate", "system2_calls_per_image",
-            "unknown_classes", "n_errors")
+    keep = ("n_images", "accuracy", "accuracy_system1_alone", "n_unreadable", "accuracy_readable",
+            "accuracy_system1_alone_readable", "slow_rate", "system2_calls_per_image", "unknown_classes", "n_errors")
     return {**{k: summary[k] for k in keep}, "latency_p50_s": summary["latency_s"]["p50"]}
 
 

@@ -125,9 +125,11 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
         "| --- | --- |",
         f"| images | {summary['n_images']} ({summary['n_labelled_known']} of known classes, "
         f"{summary['n_errors']} unreadable) |",
-        f"| accuracy | {_fmt(summary['accuracy'], True)} |",
-        f"| accuracy, readable images only | {_fmt(summary['accuracy_readable'], True)} |",
-        f"| System 1 alone | {_fmt(summary['accuracy_system1_alone'], True)} |",
+        f"| accuracy (an unreadable image is wrong) | {_fmt(summary['accuracy'], True)} |",
+        f"| System 1 alone, same images | {_fmt(summary['accuracy_system1_alone'], True)} |",
+        f"| accuracy, the {summary['n_labelled_known'] - summary.get('n_unreadable', 0)} readable images only "
+        f"({summary.get('n_unreadable', 0)} unreadable) | {_fmt(summary['accuracy_readable'], True)} |",
+        f"| System 1 alone, the same readable images | {_fmt(summary.get('accuracy_system1_alone_readable'), True)} |",
         f"| top-5 accuracy | {_fmt(summary.get('top5_accuracy'), True)} |",
         f"| balanced accuracy (mean per-class recall) | {_fmt(summary.get('balanced_accuracy'), True)} |",
         f"| macro-F1 | {_fmt(summary.get('macro_f1'))} |",

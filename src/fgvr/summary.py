@@ -47,6 +47,30 @@ def budget_curve(records: Sequence[ResultRow | dict[str, Any]], budgets: list[fl
             "exact": "all budgets" if n and has_slow == n else f"budgets up to {has_slow / n:.3f}" if n else "none"}
 
 
+def _fast_right(r: ResultRow) -> bool:
+    return r.fast_prediction is not None and r.fast_prediction == r.label_id
+
+
+def paired_accuracies(known: list[ResultRow]) -> dict[str, Any]:
+    """System 1 and the dual system, always on the same images, so their difference is a paired one.
+
+    `accuracy` / `accuracy_system1_alone`: every labelled image of a known class, an unreadable image wrong
+    for both; `accuracy_readable` / `accuracy_system1_alone_readable`: the readable ones only (neither system
+    saw the others); `n_unreadable` says how many images the two pairs differ by. With no System 2 each pair
+    is equal.
+    """
+    readable = [r for r in known if r.path_taken != PATH_ERROR]
+    fast_all = sum(_fast_right(r) for r in known)
+    fast_read = sum(_fast_right(r) for r in readable)
+    return {
+        "accuracy": _acc(known),
+        "accuracy_system1_alone": fast_all / len(known) if known else None,
+        "accuracy_readable": _acc(readable),
+        "accuracy_system1_alone_readable": fast_read / len(readable) if readable else None,
+        "n_unreadable": len(known) - len(readable),
+    }
+
+
 def summarise(records: Sequence[ResultRow | dict[str, Any]], classes: list[str], unknown: list[str]) -> dict[str, Any]:
     """Everything `summary.json` holds except run timings and memory; a function of the records alone."""
     records = as_rows(records)
@@ -89,10 +113,7 @@ def summarise(records: Sequence[ResultRow | dict[str, Any]], classes: list[str],
         "n_labelled_known": len(known),
         "n_errors": len(records) - len(readable),
         "errors": [{"path": r.path, "error": r.error} for r in records if r.path_taken == PATH_ERROR],
-        "accuracy": _acc(known),
-        "accuracy_readable": _acc(known_readable),
-        "accuracy_system1_alone": (sum(r.fast_prediction == r.label_id for r in known_readable)
-                                   / len(known_readable)) if known_readable else None,
+        **paired_accuracies(known),
         "per_class": per_class,
         "confusion": {"classes": classes, "rows": "true class", "columns": "predicted class", "matrix": confusion},
         "unknown_classes": unknown,
@@ -101,8 +122,7 @@ def summarise(records: Sequence[ResultRow | dict[str, Any]], classes: list[str],
         "slow_rate": len(triggered) / n_read if readable else None,
         "paths": paths,
         "slowed_images": {"n": len(slowed),
-                          "system1_accuracy": (sum(r.fast_prediction == r.label_id for r in slowed) / len(slowed))
-                          if slowed else None,
+                          "system1_accuracy": (sum(_fast_right(r) for r in slowed) / len(slowed)) if slowed else None,
                           "final_accuracy": _acc(slowed)},
         "system2_calls": len(ran),
         "system2_calls_per_image": len(ran) / n_read if readable else None,
