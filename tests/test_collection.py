@@ -129,6 +129,26 @@ def test_parquet_shards_hold_the_same_records(photos, tmp_path):
     assert w.done == set(j) and w.next == 4  # a restart knows what is done and appends new shards
 
 
+def test_a_parquet_prediction_folder_reads_as_one_table_and_an_old_run_json_is_kept(photos, tmp_path):
+    ds = pytest.importorskip("pyarrow.dataset")
+    pd = pytest.importorskip("pandas")
+    out = tmp_path / "p"
+    classify_collection(system(), photos, out, {"kb": "c"}, fmt="parquet", shard_size=5, progress=False)
+    (out / "_vlm-cache").mkdir()
+    (out / "_vlm-cache" / "answers.jsonl").write_text("{}\n")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("_", "."))) == [
+        f.name for f in shard_files(out)]
+    n = len(read_predictions(out))
+    assert ds.dataset(out, format="parquet").count_rows() == n
+    assert len(pd.read_parquet(out)) == n and set(pd.read_parquet(out)["path"]) == {r["path"] for r in read_predictions(out)}
+    # a folder written with the old name `run.json`: a resume still checks it (and renames it)
+    (out / "_run.json").rename(out / "run.json")
+    with pytest.raises(RunMismatchError):
+        classify_collection(system(threshold=0.9), photos, out, {"kb": "c"}, fmt="parquet", progress=False)
+    assert (out / "_run.json").is_file() and not (out / "run.json").exists()
+    assert classify_collection(system(), photos, out, {"kb": "c"}, fmt="parquet", progress=False)["written"] == 0
+
+
 def test_cli_collection_and_clear_errors(lite0_setup, photos, tmp_path, monkeypatch):
     root, _ = lite0_setup
     kb = root / "kb"

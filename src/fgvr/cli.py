@@ -599,12 +599,13 @@ def _classify_to_shards(kb: str, source: str, out: str, fmt: str, shard_size: in
     """`fgvr classify KB SOURCE --out PRED`: the collection run under PRED's lock; returns its counts."""
     from pathlib import Path
 
-    from fgvr.collection import classify_collection
+    from fgvr.collection import classify_collection, side_path
     from fgvr.locks import output_lock
     from fgvr.pipeline import open_system
 
     with output_lock(out, "classify"):
-        kwargs = _system_kwargs(kb, o, cache_dir=Path(out) / "vlm-cache")
+        cache = side_path(out, "vlm-cache") if Path(out).is_dir() else Path(out) / "_vlm-cache"
+        kwargs = _system_kwargs(kb, o, cache_dir=cache)
         with open_system(**kwargs) as system:
             return classify_collection(system, source, out, {"kb": str(Path(kb).resolve()),
                                                              "encoder": system.encoder.spec.key},

@@ -6,10 +6,15 @@ Relative paths in a list are read from the list's folder. Every path is resolved
 two ways is classified once.
 
 PRED is a folder:
-* `run.json`            the settings; a restart with other settings is refused (as `fgvr evaluate` does).
+* `_run.json`           the settings; a restart with other settings is refused (as `fgvr evaluate` does).
 * `part-NNNNNN.jsonl`   (or `.parquet` with `--format parquet`) one `Prediction` per image. Each shard is
                         written whole (temp file + rename), so a kill loses at most the records not yet in
                         a shard, and a rerun skips every image already in one. Never a duplicate.
+* `_vlm-cache/`         a served VLM's answers, when there is one (a rerun asks the server again for none).
+
+Every file that is not a shard starts with `_` (temporary files with `.`), the names pyarrow, pandas,
+duckdb, Spark and Ray skip, so `pd.read_parquet(PRED)` or `pyarrow.dataset.dataset(PRED)` reads the
+folder as one table. A folder written before (`run.json`, `vlm-cache/`) is renamed on resume.
 
 The same loop runs in this process or on Ray (`fgvr.ray_run.RayEngine`): an engine yields finished
 `Result`s batch by batch, in any order, and this module writes them.
@@ -212,6 +217,19 @@ class ShardWriter:
 # the run
 
 
+SIDE_PREFIX = "_"
+
+
+def side_path(out: str | Path, name: str) -> Path:
+    """PRED/_<name>: where a file or folder that is not a shard lives (see the module docstring); one left
+    under its old name `name` by an earlier fgvr is moved there first, so a resume still finds it."""
+    out = Path(out)
+    new, old = out / f"{SIDE_PREFIX}{name}", out / name
+    if old.exists() and not new.exists():
+        old.replace(new)
+    return new
+
+
 def classify_collection(system: DualSystem, source: str | Path, out: str | Path, config: dict[str, Any], *,
                         fmt: str = "jsonl", shard_size: int = 256, batch_size: int = 16,
                         engine: Any = None, progress: bool = True) -> dict[str, Any]:
@@ -224,7 +242,7 @@ def classify_collection(system: DualSystem, source: str | Path, out: str | Path,
     # the trigger's threshold is bound too (a budget is calibrated on the support set here, never on the run)
     config = {**config, **system_binding(system), "threshold": system.trigger.threshold, "data": str(source),
               "calibrate": "support", "format": fmt}
-    RunDir(out).bind(config, MUST_MATCH, EXPLAIN)
+    RunDir(out, run_name=side_path(out, "run.json").name).bind(config, MUST_MATCH, EXPLAIN)
     writer = ShardWriter(out, fmt, shard_size)
     todo = [p for p in paths if p not in writer.done]
     if writer.done and todo:

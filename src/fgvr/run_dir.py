@@ -184,13 +184,14 @@ class RunDir:
     error: type[Exception] = RunMismatchError
     flag: str = "--out"
     config: dict[str, Any] = field(default_factory=dict)
+    run_name: str = RUN_FILE  # a prediction folder names it `_run.json` (see fgvr.collection)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
 
     @property
     def run_file(self) -> Path:
-        return self.path / RUN_FILE
+        return self.path / self.run_name
 
     def bound(self) -> dict[str, Any] | None:
         """What run.json holds, None where the run has not started; an unreadable run.json is refused."""
