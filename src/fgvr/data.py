@@ -90,6 +90,10 @@ class ManifestWarning(UserWarning):
     """A manifest read with a caveat: repeated rows dropped, paths outside its folder."""
 
 
+class OneClassWarning(UserWarning):
+    """The data holds a single class: every answer is that class, whatever the image."""
+
+
 @dataclass(frozen=True)
 class Sample:
     path: Path
@@ -172,19 +176,34 @@ def read_classes_file(path: Path) -> dict[str, str]:
 
 
 def read_dataset(source: str | Path, classes_file: str | Path | None = None) -> Dataset:
-    """An image folder (`root/<class>/<image>`) or a `.csv` manifest (`path,label`) -> `Dataset`.
+    """An image folder (`root/<class>/<image>`), a `.csv` manifest (`path,label`), an imagefolder split, or
+    one of the formats of `fgvr.formats` (FiftyOne export, Parquet, Hugging Face save_to_disk) -> `Dataset`.
 
     With a classes file, it is the full class list: every folder/label must appear in it and every entry
     must have images, so a typo cannot silently drop or invent a class.
     """
     source = Path(source)
     mapping = read_classes_file(Path(classes_file)) if classes_file is not None else None
+    return _read_any(source, mapping, classes_file)
+
+
+def _read_any(source: Path, mapping: dict[str, str] | None, classes_file) -> Dataset:
+    from fgvr.formats import FormatError, detect, read_format
+
+    if (kind := detect(source)) is not None:  # FiftyOne, Parquet, Hugging Face save_to_disk
+        try:
+            where, entries = read_format(kind, source)
+        except FormatError as e:
+            raise DataError(str(e)) from None
+        samples = labelled_samples(where, entries, mapping, classes_file)
+        return Dataset(root=source if source.is_dir() else source.parent,
+                       classes=sorted({s.label for s in samples}), samples=samples)
     if source.is_file() and source.suffix.lower() == ".csv":
         return _read_manifest(source, mapping, classes_file)
     if not source.exists():
         raise DataError(f"{source} does not exist: pass an image folder (root/<class>/<image>) or a .csv manifest")
     if not source.is_dir():
-        raise DataError(f"{source} is neither a folder nor a .csv manifest (path,label)")
+        raise DataError(f"{source} is neither a folder, a .csv manifest (path,label) nor a .parquet file")
     from fgvr.imagefolder import ImageFolderError, imagefolder_metadata, read_imagefolder, split_folders
 
     if imagefolder_metadata(source) is not None:  # a Hugging Face imagefolder split

@@ -46,7 +46,7 @@ import torch
 from fgvr.binding import EXPLAIN, MUST_MATCH, data_digest, system_binding
 from fgvr.data import Dataset
 from fgvr.embedding_cache import EMBED_DIR, EmbeddingCache
-from fgvr.errors import InputError, RunMismatchError, System2Error
+from fgvr.errors import InputError, KnowledgeBaseError, RunMismatchError, System2Error
 from fgvr.fast_path import system1
 from fgvr.io import atomic_write_bytes, atomic_write_json
 from fgvr.pipeline import PATH_SLOW_FAILED, DualSystem
@@ -126,6 +126,10 @@ def run_evaluation(system: DualSystem, dataset: Dataset, out: str | Path, config
     if calibrate not in ("run", "support"):
         raise ValueError(f"calibrate must be 'run' or 'support', got {calibrate!r}")
     out = Path(out)
+    if len(system.kb.classes) < 2:  # every answer would be that class: an accuracy of 1.0 that means nothing
+        raise KnowledgeBaseError(f"the knowledge base {getattr(system.kb, 'path', None) or ''} has "
+                                 f"{len(system.kb.classes)} class(es) ({', '.join(map(repr, system.kb.classes))}): "
+                                 "evaluation needs two or more; rebuild it from data with one folder per class")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: pass a folder for the run")
     out.mkdir(parents=True, exist_ok=True)

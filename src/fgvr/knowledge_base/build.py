@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from fgvr import __version__
-from fgvr.data import DEFAULT_MAX_SIDE, Dataset, read_dataset, split_k_shot
+from fgvr.data import DEFAULT_MAX_SIDE, Dataset, OneClassWarning, read_dataset, split_k_shot
 from fgvr.knowledge_base.encoding import (ClassExemplars, _config_hash, _display_path, encode_support,
                                           parse_augment)
 from fgvr.knowledge_base.fitting import choose_fusion, retrieval_stats
@@ -64,6 +64,13 @@ class KnowledgeBaseBuildSummary:
         return "\n".join(lines)
 
 
+def _warn_one_class(ds: Dataset) -> None:
+    if len(ds.classes) == 1:
+        warnings.warn(f"{ds.root} holds one class only ({ds.classes[0]!r}): a base of one class gives that answer "
+                      "for every image, and `fgvr evaluate` refuses it; check the layout (root/<class>/<image>)",
+                      OneClassWarning, stacklevel=3)
+
+
 def build_knowledge_base(
     data: str | Path | Dataset,
     out: str | Path,
@@ -96,6 +103,7 @@ def build_knowledge_base(
     if batch_size < 1:
         raise KnowledgeBaseError(f"batch size must be at least 1, got {batch_size}")
     ds = data if isinstance(data, Dataset) else read_dataset(Path(data), classes_file)
+    _warn_one_class(ds)
     support, _ = split_k_shot(ds, shots, seed)
     spec, vlm_spec = _specs(encoder, vlm, device)
     partial_root = out.parent / f"{out.name}.partial"
