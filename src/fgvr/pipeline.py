@@ -131,6 +131,9 @@ class DualSystem:
         slow_batch: int = 8,
         encode_batch: int = 32,
     ) -> None:
+        from fgvr.knowledge_base.storage import check_encoder_behaviour
+
+        check_encoder_behaviour(kb, encoder)  # the encoder gives the base's features, or one line says not
         self.kb, self.encoder, self.slow, self.trigger = kb, encoder, slow, trigger
         self.k, self.weight, self.experience, self.n_rules = k, weight, experience, n_rules
         self.w, self.tau = w, tau

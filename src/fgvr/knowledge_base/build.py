@@ -25,6 +25,7 @@ from fgvr.data import DEFAULT_MAX_SIDE, Dataset, OneClassWarning, read_dataset, 
 from fgvr.knowledge_base.encoding import (ClassExemplars, _config_hash, _display_path, encode_support,
                                           parse_augment)
 from fgvr.knowledge_base.fitting import choose_fusion, retrieval_stats
+from fgvr.knowledge_base.integrity import encoder_fingerprint
 from fgvr.knowledge_base.storage import (FORMAT_VERSION, KnowledgeBase, KnowledgeBaseError, _check_out,
                                          save_knowledge_base)
 from fgvr.knowledge_base.text import (DEFAULT_TEMPLATES, DESCRIPTION_IMAGES, DESCRIPTION_MAX_NEW_TOKENS,
@@ -116,7 +117,7 @@ def build_knowledge_base(
             enc, ds.classes, support, root=ds.root, work_dir=work_dir, augment=augment,
             batch_size=batch_size, workers=workers, max_side=max_side, progress=progress,
         )
-        embed_dim, has_text, image_size = enc.embed_dim, enc.has_text, enc.image_size
+        embed_dim, has_text, image_size, fp = enc.embed_dim, enc.has_text, enc.image_size, encoder_fingerprint(enc)
     skipped = _check_classes(ds, results, shots, partial_root)
     exemplars, labels, prototypes = _stack(results, len(ds.classes), embed_dim)
 
@@ -131,7 +132,7 @@ def build_knowledge_base(
 
     manifest = _manifest(data, ds, spec, vlm_spec, results, labels, skipped, shots=shots, seed=seed,
                          augment=augment, max_side=max_side, classes_file=classes_file, templates=templates,
-                         embed_dim=embed_dim, image_size=image_size, has_text=has_text)
+                         embed_dim=embed_dim, image_size=image_size, has_text=has_text, fingerprint=fp)
     kb = KnowledgeBase(classes=list(ds.classes), encoder_spec=spec.to_json(), encoder_key=spec.key,
                        embed_dim=embed_dim, prototypes=prototypes, exemplars=exemplars, exemplar_labels=labels,
                        text_prototypes=text, descriptions=descriptions, manifest=manifest)
@@ -223,7 +224,7 @@ def _stack(results: dict[int, ClassExemplars], num_classes: int,
 def _manifest(data: Any, ds: Dataset, spec: Any, vlm_spec: Any, results: dict[int, ClassExemplars],
               labels: torch.Tensor, skipped: list[dict], *, shots: int, seed: int, augment: tuple[str, ...],
               max_side: int | None, classes_file: Any, templates: Sequence[str], embed_dim: int,
-              image_size: int, has_text: bool) -> dict:
+              image_size: int, has_text: bool, fingerprint: dict) -> dict:
     """What the base records about how it was built (the stats and timings are added after fitting)."""
     support_records = []
     for cid in range(len(ds.classes)):
@@ -233,7 +234,7 @@ def _manifest(data: Any, ds: Dataset, spec: Any, vlm_spec: Any, results: dict[in
         "fgvr_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "encoder": {"key": spec.key, "name": spec.name, "spec": spec.to_json(), "embed_dim": embed_dim,
-                    "image_size": image_size, "has_text": has_text},
+                    "image_size": image_size, "has_text": has_text, "fingerprint": fingerprint},
         "data": {"source": str(Path(data).absolute()) if not isinstance(data, Dataset) else str(ds.root),
                  "root": str(ds.root.absolute()),
                  "classes_file": str(Path(classes_file).absolute()) if classes_file else None},

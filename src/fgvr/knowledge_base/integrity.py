@@ -138,3 +138,61 @@ def load_descriptions(path: Path, classes: list[str]) -> dict[str, str]:
     if unknown:
         raise _fail(path, f"describes class(es) the base does not have: {unknown[:5]}")
     return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the encoder fingerprint
+
+FINGERPRINT_IMAGE = "fgvr-fingerprint-v1"  # names the generated image below; change it if the image changes
+# The fingerprint is compared by cosine similarity, with a tolerance for the same weights run in another
+# precision or on another device. Measured here on EfficientNet-Lite0 (CPU, benchmarks/fingerprint.py):
+# fp16 0.99999 and bf16 0.9968 against float32 (bf16 keeps 8 bits of mantissa; CUDA bf16 kernels round the
+# same way, not checked on a GPU here). Another encoder of the same width is far below: Lite2 against Lite0,
+# both 1280-d, 0.062. 0.98 sits between, with room for bf16 on deeper models.
+FINGERPRINT_MIN_COSINE = 0.98
+
+
+def fingerprint_image():
+    """A fixed 224x224 RGB image made without any random generator (so no library version can change it):
+    two gradients and integer-hash noise, so every channel and spatial frequency is exercised."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:224, 0:224].astype(np.int64)
+    noise = [((x * 73856093) ^ (y * 19349663) ^ (c * 83492791)) % 251 for c in range(3)]
+    r = (x * 255 // 223 + noise[0]) // 2
+    g = (y * 255 // 223 + noise[1]) // 2
+    b = ((x + y) * 255 // 446 + noise[2]) // 2
+    return Image.fromarray(np.stack([r, g, b], axis=-1).astype(np.uint8), mode="RGB")
+
+
+def encoder_fingerprint(encoder: Any) -> dict:
+    """What a base stores of its encoder's behaviour: the embedding of `fingerprint_image()`."""
+    emb = encoder.encode_images([fingerprint_image()])[0].detach().float().cpu()
+    return {"image": FINGERPRINT_IMAGE, "min_cosine": FINGERPRINT_MIN_COSINE,
+            "embedding": [round(float(v), 6) for v in emb]}
+
+
+def check_fingerprint(manifest: dict, encoder: Any, where: Any) -> None:
+    """Refuse an encoder whose embedding of the fingerprint image is not the one the base stored: a manifest
+    that names another encoder of the same width, weights changed on disk, another model under the same
+    name. A base built before fingerprints existed loads with a warning."""
+    fp = (manifest.get("encoder") or {}).get("fingerprint")
+    if fp is None:
+        warnings.warn(f"{where} has no encoder fingerprint (built by an older fgvr): the encoder cannot be "
+                      f"checked against it; {REBUILD} to protect it", stacklevel=3)
+        return
+    if not isinstance(fp, dict) or fp.get("image") != FINGERPRINT_IMAGE or not isinstance(fp.get("embedding"), list):
+        raise KnowledgeBaseError(f"{where}: the encoder fingerprint is not one this fgvr reads; {REBUILD}")
+    want = torch.tensor(fp["embedding"], dtype=torch.float32)
+    got = encoder.encode_images([fingerprint_image()])[0].detach().float().cpu()
+    if got.shape != want.shape:
+        raise KnowledgeBaseError(f"{where}: the encoder gives {got.shape[0]}-d features, the base's encoder gave "
+                                 f"{want.shape[0]}-d: it is another encoder; {REBUILD} with this one")
+    cos = float(torch.nn.functional.cosine_similarity(got, want, dim=0))
+    limit = float(fp.get("min_cosine", FINGERPRINT_MIN_COSINE))
+    if not cos >= limit:
+        raise KnowledgeBaseError(
+            f"{where}: the encoder {getattr(getattr(encoder, 'spec', None), 'key', '')} does not give the features "
+            f"the base was built with (fingerprint cosine {cos:.3f}, needs {limit:g}): another encoder, changed "
+            f"weights or an edited manifest; use the encoder the base was built with, or {REBUILD}")

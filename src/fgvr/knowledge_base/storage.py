@@ -25,8 +25,8 @@ import torch
 from fgvr import __version__
 from fgvr.errors import KnowledgeBaseError
 from fgvr.io import read_json
-from fgvr.knowledge_base.integrity import (check_manifest, check_tensors, load_descriptions, load_tensors,
-                                           seal_manifest)
+from fgvr.knowledge_base.integrity import (check_fingerprint, check_manifest, check_tensors, load_descriptions,
+                                           load_tensors, seal_manifest)
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -212,6 +212,19 @@ def check_encoder(manifest: dict, encoder: Any, where: Path | str = "the knowled
             f"{where} was built in {want.get('dtype')} and the query encoder runs in {got.get('dtype')}: "
             "allowed, but scores shift slightly", stacklevel=3,
         )
+
+
+def check_encoder_behaviour(kb: "KnowledgeBase", encoder: Any) -> None:
+    """The loaded encoder gives the base's features (`integrity.check_fingerprint`): what the spec check
+    cannot see (weights changed under the same name, a hand-edited and resealed manifest). Checked once per
+    (base, encoder) pair; an in-memory base without a manifest (a test's) has nothing to check."""
+    if not kb.manifest or not hasattr(encoder, "encode_images"):
+        return
+    done = kb.__dict__.setdefault("_fingerprint_checked", set())
+    if id(encoder) in done:
+        return
+    check_fingerprint(kb.manifest, encoder, kb.path or "the knowledge base")
+    done.add(id(encoder))
 
 
 # ----------------------------------------------------------------------------------------------------------
