@@ -416,7 +416,8 @@ def main() -> None:
         table[name]["images_per_s"] = ips
         rate_txt = ""
         if name in rates:
-            rate_txt = " (slow rate " + ", ".join(f"{np.mean(rates[name][k]):.2f}" for k in shots) + ")"
+            rate_txt = (" (slow rate " + ", ".join(f"{np.mean(rates[name][k]):.2f}" for k in shots)
+                        + " at k = " + ", ".join(map(str, shots)) + ")")
             table[name]["slow_rate"] = {k: float(np.mean(rates[name][k])) for k in shots}
         lines.append(f"| {name}{rate_txt} | " + " | ".join(cells) + f" | {ips:.1f} | {mb:.0f} |")
     paired, paired_json = paired_table(hits, shots)
