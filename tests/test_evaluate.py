@@ -255,3 +255,25 @@ def test_system1_and_dual_are_compared_on_the_same_images(tmp_path, data):
     assert s["accuracy_system1_alone_readable"] == pytest.approx(sum(fast) / 20)
     gain = s["accuracy_readable"] - s["accuracy_system1_alone_readable"]
     assert gain == pytest.approx((s["accuracy"] - s["accuracy_system1_alone"]) * 21 / 20)
+
+
+def test_limit_is_a_seeded_round_robin_over_classes():
+    from collections import Counter
+    from pathlib import Path
+
+    from fgvr.data import Dataset, Sample
+    from fgvr.evaluate import plan
+
+    sizes = {"a": 40, "b": 25, "c": 30, "d": 5}
+    ds = Dataset(root=Path("/x"), classes=sorted(sizes),
+                 samples=[Sample(Path(f"/x/{c}/{i}.png"), c) for c, n in sizes.items() for i in range(n)])
+    for limit in (8, 10, 37):
+        items, _ = plan(ds, ds.classes, limit, seed=3)
+        counts = Counter(label for _, label, _ in items)
+        assert len(items) == limit
+        full = [c for c in sizes if sizes[c] > max(counts.values()) - 1]  # classes not yet run out
+        assert max(counts[c] for c in full) - min(counts[c] for c in full) <= 1, counts
+    items, _ = plan(ds, ds.classes, 37, seed=3)
+    assert items == plan(ds, ds.classes, 37, seed=3)[0]  # the same images on every restart
+    assert items[:10] == plan(ds, ds.classes, 10, seed=3)[0]  # a smaller limit is a prefix
+    assert items != plan(ds, ds.classes, 37, seed=4)[0]

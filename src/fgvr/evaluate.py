@@ -81,8 +81,10 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
     """[(resolved path, label name, kb class id or None)] in a fixed order, and the unknown class names.
 
     Paths in `exclude` (the base's support images: evaluating on them would measure memory, not
-    recognition) are left out. The order is a seeded shuffle of the sorted paths, so `--limit N` takes a
-    spread over classes (not the first class's images) and is the same on every restart.
+    recognition) are left out. The order is a stratified round-robin: each class's paths in a seeded
+    shuffle, the classes in a seeded order, then one image of each class in turn. So `--limit N` takes a
+    spread over classes (per-class counts differ by at most one until a class runs out, never the first
+    classes' images) and the same images on every restart.
     """
     index = {c: i for i, c in enumerate(kb_classes)}
     unknown = sorted(c for c in dataset.classes if c not in index)
@@ -91,11 +93,25 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
         p = str(Path(s.path).resolve())
         if labels.setdefault(p, s.label) != s.label:
             raise InputError(f"{p} is listed under two labels, {labels[p]!r} and {s.label!r}: keep one")
-    items = sorted((p, label) for p, label in labels.items() if p not in exclude)
-    random.Random(seed).shuffle(items)
+    items = _round_robin(sorted((p, label) for p, label in labels.items() if p not in exclude), seed)
     if limit is not None:
         items = items[: max(0, limit)]
     return [(p, label, index.get(label)) for p, label in items], unknown
+
+
+def _round_robin(items: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """(path, label) pairs interleaved by label: see `plan`."""
+    by_label: dict[str, list[tuple[str, str]]] = {}
+    for item in items:
+        by_label.setdefault(item[1], []).append(item)
+    for label, group in by_label.items():
+        random.Random(f"{seed}\x00{label}").shuffle(group)
+    order = sorted(by_label)
+    random.Random(seed).shuffle(order)
+    out: list[tuple[str, str]] = []
+    for i in range(max((len(g) for g in by_label.values()), default=0)):
+        out += [by_label[label][i] for label in order if i < len(by_label[label])]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------

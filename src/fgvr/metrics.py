@@ -9,7 +9,11 @@ whether the reported confidence means anything. So `summary.json` also carries:
 * `macro_f1`: the mean F1 over the classes that occur as truth or prediction (as sklearn's `f1_score(...,
   average="macro")`);
 * `ece`: expected calibration error of the final confidence, 15 equal-width bins (Guo et al., 2017):
-  sum over bins of (images in bin / N) * |accuracy - mean confidence|;
+  sum over bins of (images in bin / N) * |accuracy - mean confidence|. The confidence is the record's:
+  the top-1 probability of the final distribution over the top-k candidates, renormalised over those k
+  (System 1's posterior over all classes restricted to its candidates, or the decision's mix), so it is
+  higher than the full posterior's top-1 and this ECE is not comparable with one computed over all
+  classes; `ece_confidence` in the summary says so;
 * CLIP_benchmark's keys for the same numbers beside ours: `acc1`, `acc5`, `mean_per_class_recall`.
 
 Images of classes the base does not know are left out (no answer can be right for them); unreadable images
@@ -80,5 +84,6 @@ def classification_metrics(records: list[dict[str, Any]], classes: list[str]) ->
         "acc1": acc1, "acc5": acc5, "mean_per_class_recall": balanced,
         "top5_accuracy": acc5, "balanced_accuracy": balanced, "macro_f1": sum(f1s) / len(f1s),
         "ece": expected_calibration_error([c for c, _ in readable], [ok for _, ok in readable]),
+        "ece_confidence": "top-1 of the final distribution renormalised over the top-k candidates",
         "per_class_metrics": per_class,
     }

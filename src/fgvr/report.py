@@ -133,7 +133,7 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
         f"| top-5 accuracy | {_fmt(summary.get('top5_accuracy'), True)} |",
         f"| balanced accuracy (mean per-class recall) | {_fmt(summary.get('balanced_accuracy'), True)} |",
         f"| macro-F1 | {_fmt(summary.get('macro_f1'))} |",
-        f"| calibration error of the final confidence (ECE, 15 bins) | {_fmt(summary.get('ece'))} |",
+        f"| calibration error of the final confidence, renormalised over the top-k candidates (ECE, 15 bins) | {_fmt(summary.get('ece'))} |",
         f"| slow-path rate | {_fmt(summary['slow_rate'], True)} (threshold {_fmt(summary.get('trigger', {}).get('threshold', cfg.get('threshold')))}, "
         f"budget {_fmt(cfg.get('budget'))}) |",
         f"| System 2 calls per image | {_fmt(summary['system2_calls_per_image'])} |",
