@@ -109,6 +109,8 @@ def _read_list(path: Path) -> list[Path]:
                 raise DataError(f"{path}, line {n} has no \"path\" string")
             values.append(value)
     for v in values:
+        if "\x00" in v:
+            raise DataError(f"{path}: the path {v!r} holds a NUL byte: fix that entry")
         q = Path(v.strip())
         out.append(q if q.is_absolute() else path.parent / q)
     if not out:

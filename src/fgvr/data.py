@@ -152,7 +152,11 @@ def read_classes_file(path: Path) -> dict[str, str]:
         raise DataError(f"classes file {path} does not exist")
     text = read_user_text(path, "classes file")
     if path.suffix.lower() == ".json":
-        obj = json.loads(text)
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"classes file {path} is not valid JSON ({e}): write an object "
+                            "{\"folder\": \"Class name\", ...}, or use a .txt file with one class per line") from None
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
             raise DataError(f"classes file {path}: expected a JSON object mapping folder names to class names")
         mapping = dict(obj)
@@ -295,6 +299,8 @@ def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapp
     first: dict[Path, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
     repeated: list[int] = []
     for lineno, name, full, label in entries:
+        if "\x00" in str(full):  # no file system has such a name; Python's path calls raise on it
+            raise DataError(f"{where}, line {lineno}: the path {name!r} holds a NUL byte: fix the line")
         if mapping is not None:
             if label not in mapping:
                 raise DataError(f"{where}, line {lineno}: label {label!r} is not in classes file {classes_file}")

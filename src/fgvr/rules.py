@@ -15,7 +15,7 @@ like support images, because the rules were chosen on them (see `experience_imag
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -60,8 +60,21 @@ class Rule:
 
     @classmethod
     def from_json(cls, d: dict) -> "Rule":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """A rule from rules.json; ValueError naming the field that is missing or of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a rule is a JSON object, got {type(d).__name__}")
+        for name in ("id", "cue", "text"):
+            if not isinstance(d.get(name), str):
+                raise ValueError(f"a rule needs a string {name!r}")
+        if not isinstance(d.get("classes"), list) or not all(isinstance(c, str) for c in d["classes"]):
+            raise ValueError("a rule's 'classes' is a list of class names")
+        for f in fields(cls):
+            v = d.get(f.name)
+            if f.name in d and f.type in ("int", "float") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"a rule's {f.name!r} is a number, got {v!r}")
+            if f.name in d and f.type == "str" and not isinstance(v, str):
+                raise ValueError(f"a rule's {f.name!r} is a string, got {v!r}")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def overlap(self, names: Iterable[str]) -> int:
         """How many of this rule's classes are among `names`."""
@@ -96,8 +109,18 @@ class ExperienceLibrary:
                 f"{f}: format_version {version!r}, this fgvr reads {FORMAT_VERSION}; rebuild it with "
                 "`fgvr build-experience`"
             )
-        lib = cls([Rule.from_json(r) for r in data.get("rules", [])], classes, d)
-        lib.images = {str(k): [str(p) for p in v] for k, v in (data.get("build", {}).get("images") or {}).items()}
+        rules, build = data.get("rules", []), data.get("build") or {}
+        images = build.get("images") if isinstance(build, dict) else None
+        if not isinstance(rules, list) or not isinstance(build, dict) or not isinstance(images, (dict, type(None))) \
+                or not all(isinstance(v, list) for v in (images or {}).values()):
+            raise ExperienceError(f"{f}: 'rules' must be a list and 'build' an object of image lists; delete it and "
+                                  "rerun `fgvr build-experience`")
+        try:
+            parsed = [Rule.from_json(r) for r in rules]
+        except ValueError as e:
+            raise ExperienceError(f"{f}: {e}; delete it and rerun `fgvr build-experience`") from None
+        lib = cls(parsed, classes, d)
+        lib.images = {str(k): [str(p) for p in v] for k, v in (images or {}).items()}
         return lib
 
     def save(self) -> None:
