@@ -277,3 +277,21 @@ def test_limit_is_a_seeded_round_robin_over_classes():
     assert items == plan(ds, ds.classes, 37, seed=3)[0]  # the same images on every restart
     assert items[:10] == plan(ds, ds.classes, 10, seed=3)[0]  # a smaller limit is a prefix
     assert items != plan(ds, ds.classes, 37, seed=4)[0]
+
+
+def test_a_hand_edited_result_is_refused_or_redone_not_trusted(tmp_path, data):
+    out = tmp_path / "r"
+    cfg = {"kb": "c", "encoder": "e", "data": "d"}
+    ref = run_evaluation(system(), data, out, cfg, batch_size=5, progress=False, report=False)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    i = next(j for j, r in enumerate(recs) if r["label_id"] is not None and not r["correct"] and r["path_taken"] != "error")
+    forged = dict(recs[i], correct=True)  # an image turned "right" by hand
+    (out / "results.jsonl").write_text("\n".join(lines[:i] + [json.dumps(forged)] + lines[i + 1:]) + "\n")
+    with pytest.raises(EvaluateError, match="edited") as e:
+        run_evaluation(system(), data, out, cfg, batch_size=5, progress=False, report=False)
+    assert "\n" not in str(e.value)
+    bad_type = dict(recs[i], label_id="red")  # not a record of this fgvr: skipped, its image redone
+    (out / "results.jsonl").write_text("\n".join(lines[:i] + [json.dumps(bad_type)] + lines[i + 1:]) + "\n")
+    again = run_evaluation(system(), data, out, cfg, batch_size=5, progress=False, report=False)
+    assert again["accuracy"] == ref["accuracy"] and again["n_images"] == ref["n_images"]

@@ -99,6 +99,21 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
     return [(p, label, index.get(label)) for p, label in items], unknown
 
 
+def _previous_rows(results: Any, items: list[tuple[str, str, int | None]], out: Path) -> list[ResultRow]:
+    """The rows already in results.jsonl for planned images. A row whose label disagrees with the data's
+    (the data list is bound by its digest, so only a hand-edited file has one) is refused: it would be
+    counted as it stands."""
+    plan_of = {p: (label, cid) for p, label, cid in items}
+    rows = [r for r in as_rows(results.read()) if r.path in plan_of]
+    for r in rows:
+        wrong_mark = r.label_id is not None and r.correct != (r.prediction == r.label_id)
+        if (r.label, r.label_id) != plan_of[r.path] or wrong_mark:
+            raise EvaluateError(f"{out / RESULTS}: the record of {r.path} says label {r.label!r} (id {r.label_id}, "
+                                f"correct {r.correct}) where the data says {plan_of[r.path][0]!r}: the file was "
+                                f"edited; start fresh with a new --out folder (or delete {out})")
+    return rows
+
+
 def _round_robin(items: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
     """(path, label) pairs interleaved by label: see `plan`."""
     by_label: dict[str, list[tuple[str, str]]] = {}
@@ -175,8 +190,7 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
         log.warning("leaving out %d image(s) of %s that the experience build used (its rules were chosen on "
                     "them)", n_experience, dataset.root)
     results = results_journal(out / RESULTS)
-    planned = {p for p, _, _ in items}
-    previous = [r for r in as_rows(results.read()) if r.path in planned]
+    previous = _previous_rows(results, items, out)
     done = {r.path for r in previous}
     todo = [it for it in items if it[0] not in done]
     if done and todo:

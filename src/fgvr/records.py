@@ -67,9 +67,42 @@ def as_rows(records: Iterable[ResultRow | dict[str, Any]]) -> list[ResultRow]:
     return [r if isinstance(r, ResultRow) else ResultRow.from_dict(r) for r in records]
 
 
+def _int_or_none(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _num_or_none(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def valid_result(d: dict[str, Any]) -> bool:
+    """A results.jsonl line this fgvr can use as it stands: the fields the summary reads have their types
+    (a line edited by hand or written by another program is skipped, and its image redone, not trusted)."""
+    if not isinstance(d.get("path"), str) or not d["path"]:
+        return False
+    if not all(_int_or_none(d.get(k)) for k in ("label_id", "prediction", "fast_prediction", "slow_prediction")):
+        return False
+    if not all(_num_or_none(d.get(k)) for k in ("confidence",)) or d.get("correct") not in (None, True, False):
+        return False
+    if not isinstance(d.get("path_taken", ""), str) or not isinstance(d.get("label"), (str, type(None))):
+        return False
+    if not all(isinstance(d.get(k), (dict, type(None))) for k in ("trigger", "timings")):
+        return False
+    if not all(isinstance(d.get(k, 0), int) for k in ("slow_tokens_in", "slow_tokens_out")):
+        return False
+    cands = d.get("candidates") or []
+    if not isinstance(cands, list) or not all(isinstance(c, dict) and _int_or_none(c.get("id")) for c in cands):
+        return False
+    try:
+        ResultRow.from_dict(d)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def results_journal(path: Path) -> Journal:
     """results.jsonl as a journal keyed by image path."""
-    return Journal(path, key=lambda r: r["path"], valid=lambda r: "path" in r)
+    return Journal(path, key=lambda r: r["path"], valid=valid_result)
 
 
 def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
