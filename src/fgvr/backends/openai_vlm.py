@@ -237,8 +237,9 @@ class _Http:
             if fired or isinstance(e, (socket.timeout, TimeoutError)):
                 raise HttpError(f"no answer within {self.timeout_s:g} s", retryable=True) from e
             raise HttpError(f"{type(e).__name__}: {e}", retryable=True) from e
-        if dog.stop():  # the last byte came as the deadline passed: the connection was cut, not reusable
+        if dog.stop():  # the socket was cut at the deadline: what came is not the whole answer
             self._drop()
+            raise HttpError(f"no answer within {self.timeout_s:g} s", retryable=True)
         if resp.status >= 400:
             text = raw.decode(errors="replace")[:300].replace("\n", " ")
             after = resp.getheader("Retry-After")
@@ -576,12 +577,12 @@ class OpenAIVlm:
         return got
 
     def _detect_mode(self) -> tuple[str, int | None, str | None]:
-        if self.letter_ids:
-            ids = [self.letter_ids["A"], self.letter_ids["B"]]
-            got = self._probe({"logprobs": True, "top_logprobs": 2, "logprob_token_ids": ids})
+        if self.letter_ids:  # four letters and a list of one: only a server honouring the field lists them all
+            ids = [self.letter_ids[c] for c in "ABYZ"]
+            got = self._probe({"logprobs": True, "top_logprobs": 1, "logprob_token_ids": ids})
             if got is not None:
                 tops = first_token_logprobs(got.data)
-                if all(letter_logprob(tops, c, i) is not None for c, i in zip("AB", ids)):
+                if all(letter_logprob(tops, c, i) is not None for c, i in zip("ABYZ", ids)):
                     return "logprob_token_ids", None, None
         for n in sorted({min(self.options.max_top_logprobs, 20), 20, 10, 5, 1}, reverse=True):
             if n > self.options.max_top_logprobs:
