@@ -25,6 +25,8 @@ a JSON object of the same names), and every chat request is logged (GET /stats):
     constraints   false: ignore `structured_outputs` (as a server without constrained decoding does)
     misbehave_n   that many real questions misbehave, then it answers right (null: all of them)
     reply         the JSON value sent as the body for misbehave "raw" (the property tests' answers)
+    models_reply  if set, the JSON value /v1/models answers
+Each chat request's log entry also says whether it carried an Authorization header ("auth").
     max_logprobs  the `--max-logprobs` cap: `top_logprobs` above it is a 400 (vLLM's default 20)
     fail_503      the next N chat requests get 503
     hang_after    after N answered chat requests with an image, further ones hang (until set back to null)
@@ -58,7 +60,7 @@ from pathlib import Path
 STATE = {"token_ids": True, "logprobs": True, "max_logprobs": 20, "fail_503": 0, "hang_after": None,
          "delay_s": 0.0, "ignore_logprobs": False, "stream_always": False, "token_style": "plain",
          "letter_boost": 0.0, "models_shape": "dict", "misbehave": None, "misbehave_n": None, "reply": None,
-         "constraints": True}
+         "constraints": True, "models_reply": None}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LOG: list[dict] = []  # one entry per chat request: digest, has_image, status
 LOCK = threading.Lock()
@@ -266,6 +268,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/v1/models":
             listed = [{"id": self.model.name, "object": "model", "owned_by": "fgvr-tests", "max_model_len": 4096}]
+            if STATE["models_reply"] is not None:
+                return self._send(200, STATE["models_reply"])
             self._send(200, listed if STATE["models_shape"] == "list" else {"object": "list", "data": listed})
         elif self.path == "/stats":
             with LOCK:
@@ -308,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self, req: dict, digest: str) -> None:
         has_image = any(isinstance(m.get("content"), list) and any(c.get("type") == "image_url" for c in m["content"])
                         for m in req.get("messages", []))
-        entry = {"digest": digest, "has_image": has_image, "status": None}
+        entry = {"digest": digest, "has_image": has_image, "status": None, "auth": bool(self.headers.get("Authorization"))}
         with LOCK:
             LOG.append(entry)
             if STATE["fail_503"] > 0:
