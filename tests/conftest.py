@@ -77,3 +77,23 @@ def shapes_kb(tmp_path_factory) -> Path:
     write_shapes(root / "test", 2, seed=1)
     build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
     return root / "kb"
+
+
+@pytest.fixture(scope="session")
+def talkative_qwen_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
+    """The tiny random Qwen2.5-VL answers with newlines only (token 198 wins every greedy step), which
+    strips to an empty description. Zero that token's (tied) embedding and the end tokens so greedy
+    decoding emits visible gibberish: enough to check descriptions are produced, stored and encoded."""
+    import shutil
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("talkative-qwen")
+    shutil.copytree(tiny_qwen_dir, out, dirs_exist_ok=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_dir)
+    with torch.no_grad():
+        for token in (198, 151643, 151645):
+            model.get_input_embeddings().weight[token] = 0
+    model.save_pretrained(out)
+    return out

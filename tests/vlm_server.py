@@ -16,7 +16,7 @@ a JSON object of the same names), and every chat request is logged (GET /stats):
     stream_always true: every chat answer as server-sent events, even with stream: false (`transformers serve`)
     token_style   how letter tokens are rendered in log-probabilities: "plain" "A", "space" " A", "lower" "a",
                   "both" (" A" and "a" listed besides "A", mass split 0.5 / 0.3 / 0.2)
-    letter_boost  nats added to the letters' logits (a model that answers letters, as a trained VLM does)
+    letter_boost  nats added to the logits of A..E (a model that answers letters, as a trained VLM does)
     models_shape  "list": /v1/models answers a bare JSON list instead of {"data": [...]}
     misbehave     on real questions only: "empty" {}, "no_choices", "error_member" (200 with an error),
                   "no_letters" (logprobs with no option letter), "empty_text", "wrong_model", "trickle" (the
@@ -90,7 +90,7 @@ class Model:
         self.processor = image_only_processor(ip, tok, chat_template=template)
         self.tok = tok
         self.stop = tok.convert_tokens_to_ids("<|im_end|>")
-        self.letter_ids = tok.convert_tokens_to_ids(list(LETTERS))
+        self.letter_ids = tok.convert_tokens_to_ids(list(LETTERS[:5]))
         self.max_batch = max_batch
         self.jobs: queue.Queue = queue.Queue()
         threading.Thread(target=self._worker, daemon=True).start()
@@ -137,8 +137,8 @@ class Model:
         if jobs[0]["max_tokens"] == 1:
             with torch.inference_mode():
                 logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
-            if STATE["letter_boost"]:
-                logits[:, self.letter_ids] += float(STATE["letter_boost"])
+                if STATE["letter_boost"]:
+                    logits[:, self.letter_ids] += float(STATE["letter_boost"])
             # raw log-probabilities, before any constraint: vLLM's default --logprobs-mode raw_logprobs
             logp = torch.log_softmax(logits, dim=-1)
             for row, j in enumerate(jobs):
