@@ -384,7 +384,7 @@ def letter_logprob(tops: dict[str, float], letter: str, token_id: int | None) ->
     return None
 
 
-def letter_masses(tops: dict[str, float], letters: str, ids: dict[str, int] | None = None) -> list[float | None]:
+def letter_masses(tops: dict[str, float], letters: Sequence[str], ids: dict[str, int] | None = None) -> list[float | None]:
     """Each letter's log-probability in a top-N list, summed over every token that renders it (and its
     `token_id:N` entry when its id is known); None where no such token is listed."""
     mass: dict[str, float] = {}
@@ -417,7 +417,7 @@ def fill_missing(listed: dict[str, float], letter_lp: list[float | None]) -> lis
 
 def read_scores(response: Any, mode: str, k: int, letter_ids: dict[str, int] | None = None) -> list[float]:
     """The distribution over the first k letters an answer gives in a scoring mode, or BadAnswer."""
-    letters = LETTERS[:k]
+    letters = list(LETTERS[:k])  # a list: "" or "AB" is not a letter, though both are in the string "ABC"
     if mode == "logprob_token_ids":
         tops = first_token_logprobs(response)
         lps = [letter_logprob(tops, c, (letter_ids or {}).get(c)) for c in letters]
@@ -436,7 +436,7 @@ def read_scores(response: Any, mode: str, k: int, letter_ids: dict[str, int] | N
     if mode == "letter":
         answer = answer.rstrip(".):").strip()
     if answer not in letters:
-        raise BadAnswer(f"the answer {answer[:40]!r} is not one of the letters {list(letters)}")
+        raise BadAnswer(f"the answer {answer[:40]!r} is not one of the letters {letters}")
     return [1.0 if c == answer else 0.0 for c in letters]
 
 
