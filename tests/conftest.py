@@ -81,19 +81,12 @@ def shapes_kb(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def talkative_qwen_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
-    """The tiny random Qwen2.5-VL answers with newlines only (token 198 wins every greedy step), which
-    strips to an empty description. Zero that token's (tied) embedding and the end tokens so greedy
-    decoding emits visible gibberish: enough to check descriptions are produced, stored and encoded."""
-    import shutil
+    """The tiny Qwen2.5-VL that writes visible text where the plain one writes only newlines (no answer)."""
+    return tiny_models.make_talkative(tiny_qwen_dir, tmp_path_factory.mktemp("talkative-qwen"))
 
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    out = tmp_path_factory.mktemp("talkative-qwen")
-    shutil.copytree(tiny_qwen_dir, out, dirs_exist_ok=True)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_dir)
-    with torch.no_grad():
-        for token in (198, 151643, 151645):
-            model.get_input_embeddings().weight[token] = 0
-    model.save_pretrained(out)
-    return out
+@pytest.fixture(scope="session")
+def vllm_qwen_dir(tmp_path_factory) -> Path:
+    """The talkative tiny Qwen2.5-VL in the shape vLLM's CPU build serves (head_dim 32, `architectures`)."""
+    plain = tiny_models.build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen-hd32"), head_dim=32)
+    return tiny_models.make_talkative(plain, tmp_path_factory.mktemp("vllm-qwen"))
