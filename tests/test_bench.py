@@ -130,8 +130,8 @@ def test_bench_with_a_vlm_system2_and_a_clip_encoder(tmp_path, tiny_clip_dir, ta
     assert f"dual system (System 2 = {talkative_qwen_dir.name}, budget 50%)" in res.output
     assert "dual − System 1 (paired, points)" in res.output
     build_cmd, eval_cmd = cell["result"]["commands"]
-    assert f"--vlm {tiny_qwen_dir}" in build_cmd and f"--encoder {tiny_clip_dir}" in build_cmd
-    assert f"--vlm {tiny_qwen_dir} --max-visual-tokens 16 --slow-budget 0.5" in eval_cmd
+    assert f"--vlm {talkative_qwen_dir}" in build_cmd and f"--encoder {tiny_clip_dir}" in build_cmd
+    assert f"--vlm {talkative_qwen_dir} --max-visual-tokens 16 --slow-budget 0.5" in eval_cmd
 
 
 # ----------------------------------------------------------------------------------------------------------
