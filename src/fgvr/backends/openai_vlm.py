@@ -685,6 +685,10 @@ class OpenAIVlm:
             body[self.choice_field] = dict(_CHOICE_FIELDS)[self.choice_field](letters)
         return body, {**body, "messages": keyed}
 
+    def _failure(self, e: HttpError) -> str:
+        tries = f" (after {self.retries} retries)" if e.retryable and self.retries else ""
+        return f"{self.url}: {e}{tries}"
+
     def _score_one(self, question: str, image: Image.Image, k: int) -> OptionScores:
         """One image's answer; whatever goes wrong fails this image alone (its error), never its batch."""
         t0 = time.perf_counter()
@@ -694,7 +698,7 @@ class OpenAIVlm:
             response, probs = self._send(body, keyed, lambda r: read_scores(r, self.mode, k, self.letter_ids))
             t2 = time.perf_counter()
         except HttpError as e:
-            return OptionScores(error=f"{self.url}: {e} (after {self.retries} retries)" if e.retryable else f"{self.url}: {e}")
+            return OptionScores(error=self._failure(e))
         except Exception as e:  # noqa: BLE001 - an image this process cannot send: this row fails alone
             return OptionScores(error=f"{self.url}: {type(e).__name__}: {e}")
         self.timings.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
@@ -716,7 +720,7 @@ class OpenAIVlm:
             body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": 0}
             response, text = self._send(body, {**body, "messages": keyed}, read)
         except HttpError as e:
-            return Generated(error=f"{self.url}: {e} (after {self.retries} retries)" if e.retryable else f"{self.url}: {e}")
+            return Generated(error=self._failure(e))
         except Exception as e:  # noqa: BLE001 - this conversation fails alone
             return Generated(error=f"{self.url}: {type(e).__name__}: {e}")
         return Generated(text, *usage(response))
