@@ -77,3 +77,16 @@ def shapes_kb(tmp_path_factory) -> Path:
     write_shapes(root / "test", 2, seed=1)
     build_knowledge_base(root / "support", root / "kb", shots=3, progress=False)
     return root / "kb"
+
+
+@pytest.fixture(scope="session")
+def talkative_qwen_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL that writes visible text where the plain one writes only newlines (no answer)."""
+    return tiny_models.make_talkative(tiny_qwen_dir, tmp_path_factory.mktemp("talkative-qwen"))
+
+
+@pytest.fixture(scope="session")
+def vllm_qwen_dir(tmp_path_factory) -> Path:
+    """The talkative tiny Qwen2.5-VL in the shape vLLM's CPU build serves (head_dim 32, `architectures`)."""
+    plain = tiny_models.build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen-hd32"), head_dim=32)
+    return tiny_models.make_talkative(plain, tmp_path_factory.mktemp("vllm-qwen"))

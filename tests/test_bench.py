@@ -111,12 +111,12 @@ def test_bench_limit_takes_the_same_spread_for_every_cell(tmp_path):
     assert (out / "k1-seed1" / "run" / "report.md").is_file()  # each cell's report, as `fgvr evaluate` writes
 
 
-def test_bench_with_a_vlm_system2_and_a_clip_encoder(tmp_path, tiny_clip_dir, tiny_qwen_dir):
+def test_bench_with_a_vlm_system2_and_a_clip_encoder(tmp_path, tiny_clip_dir, talkative_qwen_dir):
     """The GPU configuration on tiny random checkpoints: CLIP prototypes + text, Qwen2.5-VL descriptions in the
     base and option scoring as System 2."""
     root, out = R.make_flowers(tmp_path / "data"), tmp_path / "bench"
     res = CliRunner().invoke(cli, ["bench", "flowers", "--root", str(root), "--shots", "1", "--seeds", "0",
-                                   "--encoder", str(tiny_clip_dir), "--vlm", str(tiny_qwen_dir),
+                                   "--encoder", str(tiny_clip_dir), "--vlm", str(talkative_qwen_dir),
                                    "--max-visual-tokens", "16", "--slow-budget", "0.5", "--no-reports",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -127,11 +127,11 @@ def test_bench_with_a_vlm_system2_and_a_clip_encoder(tmp_path, tiny_clip_dir, ti
     assert kb["vlm"] is not None and kb["encoder"]["has_text"]
     summary = json.loads((out / "k1-seed0" / "run" / "summary.json").read_text())
     assert summary["slowed_images"]["n"] == 3 and summary["system2_calls"] >= 3
-    assert f"dual system (System 2 = {tiny_qwen_dir.name}, budget 50%)" in res.output
+    assert f"dual system (System 2 = {talkative_qwen_dir.name}, budget 50%)" in res.output
     assert "dual − System 1 (paired, points)" in res.output
     build_cmd, eval_cmd = cell["result"]["commands"]
-    assert f"--vlm {tiny_qwen_dir}" in build_cmd and f"--encoder {tiny_clip_dir}" in build_cmd
-    assert f"--vlm {tiny_qwen_dir} --max-visual-tokens 16 --slow-budget 0.5" in eval_cmd
+    assert f"--vlm {talkative_qwen_dir}" in build_cmd and f"--encoder {tiny_clip_dir}" in build_cmd
+    assert f"--vlm {talkative_qwen_dir} --max-visual-tokens 16 --slow-budget 0.5" in eval_cmd
 
 
 # ----------------------------------------------------------------------------------------------------------

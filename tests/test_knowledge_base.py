@@ -351,23 +351,6 @@ def test_resume_after_sigkill_redoes_nothing_and_loses_nothing(tmp_path, lite0):
 # ---------------------------------------------------------------------------------------------- text / VLM
 
 
-@pytest.fixture(scope="module")
-def talkative_qwen_dir(tiny_qwen_dir, tmp_path_factory) -> Path:
-    """The tiny random Qwen2.5-VL answers with newlines only (token 198 wins every greedy step), which
-    strips to an empty description. Zero that token's (tied) embedding and the end tokens so greedy
-    decoding emits visible gibberish: enough to check descriptions are produced, stored and encoded."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    out = tmp_path_factory.mktemp("talkative-qwen")
-    shutil.copytree(tiny_qwen_dir, out, dirs_exist_ok=True)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_dir)
-    with torch.no_grad():
-        for token in (198, 151643, 151645):
-            model.get_input_embeddings().weight[token] = 0
-    model.save_pretrained(out)
-    return out
-
-
 def test_text_prototypes_with_vlm_descriptions(tmp_path, tiny_clip_dir, talkative_qwen_dir):
     data = _make_folder(tmp_path / "d", {"red_fox": ("red", 4), "blue jay": ("blue", 2), "moss": ("green", 2)})
     out = tmp_path / "kb"

@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fgvr.backends import BackendError, BackendOptions, fit_pixels, open_backend, user_turn
-from fgvr.backends.openai_vlm import OpenAIVlm, fill_missing
+from fgvr.backends import LETTERS, BackendError, BackendOptions, fit_pixels, open_backend, user_turn
+from fgvr.backends.openai_vlm import OpenAIVlm, fill_missing, letter_masses
 from fgvr.backends.transformers_vlm import TransformersVlm, letter_token_ids, render_chat, vlm_inputs
 from fgvr.models import parse_spec, registry
 
@@ -65,12 +65,16 @@ def stats(url: str) -> dict:
         return json.loads(r.read())
 
 
-DEFAULT_STATE = dict(token_ids=True, logprobs=True, max_logprobs=20, fail_503=0, hang_after=None, delay_s=0.0)
+DEFAULT_STATE = dict(token_ids=True, logprobs=True, max_logprobs=20, fail_503=0, hang_after=None, delay_s=0.0,
+                     ignore_logprobs=False, stream_always=False, token_style="plain", letter_boost=0.0,
+                     models_shape="dict", misbehave=None, misbehave_n=None, reply=None, constraints=True,
+                     models_reply=None)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen_dir, tmp_path_factory):
-    proc, url = start_server(tiny_qwen_dir, tmp_path_factory.mktemp("server"), "--max-batch", "4")
+def server(talkative_qwen_dir, tmp_path_factory):
+    """The tiny Qwen2.5-VL that writes visible text (the plain one writes only newlines: no answer)."""
+    proc, url = start_server(talkative_qwen_dir, tmp_path_factory.mktemp("server"), "--max-batch", "4")
     try:
         yield url
     finally:
@@ -86,8 +90,8 @@ def url(server):
 
 
 @pytest.fixture(scope="module")
-def local(tiny_qwen_dir):
-    return TransformersVlm(parse_spec(str(tiny_qwen_dir), **CAP), batch_size=2)
+def local(talkative_qwen_dir):
+    return TransformersVlm(parse_spec(str(talkative_qwen_dir), **CAP), batch_size=2)
 
 
 def served(url: str, **kw) -> OpenAIVlm:
@@ -126,18 +130,22 @@ def test_served_and_local_give_the_same_option_probabilities(url, local):
 
 
 def test_top_logprobs_fallback_and_the_missing_letter_rule(url, local):
-    admin(url, token_ids=False, max_logprobs=5)  # an older vLLM started with --max-logprobs 5
+    # an older vLLM started with --max-logprobs 5, serving a model that answers letters (a random one would
+    # list none of them, and a list without letters is not an answer)
+    admin(url, token_ids=False, max_logprobs=5, letter_boost=1.5)
     b = served(url)
     assert b.mode == "top_logprobs" and b.top_n == 5
     images = _images()
     got = b.score_options(QUESTIONS, images, [3, 2, 5])
+    boost = torch.zeros(151936)
+    boost[32:37] = 1.5  # the ids of A..E
+    with registry.use(local.spec) as vlm:
+        decode = vlm.tokenizer.decode
     for q, im, g, k in zip(QUESTIONS, images, got, [3, 2, 5]):
-        lp = local_logp(local.spec, q, fit_pixels(im, **CAP))
+        lp = torch.log_softmax(local_logp(local.spec, q, fit_pixels(im, **CAP)) + boost, -1)
         top = lp.topk(5)
-        listed = {f"id{int(i)}": float(v) for v, i in zip(top.values, top.indices)}
-        ids = [32 + j for j in range(k)]
-        letters = [float(lp[i]) if i in top.indices.tolist() else None for i in ids]
-        assert np.allclose(g.probs, fill_missing(listed, letters), atol=1e-4)
+        listed = {decode([int(i)]): float(v) for v, i in zip(top.values, top.indices)}
+        assert g.error is None and np.allclose(g.probs, fill_missing(listed, letter_masses(listed, LETTERS[:k])), atol=1e-4)
     # the rule itself: a missing letter shares the leftover mass, never above the smallest listed entry
     p = fill_missing({"A": np.log(0.5), "x": np.log(0.3), "y": np.log(0.15)}, [np.log(0.5), None, None])
     assert np.allclose(p, np.array([0.5, 0.025, 0.025]) / 0.55)
@@ -146,7 +154,7 @@ def test_top_logprobs_fallback_and_the_missing_letter_rule(url, local):
 
 
 def test_no_logprobs_falls_back_to_a_constrained_choice(url, local):
-    admin(url, logprobs=False)  # like `transformers serve`: 400 on logprobs
+    admin(url, logprobs=False)  # a server that answers 400 to logprobs
     b = served(url)
     assert b.mode == "choice" and b.choice_field == "structured_outputs"
     images = _images()

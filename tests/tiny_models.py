@@ -118,9 +118,10 @@ def qwen_tokenizer_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
 
 
-def build_tiny_qwen(path: Path) -> Path:
+def build_tiny_qwen(path: Path, head_dim: int = 16) -> Path:
     """A random Qwen2.5-VL (2 layers, hidden 64, tied embeddings) with the real Qwen tokenizer, saved to
-    `path` like a hub folder: config, safetensors, tokenizer files, preprocessor and chat template."""
+    `path` like a hub folder: config, safetensors, tokenizer files, preprocessor and chat template.
+    `head_dim` 32 (2 heads, 1 KV head) is the shape vLLM's CPU attention has kernels for."""
     from transformers import (
         AutoTokenizer,
         Qwen2_5_VLConfig,
@@ -137,8 +138,8 @@ def build_tiny_qwen(path: Path) -> Path:
            ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_end|>", "<|endoftext|>")}
     text = dict(
         vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        rope_theta=1_000_000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # head_dim 16
+        num_attention_heads=64 // head_dim, num_key_value_heads=32 // head_dim, max_position_embeddings=4096,
+        rope_theta=1_000_000.0, rope_scaling={"type": "mrope", "mrope_section": {16: [2, 3, 3], 32: [4, 6, 6]}[head_dim]},
         tie_word_embeddings=True, use_sliding_window=False, max_window_layers=2,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
@@ -160,4 +161,24 @@ def build_tiny_qwen(path: Path) -> Path:
     # must override them from the spec, so keep the stock values here.
     Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=14 * 14 * 4 * 16384).save_pretrained(path)
     (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN25_VL_CHAT_TEMPLATE}))
+    if head_dim != 16:  # a hub folder names its class; without it vLLM serves the model as a pooler
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2_5_VLForConditionalGeneration"]}, indent=2))
     return path
+
+
+def make_talkative(src: Path, out: Path) -> Path:
+    """The tiny random Qwen2.5-VL answers with newlines only (token 198 wins every greedy step), which
+    strips to no answer. Zero that token's (tied) embedding and the end tokens so greedy decoding emits
+    visible gibberish: enough to check text is produced, stored and encoded."""
+    import shutil
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src)
+    with torch.no_grad():
+        for token in (198, 151643, 151645):
+            model.get_input_embeddings().weight[token] = 0
+    model.save_pretrained(out)
+    return out

@@ -1,15 +1,32 @@
 """A small OpenAI-compatible VLM server for tests and benchmarks: the tiny Qwen2.5-VL answering from its REAL
 next-token logits, in the response shape vLLM documents. No engine that serves images with
-log-probabilities runs on these CPU machines (vLLM and SGLang need CUDA; `transformers serve` rejects
-`logprobs`), so this stands in for one, over real HTTP on loopback, in its own process.
+log-probabilities runs in CI here (vLLM's CPU build does, in its own 3.5 GB environment: tests/test_real_vllm.py),
+so this stands in for one, over real HTTP on loopback, in its own process. It also plays the hostile server:
+one that answers the start-up probes right and misbehaves only on real questions (those with an image).
 
     python tests/vlm_server.py --model DIR [--port 0] [--ready-file F] [--max-batch 8] [--max-pixels N]
+    python tests/vlm_server.py --scripted [--port 0] [--ready-file F]   # no model: canned letter answers
 
 Every behaviour the client must cope with can be switched at start (flags) or at run time (POST /admin with
 a JSON object of the same names), and every chat request is logged (GET /stats):
 
     token_ids     true: honour `logprob_token_ids` (vLLM with PR #43463); false: ignore it as older vLLM does
-    logprobs      false: answer 400 to `logprobs` / `top_logprobs` (as `transformers serve` does)
+    logprobs      false: answer 400 to `logprobs` / `top_logprobs` (as a server without them may)
+    ignore_logprobs  true: answer 200 without log-probabilities (as `transformers serve` 4.57 does)
+    stream_always true: every chat answer as server-sent events, even with stream: false (`transformers serve`)
+    token_style   how letter tokens are rendered in log-probabilities: "plain" "A", "space" " A", "lower" "a",
+                  "both" (" A" and "a" listed besides "A", mass split 0.5 / 0.3 / 0.2)
+    letter_boost  nats added to the logits of A..E (a model that answers letters, as a trained VLM does)
+    models_shape  "list": /v1/models answers a bare JSON list instead of {"data": [...]}
+    misbehave     on real questions only: "empty" {}, "no_choices", "error_member" (200 with an error),
+                  "no_letters" (logprobs with no option letter), "empty_text", "wrong_model", "trickle" (the
+                  body a byte every 0.2 s), "huge" (a declared 1.5 GB body), "huge_chunked" (chunked, no
+                  length, endless), "sse" (the real answer as server-sent events), "bad_json", "raw" (`reply`)
+    constraints   false: ignore `structured_outputs` (as a server without constrained decoding does)
+    misbehave_n   that many real questions misbehave, then it answers right (null: all of them)
+    reply         the JSON value sent as the body for misbehave "raw" (the property tests' answers)
+    models_reply  if set, the JSON value /v1/models answers
+Each chat request's log entry also says whether it carried an Authorization header ("auth").
     max_logprobs  the `--max-logprobs` cap: `top_logprobs` above it is a 400 (vLLM's default 20)
     fail_503      the next N chat requests get 503
     hang_after    after N answered chat requests with an image, further ones hang (until set back to null)
@@ -41,7 +58,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 STATE = {"token_ids": True, "logprobs": True, "max_logprobs": 20, "fail_503": 0, "hang_after": None,
-         "delay_s": 0.0}
+         "delay_s": 0.0, "ignore_logprobs": False, "stream_always": False, "token_style": "plain",
+         "letter_boost": 0.0, "models_shape": "dict", "misbehave": None, "misbehave_n": None, "reply": None,
+         "constraints": True, "models_reply": None}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LOG: list[dict] = []  # one entry per chat request: digest, has_image, status
 LOCK = threading.Lock()
 ANSWERED = [0, 0]  # chat requests answered: all, with an image
@@ -70,6 +90,7 @@ class Model:
         self.processor = image_only_processor(ip, tok, chat_template=template)
         self.tok = tok
         self.stop = tok.convert_tokens_to_ids("<|im_end|>")
+        self.letter_ids = tok.convert_tokens_to_ids(list(LETTERS[:5]))
         self.max_batch = max_batch
         self.jobs: queue.Queue = queue.Queue()
         threading.Thread(target=self._worker, daemon=True).start()
@@ -116,6 +137,8 @@ class Model:
         if jobs[0]["max_tokens"] == 1:
             with torch.inference_mode():
                 logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                if STATE["letter_boost"]:
+                    logits[:, self.letter_ids] += float(STATE["letter_boost"])
             # raw log-probabilities, before any constraint: vLLM's default --logprobs-mode raw_logprobs
             logp = torch.log_softmax(logits, dim=-1)
             for row, j in enumerate(jobs):
@@ -162,20 +185,81 @@ def _messages(raw: list[dict]) -> tuple[list[dict], list]:
     return msgs, images
 
 
+class Scripted:
+    """No model: canned answers in the same shapes (letters' ids as in Qwen's vocabulary, A likeliest), so the
+    hostile-server tests start in a blink and know every number they should read."""
+
+    name = "scripted"
+    TEXT = "a scripted description of the class"
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return [32 + LETTERS.index(prompt)] if len(prompt) == 1 and prompt in LETTERS else [9707 + len(prompt)]
+
+    def logp(self) -> dict[int, float]:
+        """26 letters with mass 0.9 falling off by exp(-0.7) each, and "Hello" (id 9707) with 0.1."""
+        import math
+
+        w = [math.exp(-0.7 * i) for i in range(26)]
+        out = {32 + i: math.log(0.9 * x / sum(w)) for i, x in enumerate(w)}
+        return {**out, 9707: math.log(0.1)}
+
+
+def _decode(model, i: int) -> str:
+    if isinstance(model, Scripted):
+        return LETTERS[i - 32] if 32 <= i < 58 else "Hello"
+    return model.tok.decode([i])
+
+
+def _render(model, i: int, lp: float) -> list[dict]:
+    """One token's logprob entries, letter tokens rendered per `token_style` (several entries for "both")."""
+    t = _decode(model, i)
+    style = STATE["token_style"] if len(t) == 1 and t in LETTERS else "plain"
+    import math
+
+    forms = {"plain": [(t, 1.0)], "space": [(" " + t, 1.0)], "lower": [(t.lower(), 1.0)],
+             "both": [(t, 0.5), (" " + t, 0.3), (t.lower(), 0.2)]}[style]
+    return [{"token": f, "logprob": lp + math.log(share), "bytes": list(f.encode())} for f, share in forms]
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn serves vLLM
-    model: Model
+    model: "Model | Scripted"
 
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
+    def _send(self, status: int, obj, content_type: str = "application/json") -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _chunked(self, pieces, content_type: str) -> None:
+        """A chunked body (no Content-Length), as uvicorn streams; stops when the client goes away."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for piece in pieces:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
+
+    def _sse(self, answer: dict) -> None:
+        """The answer as chat.completion.chunk events, as `transformers serve` and vLLM stream them."""
+        base = {k: answer[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+        choice = answer["choices"][0]
+        events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+                  {**base, "choices": [{"index": 0, "delta": {"content": choice["message"]["content"]},
+                                        "logprobs": choice["logprobs"]}]},
+                  {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
+                   "usage": answer["usage"]}]
+        self._chunked([b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"],
+                      "text/event-stream")
 
     def _error(self, status: int, message: str) -> None:
         # vLLM's ErrorResponse shape
@@ -183,8 +267,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": self.model.name, "object": "model",
-                                                          "owned_by": "fgvr-tests", "max_model_len": 4096}]})
+            listed = [{"id": self.model.name, "object": "model", "owned_by": "fgvr-tests", "max_model_len": 4096}]
+            if STATE["models_reply"] is not None:
+                return self._send(200, STATE["models_reply"])
+            self._send(200, listed if STATE["models_shape"] == "list" else {"object": "list", "data": listed})
         elif self.path == "/stats":
             with LOCK:
                 self._send(200, {"requests": list(LOG), "answered": ANSWERED[0], "answered_images": ANSWERED[1],
@@ -203,16 +289,30 @@ class Handler(BaseHTTPRequestHandler):
                 STATE.update(req)
             return self._send(200, dict(STATE))
         if self.path == "/tokenize":
-            ids = self.model.tok(req.get("prompt", ""), add_special_tokens=bool(req.get("add_special_tokens", True)))["input_ids"]
+            prompt, special = req.get("prompt", ""), bool(req.get("add_special_tokens", True))
+            ids = (self.model.tokenize(prompt) if isinstance(self.model, Scripted)
+                   else self.model.tok(prompt, add_special_tokens=special)["input_ids"])
             return self._send(200, {"count": len(ids), "max_model_len": 4096, "tokens": ids})
         if self.path != "/v1/chat/completions":
             return self._error(404, f"no route {self.path}")
         self._chat(req, hashlib.sha256(body).hexdigest())
 
+    def _refusal(self, req: dict, entry: dict) -> tuple[int, str] | None:
+        """The error a real server gives this request, if any (unknown model, logprobs off, over the cap)."""
+        if req.get("model") != self.model.name:
+            return 404, f"The model `{req.get('model')}` does not exist."
+        want_lp = bool(req.get("logprobs")) or req.get("top_logprobs") is not None
+        if want_lp and not STATE["logprobs"]:
+            return 400, "logprobs are not supported by this server"
+        top_n = int(req.get("top_logprobs") or 0)
+        if top_n > STATE["max_logprobs"]:
+            return 400, f"top_logprobs ({top_n}) exceeds max_logprobs ({STATE['max_logprobs']})"
+        return None
+
     def _chat(self, req: dict, digest: str) -> None:
         has_image = any(isinstance(m.get("content"), list) and any(c.get("type") == "image_url" for c in m["content"])
                         for m in req.get("messages", []))
-        entry = {"digest": digest, "has_image": has_image, "status": None}
+        entry = {"digest": digest, "has_image": has_image, "status": None, "auth": bool(self.headers.get("Authorization"))}
         with LOCK:
             LOG.append(entry)
             if STATE["fail_503"] > 0:
@@ -226,62 +326,132 @@ class Handler(BaseHTTPRequestHandler):
             if not hang:
                 break
             time.sleep(0.1)
-        if req.get("model") != self.model.name:
-            entry["status"] = 404
-            return self._error(404, f"The model `{req.get('model')}` does not exist.")
-        want_lp = bool(req.get("logprobs")) or req.get("top_logprobs") is not None
-        if want_lp and not STATE["logprobs"]:
-            entry["status"] = 400
-            return self._error(400, "logprobs are not supported by this server")
-        top_n = int(req.get("top_logprobs") or 0)
-        if top_n > STATE["max_logprobs"]:
-            entry["status"] = 400
-            return self._error(400, f"top_logprobs ({top_n}) exceeds max_logprobs ({STATE['max_logprobs']})")
-        token_ids = req.get("logprob_token_ids") if STATE["token_ids"] else None
-        choice = (req.get("structured_outputs") or {}).get("choice")
-        msgs, images = _messages(req.get("messages", []))
-        choice_ids = None
-        if choice:
-            choice_ids = [self.model.tok(c, add_special_tokens=False)["input_ids"][0] for c in choice]
-        max_tokens = 1 if choice else int(req.get("max_tokens") or 16)
+        refused = self._refusal(req, entry)
+        if refused:
+            entry["status"] = refused[0]
+            return self._error(*refused)
         try:
-            out = self.model.submit({"messages": msgs, "images": images, "max_tokens": max_tokens,
-                                     "choice_ids": choice_ids})
+            answer = self._answer(req, digest)
         except Exception as e:  # noqa: BLE001
             entry["status"] = 500
             return self._error(500, f"{type(e).__name__}: {e}")
-        tok = self.model.tok
-        text = tok.decode(out["tokens"], skip_special_tokens=True)
-        logprobs = None
-        if req.get("logprobs") and out["logp"] is not None:
-            lp, sampled = out["logp"][0], out["tokens"][0]
-
-            def item(i: int) -> dict:
-                t = tok.decode([i])
-                return {"token": t, "logprob": float(lp[i]), "bytes": list(t.encode())}
-
-            # vLLM: with logprob_token_ids the list is the sampled token plus every requested id; otherwise
-            # the natural top-N
-            ids = list(token_ids) if token_ids else [int(i) for i in lp.topk(top_n).indices] if top_n else []
-            tops = [item(i) for i in dict.fromkeys(([sampled] if token_ids else []) + ids)]
-            logprobs = {"content": [{**item(sampled), "top_logprobs": tops}]}
         with LOCK:
             ANSWERED[0] += 1
             ANSWERED[1] += has_image
             entry["status"] = 200
-        n_out = len(out["tokens"])
-        self._send(200, {
+            bad = has_image and STATE["misbehave"] and STATE["misbehave_n"] != 0
+            if bad and STATE["misbehave_n"] is not None:
+                STATE["misbehave_n"] -= 1
+        if bad:
+            entry["misbehaved"] = STATE["misbehave"]
+            return self._misbehave(STATE["misbehave"], answer)
+        if STATE["stream_always"]:
+            return self._sse(answer)
+        self._send(200, answer)
+
+    def _answer(self, req: dict, digest: str) -> dict:
+        """The chat completion a server gives: from the model's real logits, or canned (--scripted)."""
+        top_n = int(req.get("top_logprobs") or 0)
+        token_ids = req.get("logprob_token_ids") if STATE["token_ids"] else None
+        choice = (req.get("structured_outputs") or {}).get("choice") if STATE["constraints"] else None
+        max_tokens = 1 if choice else int(req.get("max_tokens") or 16)
+        if isinstance(self.model, Scripted):
+            table = self.model.logp()
+            allowed = [32 + LETTERS.index(c) for c in choice] if choice else None
+            scoring = max_tokens == 1
+            asked = json.dumps(req.get("messages", [])).lower()
+            tokens = [allowed[0] if allowed else 9707 if "hello" in asked else 32] if scoring else list(range(7))
+            text = _decode(self.model, tokens[0]) if scoring else Scripted.TEXT
+            n_in, lp_of = 20, table.get
+            ranked = sorted(table, key=lambda i: -table[i])
+        else:
+            msgs, images = _messages(req.get("messages", []))
+            choice_ids = [self.model.tok(c, add_special_tokens=False)["input_ids"][0] for c in choice] if choice else None
+            out = self.model.submit({"messages": msgs, "images": images, "max_tokens": max_tokens,
+                                     "choice_ids": choice_ids})
+            tokens, n_in, scoring = out["tokens"], out["n_in"], out["logp"] is not None
+            text = self.model.tok.decode(tokens, skip_special_tokens=True)
+            if scoring:
+                row = out["logp"][0]
+                lp_of = lambda i: float(row[i])  # noqa: E731
+                ranked = [int(i) for i in row.topk(max(top_n, 1)).indices]
+        logprobs = None
+        if req.get("logprobs") and scoring and not STATE["ignore_logprobs"]:
+            sampled = tokens[0]
+            # vLLM: with logprob_token_ids the list is the sampled token plus every requested id; otherwise
+            # the natural top-N
+            ids = list(token_ids) if token_ids else ranked[:top_n] if top_n else []
+            tops = [e for i in dict.fromkeys(([sampled] if token_ids else []) + ids) for e in _render(self.model, i, lp_of(i))]
+            logprobs = {"content": [{**_render(self.model, sampled, lp_of(sampled))[0], "top_logprobs": tops}]}
+        n_out = len(tokens)
+        return {
             "id": f"chatcmpl-{digest[:16]}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": "length" if n_out >= max_tokens else "stop"}],
-            "usage": {"prompt_tokens": out["n_in"], "completion_tokens": n_out, "total_tokens": out["n_in"] + n_out},
-        })
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+        }
+
+    def _misbehave(self, how: str, answer: dict) -> None:
+        """What a broken or hostile server sends instead of `answer` (see the module docstring)."""
+        choice = answer["choices"][0]
+        if how == "empty":
+            return self._send(200, {})
+        if how == "no_choices":
+            return self._send(200, {**answer, "choices": []})
+        if how == "error_member":
+            return self._send(200, {"error": {"message": "upstream model crashed", "type": "server_error"}})
+        if how == "no_letters":
+            lp = {"content": [{"token": "Hello", "logprob": -0.1, "top_logprobs": [
+                {"token": w, "logprob": v} for w, v in (("Hello", -0.1), ("the", -2.5), ("Banana", -4.0))]}]}
+            return self._send(200, {**answer, "choices": [{**choice, "message": {"role": "assistant", "content": "Hello"},
+                                                             "logprobs": lp}]})
+        if how == "empty_text":
+            return self._send(200, {**answer, "choices": [{**choice, "message": {"role": "assistant", "content": "  \n"}}]})
+        if how == "wrong_model":
+            return self._send(200, {**answer, "model": "some-other-model"})
+        if how == "sse":
+            return self._sse(answer)
+        if how == "bad_json":
+            return self._send(200, b"<html>502 Bad Gateway</html>", "text/html")
+        if how == "raw":
+            return self._send(200, json.dumps(STATE["reply"]).encode())
+        if how == "trickle":
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(min(len(data), 300)):  # a byte every 0.2 s (bounded: 60 s)
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            self.close_connection = True
+            return None
+        if how == "huge":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(1_500_000_000))
+            self.end_headers()
+            try:
+                for _ in range(1500):  # 1.5 GB of blanks, if anyone reads them
+                    self.wfile.write(b" " * 1_000_000)
+            except OSError:
+                pass
+            self.close_connection = True
+            return None
+        if how == "huge_chunked":
+            return self._chunked((b" " * 1_000_000 for _ in range(1500)), "application/json")
+        raise ValueError(f"unknown misbehave {how!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--scripted", action="store_true", help="no model: canned answers")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", type=Path, default=None, help="write the port here once serving")
     ap.add_argument("--max-batch", type=int, default=8)
@@ -290,8 +460,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-logprobs", action="store_true")
     ap.add_argument("--max-logprobs", type=int, default=20)
     a = ap.parse_args(argv)
+    if not a.scripted and a.model is None:
+        ap.error("give --model DIR or --scripted")
     STATE.update(token_ids=not a.no_token_ids, logprobs=not a.no_logprobs, max_logprobs=a.max_logprobs)
-    Handler.model = Model(a.model, a.max_pixels, a.max_batch)
+    Handler.model = Scripted() if a.scripted else Model(a.model, a.max_pixels, a.max_batch)
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.daemon_threads = True
     port = server.server_address[1]
@@ -299,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = a.ready_file.with_suffix(".tmp")
         tmp.write_text(str(port))
         tmp.replace(a.ready_file)
-    print(f"serving {a.model.name} on http://127.0.0.1:{port}/v1", flush=True)
+    print(f"serving {Handler.model.name} on http://127.0.0.1:{port}/v1", flush=True)
     server.serve_forever()
 
 

@@ -83,7 +83,9 @@ def system_binding(system: DualSystem) -> dict[str, Any]:
     return {"threshold": None if system.trigger.budget is not None else system.trigger.threshold,
             "budget": system.trigger.budget, "top_k": system.k, "weight": system.weight,
             "slow_all": system.slow_all, "system2": getattr(system.slow, "name", None) if system.slow else None,
-            "system2_spec": getattr(slow_spec, "key", None), "n_rules": system.n_rules,
+            # an in-process model's spec key, or a served model's identity (URL, model, pixel cap)
+            "system2_spec": getattr(slow_spec, "key", None) or getattr(getattr(system.slow, "backend", None), "key", None),
+            "n_rules": system.n_rules,
             "rationale": bool(getattr(system.slow, "rationale", False)),
             "kb_digest": knowledge_base_digest(system.kb), "experience_digest": experience_digest(system),
             "max_image_pixels": max_decoded_pixels()}
@@ -95,5 +97,7 @@ MUST_MATCH = ("kb_digest", "data_digest", "experience_digest", "encoder", "syste
                "budget", "calibrate", "top_k", "weight", "slow_all", "n_rules", "rationale", "max_image_pixels")
 EXPLAIN = {"kb_digest": "the knowledge base's content (rebuilt or changed since)",
          "data_digest": "the data list (images or labels added, removed or relabelled)",
-         "experience_digest": "the experience rules of the base", "limit": "--limit (the threshold was "
+         "experience_digest": "the experience rules of the base",
+         "system2_spec": "System 2's model (a served one: its URL, model name and pixel cap)",
+         "limit": "--limit (the threshold was "
          "calibrated on the first run's images)"}

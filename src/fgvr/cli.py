@@ -216,10 +216,15 @@ def vlm_options(f):
         click.option("--vlm-concurrency", type=click.IntRange(1), default=8, show_default=True,
                      help="Served --vlm URL: requests in flight at once (the engine batches them)."),
         click.option("--vlm-timeout", type=FiniteFloat(0, min_open=True), default=120.0, show_default=True,
-                     help="Served --vlm URL: seconds to wait for one answer before retrying."),
+                     help="Served --vlm URL: seconds one try of one answer may take, connect to last byte "
+                          "(a server sending slowly is cut there), before it is retried."),
         click.option("--vlm-retries", type=click.IntRange(0), default=4, show_default=True,
-                     help="Served --vlm URL: retries (with backoff) after a 429/5xx/time-out. The API key, "
-                          "if the server wants one, is read from $FGVR_VLM_API_KEY and never stored."),
+                     help="Served --vlm URL: retries (with backoff) after a 429/5xx/time-out or a reply that "
+                          "is not an answer (no choice, no letter, an error member, empty text)."),
+        click.option("--vlm-openai-key", is_flag=True, default=False,
+                     help="Served --vlm URL: the API key is read from $FGVR_VLM_API_KEY only (never stored, "
+                          "sent only to --vlm); with this flag $OPENAI_API_KEY is sent too when "
+                          "$FGVR_VLM_API_KEY is unset, and only to an https URL."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -259,7 +264,8 @@ def vlm_backend_options(o: dict, cache_dir=None):
                           max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else DEFAULT_MAX_PIXELS,
                           model=o.get("vlm_model"), concurrency=o.get("vlm_concurrency") or 8,
                           timeout_s=o.get("vlm_timeout") or 120.0,
-                          retries=4 if o.get("vlm_retries") is None else o["vlm_retries"], cache_dir=cache_dir)
+                          retries=4 if o.get("vlm_retries") is None else o["vlm_retries"], cache_dir=cache_dir,
+                          openai_key=bool(o.get("vlm_openai_key")))
 
 
 # --- memory (issue 2) -------------------------------------------------------------------------------
@@ -802,7 +808,8 @@ def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limi
     from fgvr.datasets import dataset_info
 
     # the VLM options given on this command line, to print in the commands that reproduce the table
-    cli_args = [w for k, v in vlm_opts.items() if v is not None and _given(k) for w in ("--" + k.replace("_", "-"), str(v))]
+    cli_args = [w for k, v in vlm_opts.items() if v is not None and v is not False and _given(k)
+                for w in ("--" + k.replace("_", "-"), str(v))[:1 if v is True else 2]]
     info = dataset_info(dataset)  # fgvr's errors are shown as one line with their exit code by the root group
     if root is None and info.name != "fashion-mnist":
         raise click.UsageError(f"--root DIR is required for {info.name}: the folder you downloaded it to. "

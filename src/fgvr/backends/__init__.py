@@ -56,12 +56,14 @@ class BackendOptions:
     batch_size: int | None = None  # in-process prompts per forward; None: sized from the GPU budget
     model: str | None = None  # served model name; None: the only one the server lists
     concurrency: int = 8  # requests in flight at once (served)
-    timeout_s: float = 120.0  # per request (served)
+    timeout_s: float = 120.0  # per try of one answer: connect, headers and body together (served)
     retries: int = 4  # after the first try, on 429 / 5xx / time-out / connection error (served)
     backoff_s: float = 0.5  # first retry waits this long, doubling each time (served)
     api_key_env: str = "FGVR_VLM_API_KEY"  # the environment variable holding the API key (never stored)
     cache_dir: Path | None = None  # answers kept here so a killed run does not ask again (served)
     max_top_logprobs: int = 20  # vLLM's default --max-logprobs
+    max_reply_bytes: int = 8 * 2**20  # a served answer longer than this is refused unread (served)
+    openai_key: bool = False  # also send $OPENAI_API_KEY, only to an https URL (served)
 
 
 @dataclass

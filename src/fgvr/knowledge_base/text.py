@@ -37,14 +37,16 @@ DESCRIPTION_PROMPT = (
 
 def describe_classes(vlm: Any, class_images: list[tuple[str, list[Image.Image]]], *, batch_size: int = 4,
                      max_new_tokens: int = DESCRIPTION_MAX_NEW_TOKENS, progress: bool = True,
-                     on_batch: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+                     on_batch: Callable[[dict[str, str]], None] | None = None,
+                     errors: dict[str, str] | None = None) -> dict[str, str]:
     """One description per class of its discriminative visible features, written by the VLM `vlm` (a
     `fgvr.backends` backend: in-process or served, the same text generation as everywhere else).
 
     Each prompt shows up to 3 support images and asks for the features that tell the class apart; classes
     go to the backend in batches of `batch_size`, greedy, at most `max_new_tokens` new tokens. `on_batch`
     gets each batch's results (the build saves them so a killed build does not regenerate them); a class
-    whose request failed gets no description (it is asked again on the next build).
+    whose request failed gets no description (it is asked again on the next build) and its error in `errors`;
+    an answer that is only blanks is a failed request too.
     """
     from tqdm import tqdm
 
@@ -56,7 +58,10 @@ def describe_classes(vlm: Any, class_images: list[tuple[str, list[Image.Image]]]
         chunk = class_images[b:b + batch_size]
         conversations = [[user_turn(DESCRIPTION_PROMPT.format(name=name), n_images=len(imgs))] for name, imgs in chunk]
         gen = vlm.generate(conversations, [imgs for _, imgs in chunk], max_new_tokens)
-        got = {name: " ".join(g.text.split()) for (name, _), g in zip(chunk, gen) if g.error is None}
+        got = {name: " ".join(g.text.split()) for (name, _), g in zip(chunk, gen) if g.error is None and g.text.strip()}
+        if errors is not None:
+            errors.update({name: g.error or "the answer's text is empty" for (name, _), g in zip(chunk, gen)
+                           if name not in got})
         out.update(got)
         if on_batch is not None:
             on_batch(got)
@@ -106,5 +111,15 @@ def write_descriptions(vlm_spec: Any, ds: Dataset, results: dict[int, Any], work
             descriptions.update(got)
             saved.save(descriptions)
 
-        describe_classes(vlm_spec, pending, batch_size=batch_size, progress=progress, on_batch=save_batch)
+        errors: dict[str, str] = {}
+        describe_classes(vlm_spec, pending, batch_size=batch_size, progress=progress, on_batch=save_batch,
+                         errors=errors)
+        if errors:
+            from fgvr.errors import System2Error
+
+            first = next(iter(errors.items()))
+            raise System2Error(
+                f"the VLM wrote no description for {len(errors)} of {len(pending)} class(es) (first: {first[0]}: "
+                f"{first[1]}); the {len(pending) - len(errors)} written are kept in {work_dir}: fix the cause and "
+                "run the same build-kb again to ask for the rest")
     return {c: descriptions.get(c, "") for c in ds.classes}
