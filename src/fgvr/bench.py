@@ -11,7 +11,7 @@ test images, and the paired difference dual − System 1. Exact match on class i
 What lands under OUT:
 
 * `data/train.csv`, `data/test.csv`: the official splits as `path,label` manifests (`--limit N`: the test
-  manifest holds the N images evaluated, a seeded spread over classes). The cells are built from these
+  manifest holds the N images evaluated, a seeded round-robin over classes). The cells are built from these
   files with the public functions `fgvr build-kb` and `fgvr evaluate` call, so the per-cell commands printed
   under the table are the same computation.
 * `k{K}-seed{S}/kb`, `k{K}-seed{S}/run` (results.jsonl, summary.json, report.md), `k{K}-seed{S}/cell.json`

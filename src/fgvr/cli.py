@@ -624,7 +624,7 @@ def _classify_to_shards(kb: str, source: str, out: str, fmt: str, shard_size: in
 @click.argument("data", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Run folder: results.jsonl (resumable), summary.json, report.md + PNGs.")
-@click.option("--limit", type=click.IntRange(0), default=None, help="Evaluate at most N images (a seeded spread).")
+@click.option("--limit", type=click.IntRange(0), default=None, help="Evaluate at most N images (a seeded round-robin over classes).")
 @click.option("--slow-all", is_flag=True,
               help="Run System 2 on every image (decisions still by the trigger) for the exact budget curve.")
 @click.option("--calibrate", type=click.Choice(["run", "support"]), default="run", show_default=True,
@@ -781,7 +781,7 @@ def _list_datasets(ctx, param, value) -> None:
 @click.option("--slow-budget", type=FiniteFloat(0, 1), default=DEFAULTS.slow_budget, show_default=True,
               help="Fraction of the test images sent to System 2 (threshold from their own trigger scores).")
 @click.option("--limit", type=click.IntRange(1), default=None,
-              help="Evaluate N test images (a seeded spread over classes), the same N for every cell.")
+              help="Evaluate N test images (a seeded round-robin over classes), the same N for every cell.")
 @click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True,
               help="Candidates for System 2.")
 @click.option("--weight", type=FiniteFloat(0, 1), default=DEFAULTS.decision_weight, show_default=True,
