@@ -425,7 +425,7 @@ def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augme
 
 @cli.group("kb")
 def kb_group() -> None:
-    """Inspect a knowledge base."""
+    """Inspect a knowledge base and change it in place: add, remove, log, revert."""
 
 
 @kb_group.command("show")
@@ -447,6 +447,66 @@ def kb_show_cmd(kb_path, max_classes) -> None:
 
         click.echo("")
         click.echo(describe_rules(Path(kb_path)))
+
+
+@kb_group.command("add")
+@click.argument("kb_path", metavar="KB", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
+@click.option("--label", required=True, help="the class of the images (an existing class or a new one)")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              callback=_check_device)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="decoding threads")
+@click.option("--vlm", default=None, help="the base's VLM (a base with class descriptions needs it for a new class)")
+@vlm_options
+def kb_add_cmd(kb_path, images, label, device, batch_size, workers, vlm, **vlm_opts) -> None:
+    """Add IMAGES (files or folders) to KB as support images of class --label, as a new version.
+
+    Only the new images are encoded; class means, fusion and statistics are refitted as a build would.
+    """
+    from fgvr.backends import is_served, open_backend
+    from fgvr.knowledge_base.incremental import add_images
+
+    vlm_arg = vlm_spec(vlm, device, vlm_opts)
+    if is_served(vlm_arg):
+        vlm_arg = open_backend(vlm_arg, vlm_backend_options({**vlm_opts, "device": device}))
+    summary = add_images(kb_path, images, label, device=device, batch_size=batch_size, workers=workers,
+                         vlm=vlm_arg, progress=True)
+    click.echo(summary.format())
+
+
+@kb_group.command("remove")
+@click.argument("kb_path", metavar="KB", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--class", "class_name", default=None, help="remove this class and all its support images")
+@click.option("--image", default=None, type=click.Path(path_type=str), help="remove this one support image")
+def kb_remove_cmd(kb_path, class_name, image) -> None:
+    """Remove a class (--class NAME) or one support image (--image PATH) from KB, as a new version."""
+    from fgvr.knowledge_base.incremental import remove_from_base
+
+    click.echo(remove_from_base(kb_path, class_name=class_name, image=image).format())
+
+
+@kb_group.command("log")
+@click.argument("kb_path", metavar="KB", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per version")
+def kb_log_cmd(kb_path, as_json) -> None:
+    """List the versions of KB: number, when, who, the change, size and content digest."""
+    import json as _json
+
+    from fgvr.knowledge_base.versions import read_log
+
+    for record in read_log(kb_path):
+        click.echo(_json.dumps(record.to_json(), ensure_ascii=False) if as_json else record.format())
+
+
+@kb_group.command("revert")
+@click.argument("kb_path", metavar="KB", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("version", type=click.IntRange(min=1))
+def kb_revert_cmd(kb_path, version) -> None:
+    """Make VERSION of KB current again (recorded as a new version; see `fgvr kb log`)."""
+    from fgvr.knowledge_base.incremental import revert_base
+
+    click.echo(revert_base(kb_path, version).format())
 
 
 # --- classify / evaluate (issue 4) ------------------------------------------------------------------
