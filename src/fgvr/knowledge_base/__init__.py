@@ -11,6 +11,8 @@ One module per thing that changes on its own:
 * `text`     prompt templates, VLM-written class descriptions, text prototypes.
 * `fitting`  leave-one-out retrieval statistics and the fusion (w, tau, exemplar weight) System 1 uses.
 * `build`    `build_knowledge_base`: the steps above in order, with the build summary.
+* `incremental` `fgvr kb add/remove/revert`: encode only new images, refit the rest as a build does.
+* `versions` every change a new version, staged beside the base and swapped in by rename, with its log.
 
 Every public name is re-exported here, so `from fgvr.knowledge_base import ...` is all a caller needs.
 """
@@ -51,6 +53,8 @@ from fgvr.knowledge_base.text import (
 from fgvr.knowledge_base.fitting import EXEMPLAR_WEIGHT_GRID, TAU_GRID, W_GRID, choose_fusion, retrieval_stats
 from fgvr.knowledge_base.build import KnowledgeBaseBuildSummary, build_knowledge_base
 from fgvr.knowledge_base.integrity import manifest_digest, seal_manifest
+from fgvr.knowledge_base.versions import VersionRecord, commit_version, content_digest, read_log
+from fgvr.knowledge_base.incremental import ChangeSummary, add_images, remove_from_base, revert_base
 
 __all__ = [
     "AUGMENTATIONS", "CROP_FRACTION", "DEFAULT_TEMPLATES", "DESCRIPTIONS_FILE", "DESCRIPTION_IMAGES",
@@ -60,4 +64,6 @@ __all__ = [
     "check_encoder", "choose_fusion", "default_workers", "describe_classes", "format_knowledge_base", "encode_support",
     "load_knowledge_base", "parse_augment", "retrieval_stats", "save_knowledge_base", "support_files",
     "text_prototypes", "write_descriptions", "manifest_digest", "seal_manifest",
+    "VersionRecord", "commit_version", "content_digest", "read_log",
+    "ChangeSummary", "add_images", "remove_from_base", "revert_base",
 ]
