@@ -4,6 +4,7 @@ the old version whole, and a second writer is refused."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -179,3 +180,23 @@ def test_killed_add_leaves_the_old_version_and_a_second_writer_is_refused(data):
     _kb("add", kb_dir, data / "all" / "red_disc", "--label", "red disc")  # the rerun cleans up and succeeds
     assert not list(data.glob(".kb.stage-*")) and not list(data.glob(".kb.add-partial"))
     assert load_knowledge_base(kb_dir).classes[-1] == "red disc"
+
+
+def test_removing_a_class_retires_the_rules_that_name_it(data):
+    from fgvr.rules import ExperienceLibrary, Rule
+
+    kb_dir = data / "kb"
+    _build(data / "all", kb_dir)
+    lib = ExperienceLibrary.load(kb_dir)
+    lib.rules = [Rule("r1", ["Red_Disc", "blue stripes"], "a disc", "A red disc is round."),
+                 Rule("r2", ["green checker", "blue stripes"], "squares", "Checks are squares.")]
+    lib.images = {"accept": ["/x/1.png"]}
+    lib.save()
+    _kb("remove", kb_dir, "--class", "red disc")
+    kept = ExperienceLibrary.load(kb_dir)
+    assert [r.id for r in kept.rules] == ["r2"] and kept.images == {"accept": ["/x/1.png"]}
+    retired = json.loads((kb_dir / "experience" / "retired.json").read_text())
+    assert [(r["rule"]["id"], r["reason"]) for r in retired] == [("r1", "class 'red disc' removed")]
+    assert read_log(kb_dir)[-1].detail == {"class": "red disc", "images": 3, "rules_retired": 1}
+    _kb("remove", kb_dir, "--image", data / "all" / "blue_stripes" / "0.png")  # an image: no rule retired
+    assert [r.id for r in ExperienceLibrary.load(kb_dir).rules] == ["r2"]

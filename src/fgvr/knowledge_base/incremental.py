@@ -36,6 +36,8 @@ from fgvr.locks import output_lock
 
 log = logging.getLogger(__name__)
 
+RETIRED_FILE = "retired.json"  # experience rules taken out of use by `kb remove --class`, kept for the record
+
 
 @dataclass
 class ChangeSummary:
@@ -242,7 +244,8 @@ def remove_from_base(kb_path: str | Path, *, class_name: str | None = None,
         rows = torch.nonzero(keep.mask).flatten()
         _refit(kb, kb.exemplars.float()[rows], labels[rows],
                [{**support[i], "class_id": int(labels[i])} for i in rows.tolist()])
-        record = commit_version(path, kb, "remove", detail)
+        retire = None if class_name is None else (lambda stage: detail.update(retire_rules(stage, class_name)))
+        record = commit_version(path, kb, "remove", detail, edit_stage=retire)
     return ChangeSummary(record, seconds=time.perf_counter() - t0)
 
 
@@ -277,6 +280,29 @@ def _drop_image(kb: KnowledgeBase, image: str | Path, path: Path) -> tuple[_Keep
     mask = torch.ones(kb.exemplars.shape[0], dtype=torch.bool)
     mask[hits] = False
     return _Keep(mask), {"image": kb.manifest["support"][hits[0]]["path"], "class": kb.classes[cid]}
+
+
+def retire_rules(kb_dir: Path, class_name: str) -> dict:
+    """Move the experience rules of the base at `kb_dir` that name `class_name` out of use, into
+    `experience/retired.json` (with the class and time), so no prompt cites a class the base no longer has.
+    Returns {"rules_retired": n} (empty when there is nothing to retire)."""
+    from fgvr.io import atomic_write_json, read_json
+    from fgvr.rules import EXPERIENCE_DIR, ExperienceLibrary, normalise_name
+
+    lib = ExperienceLibrary.load(kb_dir)
+    gone = normalise_name(class_name)
+    retired = [r for r in lib.rules if gone in {normalise_name(c) for c in r.classes}]
+    if not retired:
+        return {}
+    lib.rules = [r for r in lib.rules if r not in retired]
+    lib.save()
+    f = kb_dir / EXPERIENCE_DIR / RETIRED_FILE
+    kept = read_json(f) if f.is_file() else []
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_json(f, kept + [{"rule": r.to_json(), "reason": f"class {class_name!r} removed", "when": when}
+                                 for r in retired])
+    log.info("retired %d experience rule(s) naming %r", len(retired), class_name)
+    return {"rules_retired": len(retired)}
 
 
 def revert_base(kb_path: str | Path, version: int) -> ChangeSummary:

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from fgvr.errors import KnowledgeBaseError
 from fgvr.io import read_json
@@ -153,11 +154,14 @@ def _swap(stage: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def commit_version(path: str | Path, kb: KnowledgeBase, change: str, detail: dict) -> VersionRecord:
+def commit_version(path: str | Path, kb: KnowledgeBase, change: str, detail: dict,
+                   edit_stage: Callable[[Path], None] | None = None) -> VersionRecord:
     """Write `kb` as the next version of the base at `path` (the caller holds its `output_lock`).
 
     The whole new base is staged beside the old one and swapped in by rename (see the module docstring);
-    the log gains one record. Returns it.
+    the log gains one record. Returns it. `edit_stage(stage)` may change what was carried along (such as
+    `experience/`) before the swap; it must replace files (write and rename), never write into them, as
+    they are hard links to the old version's.
     """
     path = Path(path).absolute()
     history = read_log(path)
@@ -176,6 +180,8 @@ def commit_version(path: str | Path, kb: KnowledgeBase, change: str, detail: dic
         for entry in path.iterdir():  # experience rules and anything else kept with the base
             if entry.name not in BASE_FILES and entry.name != VERSIONS_DIR:
                 _link_tree(entry, stage / entry.name)
+        if edit_stage is not None:
+            edit_stage(stage)
         record = _record_of(kb.manifest, number, change, detail, who, when)
         log_bytes = (json.dumps([r.to_json() for r in history + [record]], indent=2, ensure_ascii=False) + "\n")
         with open(versions / LOG_FILE, "w", encoding="utf-8") as f:
