@@ -58,3 +58,23 @@ def test_unknown_family_and_missing_dir_are_one_line_errors(tmp_path):
     assert r.exit_code == 2 and "known: clip" in r.output
     r = CliRunner().invoke(cli, ["models", "--dir", str(tmp_path / "absent")])
     assert r.exit_code == 2 and "not a folder" in r.output
+
+
+def test_readme_table_and_download_lines_are_the_declarations():
+    """README.md's block is `fgvr models --markdown`: the same rows and download lines, in order, and the
+    sizes of the small models as computed now (the large VLMs take seconds to build on the meta device)."""
+    from pathlib import Path
+
+    from fgvr.models import catalog
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("<!-- fgvr models --markdown: begin -->\n")[1].split("\n<!-- fgvr models --markdown: end -->")[0]
+    want = catalog.markdown(catalog.rows(sizes=False))
+
+    def strip_sizes(text: str) -> list[str]:
+        return ["|".join(line.split("|")[:5]) if line.startswith("|") else line for line in text.splitlines()]
+
+    assert strip_sizes(block) == strip_sizes(want)
+    small = [r for r in catalog.rows(family="dinov2") + catalog.rows(family="efficientnet")]
+    for line in catalog.markdown(small).splitlines()[2:2 + len(small)]:
+        assert line in block.splitlines()

@@ -893,7 +893,8 @@ def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_ima
 @click.option("--family", default=None, help="Only this family (clip, siglip2, dinov2, qwen2_5_vl, ...).")
 @click.option("--no-sizes", is_flag=True, help="Skip the sizes (building the largest networks on the meta device takes seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def models_cmd(models_dir, family, no_sizes, as_json) -> None:
+@click.option("--markdown", is_flag=True, help="Print README.md's model table and download lines.")
+def models_cmd(models_dir, family, no_sizes, as_json, markdown) -> None:
     """Every model family and known model name: role, size per dtype, where the weights come from.
 
     \b
@@ -913,6 +914,9 @@ def models_cmd(models_dir, family, no_sizes, as_json) -> None:
         raise click.BadParameter(f"{models_dir} is not a folder; create it and fetch models into it",
                                  param_hint="--dir")
     table = catalog.rows(Path(models_dir) if models_dir else None, family=family, sizes=not no_sizes)
+    if markdown:
+        click.echo(catalog.markdown(table))
+        return
     click.echo(_json.dumps([r.to_json() for r in table], indent=2) if as_json else catalog.format_rows(table))
 
 

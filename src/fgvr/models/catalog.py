@@ -15,9 +15,9 @@ from fgvr.models import configs, families
 
 DTYPES = ("fp32", "bf16", "int8", "nf4")  # int8/nf4: bitsandbytes, bf16 compute dtype for the rest
 USES = {
-    "image-encoder": "System 1 features (prototypes, retrieval); text prototypes where it has a text tower",
-    "vlm": "System 2: option scoring, class descriptions, reflections",
-    "text-embedder": "text similarity of descriptions and rules",
+    "image-encoder": "System 1: image features (retrieval, prototypes)",
+    "vlm": "System 2: option scoring, descriptions, reflections",
+    "text-embedder": "similarity of descriptions and rules",
 }
 
 
@@ -90,3 +90,16 @@ def format_rows(table: list[CatalogRow]) -> str:
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *lines])
+
+
+def markdown(table: list[CatalogRow]) -> str:
+    """The README's model table and its `huggingface-cli download` lines (`fgvr models --markdown`)."""
+    from fgvr.models.footprint import format_bytes
+
+    lines = ["| family | name | fgvr uses it for | weights from | bf16 | int8 |", "|---|---|---|---|---|---|"]
+    for r in table:
+        where = f"`{r.source}`" if "/" in r.source else r.source
+        sizes = [format_bytes(r.sizes[d]) if r.sizes.get(d) else "-" for d in ("bf16", "int8")]
+        lines.append(f"| {r.title} (`{r.family}`) | {r.name} | {USES[r.role]} | {where} | {sizes[0]} | {sizes[1]} |")
+    fetch = [f"huggingface-cli download {r.source} --local-dir models/{r.name}" for r in table if "/" in r.source]
+    return "\n".join(lines + ["", "```bash", *fetch, "```"])
