@@ -91,6 +91,8 @@ def vllm_qwen_dir(tmp_path_factory) -> Path:
     plain = tiny_models.build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen-hd32"), head_dim=32)
     return tiny_models.make_talkative(plain, tmp_path_factory.mktemp("vllm-qwen"))
 
+
+@pytest.fixture(scope="session")
 def tiny_siglip2_dir(tmp_path_factory) -> Path:
     """A random naflex SigLIP 2 folder (Siglip2Model, Siglip2ImageProcessor, a 64-token tokenizer)."""
     return tiny_models.build_tiny_siglip2(tmp_path_factory.mktemp("tiny-siglip2"))

@@ -183,6 +183,7 @@ def make_talkative(src: Path, out: Path) -> Path:
     model.save_pretrained(out)
     return out
 
+
 def build_tiny_siglip2(path: Path) -> Path:
     """A random naflex Siglip2Model (~0.1 M parameters, patch 8, a 4x4 position grid, a 16-patch budget)
     + the byte-level tokenizer (64-token texts) + Siglip2ImageProcessor saved to `path`."""
