@@ -147,3 +147,12 @@ def test_estimate_before_loading_equals_loaded_bytes(tiny_siglip2_dir, tiny_dino
             loaded = sum(t.numel() * t.element_size() for m in enc.torch_modules()
                          for t in list(m.parameters()) + list(m.buffers()))
         assert estimate == loaded
+
+
+def test_siglip2_refuses_views_that_scrambled_its_packed_patches(tiny_siglip2_dir, sample_photos):
+    with registry.use(parse_spec(str(tiny_siglip2_dir))) as enc:
+        packed = enc.preprocess(sample_photos)
+        with pytest.raises(ValueError, match="test-time views"):
+            enc.encode_pixels(packed.flip(-1))
+        with pytest.raises(ValueError, match="packed patches"):
+            enc.encode_pixels(torch.zeros(2, 3, 32, 32)[:, 0])

@@ -57,10 +57,16 @@ def pack(pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tens
 
 
 def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixel_values, pixel_attention_mask, spatial_shapes) from a `pack`ed tensor."""
+    """(pixel_values, pixel_attention_mask, spatial_shapes) from a `pack`ed tensor; ValueError for a
+    tensor that is not one (e.g. an (N,3,H,W) test-time view flipped or cropped the packed patches)."""
+    if packed.dim() != 3 or packed.shape[1] < 2:
+        raise ValueError(f"naflex SigLIP 2 takes packed patches (N, 1+P, C), not {tuple(packed.shape)}")
     shapes = packed[:, 0, :2].round().long()
     patches = packed[:, 1:]
     count = shapes[:, 0] * shapes[:, 1]
+    if bool((count < 1).any() or (count > patches.shape[1]).any() or packed[:, 0, 2:].abs().sum() > 0):
+        raise ValueError("naflex SigLIP 2 pixels are packed patches and test-time views (flip, crop) do not "
+                         "apply to them: use a fixed-resolution SigLIP 2 folder for the re-ranker's views")
     mask = (torch.arange(patches.shape[1])[None, :] < count[:, None]).long()
     return patches, mask, shapes
 
