@@ -90,3 +90,15 @@ def vllm_qwen_dir(tmp_path_factory) -> Path:
     """The talkative tiny Qwen2.5-VL in the shape vLLM's CPU build serves (head_dim 32, `architectures`)."""
     plain = tiny_models.build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen-hd32"), head_dim=32)
     return tiny_models.make_talkative(plain, tmp_path_factory.mktemp("vllm-qwen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip2_dir(tmp_path_factory) -> Path:
+    """A random naflex SigLIP 2 folder (Siglip2Model, Siglip2ImageProcessor, a 64-token tokenizer)."""
+    return tiny_models.build_tiny_siglip2(tmp_path_factory.mktemp("tiny-siglip2"))
+
+
+@pytest.fixture(scope="session", params=["dinov2", "dinov3_vit"])
+def tiny_dino_dir(request, tmp_path_factory) -> Path:
+    """A random DINOv2 and a random DINOv3 ViT folder (the test runs once with each)."""
+    return tiny_models.build_tiny_dino(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)

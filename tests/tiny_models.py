@@ -182,3 +182,43 @@ def make_talkative(src: Path, out: Path) -> Path:
             model.get_input_embeddings().weight[token] = 0
     model.save_pretrained(out)
     return out
+
+
+def build_tiny_siglip2(path: Path) -> Path:
+    """A random naflex Siglip2Model (~0.1 M parameters, patch 8, a 4x4 position grid, a 16-patch budget)
+    + the byte-level tokenizer (64-token texts) + Siglip2ImageProcessor saved to `path`."""
+    from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model
+
+    path = Path(path)
+    tokenizer = _bpe_tokenizer(64, bos=False)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  patch_size=8, num_patches=16)
+    torch.manual_seed(0)
+    model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(path)
+    return path
+
+
+def build_tiny_dino(path: Path, model_type: str) -> Path:
+    """A random DINOv2 or DINOv3 ViT (2 layers, width 32, patch 14/16; DINOv3 with 4 register tokens)
+    saved to `path` with no preprocessor_config.json, so the model card's 256/224 transform applies."""
+    from transformers import Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
+
+    path = Path(path)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    if model_type == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common, mlp_ratio=2, patch_size=14, image_size=224))
+    else:
+        model = DINOv3ViTModel(DINOv3ViTConfig(**common, intermediate_size=64, patch_size=16,
+                                               num_register_tokens=4))
+    model.eval().save_pretrained(path)
+    return path

@@ -947,6 +947,39 @@ def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_ima
     raise SystemExit(serve(opener, host, port, settings))
 
 
+@cli.command("models")
+@click.option("--dir", "models_dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="A models folder (models/): say whether each model's weights are in DIR/NAME.")
+@click.option("--family", default=None, help="Only this family (clip, siglip2, dinov2, qwen2_5_vl, ...).")
+@click.option("--no-sizes", is_flag=True, help="Skip the sizes (building the largest networks on the meta device takes seconds).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--markdown", is_flag=True, help="Print README.md's model table and download lines.")
+def models_cmd(models_dir, family, no_sizes, as_json, markdown) -> None:
+    """Every model family and known model name: role, size per dtype, where the weights come from.
+
+    \b
+    Sizes are parameters + buffers of the real architecture built on the meta device (fp32, bf16;
+    int8/nf4 with bitsandbytes for VLMs, whose loaders quantise). Fetch a model with
+    `huggingface-cli download HUB_ID --local-dir models/NAME`; --dir models/ then says which are present.
+    """
+    import json as _json
+    from pathlib import Path
+
+    from fgvr.models import catalog, families
+
+    if family and family not in families.names():
+        raise click.BadParameter(f"unknown family {family!r}; known: {', '.join(families.names())}",
+                                 param_hint="--family")
+    if models_dir and not Path(models_dir).is_dir():
+        raise click.BadParameter(f"{models_dir} is not a folder; create it and fetch models into it",
+                                 param_hint="--dir")
+    table = catalog.rows(Path(models_dir) if models_dir else None, family=family, sizes=not no_sizes)
+    if markdown:
+        click.echo(catalog.markdown(table))
+        return
+    click.echo(_json.dumps([r.to_json() for r in table], indent=2) if as_json else catalog.format_rows(table))
+
+
 def main() -> None:
     cli()
 

@@ -11,6 +11,27 @@ HUB_IDS: dict[str, str] = {
     "clip-vit-b16": "openai/clip-vit-base-patch16",
     "clip-vit-l14": "openai/clip-vit-large-patch14",
     "siglip-base": "google/siglip-base-patch16-224",
+    "siglip2-base-patch16-224": "google/siglip2-base-patch16-224",
+    "siglip2-base-patch16-256": "google/siglip2-base-patch16-256",
+    "siglip2-base-patch16-384": "google/siglip2-base-patch16-384",
+    "siglip2-base-patch16-512": "google/siglip2-base-patch16-512",
+    "siglip2-large-patch16-256": "google/siglip2-large-patch16-256",
+    "siglip2-large-patch16-384": "google/siglip2-large-patch16-384",
+    "siglip2-large-patch16-512": "google/siglip2-large-patch16-512",
+    "siglip2-so400m-patch14-384": "google/siglip2-so400m-patch14-384",
+    "siglip2-so400m-patch16-256": "google/siglip2-so400m-patch16-256",
+    "siglip2-so400m-patch16-384": "google/siglip2-so400m-patch16-384",
+    "siglip2-so400m-patch16-512": "google/siglip2-so400m-patch16-512",
+    "siglip2-base-patch16-naflex": "google/siglip2-base-patch16-naflex",
+    "siglip2-so400m-patch16-naflex": "google/siglip2-so400m-patch16-naflex",
+    "dinov2-small": "facebook/dinov2-small",
+    "dinov2-base": "facebook/dinov2-base",
+    "dinov2-large": "facebook/dinov2-large",
+    "dinov2-giant": "facebook/dinov2-giant",
+    "dinov3-vits16": "facebook/dinov3-vits16-pretrain-lvd1689m",
+    "dinov3-vitb16": "facebook/dinov3-vitb16-pretrain-lvd1689m",
+    "dinov3-vitl16": "facebook/dinov3-vitl16-pretrain-lvd1689m",
+    "dinov3-vith16plus": "facebook/dinov3-vith16plus-pretrain-lvd1689m",
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
@@ -119,6 +140,71 @@ SIGLIP: dict[str, dict] = {
         "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                           "num_attention_heads": 12, "image_size": 224, "patch_size": 16},
     },
+}
+
+
+def _siglip2_tower(hidden: int, intermediate: int, layers: int, heads: int) -> dict:
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads}
+
+
+# SigLIP 2 (google/siglip2-*): the fixed-resolution checkpoints are SiglipModel folders (model_type
+# "siglip") with the 256k-token Gemma tokenizer; the naflex ones are Siglip2Model with a 16x16 grid of
+# learned position embeddings resized to each image's patch grid. Text towers read 64 tokens.
+_SIGLIP2_TOWERS = {
+    "base": _siglip2_tower(768, 3072, 12, 12),
+    "large": _siglip2_tower(1024, 4096, 24, 16),
+    "so400m": _siglip2_tower(1152, 4304, 27, 16),
+}
+
+
+def _siglip2(size: str, patch: int, image: int | None) -> dict:
+    tower = _SIGLIP2_TOWERS[size]
+    text = tower | {"vocab_size": 256000, "max_position_embeddings": 64}
+    if image is None:  # naflex
+        return {"architectures": ["Siglip2Model"], "model_type": "siglip2", "text_config": text,
+                "vision_config": tower | {"patch_size": patch, "num_patches": 256}}
+    return {"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": text,
+            "vision_config": tower | {"patch_size": patch, "image_size": image}}
+
+
+SIGLIP2: dict[str, dict] = {
+    f"siglip2-{size}-patch{patch}-{image or 'naflex'}": _siglip2(size, patch, image)
+    for size, patch, image in [
+        ("base", 16, 224), ("base", 16, 256), ("base", 16, 384), ("base", 16, 512),
+        ("large", 16, 256), ("large", 16, 384), ("large", 16, 512),
+        ("so400m", 14, 384), ("so400m", 16, 256), ("so400m", 16, 384), ("so400m", 16, 512),
+        ("base", 16, None), ("so400m", 16, None),
+    ]
+}
+
+
+def _dinov2(hidden: int, layers: int, heads: int, swiglu: bool = False) -> dict:
+    return {"architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "mlp_ratio": 4, "patch_size": 14,
+            "image_size": 518, "layerscale_value": 1.0, "use_swiglu_ffn": swiglu}
+
+
+DINOV2: dict[str, dict] = {
+    "dinov2-small": _dinov2(384, 12, 6),
+    "dinov2-base": _dinov2(768, 12, 12),
+    "dinov2-large": _dinov2(1024, 24, 16),
+    "dinov2-giant": _dinov2(1536, 40, 24, swiglu=True),
+}
+
+
+def _dinov3(hidden: int, intermediate: int, layers: int, heads: int, gated: bool = False) -> dict:
+    return {"architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit", "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "patch_size": 16, "image_size": 224, "num_register_tokens": 4, "layerscale_value": 1.0,
+            "use_gated_mlp": gated, "key_bias": False, "rope_theta": 100.0}
+
+
+DINOV3: dict[str, dict] = {
+    "dinov3-vits16": _dinov3(384, 1536, 12, 6),
+    "dinov3-vitb16": _dinov3(768, 3072, 12, 12),
+    "dinov3-vitl16": _dinov3(1024, 4096, 24, 16),
+    "dinov3-vith16plus": _dinov3(1280, 5120, 32, 20, gated=True),
 }
 
 # EfficientNet-Lite: the network comes from efficientnet-lite-pytorch by name; input size as TF's builder.
