@@ -1,0 +1,78 @@
+"""What fgvr reads and writes, hardened: decoding memory counted by the decoded mode (a small 16-bit or float
+file is not allowed to take hundreds of megabytes), file names that are not UTF-8 written losslessly, the
+output lock through a symlink, and class names escaped for where they are written (report.md, CSV)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgvr.data import ImageError, decode_bytes, load_image
+
+_PROBE = textwrap.dedent("""
+    import sys
+    from fgvr.data import load_image
+    def hwm():
+        for line in open('/proc/self/status'):
+            if line.startswith('VmHWM'):
+                return int(line.split()[1]) * 1024
+    before = hwm()
+    im = load_image(sys.argv[1])
+    print(im.mode, im.size[0], im.size[1], hwm() - before)
+""")
+
+
+def _peak_decode_bytes(path: Path) -> int:
+    import fgvr
+
+    env = {"PYTHONPATH": str(Path(fgvr.__file__).parent.parent), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, env=env,
+                         timeout=120, check=True).stdout.split()
+    assert out[0] == "RGB" and max(int(out[1]), int(out[2])) <= 2048
+    return int(out[3])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory is read from /proc")
+@pytest.mark.parametrize("kind", ["float-tiff", "png-16"])
+def test_decoding_a_high_depth_image_costs_a_few_bytes_a_pixel(tmp_path, kind):
+    w, h = 4000, 3000
+    ramp = np.linspace(0, 1, w, dtype=np.float32)[None].repeat(h, 0)
+    if kind == "float-tiff":
+        path = tmp_path / "f.tif"
+        Image.fromarray(ramp * 3, "F").save(path, compression="tiff_adobe_deflate")
+    else:
+        path = tmp_path / "g.png"
+        Image.fromarray((ramp * 65535).astype(np.uint16)).save(path)
+    assert path.stat().st_size < 12_000_000
+    peak = _peak_decode_bytes(path)
+    assert peak < 8 * w * h, f"{kind}: {peak / 1e6:.0f} MB for {w * h / 1e6:.0f} Mpx"
+
+
+def test_decode_budget_counts_the_decoded_mode(tmp_path):
+    assert decode_bytes("F", 100, 100) == 5 * 100 * 100 and decode_bytes("I;16", 10, 10) == 300
+    assert decode_bytes("RGB", 10, 10) == 400 and decode_bytes("L", 10, 10) == 100
+    f = tmp_path / "f.tif"
+    Image.fromarray(np.full((300, 400), 0.5, np.float32), "F").save(f)
+    rgb = tmp_path / "rgb.png"
+    Image.new("RGB", (400, 300), (1, 2, 3)).save(rgb)
+    limit = 110_000  # pixels: 440 KB at 4 bytes a pixel; the float image needs 600 KB, the RGB one 480 KB
+    with pytest.raises(ImageError, match="mode F: decoding takes 1 MB|budget"):
+        load_image(f, max_pixels=int(limit * 1.2))
+    assert load_image(rgb, max_pixels=int(limit * 1.2)).size == (400, 300)
+    im = load_image(f)  # within the default budget: scaled, not clipped (0.5 of [0, 1] -> 128)
+    assert im.mode == "RGB" and im.getpixel((5, 5)) == (128, 128, 128)
+
+
+def test_exif_orientation_applies_after_shrinking(tmp_path):
+    im = Image.new("RGB", (3000, 1000), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: shown portrait
+    im.save(tmp_path / "r.jpg", exif=exif)
+    out = load_image(tmp_path / "r.jpg", max_side=600)
+    assert out.size == (200, 600)
