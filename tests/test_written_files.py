@@ -76,3 +76,39 @@ def test_exif_orientation_applies_after_shrinking(tmp_path):
     im.save(tmp_path / "r.jpg", exif=exif)
     out = load_image(tmp_path / "r.jpg", max_side=600)
     assert out.size == (200, 600)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses file names that are not UTF-8")
+def test_file_names_that_are_not_utf8_are_written_losslessly_and_resume(tmp_path):
+    import json
+    import os
+    import shutil
+
+    from click.testing import CliRunner
+    from fakes import write_shapes
+
+    from fgvr.cli import cli
+
+    write_shapes(tmp_path / "support", 3, seed=0)
+    write_shapes(tmp_path / "test", 2, seed=1)
+    odd = []
+    for split in ("support", "test"):
+        folder = sorted((tmp_path / split).iterdir())[0]
+        raw = os.fsencode(folder) + b"/caf\xe9.png"  # Latin-1 bytes: not valid UTF-8
+        shutil.copy(sorted(folder.iterdir())[0], raw)
+        odd.append(os.fsdecode(raw))
+    run = CliRunner().invoke
+    r = run(cli, ["build-kb", str(tmp_path / "support"), "--out", str(tmp_path / "kb"), "--shots", "4"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text(encoding="utf-8"))
+    assert "caf\udce9.png" in json.dumps(manifest, ensure_ascii=False)
+    for args in (["evaluate", str(tmp_path / "kb"), str(tmp_path / "test"), "--out", str(tmp_path / "run")],
+                 ["classify", str(tmp_path / "kb"), str(tmp_path / "test"), "--out", str(tmp_path / "cls")]):
+        for attempt in range(2):  # the second run resumes: reads back what the first wrote
+            r = run(cli, args)
+            assert r.exit_code == 0, r.output
+    recs = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(recs) == 7 and odd[1] in {r["path"] for r in recs}
+    assert Path(odd[1]).is_file() and os.fsencode(odd[1]).endswith(b"caf\xe9.png")
+    parts = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "cls").glob("part-*.jsonl"))
+    assert len(parts.splitlines()) == 7 and odd[1] in {json.loads(x)["path"] for x in parts.splitlines()}

@@ -637,6 +637,7 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     import json
     from pathlib import Path
 
+    from fgvr.io import json_dumps
     from fgvr.pipeline import check_outcome
 
     if out is None and o["ray_address"]:  # a usage error first: it holds whether or not Ray is installed
@@ -656,7 +657,7 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     with _open_system(kb, o) as system:
         for i in range(0, len(images), o["batch_size"]):
             for r in system.classify_paths(images[i:i + o["batch_size"]]):
-                click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+                click.echo(json_dumps(r.to_dict()))
                 paths[r.path_taken] = paths.get(r.path_taken, 0) + 1
     check_outcome(paths, "on its line")
 
