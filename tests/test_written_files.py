@@ -112,3 +112,27 @@ def test_file_names_that_are_not_utf8_are_written_losslessly_and_resume(tmp_path
     assert Path(odd[1]).is_file() and os.fsencode(odd[1]).endswith(b"caf\xe9.png")
     parts = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "cls").glob("part-*.jsonl"))
     assert len(parts.splitlines()) == 7 and odd[1] in {json.loads(x)["path"] for x in parts.splitlines()}
+
+
+def test_the_output_lock_holds_through_a_symlinked_out(tmp_path):
+    import fgvr
+    from fgvr.locks import lock_path, output_lock
+
+    real = tmp_path / "runs" / "real"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "via").symlink_to(tmp_path / "runs")
+    assert lock_path(tmp_path / "link") == lock_path(real) == lock_path(tmp_path / "elsewhere" / "via" / "real")
+    probe = ("import sys\nfrom fgvr.errors import LockedError\nfrom fgvr.locks import output_lock\n"
+             "try:\n    with output_lock(sys.argv[1], 'evaluate'):\n        print('taken')\n"
+             "except LockedError as e:\n    print('locked', e)\n")
+    env = {"PYTHONPATH": str(Path(fgvr.__file__).parent.parent), "PATH": "/usr/bin:/bin"}
+    with output_lock(real, "evaluate"):
+        for name in (tmp_path / "link", tmp_path / "elsewhere" / "via" / "real"):
+            out = subprocess.run([sys.executable, "-c", probe, str(name)], capture_output=True, text=True, env=env,
+                                 timeout=60).stdout
+            assert out.startswith("locked") and "fgvr evaluate" in out, out
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "link")], capture_output=True, text=True,
+                         env=env, timeout=60).stdout
+    assert out.startswith("taken")
