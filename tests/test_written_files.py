@@ -136,3 +136,67 @@ def test_the_output_lock_holds_through_a_symlinked_out(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "link")], capture_output=True, text=True,
                          env=env, timeout=60).stdout
     assert out.startswith("taken")
+
+
+HOSTILE = {"blue stripes": "<img src=x onerror=alert(1)>", "green checker": "[click](javascript:alert(1))",
+           "red disc": '=HYPERLINK("http://evil.example","x")'}
+
+
+def _manifest(root: Path, split: str, rename: dict[str, str], spaced: str | None = None) -> Path:
+    lines = ["path,label"]
+    for folder in sorted((root / split).iterdir()):
+        for i, f in enumerate(sorted(folder.iterdir())):
+            label = rename[folder.name.replace("_", " ")]
+            if spaced and label == spaced and i % 2:
+                label = label + " "  # the same class written with a trailing space
+            q = '"' + label.replace('"', '""') + '"'
+            lines.append(f"{f},{q}")
+    out = root / f"{split}.csv"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def test_class_names_are_escaped_in_report_md_and_csv_cells(tmp_path):
+    import csv
+
+    from click.testing import CliRunner
+    from fakes import write_shapes
+
+    from fgvr.cli import cli
+
+    write_shapes(tmp_path / "support", 3, seed=0)
+    write_shapes(tmp_path / "test", 2, seed=1)
+    run = CliRunner().invoke
+    r = run(cli, ["build-kb", str(_manifest(tmp_path, "support", HOSTILE)), "--out", str(tmp_path / "kb"), "--shots", "3"])
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["evaluate", str(tmp_path / "kb"), str(_manifest(tmp_path, "test", HOSTILE)), "--out",
+                  str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "<img" not in md and "&lt;img src=x onerror=alert\\(1\\)&gt;" in md
+    assert "](javascript" not in md and "\\[click\\]\\(javascript\\:alert\\(1\\)\\)" in md
+    for name in ("per_class.csv", "confusion.csv"):
+        cells = [c for row in csv.reader((tmp_path / "run" / name).open(encoding="utf-8")) for c in row]
+        assert not any(c.startswith(("=", "+", "-", "@")) for c in cells), name
+        assert "'" + HOSTILE["red disc"] in cells
+
+
+def test_labels_are_normalised_and_a_collapse_is_warned(tmp_path):
+    import unicodedata
+
+    from fakes import write_shapes
+
+    from fgvr.data import LabelWarning, read_dataset
+
+    write_shapes(tmp_path / "support", 2, seed=0)
+    nfd = unicodedata.normalize("NFD", "café")
+    rename = {"blue stripes": "café", "green checker": nfd, "red disc": "cat"}
+    with pytest.warns(LabelWarning, match="normalised"):
+        ds = read_dataset(_manifest(tmp_path, "support", rename, spaced="cat"))
+    assert ds.classes == ["café", "cat"] and len(ds.samples) == 6
+    assert unicodedata.is_normalized("NFC", ds.classes[0])
+    (tmp_path / "folders" / "cat ").mkdir(parents=True)
+    (tmp_path / "folders" / "dog").mkdir()
+    for d in ("cat ", "dog"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "folders" / d / "0.png")
+    assert read_dataset(tmp_path / "folders").classes == ["cat", "dog"]

@@ -135,9 +135,21 @@ class Dataset:
 # reading a dataset
 
 
+def normalise_label(label: str) -> str:
+    """A class name as fgvr keeps it: Unicode NFC and no surrounding white space, so `café` typed two ways
+    or `cat ` with a trailing space is the one class it looks like, not two identical-looking ones."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", label).strip()
+
+
+class LabelWarning(UserWarning):
+    """Labels written differently that became one class once normalised (NFC, trimmed)."""
+
+
 def folder_to_class_name(folder: str) -> str:
     """`Black_footed_Albatross` -> `Black footed Albatross` (the common convention of FGVR datasets)."""
-    return folder.replace("_", " ")
+    return normalise_label(folder.replace("_", " "))
 
 
 def read_classes_file(path: Path) -> dict[str, str]:
@@ -172,6 +184,7 @@ def read_classes_file(path: Path) -> dict[str, str]:
             if key in mapping:
                 raise DataError(f"classes file {path}, line {lineno}: {key!r} appears twice")
             mapping[key] = name
+    mapping = {k: normalise_label(v) for k, v in mapping.items()}
     names = list(mapping.values())
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -298,12 +311,17 @@ def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapp
     samples: list[Sample] = []
     first: dict[Path, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
     repeated: list[int] = []
-    for lineno, name, full, label in entries:
+    spellings: dict[str, set[str]] = {}  # class name -> the labels as written that gave it
+    for lineno, name, full, raw in entries:
         if "\x00" in str(full):  # no file system has such a name; Python's path calls raise on it
             raise DataError(f"{where}, line {lineno}: the path {name!r} holds a NUL byte: fix the line")
         if mapping is not None:
-            if label not in mapping:
-                raise DataError(f"{where}, line {lineno}: label {label!r} is not in classes file {classes_file}")
+            if raw not in mapping:
+                raise DataError(f"{where}, line {lineno}: label {raw!r} is not in classes file {classes_file}")
+        label = mapping[raw] if mapping is not None else normalise_label(raw)
+        if not label:
+            raise DataError(f"{where}, line {lineno}: the label {raw!r} is only white space; give the class a name")
+        spellings.setdefault(label, set()).add(raw)
         key = full.resolve()
         if key in first:
             line0, label0 = first[key]
@@ -313,11 +331,17 @@ def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapp
             repeated.append(lineno)
             continue
         first[key] = (lineno, label)
-        samples.append(Sample(full, mapping[label] if mapping is not None else label))
+        samples.append(Sample(full, label))
     if repeated:
         warnings.warn(f"{where}: {len(repeated)} repeated row(s) read once (line(s) "
                       f"{', '.join(map(str, repeated[:10]))}{', ...' if len(repeated) > 10 else ''})",
                       ManifestWarning, stacklevel=4)
+    merged = {k: sorted(v) for k, v in spellings.items() if len(v) > 1 and mapping is None}
+    if merged:
+        k, v = next(iter(sorted(merged.items())))
+        warnings.warn(f"{where}: {len(merged)} class name(s) written in more than one way became one class each "
+                      f"once normalised (Unicode NFC, white space trimmed), e.g. {v} -> {k!r}; check that this is "
+                      "intended", LabelWarning, stacklevel=4)
     if mapping is not None:
         missing = sorted(set(mapping) - {label for _, _, _, label in entries})
         if missing:
