@@ -21,6 +21,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from fgvr.serve import MicroBatcher, ServeSettings, UploadError, create_app, is_loopback, loud_warning  # noqa: E402
 from fakes import SHAPES, bomb_png, png_bytes, shape_image  # noqa: E402
 
+LOCAL = "http://127.0.0.1"  # the Host a loopback server answers (TestClient's own "testserver" is refused)
+
+
 def opener_for(kb: Path, **kw):
     from fgvr.pipeline import open_system
 
@@ -42,7 +45,7 @@ def wait_ready(client: TestClient, seconds: float = 120) -> None:
 def client(shapes_kb):
     app = create_app(opener_for(shapes_kb, threshold=0.5), ServeSettings(max_upload_bytes=200_000, max_pixels=4_000_000,
                                                                        max_batch_images=4))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c)
         yield c
 
@@ -163,7 +166,7 @@ def test_classes_metrics_and_pages(client):
 def test_token_required_when_set(shapes_kb, monkeypatch):
     app = create_app(opener_for(shapes_kb, threshold=0.5), ServeSettings(token="s3cret"))
     good = png_bytes(shape_image("blue stripes", 5))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c)
         assert c.get("/healthz").json()["auth"] is True
         assert c.get("/").status_code == 200  # the page itself holds no data; it asks for the token
@@ -197,7 +200,7 @@ def test_healthz_is_ready_only_once_loaded_and_a_failed_load_is_reported(shapes_
         with open_system(shapes_kb, threshold=0.5) as s:
             yield s
 
-    with TestClient(create_app(slow_opener)) as c:
+    with TestClient(create_app(slow_opener), base_url=LOCAL) as c:
         assert c.get("/healthz").status_code == 503 and c.get("/healthz").json()["status"] == "loading"
         r = c.post("/v1/classify", files={"image": ("x.png", png_bytes(shape_image("red disc", 1)), "image/png")})
         assert r.status_code == 503 and "loading" in r.json()["detail"] and r.headers["retry-after"] == "1"
@@ -206,7 +209,7 @@ def test_healthz_is_ready_only_once_loaded_and_a_failed_load_is_reported(shapes_
 
     errors = []
     bad = create_app(opener_for(shapes_kb.parent / "nowhere"), on_load_error=errors.append)
-    with TestClient(bad) as c:
+    with TestClient(bad, base_url=LOCAL) as c:
         deadline = time.time() + 30
         while c.get("/healthz").json()["status"] == "loading" and time.time() < deadline:
             time.sleep(0.05)
@@ -234,7 +237,7 @@ def test_slow_path_with_the_reranker_shows_question_and_answer(shapes_kb):
     """Threshold 0: every image goes slow; System 2 (the CPU re-ranker) answers through its bounded queue."""
     app = create_app(opener_for(shapes_kb, threshold=0.0, reranker=True))
     img = shapes_kb.parent / "test" / "green_checker" / "0.png"
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c, 300)
         r = c.post("/v1/classify", files={"image": ("g.png", img.read_bytes(), "image/png")}).json()
         assert r["path_taken"] == "slow" and r["system2"]["ran"] and r["system2"]["name"] == "visual-reranker"
@@ -255,7 +258,7 @@ def test_runs_browser(shapes_kb, tmp_path):
         run_evaluation(system, read_dataset(shapes_kb.parent / "test"), runs / "first", {"kb": "k", "data": "t"},
                        progress=False, report=False)
     app = create_app(opener_for(shapes_kb, threshold=0.5), ServeSettings(runs=runs))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c)
         listing = c.get("/v1/runs").json()["runs"]
         assert [r["name"] for r in listing] == ["first"] and listing[0]["n_images"] == 6
@@ -271,7 +274,7 @@ def test_runs_browser(shapes_kb, tmp_path):
         assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
         assert c.get("/v1/runs/nope").status_code == 404 and c.get("/v1/runs/first/image/99").status_code == 404
         assert c.get("/runs").status_code == 200
-    with TestClient(create_app(opener_for(shapes_kb, threshold=0.5))) as c:  # without --runs
+    with TestClient(create_app(opener_for(shapes_kb, threshold=0.5)), base_url=LOCAL) as c:  # without --runs
         wait_ready(c)
         assert c.get("/v1/runs").status_code == 404
 

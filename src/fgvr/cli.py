@@ -900,6 +900,9 @@ def _given(name: str) -> bool:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--token", default=None, envvar="FGVR_TOKEN", show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Answer requests whose Host header is NAME too (repeatable). On a loopback address only "
+                   "localhost, 127.x and [::1] are answered otherwise (DNS-rebinding protection).")
 @click.option("--runs", type=click.Path(file_okay=False, exists=True), default=None,
               help="An evaluation run folder (or a folder of them) to browse at /runs.")
 @click.option("--max-upload", type=ByteSize(minimum=1024), default="10MiB", show_default=True,
@@ -915,8 +918,8 @@ def _given(name: str) -> bool:
 @click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
               help="Images per System 2 call; one call runs at a time.")
 @_system_options
-def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_images, read_timeout, encode_wait_ms,
-              slow_batch, **o) -> None:
+def serve_cmd(kb, host, port, token, allowed_hosts, runs, max_upload, max_pixels, max_batch_images, read_timeout,
+              encode_wait_ms, slow_batch, **o) -> None:
     """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
     /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
 
@@ -937,7 +940,8 @@ def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_ima
                              max_batch_images=max_batch_images, read_timeout_s=read_timeout,
                              encode_batch=o["batch_size"] if _given("batch_size") else 4,
                              encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
-                             token=token or None, runs=Path(runs) if runs else None)
+                             token=token or None, runs=Path(runs) if runs else None, bind=host,
+                             allowed_hosts=tuple(allowed_hosts))
     kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
 
     def opener():

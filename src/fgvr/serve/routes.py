@@ -140,12 +140,7 @@ def _add_run_routes(api: FastAPI, service: Service) -> None:
 
     @api.get("/v1/runs")
     async def runs() -> dict:
-        out = []
-        for name in _runs().list():
-            s = _runs().summary(name)
-            out.append({"name": name, "n_images": s.get("n_images"), "accuracy": s.get("accuracy"),
-                        "slow_rate": s.get("slow_rate")})
-        return {"runs": out}
+        return _runs().overview()
 
     @api.get("/v1/runs/{name}")
     async def run(name: str) -> dict:

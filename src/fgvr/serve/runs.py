@@ -34,7 +34,30 @@ class RunBrowser:
         return runs[name]
 
     def summary(self, name: str) -> dict[str, Any]:
-        return json.loads((self.get(name) / "summary.json").read_text())
+        """A run's summary.json; one that cannot be read as a JSON object is a 422 naming the run (the
+        other runs stay browsable)."""
+        f = self.get(name) / "summary.json"
+        try:
+            s = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UploadError(422, f"run {name}: summary.json cannot be read ({type(e).__name__}: "
+                                   f"{str(e)[:120]}); rerun `fgvr evaluate` on it") from None
+        if not isinstance(s, dict):
+            raise UploadError(422, f"run {name}: summary.json is not a JSON object; rerun `fgvr evaluate` on it")
+        return s
+
+    def overview(self) -> dict[str, Any]:
+        """Every run's headline numbers, and a warning for each run whose summary cannot be read (skipped)."""
+        out, warnings = [], []
+        for name in self.list():
+            try:
+                s = self.summary(name)
+            except UploadError as e:
+                warnings.append(e.reason)
+                continue
+            out.append({"name": name, "n_images": s.get("n_images"), "accuracy": s.get("accuracy"),
+                        "slow_rate": s.get("slow_rate")})
+        return {"runs": out, **({"warnings": warnings} if warnings else {})}
 
     def records(self, name: str) -> list[ResultRow]:
         from fgvr.records import RESULTS, read_rows

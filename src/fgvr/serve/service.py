@@ -47,7 +47,7 @@ class Service:
         self._decode_sem: asyncio.Semaphore | None = None
         self.encoder_q: MicroBatcher | None = None
         self.slow_q: MicroBatcher | None = None
-        self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._thumbs: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
         self.support: list[dict[str, Any]] = []
         self.support_by_class: dict[int, list[int]] = {}
         self._aligned = False
@@ -221,7 +221,16 @@ class Service:
         return [{"index": i, "url": f"/v1/support/{i}", "similarity": None} for i in idx[:n]]
 
     def thumbnail(self, kind: str, index: int, file: str) -> bytes:
-        key = (kind, index)
+        """A small JPEG of `file`, cached by the file's identity (path, size, modification time) as well as
+        by what it is shown for: a run rewritten, or a file replaced, is decoded afresh."""
+        import os
+
+        try:
+            st = os.stat(file)
+            ident: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            ident = ()
+        key = (kind, index, file, *ident)
         if key in self._thumbs:
             self._thumbs.move_to_end(key)
             return self._thumbs[key]
