@@ -93,8 +93,9 @@ def _guard(settings: ServeSettings, inner):
 
 
 def test_request_bodies_held_at_once_are_capped_and_released():
-    """Four requests send 1,000-byte bodies slowly (each holds its declared length); the cap is 4,000
-    bytes, so a fifth is answered 503 at once, and once they are answered a new one is served."""
+    """Four requests have sent 900 of their 1,000-byte bodies and stall; the cap is 4,000 bytes, so a fifth
+    declaring 500 is answered 503 at once (so is one with no length, as its bytes arrive), one declaring 300
+    still fits, and once they are answered everything held is released."""
     settings = ServeSettings(max_upload_bytes=1000, max_held_bytes=0)  # cap = one batch body = 4,000
     assert settings.held_cap == 4000
 
@@ -112,10 +113,12 @@ def test_request_bodies_held_at_once_are_capped_and_released():
                      "headers": [(b"host", b"127.0.0.1")] + ([(b"content-length", str(n).encode())] if length else [])}
             sent = []
 
+            parts = [b"x" * (n - 100), b"x" * 100] if slow else [b"x" * n]
+
             async def receive():
-                if slow:
+                if len(parts) == 1 and slow:
                     await gate.wait()
-                return {"type": "http.request", "body": b"x" * n, "more_body": False}
+                return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
 
             async def send(msg):
                 sent.append(msg)
@@ -125,16 +128,20 @@ def test_request_bodies_held_at_once_are_capped_and_released():
         slow = [request(1000, True) for _ in range(4)]
         tasks = [asyncio.create_task(co) for co, _ in slow]
         await asyncio.sleep(0.05)
-        assert guard.held == 4000
-        co, sent = request(10, False)
+        assert guard.held == 3600
+        co, sent = request(500, False)
         await asyncio.wait_for(co, 1)  # answered at once, not after the others
         assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
         co, sent = request(500, False, length=False)  # no Content-Length: counted as it arrives
         await asyncio.wait_for(co, 1)
         assert sent[0]["status"] == 503
+        co, sent = request(300, False)
+        await asyncio.wait_for(co, 1)
+        assert sent[0]["status"] == 200 and guard.held == 3600
         gate.set()
         await asyncio.gather(*tasks)
-        assert [s[0]["status"] for _, s in slow] == [200] * 4 and guard.held == 0
+        assert [s[0]["status"] for _, s in slow] == [200] * 4 and [s[1]["body"] for _, s in slow] == [b"1000"] * 4
+        assert guard.held == 0
         co, sent = request(1000, False)
         await co
         assert sent[0]["status"] == 200 and sent[1]["body"] == b"1000" and guard.held == 0

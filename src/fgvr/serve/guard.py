@@ -97,7 +97,9 @@ class Guard:
     async def _with_body(self, scope: dict, receive: Callable, send: Callable, headers: dict[str, str],
                          reserved: list[int]) -> None:
         """Read the body (bounded in size, time and, with every other request's, in bytes held), then run
-        the route with it replayed. The bytes stay reserved until the route has answered."""
+        the route with it replayed. A body whose declared length does not fit beside the bodies held now is
+        answered 503 at once; bytes are counted as they arrive (so a slow client holds only what it has
+        sent, not what it promised) and stay counted until the route has answered."""
         s = self.service.settings
         limit = s.max_batch_body if scope["path"].rstrip("/").endswith("/batch") else s.max_upload_bytes
         too_big = {"detail": f"request body over this server's limit of {limit:,} bytes"}
@@ -110,7 +112,7 @@ class Guard:
             return await _send_json(send, 400, {"detail": "bad Content-Length header"}, close)
         if declared > limit:
             return await _send_json(send, 413, too_big, close)
-        if not self._reserve(reserved, declared):
+        if self.held + declared > s.held_cap:
             return await _send_json(send, 503, busy, retry)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.read_timeout_s
@@ -127,7 +129,7 @@ class Guard:
             n += len(body)
             if n > limit:
                 return await _send_json(send, 413, too_big, close)
-            if n > reserved[0] and not self._reserve(reserved, n - reserved[0]):  # no or a false length
+            if not self._reserve(reserved, len(body)):
                 return await _send_json(send, 503, busy, retry)
             chunks.append(body)
             if not msg.get("more_body", False):
