@@ -60,7 +60,7 @@ def server(shapes_kb, tmp_path_factory):
     port = free_port()
     log = (tmp / "server.log").open("wb")
     cmd = [sys.executable, "-c", "from fgvr.cli import main; main()", "serve", str(shapes_kb), "--port", str(port),
-           "--threshold", "0.5", "--runs", str(tmp / "runs"), "--read-timeout", "2", "--max-upload", "1MiB",
+           "--threshold", "0.5", "--runs", str(tmp / "runs"), "--read-timeout", "2", "--head-timeout", "2", "--max-upload", "1MiB",
            "--max-pixels", "4000000", "--max-batch-images", "4"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -152,9 +152,9 @@ def test_slow_clients_time_out_while_others_are_answered(server):
     good = png_bytes(shape_image("red disc", 5))
     with socket.create_connection(("127.0.0.1", port), timeout=15) as body_trickle, \
             socket.create_connection(("127.0.0.1", port), timeout=15) as head_trickle:
-        body_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        body_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 5000\r\n\r\n{\"image\": \"")
-        head_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")
+        head_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         t = time.time()
         assert classify(url, good).json()["prediction"] == "red disc"  # not blocked by the stalled clients
         answer = b""
@@ -163,6 +163,24 @@ def test_slow_clients_time_out_while_others_are_answered(server):
         assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer
         assert head_trickle.recv(4096) == b""  # closed: no complete request head within the deadline
         assert time.time() - t < 12
+    assert proc.poll() is None
+
+
+def test_hundreds_of_half_open_connections_do_not_shut_others_out(server):
+    """700 connections that send nothing (more than the 512 the server once allowed in all): a normal
+    client is still answered, and the idle ones are closed by the head deadline."""
+    url, proc, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(700)]
+    try:
+        for s in idle[::2]:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a head
+        r = classify(url, png_bytes(shape_image("red disc", 5)))
+        assert r.status_code == 200 and r.json()["prediction"] == "red disc"
+        assert idle[0].recv(16) == b"" and idle[-1].recv(16) == b""  # closed by the server, not answered
+    finally:
+        for s in idle:
+            s.close()
     assert proc.poll() is None
 
 

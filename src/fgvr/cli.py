@@ -913,13 +913,15 @@ def _given(name: str) -> bool:
               help="Images in one /v1/classify/batch request.")
 @click.option("--read-timeout", type=FiniteFloat(0.1), default=30.0, show_default=True,
               help="Seconds a client has to send its request body.")
+@click.option("--head-timeout", type=FiniteFloat(0.1), default=10.0, show_default=True,
+              help="Seconds a client has to send its request line and headers (a connection that has not is closed).")
 @click.option("--encode-wait-ms", type=FiniteFloat(0), default=5.0, show_default=True,
               help="Longest wait for the encoder's micro-batch to fill (--batch-size is its size).")
 @click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
               help="Images per System 2 call; one call runs at a time.")
 @_system_options
 def serve_cmd(kb, host, port, token, allowed_hosts, runs, max_upload, max_pixels, max_batch_images, read_timeout,
-              encode_wait_ms, slow_batch, **o) -> None:
+              head_timeout, encode_wait_ms, slow_batch, **o) -> None:
     """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
     /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
 
@@ -937,7 +939,7 @@ def serve_cmd(kb, host, port, token, allowed_hosts, runs, max_upload, max_pixels
     from fgvr.serve import ServeSettings, serve
 
     settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
-                             max_batch_images=max_batch_images, read_timeout_s=read_timeout,
+                             max_batch_images=max_batch_images, read_timeout_s=read_timeout, head_timeout_s=head_timeout,
                              encode_batch=o["batch_size"] if _given("batch_size") else 4,
                              encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
                              token=token or None, runs=Path(runs) if runs else None, bind=host,
