@@ -242,6 +242,8 @@ def test_slow_path_with_the_reranker_shows_question_and_answer(shapes_kb):
         r = c.post("/v1/classify", files={"image": ("g.png", img.read_bytes(), "image/png")}).json()
         assert r["path_taken"] == "slow" and r["system2"]["ran"] and r["system2"]["name"] == "visual-reranker"
         assert r["system2"]["answer"] in SHAPES and "green checker" in r["system2"]["question"]
+        own = max((c_ for c_ in r["candidates"] if c_["slow"] is not None), key=lambda c_: c_["slow"])
+        assert r["system2"]["answer"] == own["label"] and r["system2"]["decision"] == r["prediction"]
         assert all(c_["slow"] is not None for c_ in r["candidates"]) and r["prediction"] == "green checker"
         assert r["why"].startswith("slow: doubt score") and r["timings_ms"]["slow"] > 0
         metrics = c.get("/metrics").text
@@ -307,3 +309,14 @@ def test_micro_batcher_batches_concurrent_items_keeps_order_and_never_holds_a_lo
     assert outs == [2 * i for i in range(20)]
     assert max(len(c) for c in calls[1:]) > 1 and all(len(c) <= 8 for c in calls)
     assert refused.status == 503
+
+
+def test_system2s_answer_is_its_own_pick_not_the_decision():
+    from fgvr.pipeline import Candidate, Result
+    from fgvr.serve.service import own_pick
+
+    r = Result(path=Path("x"), path_taken="slow", candidates=[Candidate(0, "a", 0.9, slow=0.3, final=0.6),
+                                                              Candidate(1, "b", 0.1, slow=0.7, final=0.4)])
+    r.slow_prediction = 0  # the decision combines both: "a"; System 2 alone chose "b"
+    assert own_pick(r) == "b"
+    assert own_pick(Result(path=Path("x"), path_taken="fast", candidates=[Candidate(0, "a", 1.0)])) is None

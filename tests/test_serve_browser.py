@@ -146,6 +146,66 @@ def test_page_in_chromium_shows_the_apis_answer(server, tmp_path):
     assert proc.poll() is None
 
 
+def _chromium():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: scripts/setup.sh must install Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed (pip install -e '.[serve]')")
+    return sync_playwright
+
+
+def test_page_from_the_keyboard_alone_and_at_390_px(server, tmp_path):
+    """No mouse: Tab reaches the drop zone, Enter opens the file picker, the answer shows; the file input
+    itself is reachable too. At 390 x 844 (a phone) nothing is cut off: no sideways scrolling, every
+    section within the viewport's width."""
+    sync_playwright = _chromium()
+    url, proc, _ = server
+    photo = tmp_path / "disc.png"
+    shape_image("red disc", 78, size=160).save(photo)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            seen = []
+            for _ in range(12):
+                page.keyboard.press("Tab")
+                seen.append(page.evaluate("document.activeElement.id"))
+                if seen[-1] == "drop":
+                    break
+            assert seen[-1] == "drop", seen
+            with page.expect_file_chooser(timeout=10_000) as chooser:
+                page.keyboard.press("Enter")
+            chooser.value.set_files(str(photo))
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            assert page.inner_text("#top1") == "red disc"
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.id") == "file"  # the input itself is reachable
+            with page.expect_file_chooser(timeout=10_000):
+                page.keyboard.press("Space")
+            page.wait_for_function("() => [...document.querySelectorAll('#support img')].every(i => i.complete)",
+                                   timeout=30_000)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"the page is {width} px wide at a 390 px viewport"
+            for sel in ("#drop", "#result", "#evidence", "header"):
+                box = page.locator(sel).bounding_box()
+                assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (sel, box)
+            OUTPUT.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(OUTPUT / "serve_page_390px.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not problems, problems
+
+
 def test_slow_clients_time_out_while_others_are_answered(server):
     url, proc, _ = server
     port = int(url.rsplit(":", 1)[1])

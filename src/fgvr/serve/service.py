@@ -185,7 +185,8 @@ class Service:
             out["system2"] = {"name": getattr(system.slow, "name", type(system.slow).__name__),
                               "ran": r.slow_ran,
                               "question": self.question(r),
-                              "answer": kb.classes[r.slow_prediction] if r.slow_prediction is not None else None,
+                              "answer": own_pick(r),
+                              "decision": kb.classes[r.slow_prediction] if r.slow_prediction is not None else None,
                               "rationale": r.rationale, "rules_used": r.rules_used,
                               "tokens_in": r.slow_tokens_in, "tokens_out": r.slow_tokens_out, "error": r.error}
         return out
@@ -247,6 +248,13 @@ class Service:
                 "threshold": system.trigger.threshold, "budget": system.trigger.budget, "top_k": system.k,
                 "encoder": getattr(getattr(system.encoder, "spec", None), "name", None),
                 "knowledge_base": str(getattr(kb, "path", "") or ""), "runs": self.runs is not None}
+
+
+def own_pick(r: Result) -> str | None:
+    """System 2's own answer: the candidate it gave the most probability (not the decision, which combines
+    it with System 1's); None where it gave none."""
+    scored = [c for c in r.candidates if c.slow is not None]
+    return max(scored, key=lambda c: c.slow).name if scored else None
 
 
 def why(r: Result, slow_name: str | None) -> str:

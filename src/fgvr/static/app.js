@@ -61,6 +61,8 @@ function show(r) {
     $("s2-name").textContent = s2.name + (s2.ran ? "" : " (did not answer)");
     $("s2-question").textContent = s2.question || "";
     $("s2-answer").textContent = s2.answer || (s2.error ? "no answer: " + s2.error : "–");
+    $("s2-decision").hidden = !s2.decision;
+    $("s2-combined").textContent = s2.decision || "";
     $("s2-rationale").hidden = !s2.rationale;
     $("s2-rationale").textContent = s2.rationale ? "why: " + s2.rationale : "";
     $("s2-rules").hidden = !(s2.rules_used && s2.rules_used.length);
@@ -86,6 +88,9 @@ function show(r) {
 
 $("file").addEventListener("change", e => { if (e.target.files[0]) classify(e.target.files[0]); });
 const drop = $("drop");
+drop.addEventListener("keydown", e => {  // the drop zone is a button for the keyboard: it opens the file picker
+  if (e.target === drop && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); $("file").click(); }
+});
 drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", e => {
