@@ -15,7 +15,7 @@ encoder's mean micro-batch (from /metrics), and the server's resident memory bef
 set with `--slow-budget` as `fgvr serve` does.
 
 `--hostile` runs hostile clients beside the normal ones at every level: slow bodies (a 4 MiB body promised,
-1 KiB sent every 0.5 s), huge bodies (8 MiB sent as fast as possible, and 40 MiB declared), invented methods
+1 KiB sent every 0.5 s), huge bodies (8 MiB sent as fast as possible, half of them declaring 40 MiB), invented methods
 and paths, and half-open connections that send nothing; the server's peak resident memory is sampled every
 0.1 s, and the hostile clients' answers are counted by status.
 
@@ -76,7 +76,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-HOSTILE = {"slow_body": 40, "huge_body": 8, "bad_method": 4, "half_open": 200}
+HOSTILE = {"slow_body": 40, "huge_body": 32, "bad_method": 4, "half_open": 600}
 
 
 def _raw(port: int, head: bytes, timeout: float = 60) -> socket.socket:

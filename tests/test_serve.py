@@ -59,12 +59,19 @@ def test_classify_multipart_and_json_answer_as_the_pipeline_does(client, shapes_
     got = r.json()
     with open_system(shapes_kb, threshold=0.5) as system:
         want = system.classify_paths([img])[0]
-    assert got["prediction"] == want.prediction_name == "red disc"
+    assert got["prediction_name"] == want.prediction_name == "red disc"
+    # one record schema: the CLI's fields mean the same in the API (prediction = id, candidates' name)
+    cli = want.to_dict()
+    assert got["schema"] == "fgvr.result/2" and got["prediction"] == cli["prediction"] == want.prediction
+    assert got["fast_prediction"] == cli["fast_prediction"] and got["path_taken"] == cli["path_taken"]
+    by_id = {c["id"]: c for c in got["candidates"]}
+    assert all(set(c) <= set(by_id[c["id"]]) | {"final"} and by_id[c["id"]]["name"] == c["name"]
+               for c in cli["candidates"])
     assert got["confidence"] == pytest.approx(want.confidence, abs=1e-5)
     assert got["path_taken"] == want.path_taken
     scores = [c["score"] for c in got["candidates"]]
-    assert scores == sorted(scores, reverse=True) and got["candidates"][0]["label"] == got["prediction"]
-    assert {c["label"] for c in got["candidates"]} <= set(SHAPES)
+    assert scores == sorted(scores, reverse=True) and got["candidates"][0]["name"] == got["prediction_name"]
+    assert {c["name"] for c in got["candidates"]} <= set(SHAPES)
     assert got["trigger"]["threshold"] == pytest.approx(0.5)
     assert got["trigger"]["score"] == pytest.approx(want.trigger["score"], abs=1e-5)
     assert got["why"].startswith(got["path_taken"] if got["path_taken"] == "fast" else "doubt")
@@ -77,7 +84,7 @@ def test_classify_multipart_and_json_answer_as_the_pipeline_does(client, shapes_
 
     b64 = base64.b64encode(img.read_bytes()).decode()
     j = client.post("/v1/classify", json={"image": "data:image/png;base64," + b64}).json()
-    assert j["prediction"] == got["prediction"] and j["confidence"] == pytest.approx(got["confidence"], abs=1e-6)
+    assert j["prediction_name"] == got["prediction_name"] and j["confidence"] == pytest.approx(got["confidence"], abs=1e-6)
 
 
 def test_batch_answers_in_order_and_a_bad_image_is_its_own_error(client, shapes_kb):
@@ -89,12 +96,12 @@ def test_batch_answers_in_order_and_a_bad_image_is_its_own_error(client, shapes_
     res = r.json()["results"]
     assert [x["name"] for x in res] == ["blue stripes.png", "junk.png", "green checker.png", "red disc.png"]
     assert res[1]["status"] == 400 and "not an image" in res[1]["error"]
-    assert [x["prediction"] for x in (res[0], res[2], res[3])] == list(SHAPES)
+    assert [x["prediction_name"] for x in (res[0], res[2], res[3])] == list(SHAPES)
     too_many = [("images", (f"{i}.png", png_bytes(shape_image("red disc", i)), "image/png")) for i in range(5)]
     r = client.post("/v1/classify/batch", files=too_many)
     assert r.status_code == 413 and "over this server's limit of 4" in r.json()["detail"]
     r = client.post("/v1/classify/batch", json={"images": [base64.b64encode(png_bytes(shape_image("red disc", 7))).decode()]})
-    assert r.status_code == 200 and r.json()["results"][0]["prediction"] == "red disc"
+    assert r.status_code == 200 and r.json()["results"][0]["prediction_name"] == "red disc"
 
 
 @pytest.mark.parametrize("case", ["too_big", "not_image", "truncated", "bomb", "empty", "bad_base64", "bad_json",
@@ -120,7 +127,7 @@ def test_bad_input_is_refused_with_status_and_reason(client, case):
     r = post()
     assert r.status_code == want[0], r.text
     assert want[1] in r.json()["detail"]
-    assert client.post("/v1/classify", files={"image": ("ok.png", good, "image/png")}).json()["prediction"] == "red disc"
+    assert client.post("/v1/classify", files={"image": ("ok.png", good, "image/png")}).json()["prediction_name"] == "red disc"
 
 
 def test_bomb_is_refused_before_decoding(client, monkeypatch):
@@ -175,7 +182,7 @@ def test_token_required_when_set(shapes_kb, monkeypatch):
         r = c.post("/v1/classify", files={"image": ("x.png", good, "image/png")}, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         r = c.post("/v1/classify", files={"image": ("x.png", good, "image/png")}, headers={"Authorization": "Bearer s3cret"})
-        assert r.status_code == 200 and r.json()["prediction"] == "blue stripes"
+        assert r.status_code == 200 and r.json()["prediction_name"] == "blue stripes"
 
 
 def test_loopback_and_the_loud_warning():
@@ -243,8 +250,8 @@ def test_slow_path_with_the_reranker_shows_question_and_answer(shapes_kb):
         assert r["path_taken"] == "slow" and r["system2"]["ran"] and r["system2"]["name"] == "visual-reranker"
         assert r["system2"]["answer"] in SHAPES and "green checker" in r["system2"]["question"]
         own = max((c_ for c_ in r["candidates"] if c_["slow"] is not None), key=lambda c_: c_["slow"])
-        assert r["system2"]["answer"] == own["label"] and r["system2"]["decision"] == r["prediction"]
-        assert all(c_["slow"] is not None for c_ in r["candidates"]) and r["prediction"] == "green checker"
+        assert r["system2"]["answer"] == own["name"] and r["system2"]["decision"] == r["prediction_name"]
+        assert all(c_["slow"] is not None for c_ in r["candidates"]) and r["prediction_name"] == "green checker"
         assert r["why"].startswith("slow: doubt score") and r["timings_ms"]["slow"] > 0
         metrics = c.get("/metrics").text
         assert "fgvr_slow_path_total 1" in metrics and 'fgvr_images_total{path="slow"} 1' in metrics
@@ -271,7 +278,7 @@ def test_runs_browser(shapes_kb, tmp_path):
         cell = c.get(f"/v1/runs/first/cell?true={t}&pred={p}").json()
         assert cell["count"] == m[t][p] == len(cell["items"])
         item = cell["items"][0]
-        assert item["label"] == SHAPES[t] and item["prediction"] == SHAPES[p] and item["candidates"]
+        assert item["label"] == SHAPES[t] and item["prediction_name"] == SHAPES[p] and item["candidates"]
         img = c.get(item["image"])
         assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
         assert c.get("/v1/runs/nope").status_code == 404 and c.get("/v1/runs/first/image/99").status_code == 404

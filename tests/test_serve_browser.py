@@ -119,7 +119,7 @@ def test_page_in_chromium_shows_the_apis_answer(server, tmp_path):
             page.wait_for_selector("body[data-ready='1']", timeout=60_000)
             page.set_input_files("#file", str(photo))
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
-            assert page.inner_text("#top1") == api["prediction"] == "red disc"
+            assert page.inner_text("#top1") == api["prediction_name"] == "red disc"
             assert page.inner_text("#path") == api["path_taken"]
             assert page.locator("#candidates tbody tr").count() == len(api["candidates"])
             assert page.inner_text("#threshold") == f"{api['trigger']['threshold']:.3f}"
@@ -201,6 +201,9 @@ def test_page_from_the_keyboard_alone_and_at_390_px(server, tmp_path):
                 assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (sel, box)
             OUTPUT.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(OUTPUT / "serve_page_390px.png"), full_page=True)
+            page.goto(url + "/docs")  # the API's own page, rendered from /openapi.json
+            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            assert "POST /v1/classify" in page.inner_text("#routes") and "ClassifyResult" in page.inner_text("#schemas")
         finally:
             browser.close()
     assert not problems, problems
@@ -216,7 +219,7 @@ def test_slow_clients_time_out_while_others_are_answered(server):
                              b"Content-Length: 5000\r\n\r\n{\"image\": \"")
         head_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         t = time.time()
-        assert classify(url, good).json()["prediction"] == "red disc"  # not blocked by the stalled clients
+        assert classify(url, good).json()["prediction_name"] == "red disc"  # not blocked by the stalled clients
         answer = b""
         while chunk := body_trickle.recv(4096):  # the head and the body may come in separate reads
             answer += chunk
@@ -236,7 +239,7 @@ def test_hundreds_of_half_open_connections_do_not_shut_others_out(server):
         for s in idle[::2]:
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a head
         r = classify(url, png_bytes(shape_image("red disc", 5)))
-        assert r.status_code == 200 and r.json()["prediction"] == "red disc"
+        assert r.status_code == 200 and r.json()["prediction_name"] == "red disc"
         assert idle[0].recv(16) == b"" and idle[-1].recv(16) == b""  # closed by the server, not answered
     finally:
         for s in idle:
@@ -268,8 +271,8 @@ def test_bad_input_storm_then_good_requests_as_before_and_memory_back(server):
         got = list(pool.map(lambda i: kinds[i % len(kinds)]().status_code, range(48)))
     assert got == [want[i % len(want)] for i in range(48)]
     after = [classify(url, p).json() for p in photos for _ in range(4)]
-    assert [(a["prediction"], round(a["confidence"], 5)) for a in after] == \
-           [(b["prediction"], round(b["confidence"], 5)) for b in before]
+    assert [(a["prediction_name"], round(a["confidence"], 5)) for a in after] == \
+           [(b["prediction_name"], round(b["confidence"], 5)) for b in before]
     growth = rss(proc.pid) - rss0
     assert growth < 48 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over the storm"
     metrics = httpx.get(url + "/metrics", timeout=10).text

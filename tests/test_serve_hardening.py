@@ -192,3 +192,26 @@ def test_a_malformed_summary_is_skipped_and_a_changed_run_shows_its_own_image(sh
         os.utime(res, ns=(res.stat().st_atime_ns, res.stat().st_mtime_ns + 10**9))
         second = c.get("/v1/runs/good/image/0").content
         assert second != first and c.get(f"/v1/runs/good/image/{other}").content == first
+
+
+def test_openapi_describes_the_records_and_the_answers_fit_them(client, shapes_kb):
+    from fgvr.serve import models
+
+    spec = client.get("/openapi.json").json()
+    assert client.get("/docs").status_code == 200 and "docs.js" in client.get("/docs").text
+    op = spec["paths"]["/v1/classify"]["post"]
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ClassifyResult")
+    assert set(op["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    props = spec["components"]["schemas"]["ClassifyResult"]["properties"]
+    assert {"schema", "prediction", "prediction_name", "candidates"} <= set(props)
+    assert "413" in op["responses"] and "/v1/classify/batch" in spec["paths"] and "/v1/runs" in spec["paths"]
+    img = (shapes_kb.parent / "test" / "red_disc" / "0.png").read_bytes()
+    r = client.post("/v1/classify", files={"image": ("0.png", img, "image/png")}).json()
+    rec = models.ClassifyResult.model_validate(r)
+    assert rec.prediction_name == "red disc" and rec.candidates[0].name == "red disc"
+    models.Classes.model_validate(client.get("/v1/classes").json())
+    models.Info.model_validate(client.get("/v1/info").json())
+    b = client.post("/v1/classify/batch", files=[("images", ("a.png", img, "image/png")),
+                                                 ("images", ("b.png", b"junk", "image/png"))]).json()
+    parsed = models.BatchResult.model_validate(b)
+    assert isinstance(parsed.results[1], models.BatchError) and parsed.results[0].name == "a.png"

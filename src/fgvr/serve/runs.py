@@ -77,9 +77,9 @@ def cell_item(name: str, i: int, r: ResultRow) -> dict[str, Any]:
         return c.final if c.final is not None else c.fast
 
     t = r.trigger or {}
-    return {"n": i, "file": Path(r.path).name, "label": r.label,
-            "prediction": r.prediction_name, "path_taken": r.path_taken,
+    return {"n": i, "file": Path(r.path).name, "label": r.label, "label_id": r.label_id,
+            "prediction": r.prediction, "prediction_name": r.prediction_name, "path_taken": r.path_taken,
             "confidence": r.confidence, "image": f"/v1/runs/{name}/image/{i}",
             "trigger": {"score": t.get("score"), "threshold": t.get("threshold")},
-            "candidates": [{"label": c.name, "score": score(c), "fast": c.fast, "slow": c.slow}
+            "candidates": [{"id": c.id, "name": c.name, "score": score(c), "fast": c.fast, "slow": c.slow}
                            for c in sorted(r.candidates, key=lambda c: -(score(c) or 0))]}

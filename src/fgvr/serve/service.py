@@ -22,6 +22,11 @@ from fgvr.serve.upload import decode_upload, thumbnail_jpeg
 
 log = logging.getLogger("fgvr.serve")
 
+# The version of the record the API answers with. Its fields are the CLI's (`fgvr classify`, results.jsonl):
+# `prediction` is the class id, `prediction_name` its name, candidates carry `id` and `name`; the API adds
+# `score`, `support`, `why`, `system2` and `timings_ms`. A change of meaning gets a new version.
+RECORD_SCHEMA = "fgvr.result/2"
+
 
 @dataclass
 class _Query:
@@ -163,12 +168,13 @@ class Service:
         cands = []
         for c in r.candidates:
             score = c.final if c.final is not None else c.fast
-            cands.append({"label": c.name, "score": score, "id": c.id, "fast": c.fast, "slow": c.slow,
+            cands.append({"id": c.id, "name": c.name, "score": score, "fast": c.fast, "slow": c.slow,
                           "support": self.support_for(c.id, emb)})
         cands.sort(key=lambda c: -c["score"])
         threshold, score = trig.get("threshold"), trig.get("score")
         out: dict[str, Any] = {
-            "prediction": r.prediction_name, "prediction_id": r.prediction, "confidence": r.confidence,
+            "schema": RECORD_SCHEMA, "prediction": r.prediction, "prediction_name": r.prediction_name,
+            "confidence": r.confidence,
             "path_taken": r.path_taken,
             "why": why(r, getattr(system.slow, "name", None)),
             "trigger": {"score": score, "threshold": threshold, "go_slow": trig.get("go_slow"),
@@ -177,7 +183,8 @@ class Service:
                         "terms": trig.get("u")},
             "candidates": cands,
             "system2": None,
-            "fast_prediction": kb.classes[r.fast_prediction] if r.fast_prediction is not None else None,
+            "fast_prediction": r.fast_prediction,
+            "fast_prediction_name": kb.classes[r.fast_prediction] if r.fast_prediction is not None else None,
             "timings_ms": {k: round(v * 1000, 3) for k, v in {**r.timings, **extra_s}.items()},
             "error": r.error,
         }
