@@ -183,14 +183,14 @@ def test_page_from_the_keyboard_alone_and_at_390_px(server, tmp_path):
                 if seen[-1] == "drop":
                     break
             assert seen[-1] == "drop", seen
-            with page.expect_file_chooser(timeout=10_000) as chooser:
+            with page.expect_file_chooser(timeout=30_000) as chooser:
                 page.keyboard.press("Enter")
             chooser.value.set_files(str(photo))
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
             assert page.inner_text("#top1") == "red disc"
             page.keyboard.press("Tab")
             assert page.evaluate("document.activeElement.id") == "file"  # the input itself is reachable
-            with page.expect_file_chooser(timeout=10_000):
+            with page.expect_file_chooser(timeout=30_000):
                 page.keyboard.press("Space")
             page.wait_for_function("() => [...document.querySelectorAll('#support img')].every(i => i.complete)",
                                    timeout=30_000)
