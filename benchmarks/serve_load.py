@@ -14,6 +14,11 @@ encoder's mean micro-batch (from /metrics), and the server's resident memory bef
 `--reranker` adds System 2 (the CPU re-ranker); the trigger's threshold is calibrated on the base's support
 set with `--slow-budget` as `fgvr serve` does.
 
+`--hostile` runs hostile clients beside the normal ones at every level: slow bodies (a 4 MiB body promised,
+1 KiB sent every 0.5 s), huge bodies (8 MiB sent as fast as possible, half of them declaring 40 MiB), invented methods
+and paths, and half-open connections that send nothing; the server's peak resident memory is sampled every
+0.1 s, and the hostile clients' answers are counted by status.
+
 The machine is shared: the load average (uptime) before and after is printed with the table. Goal (issue
 14): at 16 clients at least 2x the requests/s of one client, memory flat.
 """
@@ -71,6 +76,126 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+HOSTILE = {"slow_body": 40, "huge_body": 32, "bad_method": 4, "half_open": 600}
+
+
+def _raw(port: int, head: bytes, timeout: float = 60) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(head)
+    return s
+
+
+def _status(s: socket.socket) -> str:
+    try:
+        line = s.recv(64).split(b"\r\n", 1)[0].decode("latin-1")
+        return line.split()[1] if line.startswith("HTTP/") else "closed"
+    except OSError:
+        return "closed"
+
+
+def hostile(url: str, stop: threading.Event, counts: dict[str, int], lock: threading.Lock) -> list[threading.Thread]:
+    """Start the hostile clients (HOSTILE: how many of each); they run until `stop` is set."""
+    port = int(url.rsplit(":", 1)[1])
+    h = b"Host: 127.0.0.1\r\n"
+
+    def count(kind: str, status: str) -> None:
+        with lock:
+            counts[f"{kind} {status}"] = counts.get(f"{kind} {status}", 0) + 1
+
+    def slow_body() -> None:
+        while not stop.is_set():
+            try:
+                s = _raw(port, b"POST /v1/classify HTTP/1.1\r\n" + h + b"Content-Type: application/json\r\n"
+                         b"Content-Length: 4194304\r\n\r\n", timeout=5)
+                s.setblocking(False)
+                while not stop.is_set():
+                    try:
+                        s.send(b"A" * 1024)
+                        if s.recv(64):
+                            count("slow_body", "answered")
+                            break
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        count("slow_body", "closed")
+                        break
+                    stop.wait(0.5)
+                s.close()
+            except OSError:
+                count("slow_body", "refused")
+                stop.wait(0.5)
+
+    def huge_body(k: int) -> None:
+        body = b"\0" * (8 * 2**20)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    if k % 2:
+                        r = c.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+                        count("huge_body", str(r.status_code))
+                    else:  # 40 MiB promised, 8 MiB sent, then the answer awaited
+                        s = _raw(port, b"POST /v1/classify/batch HTTP/1.1\r\n" + h + b"Content-Type: "
+                                 b"application/json\r\nContent-Length: 41943040\r\n\r\n", timeout=30)
+                        try:
+                            s.sendall(body)
+                        except OSError:
+                            pass
+                        count("huge_body_40MiB", _status(s))
+                        s.close()
+                except Exception as e:  # noqa: BLE001 - a hostile client counts what it got and goes on
+                    count("huge_body", type(e).__name__)
+
+    def bad_method(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    count("bad_method", str(c.request(f"X{k}M{i}", f"/v1/nope/{i}").status_code))
+                except Exception as e:  # noqa: BLE001
+                    count("bad_method", type(e).__name__)
+
+    def half_open() -> None:
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            socks = [s for s in socks if s.fileno() >= 0]
+            while len(socks) < HOSTILE["half_open"] and not stop.is_set():
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                    count("half_open", "opened")
+                except OSError:
+                    count("half_open", "refused")
+                    break
+            stop.wait(1.0)
+            for s in list(socks):  # drop the ones the server closed (head deadline)
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        s.close()
+                        count("half_open", "closed by server")
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+        for s in socks:
+            s.close()
+
+    threads = ([threading.Thread(target=slow_body) for _ in range(HOSTILE["slow_body"])]
+               + [threading.Thread(target=huge_body, args=(k,)) for k in range(HOSTILE["huge_body"])]
+               + [threading.Thread(target=bad_method, args=(k,)) for k in range(HOSTILE["bad_method"])]
+               + [threading.Thread(target=half_open)])
+    for t in threads:
+        t.daemon = True
+        t.start()
+    return threads
+
+
+def peak_rss(pid: int, stop: threading.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        out.append(rss_mib(pid))
+        stop.wait(0.1)
+
+
 def run_level(url: str, photos: list[tuple[str, bytes]], clients: int, n_requests: int, seconds: float) -> dict:
     latencies: list[float] = []
     server: list[tuple[float, float]] = []  # the server's own account: encode ms per image, queue ms
@@ -89,15 +214,19 @@ def run_level(url: str, photos: list[tuple[str, bytes]], clients: int, n_request
                     sent[0] += 1
                 name, data = photos[i % len(photos)]
                 t = time.perf_counter()
-                r = c.post("/v1/classify", files={"image": (name, data, "image/png")})
-                dt = time.perf_counter() - t
-                with lock:
-                    if r.status_code == 200:
-                        latencies.append(dt)
-                        tm = r.json()["timings_ms"]
-                        server.append((tm.get("encode", 0.0), tm.get("queue", 0.0)))
-                    else:
-                        errors.append(f"{r.status_code} {r.text[:80]}")
+                try:
+                    r = c.post("/v1/classify", files={"image": (name, data, "image/png")})
+                    dt = time.perf_counter() - t
+                    with lock:
+                        if r.status_code == 200:
+                            latencies.append(dt)
+                            tm = r.json()["timings_ms"]
+                            server.append((tm.get("encode", 0.0), tm.get("queue", 0.0)))
+                        else:
+                            errors.append(f"{r.status_code} {r.text[:80]}")
+                except httpx.HTTPError as e:
+                    with lock:
+                        errors.append(type(e).__name__)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     t0 = time.perf_counter()
@@ -125,8 +254,11 @@ def main() -> None:
     ap.add_argument("--reranker", action="store_true", help="System 2 = the CPU re-ranker.")
     ap.add_argument("--slow-budget", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=None, help="The server's encoder micro-batch (its default: 4).")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.md")
+    ap.add_argument("--hostile", action="store_true", help="Hostile clients beside the normal ones (see above).")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="The table (default benchmarks/results/serve_load.md, serve_load_hostile.md with --hostile).")
     a = ap.parse_args()
+    a.out = a.out or ROOT / "benchmarks" / "results" / ("serve_load_hostile.md" if a.hostile else "serve_load.md")
 
     files = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:64]
     if not files:
@@ -158,13 +290,23 @@ def main() -> None:
         for rnd, clients in [(r, c) for r in range(a.rounds) for c in levels]:
             b0, n0 = batches(url)
             before = rss_mib(proc.pid)
+            stop, counts, samples = threading.Event(), {}, [before]
+            extra = [threading.Thread(target=peak_rss, args=(proc.pid, stop, samples), daemon=True)]
+            extra[0].start()
+            if a.hostile:
+                extra += hostile(url, stop, counts, threading.Lock())
+                time.sleep(3)  # let them take their connections and bodies first
             row = run_level(url, photos, clients, a.requests, a.seconds)
+            stop.set()
+            for t in extra:
+                t.join(10)
             b1, n1 = batches(url)
             row.update(round=rnd + 1, rss_before_mib=before, rss_after_mib=rss_mib(proc.pid),
+                       rss_peak_mib=max(samples), hostile=dict(sorted(counts.items())),
                        mean_encoder_batch=(n1 - n0) / (b1 - b0) if b1 > b0 else None)
             rows.append(row)
-            print(f"round {rnd + 1}, {clients:>3} clients: {row['rps']:.2f} req/s, p50 {row['p50_ms']:.0f} ms, p99 "
-                  f"{row['p99_ms']:.0f} ms, batch {row['mean_encoder_batch'] or 0:.1f}, RSS {row['rss_after_mib']:.0f} MiB",
+            print(f"round {rnd + 1}, {clients:>3} clients: {row['rps']:.2f} req/s, p50 {row['p50_ms'] or 0:.0f} ms, "
+                  f"p99 {row['p99_ms'] or 0:.0f} ms, {row['errors']} errors, RSS peak {row['rss_peak_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
     finally:
         proc.terminate()
@@ -181,7 +323,8 @@ def main() -> None:
         if r["clients"] not in best or r["rps"] > best[r["clients"]]["rps"]:
             best[r["clients"]] = r
     base = best[min(best)]["rps"] if best else 0.0
-    lines = [f"# fgvr serve under load ({'System 2 = re-ranker, ' if a.reranker else 'System 1 only, '}"
+    lines = [f"# fgvr serve under load{' with hostile clients' if a.hostile else ''} "
+             f"({'System 2 = re-ranker, ' if a.reranker else 'System 1 only, '}"
              f"threshold from a {a.slow_budget:g} budget on the support set)", "",
              f"Command: `{' '.join([Path(sys.executable).name, 'benchmarks/serve_load.py', *sys.argv[1:]])}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}  ",
@@ -192,13 +335,19 @@ def main() -> None:
     for c, r in sorted(best.items()):
         every = ", ".join(f"{x['rps']:.2f}" for x in rows if x["clients"] == c)
         lines.append(f"| {c} | {r['answered']} | {r['errors']} | {r['rps']:.2f} | "
-                     f"{r['rps'] / base if base else float('nan'):.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{r['rps'] / base if base else float('nan'):.2f} | {r['p50_ms'] or float('nan'):.0f} | "
+                     f"{r['p99_ms'] or float('nan'):.0f} | "
                      f"{r['mean_encoder_batch'] or 0:.1f} | {r['encode_ms_per_image'] or 0:.0f} | {r['queue_ms'] or 0:.0f} | "
                      f"{every} |")
     lines += ["", f"Server resident memory: {rss_start:.0f} MiB after the warm-up (which runs full micro-batches), "
                   f"{rss_end:.0f} MiB at most after any level; per level, before → after: "
                   + "; ".join(f"{r['clients']} clients (round {r['round']}) {r['rss_before_mib']:.0f} → "
-                              f"{r['rss_after_mib']:.0f}" for r in rows)]
+                              f"{r['rss_after_mib']:.0f} (peak {r['rss_peak_mib']:.0f})" for r in rows)]
+    if a.hostile:
+        lines += ["", f"Hostile clients at every level ({', '.join(f'{n} {k}' for k, n in HOSTILE.items())}); their "
+                      "answers, per round:", ""]
+        lines += [f"- {r['clients']} clients (round {r['round']}): "
+                  + ", ".join(f"{k}: {n}" for k, n in r["hostile"].items()) for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from fgvr.serve import MicroBatcher, ServeSettings, UploadError, create_app, is_loopback, loud_warning  # noqa: E402
 from fakes import SHAPES, bomb_png, png_bytes, shape_image  # noqa: E402
 
+LOCAL = "http://127.0.0.1"  # the Host a loopback server answers (TestClient's own "testserver" is refused)
+
+
 def opener_for(kb: Path, **kw):
     from fgvr.pipeline import open_system
 
@@ -42,7 +45,7 @@ def wait_ready(client: TestClient, seconds: float = 120) -> None:
 def client(shapes_kb):
     app = create_app(opener_for(shapes_kb, threshold=0.5), ServeSettings(max_upload_bytes=200_000, max_pixels=4_000_000,
                                                                        max_batch_images=4))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c)
         yield c
 
@@ -56,12 +59,19 @@ def test_classify_multipart_and_json_answer_as_the_pipeline_does(client, shapes_
     got = r.json()
     with open_system(shapes_kb, threshold=0.5) as system:
         want = system.classify_paths([img])[0]
-    assert got["prediction"] == want.prediction_name == "red disc"
+    assert got["prediction_name"] == want.prediction_name == "red disc"
+    # one record schema: the CLI's fields mean the same in the API (prediction = id, candidates' name)
+    cli = want.to_dict()
+    assert got["schema"] == "fgvr.result/2" and got["prediction"] == cli["prediction"] == want.prediction
+    assert got["fast_prediction"] == cli["fast_prediction"] and got["path_taken"] == cli["path_taken"]
+    by_id = {c["id"]: c for c in got["candidates"]}
+    assert all(set(c) <= set(by_id[c["id"]]) | {"final"} and by_id[c["id"]]["name"] == c["name"]
+               for c in cli["candidates"])
     assert got["confidence"] == pytest.approx(want.confidence, abs=1e-5)
     assert got["path_taken"] == want.path_taken
     scores = [c["score"] for c in got["candidates"]]
-    assert scores == sorted(scores, reverse=True) and got["candidates"][0]["label"] == got["prediction"]
-    assert {c["label"] for c in got["candidates"]} <= set(SHAPES)
+    assert scores == sorted(scores, reverse=True) and got["candidates"][0]["name"] == got["prediction_name"]
+    assert {c["name"] for c in got["candidates"]} <= set(SHAPES)
     assert got["trigger"]["threshold"] == pytest.approx(0.5)
     assert got["trigger"]["score"] == pytest.approx(want.trigger["score"], abs=1e-5)
     assert got["why"].startswith(got["path_taken"] if got["path_taken"] == "fast" else "doubt")
@@ -74,7 +84,7 @@ def test_classify_multipart_and_json_answer_as_the_pipeline_does(client, shapes_
 
     b64 = base64.b64encode(img.read_bytes()).decode()
     j = client.post("/v1/classify", json={"image": "data:image/png;base64," + b64}).json()
-    assert j["prediction"] == got["prediction"] and j["confidence"] == pytest.approx(got["confidence"], abs=1e-6)
+    assert j["prediction_name"] == got["prediction_name"] and j["confidence"] == pytest.approx(got["confidence"], abs=1e-6)
 
 
 def test_batch_answers_in_order_and_a_bad_image_is_its_own_error(client, shapes_kb):
@@ -86,12 +96,12 @@ def test_batch_answers_in_order_and_a_bad_image_is_its_own_error(client, shapes_
     res = r.json()["results"]
     assert [x["name"] for x in res] == ["blue stripes.png", "junk.png", "green checker.png", "red disc.png"]
     assert res[1]["status"] == 400 and "not an image" in res[1]["error"]
-    assert [x["prediction"] for x in (res[0], res[2], res[3])] == list(SHAPES)
+    assert [x["prediction_name"] for x in (res[0], res[2], res[3])] == list(SHAPES)
     too_many = [("images", (f"{i}.png", png_bytes(shape_image("red disc", i)), "image/png")) for i in range(5)]
     r = client.post("/v1/classify/batch", files=too_many)
     assert r.status_code == 413 and "over this server's limit of 4" in r.json()["detail"]
     r = client.post("/v1/classify/batch", json={"images": [base64.b64encode(png_bytes(shape_image("red disc", 7))).decode()]})
-    assert r.status_code == 200 and r.json()["results"][0]["prediction"] == "red disc"
+    assert r.status_code == 200 and r.json()["results"][0]["prediction_name"] == "red disc"
 
 
 @pytest.mark.parametrize("case", ["too_big", "not_image", "truncated", "bomb", "empty", "bad_base64", "bad_json",
@@ -117,7 +127,7 @@ def test_bad_input_is_refused_with_status_and_reason(client, case):
     r = post()
     assert r.status_code == want[0], r.text
     assert want[1] in r.json()["detail"]
-    assert client.post("/v1/classify", files={"image": ("ok.png", good, "image/png")}).json()["prediction"] == "red disc"
+    assert client.post("/v1/classify", files={"image": ("ok.png", good, "image/png")}).json()["prediction_name"] == "red disc"
 
 
 def test_bomb_is_refused_before_decoding(client, monkeypatch):
@@ -163,7 +173,7 @@ def test_classes_metrics_and_pages(client):
 def test_token_required_when_set(shapes_kb, monkeypatch):
     app = create_app(opener_for(shapes_kb, threshold=0.5), ServeSettings(token="s3cret"))
     good = png_bytes(shape_image("blue stripes", 5))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c)
         assert c.get("/healthz").json()["auth"] is True
         assert c.get("/").status_code == 200  # the page itself holds no data; it asks for the token
@@ -172,7 +182,7 @@ def test_token_required_when_set(shapes_kb, monkeypatch):
         r = c.post("/v1/classify", files={"image": ("x.png", good, "image/png")}, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         r = c.post("/v1/classify", files={"image": ("x.png", good, "image/png")}, headers={"Authorization": "Bearer s3cret"})
-        assert r.status_code == 200 and r.json()["prediction"] == "blue stripes"
+        assert r.status_code == 200 and r.json()["prediction_name"] == "blue stripes"
 
 
 def test_loopback_and_the_loud_warning():
@@ -197,7 +207,7 @@ def test_healthz_is_ready_only_once_loaded_and_a_failed_load_is_reported(shapes_
         with open_system(shapes_kb, threshold=0.5) as s:
             yield s
 
-    with TestClient(create_app(slow_opener)) as c:
+    with TestClient(create_app(slow_opener), base_url=LOCAL) as c:
         assert c.get("/healthz").status_code == 503 and c.get("/healthz").json()["status"] == "loading"
         r = c.post("/v1/classify", files={"image": ("x.png", png_bytes(shape_image("red disc", 1)), "image/png")})
         assert r.status_code == 503 and "loading" in r.json()["detail"] and r.headers["retry-after"] == "1"
@@ -206,7 +216,7 @@ def test_healthz_is_ready_only_once_loaded_and_a_failed_load_is_reported(shapes_
 
     errors = []
     bad = create_app(opener_for(shapes_kb.parent / "nowhere"), on_load_error=errors.append)
-    with TestClient(bad) as c:
+    with TestClient(bad, base_url=LOCAL) as c:
         deadline = time.time() + 30
         while c.get("/healthz").json()["status"] == "loading" and time.time() < deadline:
             time.sleep(0.05)
@@ -234,12 +244,14 @@ def test_slow_path_with_the_reranker_shows_question_and_answer(shapes_kb):
     """Threshold 0: every image goes slow; System 2 (the CPU re-ranker) answers through its bounded queue."""
     app = create_app(opener_for(shapes_kb, threshold=0.0, reranker=True))
     img = shapes_kb.parent / "test" / "green_checker" / "0.png"
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c, 300)
         r = c.post("/v1/classify", files={"image": ("g.png", img.read_bytes(), "image/png")}).json()
         assert r["path_taken"] == "slow" and r["system2"]["ran"] and r["system2"]["name"] == "visual-reranker"
         assert r["system2"]["answer"] in SHAPES and "green checker" in r["system2"]["question"]
-        assert all(c_["slow"] is not None for c_ in r["candidates"]) and r["prediction"] == "green checker"
+        own = max((c_ for c_ in r["candidates"] if c_["slow"] is not None), key=lambda c_: c_["slow"])
+        assert r["system2"]["answer"] == own["name"] and r["system2"]["decision"] == r["prediction_name"]
+        assert all(c_["slow"] is not None for c_ in r["candidates"]) and r["prediction_name"] == "green checker"
         assert r["why"].startswith("slow: doubt score") and r["timings_ms"]["slow"] > 0
         metrics = c.get("/metrics").text
         assert "fgvr_slow_path_total 1" in metrics and 'fgvr_images_total{path="slow"} 1' in metrics
@@ -255,7 +267,7 @@ def test_runs_browser(shapes_kb, tmp_path):
         run_evaluation(system, read_dataset(shapes_kb.parent / "test"), runs / "first", {"kb": "k", "data": "t"},
                        progress=False, report=False)
     app = create_app(opener_for(shapes_kb, threshold=0.5), ServeSettings(runs=runs))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         wait_ready(c)
         listing = c.get("/v1/runs").json()["runs"]
         assert [r["name"] for r in listing] == ["first"] and listing[0]["n_images"] == 6
@@ -266,12 +278,12 @@ def test_runs_browser(shapes_kb, tmp_path):
         cell = c.get(f"/v1/runs/first/cell?true={t}&pred={p}").json()
         assert cell["count"] == m[t][p] == len(cell["items"])
         item = cell["items"][0]
-        assert item["label"] == SHAPES[t] and item["prediction"] == SHAPES[p] and item["candidates"]
+        assert item["label"] == SHAPES[t] and item["prediction_name"] == SHAPES[p] and item["candidates"]
         img = c.get(item["image"])
         assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
         assert c.get("/v1/runs/nope").status_code == 404 and c.get("/v1/runs/first/image/99").status_code == 404
         assert c.get("/runs").status_code == 200
-    with TestClient(create_app(opener_for(shapes_kb, threshold=0.5))) as c:  # without --runs
+    with TestClient(create_app(opener_for(shapes_kb, threshold=0.5)), base_url=LOCAL) as c:  # without --runs
         wait_ready(c)
         assert c.get("/v1/runs").status_code == 404
 
@@ -304,3 +316,14 @@ def test_micro_batcher_batches_concurrent_items_keeps_order_and_never_holds_a_lo
     assert outs == [2 * i for i in range(20)]
     assert max(len(c) for c in calls[1:]) > 1 and all(len(c) <= 8 for c in calls)
     assert refused.status == 503
+
+
+def test_system2s_answer_is_its_own_pick_not_the_decision():
+    from fgvr.pipeline import Candidate, Result
+    from fgvr.serve.service import own_pick
+
+    r = Result(path=Path("x"), path_taken="slow", candidates=[Candidate(0, "a", 0.9, slow=0.3, final=0.6),
+                                                              Candidate(1, "b", 0.1, slow=0.7, final=0.4)])
+    r.slow_prediction = 0  # the decision combines both: "a"; System 2 alone chose "b"
+    assert own_pick(r) == "b"
+    assert own_pick(Result(path=Path("x"), path_taken="fast", candidates=[Candidate(0, "a", 1.0)])) is None

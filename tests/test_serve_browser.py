@@ -60,7 +60,7 @@ def server(shapes_kb, tmp_path_factory):
     port = free_port()
     log = (tmp / "server.log").open("wb")
     cmd = [sys.executable, "-c", "from fgvr.cli import main; main()", "serve", str(shapes_kb), "--port", str(port),
-           "--threshold", "0.5", "--runs", str(tmp / "runs"), "--read-timeout", "2", "--max-upload", "1MiB",
+           "--threshold", "0.5", "--runs", str(tmp / "runs"), "--read-timeout", "2", "--head-timeout", "2", "--max-upload", "1MiB",
            "--max-pixels", "4000000", "--max-batch-images", "4"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -119,7 +119,7 @@ def test_page_in_chromium_shows_the_apis_answer(server, tmp_path):
             page.wait_for_selector("body[data-ready='1']", timeout=60_000)
             page.set_input_files("#file", str(photo))
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
-            assert page.inner_text("#top1") == api["prediction"] == "red disc"
+            assert page.inner_text("#top1") == api["prediction_name"] == "red disc"
             assert page.inner_text("#path") == api["path_taken"]
             assert page.locator("#candidates tbody tr").count() == len(api["candidates"])
             assert page.inner_text("#threshold") == f"{api['trigger']['threshold']:.3f}"
@@ -146,23 +146,106 @@ def test_page_in_chromium_shows_the_apis_answer(server, tmp_path):
     assert proc.poll() is None
 
 
+def _chromium():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI: scripts/setup.sh must install Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed (pip install -e '.[serve]')")
+    return sync_playwright
+
+
+def test_page_from_the_keyboard_alone_and_at_390_px(server, tmp_path):
+    """No mouse: Tab reaches the drop zone, Enter opens the file picker, the answer shows; the file input
+    itself is reachable too. At 390 x 844 (a phone) nothing is cut off: no sideways scrolling, every
+    section within the viewport's width."""
+    sync_playwright = _chromium()
+    url, proc, _ = server
+    photo = tmp_path / "disc.png"
+    shape_image("red disc", 78, size=160).save(photo)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            seen = []
+            for _ in range(12):
+                page.keyboard.press("Tab")
+                seen.append(page.evaluate("document.activeElement.id"))
+                if seen[-1] == "drop":
+                    break
+            assert seen[-1] == "drop", seen
+            page.evaluate("window.picked = 0; document.getElementById('file')"
+                          ".addEventListener('click', () => { window.picked += 1; })")
+            page.keyboard.press("Enter")  # opens the file picker: a click on the file input
+            page.wait_for_function("() => window.picked === 1", timeout=30_000)
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            assert page.inner_text("#top1") == "red disc"
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.id") == "file"  # the input itself is reachable
+            page.keyboard.press(" ")
+            page.wait_for_function("() => window.picked === 2", timeout=30_000)  # the input answers Space itself
+            page.wait_for_function("() => [...document.querySelectorAll('#support img')].every(i => i.complete)",
+                                   timeout=30_000)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"the page is {width} px wide at a 390 px viewport"
+            for sel in ("#drop", "#result", "#evidence", "header"):
+                box = page.locator(sel).bounding_box()
+                assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (sel, box)
+            OUTPUT.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(OUTPUT / "serve_page_390px.png"), full_page=True)
+            page.goto(url + "/docs")  # the API's own page, rendered from /openapi.json
+            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            assert "POST /v1/classify" in page.inner_text("#routes") and "ClassifyResult" in page.inner_text("#schemas")
+        finally:
+            browser.close()
+    assert not problems, problems
+
+
 def test_slow_clients_time_out_while_others_are_answered(server):
     url, proc, _ = server
     port = int(url.rsplit(":", 1)[1])
     good = png_bytes(shape_image("red disc", 5))
     with socket.create_connection(("127.0.0.1", port), timeout=15) as body_trickle, \
             socket.create_connection(("127.0.0.1", port), timeout=15) as head_trickle:
-        body_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        body_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 5000\r\n\r\n{\"image\": \"")
-        head_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")
+        head_trickle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         t = time.time()
-        assert classify(url, good).json()["prediction"] == "red disc"  # not blocked by the stalled clients
+        assert classify(url, good).json()["prediction_name"] == "red disc"  # not blocked by the stalled clients
         answer = b""
         while chunk := body_trickle.recv(4096):  # the head and the body may come in separate reads
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer
         assert head_trickle.recv(4096) == b""  # closed: no complete request head within the deadline
         assert time.time() - t < 12
+    assert proc.poll() is None
+
+
+def test_hundreds_of_half_open_connections_do_not_shut_others_out(server):
+    """700 connections that send nothing (more than the 512 the server once allowed in all): a normal
+    client is still answered, and the idle ones are closed by the head deadline."""
+    url, proc, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(700)]
+    try:
+        for s in idle[::2]:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a head
+        r = classify(url, png_bytes(shape_image("red disc", 5)))
+        assert r.status_code == 200 and r.json()["prediction_name"] == "red disc"
+        assert idle[0].recv(16) == b"" and idle[-1].recv(16) == b""  # closed by the server, not answered
+    finally:
+        for s in idle:
+            s.close()
     assert proc.poll() is None
 
 
@@ -190,8 +273,8 @@ def test_bad_input_storm_then_good_requests_as_before_and_memory_back(server):
         got = list(pool.map(lambda i: kinds[i % len(kinds)]().status_code, range(48)))
     assert got == [want[i % len(want)] for i in range(48)]
     after = [classify(url, p).json() for p in photos for _ in range(4)]
-    assert [(a["prediction"], round(a["confidence"], 5)) for a in after] == \
-           [(b["prediction"], round(b["confidence"], 5)) for b in before]
+    assert [(a["prediction_name"], round(a["confidence"], 5)) for a in after] == \
+           [(b["prediction_name"], round(b["confidence"], 5)) for b in before]
     growth = rss(proc.pid) - rss0
     assert growth < 48 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over the storm"
     metrics = httpx.get(url + "/metrics", timeout=10).text

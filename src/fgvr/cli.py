@@ -637,6 +637,7 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     import json
     from pathlib import Path
 
+    from fgvr.io import json_dumps
     from fgvr.pipeline import check_outcome
 
     if out is None and o["ray_address"]:  # a usage error first: it holds whether or not Ray is installed
@@ -656,7 +657,7 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     with _open_system(kb, o) as system:
         for i in range(0, len(images), o["batch_size"]):
             for r in system.classify_paths(images[i:i + o["batch_size"]]):
-                click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+                click.echo(json_dumps(r.to_dict()))
                 paths[r.path_taken] = paths.get(r.path_taken, 0) + 1
     check_outcome(paths, "on its line")
 
@@ -899,6 +900,9 @@ def _given(name: str) -> bool:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--token", default=None, envvar="FGVR_TOKEN", show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Answer requests whose Host header is NAME too (repeatable). On a loopback address only "
+                   "localhost, 127.x and [::1] are answered otherwise (DNS-rebinding protection).")
 @click.option("--runs", type=click.Path(file_okay=False, exists=True), default=None,
               help="An evaluation run folder (or a folder of them) to browse at /runs.")
 @click.option("--max-upload", type=ByteSize(minimum=1024), default="10MiB", show_default=True,
@@ -909,13 +913,15 @@ def _given(name: str) -> bool:
               help="Images in one /v1/classify/batch request.")
 @click.option("--read-timeout", type=FiniteFloat(0.1), default=30.0, show_default=True,
               help="Seconds a client has to send its request body.")
+@click.option("--head-timeout", type=FiniteFloat(0.1), default=10.0, show_default=True,
+              help="Seconds a client has to send its request line and headers (a connection that has not is closed).")
 @click.option("--encode-wait-ms", type=FiniteFloat(0), default=5.0, show_default=True,
               help="Longest wait for the encoder's micro-batch to fill (--batch-size is its size).")
 @click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
               help="Images per System 2 call; one call runs at a time.")
 @_system_options
-def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_images, read_timeout, encode_wait_ms,
-              slow_batch, **o) -> None:
+def serve_cmd(kb, host, port, token, allowed_hosts, runs, max_upload, max_pixels, max_batch_images, read_timeout,
+              head_timeout, encode_wait_ms, slow_batch, **o) -> None:
     """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
     /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
 
@@ -933,10 +939,11 @@ def serve_cmd(kb, host, port, token, runs, max_upload, max_pixels, max_batch_ima
     from fgvr.serve import ServeSettings, serve
 
     settings = ServeSettings(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels,
-                             max_batch_images=max_batch_images, read_timeout_s=read_timeout,
+                             max_batch_images=max_batch_images, read_timeout_s=read_timeout, head_timeout_s=head_timeout,
                              encode_batch=o["batch_size"] if _given("batch_size") else 4,
                              encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
-                             token=token or None, runs=Path(runs) if runs else None)
+                             token=token or None, runs=Path(runs) if runs else None, bind=host,
+                             allowed_hosts=tuple(allowed_hosts))
     kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
 
     def opener():

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 from fgvr.data import IMAGE_SUFFIXES, DataError
 from fgvr.engine import LocalEngine  # noqa: F401 (re-exported: fgvr.collection.LocalEngine)
-from fgvr.io import atomic_write_bytes, atomic_write_text, read_user_text
+from fgvr.io import atomic_write_bytes, atomic_write_text, json_dumps, read_user_text
 from fgvr.binding import EXPLAIN, MUST_MATCH, system_binding
 from fgvr.pipeline import DualSystem
 from fgvr.records import Prediction, result_from_dict  # noqa: F401 (re-exported: one record per image)
@@ -210,7 +210,7 @@ class ShardWriter:
             pq.write_table(pa.Table.from_pylist(records, schema=_parquet_schema()), sink)
             atomic_write_bytes(path, sink.getvalue())
         else:
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            atomic_write_text(path, "".join(json_dumps(r) + "\n" for r in records))
         self.written += len(records)
         self.next += 1
 

@@ -135,9 +135,21 @@ class Dataset:
 # reading a dataset
 
 
+def normalise_label(label: str) -> str:
+    """A class name as fgvr keeps it: Unicode NFC and no surrounding white space, so `café` typed two ways
+    or `cat ` with a trailing space is the one class it looks like, not two identical-looking ones."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", label).strip()
+
+
+class LabelWarning(UserWarning):
+    """Labels written differently that became one class once normalised (NFC, trimmed)."""
+
+
 def folder_to_class_name(folder: str) -> str:
     """`Black_footed_Albatross` -> `Black footed Albatross` (the common convention of FGVR datasets)."""
-    return folder.replace("_", " ")
+    return normalise_label(folder.replace("_", " "))
 
 
 def read_classes_file(path: Path) -> dict[str, str]:
@@ -172,6 +184,7 @@ def read_classes_file(path: Path) -> dict[str, str]:
             if key in mapping:
                 raise DataError(f"classes file {path}, line {lineno}: {key!r} appears twice")
             mapping[key] = name
+    mapping = {k: normalise_label(v) for k, v in mapping.items()}
     names = list(mapping.values())
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -298,12 +311,17 @@ def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapp
     samples: list[Sample] = []
     first: dict[Path, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
     repeated: list[int] = []
-    for lineno, name, full, label in entries:
+    spellings: dict[str, set[str]] = {}  # class name -> the labels as written that gave it
+    for lineno, name, full, raw in entries:
         if "\x00" in str(full):  # no file system has such a name; Python's path calls raise on it
             raise DataError(f"{where}, line {lineno}: the path {name!r} holds a NUL byte: fix the line")
         if mapping is not None:
-            if label not in mapping:
-                raise DataError(f"{where}, line {lineno}: label {label!r} is not in classes file {classes_file}")
+            if raw not in mapping:
+                raise DataError(f"{where}, line {lineno}: label {raw!r} is not in classes file {classes_file}")
+        label = mapping[raw] if mapping is not None else normalise_label(raw)
+        if not label:
+            raise DataError(f"{where}, line {lineno}: the label {raw!r} is only white space; give the class a name")
+        spellings.setdefault(label, set()).add(raw)
         key = full.resolve()
         if key in first:
             line0, label0 = first[key]
@@ -313,11 +331,17 @@ def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapp
             repeated.append(lineno)
             continue
         first[key] = (lineno, label)
-        samples.append(Sample(full, mapping[label] if mapping is not None else label))
+        samples.append(Sample(full, label))
     if repeated:
         warnings.warn(f"{where}: {len(repeated)} repeated row(s) read once (line(s) "
                       f"{', '.join(map(str, repeated[:10]))}{', ...' if len(repeated) > 10 else ''})",
                       ManifestWarning, stacklevel=4)
+    merged = {k: sorted(v) for k, v in spellings.items() if len(v) > 1 and mapping is None}
+    if merged:
+        k, v = next(iter(sorted(merged.items())))
+        warnings.warn(f"{where}: {len(merged)} class name(s) written in more than one way became one class each "
+                      f"once normalised (Unicode NFC, white space trimmed), e.g. {v} -> {k!r}; check that this is "
+                      "intended", LabelWarning, stacklevel=4)
     if mapping is not None:
         missing = sorted(set(mapping) - {label for _, _, _, label in entries})
         if missing:
@@ -355,13 +379,41 @@ def split_k_shot(dataset: Dataset, k: int, seed: int) -> tuple[list[Sample], lis
 # decoding one image
 
 
+# Bytes a pixel occupies once Pillow has decoded it, by mode (multi-band modes are stored 4 bytes a pixel
+# whatever their band count). What the promise "about 4 bytes a pixel" is counted in.
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+                 "BGR;15": 2, "BGR;16": 2, "BGR;24": 3}
+# Extra bytes a pixel the conversion to RGB needs at full size: high-depth data is scaled band by band into
+# an 8-bit copy; transparency and palettes are expanded to RGBA. Everything else is resized before it is
+# converted, so its conversion costs the small image only.
+_CONVERT_BYTES = {"P": 4, "PA": 4, "1": 1}
+BYTES_PER_PIXEL_BUDGET = 4  # the decoded-memory budget is max_pixels x this (an RGB(A) image as Pillow holds it)
+_BAND_ROWS = 256  # rows of a high-depth image scaled at a time
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Peak bytes decoding a `mode` image of width x height takes in `load_image` (the decoded pixels plus
+    the full-size work of converting them), so a 16-bit or float file is counted by what it becomes, not
+    by its pixel count or its file size."""
+    px = width * height
+    stored = _STORED_BYTES.get(mode, 4)
+    extra = 1 if _high_depth(mode) else _CONVERT_BYTES.get(mode, 0)
+    return px * (stored + extra)
+
+
+def _high_depth(mode: str) -> bool:
+    return mode.startswith("I;16") or mode in ("I", "F")
+
+
 def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE,
                max_pixels: int | None = None) -> Image.Image:
     """Decode `path` to an RGB image with EXIF orientation applied, longest side at most `max_side`.
 
     Large JPEGs are decoded at a reduced scale (`draft`) so a 24 Mpx photo never occupies 72 MB before being
-    shrunk. An image whose decoded size (after that reduction) exceeds `max_pixels` (default: the process
-    limit, see `set_max_decoded_pixels`) is refused from its header, before any pixel is decoded.
+    shrunk. Memory is counted before any pixel is decoded: the decoded size (after that reduction) in the
+    decoded mode's bytes (`decode_bytes`: a float image is 4 bytes a pixel plus its 8-bit copy, a 16-bit one
+    2 + 1) must fit `max_pixels` x 4 bytes (default: the process limit, see `set_max_decoded_pixels`).
+    The image is shrunk in its own mode before it is converted, so conversion costs the small image only.
     Transparency is composited on white (what a viewer shows), 16-bit data is scaled to 8 bits rather than
     clipped. Raises `ImageError(path, reason)` for anything that is not a decodable image.
     """
@@ -379,20 +431,7 @@ def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE,
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageError(path, f"image is {w}x{h}, over the {MAX_IMAGE_PIXELS:,} pixel limit")
-                if max_side and max(w, h) > max_side and im.format == "JPEG":
-                    r = max_side / max(w, h)
-                    im.draft(im.mode if im.mode in ("RGB", "L", "CMYK") else "RGB",
-                             (max(1, round(w * r)), max(1, round(h * r))))
-                dw, dh = im.size  # what decoding will really produce (reduced by draft for a JPEG)
-                if dw * dh > limit:
-                    raise ImageError(path, f"image is {w}x{h}, {dw * dh / 1e6:.1f} Mpx decoded, over the "
-                                           f"{limit / 1e6:g} Mpx limit (raise it with --max-image-pixels)")
-                im.load()
-                out = ImageOps.exif_transpose(im)
-                out = _to_rgb(out)
+                out = _decode_open(path, im, max_side, limit)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -405,17 +444,55 @@ def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE,
         msg = str(e) or type(e).__name__
         reason = "truncated image data" if "truncated" in msg.lower() else f"cannot decode: {msg}"
         raise ImageError(path, reason) from None
+    return out
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _decode_open(path: Path, im: Image.Image, max_side: int | None, limit: int) -> Image.Image:
+    """The budget check, then decode, shrink (in the decoded mode), orient and convert an opened image."""
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageError(path, f"image is {w}x{h}, over the {MAX_IMAGE_PIXELS:,} pixel limit")
+    if max_side and max(w, h) > max_side and im.format == "JPEG":
+        r = max_side / max(w, h)
+        im.draft(im.mode if im.mode in ("RGB", "L", "CMYK") else "RGB",
+                 (max(1, round(w * r)), max(1, round(h * r))))
+    dw, dh = im.size  # what decoding will really produce (reduced by draft for a JPEG)
+    if dw * dh > limit:
+        raise ImageError(path, f"image is {w}x{h}, {dw * dh / 1e6:.1f} Mpx decoded, over the "
+                               f"{limit / 1e6:g} Mpx limit (raise it with --max-image-pixels)")
+    need, budget = decode_bytes(im.mode, dw, dh), limit * BYTES_PER_PIXEL_BUDGET
+    if need > budget:
+        raise ImageError(path, f"image is {w}x{h} in mode {im.mode}: decoding takes {need / 1e6:.0f} MB, over "
+                               f"the {budget / 1e6:.0f} MB budget ({limit / 1e6:g} Mpx x {BYTES_PER_PIXEL_BUDGET}"
+                               " bytes; raise it with --max-image-pixels)")
+    orientation = im.getexif().get(0x0112)
+    im.load()
+    out: Image.Image = im
+    if _high_depth(out.mode):
+        out = _high_depth_to_gray(out)  # full size, 1 byte a pixel; the original is dropped by the caller
+    elif out.mode == "1":
+        out = out.convert("L")  # resampled as gray, not as 1-bit dots
+    elif out.mode in _CONVERT_BYTES:
+        out = _to_rgb(out)
     if max_side and max(out.size) > max_side:
         out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return out
+    if orientation in _TRANSPOSE:
+        out = out.transpose(_TRANSPOSE[orientation])
+    out = _to_rgb(out)
+    return out.copy() if out is im else out
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return _high_depth_to_rgb(im)
+    if _high_depth(mode):
+        return _high_depth_to_gray(im).convert("RGB")
     if (mode == "P" and "transparency" in im.info) or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -423,21 +500,38 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
-    """16-bit and 32-bit single-channel images -> 8-bit gray -> RGB, by scaling, never by clipping."""
-    a = np.asarray(im)
-    if im.mode.startswith("I;16"):
-        a8 = (a.astype(np.float32) / 257.0).round()
-    elif im.mode == "F" and a.size and np.nanmin(a) >= 0.0 and np.nanmax(a) <= 1.0:
-        a8 = (a * 255.0).round()
-    else:
-        a = a.astype(np.float64)
-        lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
+def _high_depth_to_gray(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit single-channel images -> 8-bit gray, by scaling, never by clipping. Scaled a band of
+    rows at a time (float32), so the work costs the 8-bit result plus one band, never a float64 copy."""
+    w, h = im.size
+    bands = [(y, min(h, y + _BAND_ROWS)) for y in range(0, h, _BAND_ROWS)]
+
+    def band(y0: int, y1: int) -> np.ndarray:
+        return np.asarray(im.crop((0, y0, w, y1))).astype(np.float32)
+
+    lo, hi, finite = np.inf, -np.inf, False
+    if not im.mode.startswith("I;16"):
+        for y0, y1 in bands:
+            a = band(y0, y1)
+            ok = a[np.isfinite(a)]
+            if ok.size:
+                finite = True
+                lo, hi = min(lo, float(ok.min())), max(hi, float(ok.max()))
+    if not finite:
+        lo = hi = 0.0
+
+    def scale(a: np.ndarray) -> np.ndarray:
+        if im.mode.startswith("I;16"):
+            return (a / 257.0).round()
+        if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            return (a * 255.0).round()
         if im.mode == "I" and lo >= 0 and hi <= 255:
-            a8 = a
-        elif im.mode == "I" and lo >= 0 and hi <= 65535:
-            a8 = (a / 257.0).round()
-        else:
-            a8 = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    gray = Image.fromarray(np.nan_to_num(a8).clip(0, 255).astype(np.uint8))
-    return gray.convert("RGB")
+            return a
+        if im.mode == "I" and lo >= 0 and hi <= 65535:
+            return (a / 257.0).round()
+        return (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+
+    out = np.empty((h, w), np.uint8)
+    for y0, y1 in bands:
+        out[y0:y1] = np.nan_to_num(scale(band(y0, y1)), nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255)
+    return Image.fromarray(out, "L")

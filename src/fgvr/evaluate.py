@@ -48,7 +48,7 @@ from fgvr.data import Dataset
 from fgvr.embedding_cache import EMBED_DIR, EmbeddingCache
 from fgvr.errors import InputError, KnowledgeBaseError, RunMismatchError, System2Error
 from fgvr.fast_path import system1
-from fgvr.io import atomic_write_bytes, atomic_write_json
+from fgvr.io import atomic_write_bytes, atomic_write_json, json_dumps
 from fgvr.pipeline import PATH_SLOW_FAILED, DualSystem
 from fgvr.records import RESULTS, ResultRow, as_rows, read_results, read_rows, results_journal
 from fgvr.run_dir import RunDir
@@ -332,7 +332,7 @@ def _records_in_plan_order(results_file: Path, items: list) -> list[ResultRow]:
     if [r["path"] for r in records] != sorted((r["path"] for r in records), key=order.__getitem__):
         records.sort(key=lambda r: order[r["path"]])
         rest = [r for r in everything if r["path"] not in planned]
-        atomic_write_bytes(results_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+        atomic_write_bytes(results_file, "".join(json_dumps(r) + "\n"
                                                  for r in records + rest).encode("utf-8"))
     return as_rows(records)
 

@@ -288,7 +288,7 @@ def extraction_dir(source: Path) -> Path:
     s = source.resolve()
     files = [s] if s.is_file() else sorted(s.glob("*.arrow"))
     key = "\0".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) or str(s)
-    return extraction_root() / f"{s.stem[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return extraction_root() / f"{s.stem[:40]}-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
 
 
 def _splits_of_dict(root: Path) -> list[str]:

@@ -55,12 +55,30 @@ def with_filename(exc: OSError, path: str | os.PathLike) -> OSError:
     return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
+def utf8(text: str) -> bytes:
+    """`text` as UTF-8, where a file name that was not valid UTF-8 (held as surrogate escapes, as Python
+    reads such names) is written back as its original bytes instead of raising UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def json_dumps(obj: Any, **kw: Any) -> str:
+    """`json.dumps` keeping non-ASCII text readable, except in a record that holds a file name that is not
+    valid UTF-8: that record is written with \\u escapes (`"caf\\udce9.png"`), still valid JSON and UTF-8,
+    and `json.loads` gives back the very name, so a run holding one finishes and resumes."""
+    text = json.dumps(obj, ensure_ascii=False, **kw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, **kw)
+    return text
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, utf8(text))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    atomic_write_text(path, json_dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

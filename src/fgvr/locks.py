@@ -2,7 +2,7 @@
 
 Two processes writing the same run folder or knowledge base at once interleave their records (600 lines
 for 300 images) or silently let the last writer win. The lock is an advisory `flock` on a file next to the
-output (`<parent>/.<name>.lock`; next to it, not inside, because a knowledge base directory is swapped
+output (`<parent>/.<name>.lock`, of the real path with symlinks resolved; next to it, not inside, because a knowledge base directory is swapped
 wholesale when it is saved). The kernel drops a `flock` when its holder dies, however it dies, so a lock
 left by a killed process (kill -9, power cut) is simply taken over; the file's text (pid, host, command,
 start time) only serves the message a second writer gets. The file is never deleted: unlinking a lock file
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def lock_path(out: str | os.PathLike) -> Path:
-    out = Path(out).absolute()
+    """The lock file of `out`, named after its real path: a symlink to a folder (or a path through one)
+    locks the folder it leads to, so two names for one output cannot both be written at once."""
+    out = Path(out).absolute().resolve()
     return out.parent / f".{out.name}.lock"
 
 

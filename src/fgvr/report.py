@@ -99,9 +99,39 @@ def plot_per_class(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _cell(text: str) -> str:
-    """A class name as one Markdown table cell: `|` escaped, line breaks shown as spaces."""
-    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
+_MD_PUNCT = set("\\`*_{}[]()#+-.!|~:")
+
+
+def _md(text: Any) -> str:
+    """Text from the data (a class name, a path) as inert Markdown: line breaks shown as spaces, HTML's
+    `& < >` as entities (no tag, no script), and Markdown's punctuation backslash-escaped, so neither a
+    link (`[x](javascript:...)`), an image, emphasis nor a table break can come out of a class name."""
+    flat = " ".join(str(text).split())
+    flat = flat.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "".join("\\" + ch if ch in _MD_PUNCT else ch for ch in flat)
+
+
+def _code(text: Any) -> str:
+    """Text from the data as a Markdown code span, its delimiter longer than any run of backticks inside."""
+    import re
+
+    flat = " ".join(str(text).split())
+    fence = "`" * (1 + max((len(m) for m in re.findall(r"`+", flat)), default=0))
+    return f"{fence} {flat} {fence}" if "`" in flat else f"`{flat}`"
+
+
+_cell = _md  # a class name in a table cell: `|` is among the escaped characters
+
+# A spreadsheet runs a cell that starts with one of these as a formula (`=HYPERLINK(...)`).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value for a CSV cell a spreadsheet will open: text that would start a formula gets a leading `'`
+    (OWASP's advice), so it shows as the text it is; numbers are left alone."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
@@ -118,8 +148,8 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     lines = [
         "# fgvr evaluation",
         "",
-        f"Knowledge base `{cfg.get('kb')}`, encoder `{cfg.get('encoder')}`, System 2 `{cfg.get('system2') or 'none'}`, "
-        f"data `{cfg.get('data')}`. Correct = exact match on class ids.",
+        f"Knowledge base {_code(cfg.get('kb'))}, encoder {_code(cfg.get('encoder'))}, System 2 "
+        f"{_code(cfg.get('system2') or 'none')}, data {_code(cfg.get('data'))}. Correct = exact match on class ids.",
         "",
         "| measure | value |",
         "| --- | --- |",
@@ -152,10 +182,10 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     lines += ["", f"On the {sl['n']} image(s) answered by System 2: System 1 alone {_fmt(sl['system1_accuracy'], True)}, "
               f"final {_fmt(sl['final_accuracy'], True)}.", ""]
     if summary["unknown_classes"]:
-        lines += [f"**Test classes the base does not know:** {', '.join(summary['unknown_classes'])} "
+        lines += [f"**Test classes the base does not know:** {', '.join(map(_md, summary['unknown_classes']))} "
                   f"({summary['unknown_class_images']} image(s), classified but not counted in accuracy).", ""]
     if summary["errors"]:
-        lines += ["## Unreadable images", ""] + [f"- `{e['path']}`: {e['error']}" for e in summary["errors"][:50]] + [""]
+        lines += ["## Unreadable images", ""] + [f"- {_code(e['path'])}: {_md(e['error'])}" for e in summary["errors"][:50]] + [""]
     curve = summary["budget_curve"]
     lines += ["## Accuracy against slow-path budget", "",
               f"From this run's logged scores, {curve['exact']} (images ranked by the trigger's score; the top "
@@ -187,13 +217,13 @@ def write_tables(run: Path, summary: dict[str, Any]) -> None:
     w.writerow(["class", "n", "correct", "accuracy", "predicted", "precision", "recall", "f1"])
     for name in sorted(set(summary["per_class"]) | set(metrics)):
         pc, m = summary["per_class"].get(name, {}), metrics.get(name, {})
-        w.writerow([name, pc.get("n", 0), pc.get("correct", 0), pc.get("accuracy", ""), m.get("predicted", 0),
+        w.writerow([csv_cell(name), pc.get("n", 0), pc.get("correct", 0), pc.get("accuracy", ""), m.get("predicted", 0),
                     m.get("precision", ""), m.get("recall", ""), m.get("f1", "")])
     atomic_write_text(run / "per_class.csv", buf.getvalue())
     conf = summary["confusion"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["true \\ predicted", *conf["classes"]])
+    w.writerow(["true \\ predicted", *map(csv_cell, conf["classes"])])
     for name, row in zip(conf["classes"], conf["matrix"]):
-        w.writerow([name, *row])
+        w.writerow([csv_cell(name), *row])
     atomic_write_text(run / "confusion.csv", buf.getvalue())

@@ -302,7 +302,7 @@ class VisualReranker:
         h.update(json.dumps([self.spec.key, list(self.views), self.grid]).encode())
         for p, y in zip(self.support_paths, self.support_labels.tolist()):
             st = p.stat()
-            h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
+            h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()[:20]
 
     def support_features(self) -> torch.Tensor:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 from fgvr.errors import RunMismatchError
-from fgvr.io import atomic_write_json, with_filename
+from fgvr.io import atomic_write_json, json_dumps, with_filename
 from fgvr.locks import output_lock
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ RUN_FILE = "run.json"
 def identity_key(identity: Any, length: int = 16) -> str:
     """A short digest of a JSON-able identity (sorted keys): the name of content-addressed partial work."""
     blob = json.dumps(identity, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+    return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:length]
 
 
 def _show(key: str, value: Any) -> str:
@@ -142,7 +142,7 @@ class Journal:
                 new.append(r)
             if not new:
                 return []
-            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode("utf-8")
+            data = "".join(json_dumps(r) + "\n" for r in new).encode("utf-8")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("ab") as f:

@@ -66,7 +66,7 @@ _EXPLAIN = {"classes": "the base's classes", "encoder": "the base's encoder", "k
 def fingerprint_of(kb: Any, k: int, items: Sequence[Item]) -> dict:
     import hashlib
 
-    h = hashlib.sha256("\n".join(f"{it.path}|{it.part}" for it in items).encode()).hexdigest()[:16]
+    h = hashlib.sha256("\n".join(f"{it.path}|{it.part}" for it in items).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return {"classes": list(kb.classes), "encoder": getattr(kb, "encoder_key", ""), "k": k, "validation": h}
 
 

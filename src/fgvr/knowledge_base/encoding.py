@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from fgvr.data import DEFAULT_MAX_SIDE, ImageError, Sample, load_image
-from fgvr.io import atomic_write_bytes
+from fgvr.io import atomic_write_bytes, json_dumps
 from fgvr.knowledge_base.storage import FORMAT_VERSION, KnowledgeBaseError
 from fgvr.run_dir import identity_key
 
@@ -106,13 +106,13 @@ def _views_per_image(augment: Sequence[str]) -> int:
 
 def _class_key(name: str, samples: Sequence[Sample]) -> str:
     """Identity of one class's work: its name and support files (path, size, mtime), in support order."""
-    h = hashlib.sha256(name.encode())
+    h = hashlib.sha256(name.encode("utf-8", "surrogateescape"))
     for s in samples:
         try:
             st = s.path.stat()
-            h.update(f"\0{s.path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            h.update(f"\0{s.path}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
         except OSError:
-            h.update(f"\0{s.path}\0missing".encode())
+            h.update(f"\0{s.path}\0missing".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:24]
 
 
@@ -141,9 +141,8 @@ def _save_class(work_dir: Path, work: _ClassWork, root: Path, dim: int) -> None:
     ex = torch.stack([work.rows[i] for i in order]) if order else torch.zeros(0, dim)
     meta = {
         "class": work.name,
-        "used": json.dumps([_display_path(work.samples[i].path, root) for i in order], ensure_ascii=False),
-        "skipped": json.dumps([[_display_path(work.samples[i].path, root), r] for i, r in work.skipped],
-                              ensure_ascii=False),
+        "used": json_dumps([_display_path(work.samples[i].path, root) for i in order]),
+        "skipped": json_dumps([[_display_path(work.samples[i].path, root), r] for i, r in work.skipped]),
     }
     atomic_write_bytes(work_dir / f"class-{work.key}.safetensors", save({"exemplars": ex.contiguous()}, metadata=meta))
 

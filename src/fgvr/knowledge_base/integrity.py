@@ -33,7 +33,7 @@ def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON, leaving out its own checksum."""
     body = {k: v for k, v in manifest.items() if k != SEAL}
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def seal_manifest(manifest: dict) -> dict:

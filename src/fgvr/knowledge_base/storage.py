@@ -24,7 +24,7 @@ import torch
 
 from fgvr import __version__
 from fgvr.errors import KnowledgeBaseError
-from fgvr.io import read_json
+from fgvr.io import json_dumps, read_json
 from fgvr.knowledge_base.integrity import (check_fingerprint, check_manifest, check_tensors, load_descriptions,
                                            load_tensors, seal_manifest)
 
@@ -336,12 +336,12 @@ def save_knowledge_base(kb: KnowledgeBase, out: str | Path) -> Path:
     out = _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     files = {TENSORS_FILE: save(kb.tensors()),
-             DESCRIPTIONS_FILE: (json.dumps(kb.descriptions, indent=2, ensure_ascii=False) + "\n").encode()}
+             DESCRIPTIONS_FILE: (json_dumps(kb.descriptions, indent=2) + "\n").encode()}
     manifest = dict(kb.manifest)
     manifest["checksums"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     manifest["fusion"] = kb.fusion
     seal_manifest(manifest)
-    files[MANIFEST_FILE] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()
+    files[MANIFEST_FILE] = (json_dumps(manifest, indent=2) + "\n").encode()
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

@@ -7,7 +7,8 @@
     GET  /v1/runs...         with --runs: evaluation runs, their confusion matrix, the images of one cell
     GET  /healthz            200 once the models are loaded (503 while loading)
     GET  /metrics            Prometheus text: requests, latency histogram, paths taken, model memory
-    GET  /  and /runs        the pages (plain HTML + JS from fgvr/static, nothing fetched from elsewhere)
+    GET  /openapi.json       the API's schema (request and response models: fgvr.serve.models)
+    GET  /, /runs and /docs  the pages (plain HTML + JS from fgvr/static, nothing fetched from elsewhere)
 
 How a request flows: the body is read under a size limit and a deadline (a slow client gets 408, a large one
 413, before anything is decoded); the image header is checked for its pixel count before a pixel is decoded
@@ -22,7 +23,7 @@ a full queue answers 503 with Retry-After rather than letting memory grow.
 The trigger's threshold is fixed at start: `--threshold`, or a slow-path budget calibrated on the base's
 support set (leave-one-out), as `fgvr classify` does; a single request has no run to take a quantile over.
 
-Safe by default: binds to 127.0.0.1; with `--token` (or FGVR_TOKEN) every /v1 route and /metrics need
+Safe by default: binds to 127.0.0.1 and then answers loopback Host names only (--allowed-host for more); with `--token` (or FGVR_TOKEN) every /v1 route and /metrics need
 `Authorization: Bearer <token>`; binding beyond loopback without a token warns loudly. Files are served only
 from lists the server holds (the base's support list, a run's own results), addressed by index, and always
 decoded and re-encoded: a path never comes from the request.

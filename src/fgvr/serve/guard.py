@@ -1,4 +1,4 @@
-"""The ASGI guard in front of every route: token, body size and read deadline, metrics."""
+"""The ASGI guard in front of every route: Host, token, body size, read deadline and bytes held, metrics."""
 
 from __future__ import annotations
 
@@ -24,13 +24,16 @@ async def _send_json(send: Callable, status: int, obj: Any, headers: list[tuple[
 
 
 class Guard:
-    """Before any route runs: the bearer token (where one is set), then the whole body read under a size
-    limit and a deadline; the route gets the body replayed. Every answer is counted in the metrics."""
+    """Before any route runs: the Host header (a loopback server answers loopback names only), the bearer
+    token (where one is set), then the whole body read under a size limit, a deadline and a cap on the bytes
+    all requests' bodies hold at once; the route gets the body replayed. Every answer is counted in the
+    metrics, under labels from a closed set (a refused request teaches the metrics nothing)."""
 
-    OPEN = ("/healthz", "/", "/runs")  # and /static/*: the pages and their scripts hold no data
+    OPEN = ("/healthz", "/", "/runs", "/docs", "/openapi.json")  # and /static/*: no data in them
 
     def __init__(self, app: Any, service: Service) -> None:
         self.app, self.service = app, service
+        self.held = 0  # bytes of request bodies held now (reserved as they are read), all requests together
 
     def _open(self, path: str) -> bool:
         return path in self.OPEN or path.startswith("/static/")
@@ -46,33 +49,71 @@ class Guard:
                 status[0] = msg["status"]
             await send(msg)
 
+        refused: list[str] = []
         try:
-            await self._handle(scope, receive, send_counted)
+            await self._handle(scope, receive, send_counted, refused)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or ("static" if scope["path"].startswith("/static/") else "other")
-            self.service.metrics.request(scope["method"], label, status[0] or 500, time.perf_counter() - t0)
+            if refused:
+                self.service.metrics.refused(refused[0])
+            else:
+                route = scope.get("route")
+                label = getattr(route, "path", None) or ("static" if scope["path"].startswith("/static/") else "other")
+                self.service.metrics.request(scope["method"], label, status[0] or 500, time.perf_counter() - t0)
 
-    async def _handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def _handle(self, scope: dict, receive: Callable, send: Callable, refused: list[str]) -> None:
         s = self.service.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        close = [(b"connection", b"close")]
+        if s.checks_host and not s.host_allowed(headers.get("host", "")):
+            refused.append("host")
+            host = headers.get("host", "")[:100]
+            return await _send_json(send, 421 if host else 400, {
+                "detail": f"this server does not answer to the Host {host!r}" if host else "no Host header",
+                "hint": "a server on a loopback address answers localhost, 127.0.0.1 and [::1] only; start it "
+                        "with --allowed-host NAME to answer NAME too"}, close)
         if s.token and not self._open(scope["path"]):
             got = headers.get("authorization", "")
             if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), s.token.encode())):
+                refused.append("token")
                 return await _send_json(send, 401, {"detail": "a bearer token is required: send "
                                                               "'Authorization: Bearer <token>'"},
                                         [(b"www-authenticate", b"Bearer")])
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        reserved = [0]
+        try:
+            await self._with_body(scope, receive, send, headers, reserved)
+        finally:
+            self.held -= reserved[0]
+
+    def _reserve(self, reserved: list[int], n: int) -> bool:
+        """Count `n` more bytes of this request's body as held, if the cap on all bodies held allows it."""
+        if self.held + n > self.service.settings.held_cap:
+            return False
+        self.held += n
+        reserved[0] += n
+        return True
+
+    async def _with_body(self, scope: dict, receive: Callable, send: Callable, headers: dict[str, str],
+                         reserved: list[int]) -> None:
+        """Read the body (bounded in size, time and, with every other request's, in bytes held), then run
+        the route with it replayed. A body whose declared length does not fit beside the bodies held now is
+        answered 503 at once; bytes are counted as they arrive (so a slow client holds only what it has
+        sent, not what it promised) and stay counted until the route has answered."""
+        s = self.service.settings
         limit = s.max_batch_body if scope["path"].rstrip("/").endswith("/batch") else s.max_upload_bytes
         too_big = {"detail": f"request body over this server's limit of {limit:,} bytes"}
         close = [(b"connection", b"close")]
+        busy = {"detail": "the server holds as many request bodies as it allows at once; retry shortly"}
+        retry = [*close, (b"retry-after", b"1")]
         try:
             declared = int(headers.get("content-length", "0") or 0)
         except ValueError:
             return await _send_json(send, 400, {"detail": "bad Content-Length header"}, close)
         if declared > limit:
             return await _send_json(send, 413, too_big, close)
+        if self.held + declared > s.held_cap:
+            return await _send_json(send, 503, busy, retry)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.read_timeout_s
         chunks, n = [], 0
@@ -88,6 +129,8 @@ class Guard:
             n += len(body)
             if n > limit:
                 return await _send_json(send, 413, too_big, close)
+            if not self._reserve(reserved, len(body)):
+                return await _send_json(send, 503, busy, retry)
             chunks.append(body)
             if not msg.get("more_body", False):
                 break

@@ -8,6 +8,10 @@ from typing import Any
 
 from fgvr.pipeline import Result
 
+# Methods counted by name; any other (an invented one included) is counted as "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+REFUSALS = ("host", "token")  # requests refused before routing, counted by reason only
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -21,10 +25,13 @@ class Metrics:
         self.images: dict[str, int] = {}
         self.slow_ran = 0
         self.batches = {"encoder": [0, 0], "system2": [0, 0]}  # batches, images
+        self.refusals = dict.fromkeys(REFUSALS, 0)
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered request. `route` must be a route template (or "static"/"other"): the labels come
+        from a closed set, so no request can add a series."""
         with self._lock:
-            key = (method, route, status)
+            key = (method if method in METHODS else "other", route, status)
             self.requests[key] = self.requests.get(key, 0) + 1
             h = self.latency.setdefault(route, [0] * (len(LATENCY_BUCKETS) + 2))
             for i, b in enumerate(LATENCY_BUCKETS):
@@ -32,6 +39,12 @@ class Metrics:
                     h[i] += 1
             h[len(LATENCY_BUCKETS)] += 1
             h[-1] += seconds
+
+    def refused(self, reason: str) -> None:
+        """A request refused before routing (wrong Host, no token): counted by reason, nothing else kept."""
+        with self._lock:
+            if reason in self.refusals:
+                self.refusals[reason] += 1
 
     def result(self, r: Result) -> None:
         with self._lock:
@@ -56,6 +69,9 @@ class Metrics:
                     out.append(f'fgvr_request_duration_seconds_bucket{{route="{route}",le="{b}"}} {n}')
                 out.append(f'fgvr_request_duration_seconds_sum{{route="{route}"}} {h[-1]:.6f}')
                 out.append(f'fgvr_request_duration_seconds_count{{route="{route}"}} {h[len(LATENCY_BUCKETS)]}')
+            out += ["# HELP fgvr_refused_total Requests refused before routing, by reason (host, token).",
+                    "# TYPE fgvr_refused_total counter"]
+            out += [f'fgvr_refused_total{{reason="{r}"}} {n}' for r, n in sorted(self.refusals.items())]
             out += ["# HELP fgvr_images_total Images classified, by the path they took.",
                     "# TYPE fgvr_images_total counter"]
             out += [f'fgvr_images_total{{path="{p}"}} {n}' for p, n in sorted(self.images.items())]

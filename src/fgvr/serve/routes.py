@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from fgvr.data import ImageError
 from fgvr.pipeline import DualSystem
 from fgvr.serve.guard import Guard
+from fgvr.serve import models as m
 from fgvr.serve.metrics import model_memory_lines
 from fgvr.serve.runs import RunBrowser, cell_item
 from fgvr.serve.service import Service
@@ -40,7 +41,14 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
         finally:
             await service.stop()
 
-    api = FastAPI(title="fgvr", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from fgvr import __version__
+
+    # /openapi.json is FastAPI's; /docs is a page of our own that renders it (FastAPI's loads Swagger UI
+    # from a CDN, which this server's pages never do).
+    api = FastAPI(title="fgvr", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json",
+                  description="Training-free fine-grained recognition: System 1 (retrieval) and, where the "
+                              "trigger doubts it, System 2. Records share the CLI's schema (see `schema`).")
     api.state.service = service
     api.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_page_routes(api, service, settings)
@@ -51,6 +59,24 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
     app = Guard(api, service)
     app.state = api.state  # type: ignore[attr-defined]  # so tests and the CLI reach the service
     return app
+
+
+_REFUSALS = {s: {"model": m.Refusal, "description": d} for s, d in (
+    (400, "not an image, truncated, bad base64 or form"), (408, "the body did not arrive in time"),
+    (413, "over a size, pixel or decoded-memory limit"), (415, "neither multipart nor JSON"),
+    (421, "a Host this server does not answer to"), (503, "not ready, a queue full, or too many bodies held"))}
+
+
+def _upload_body(field: str, many: bool) -> dict[str, Any]:
+    """The request body as OpenAPI describes it: multipart file(s), or JSON with base64 image(s)."""
+    b64 = {"type": "string", "description": "base64, optionally a data:image/...;base64, URL"}
+    binary = {"type": "string", "format": "binary"}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": [field], "properties": {
+            field: {"type": "array", "items": binary} if many else binary}}},
+        "application/json": {"schema": {"type": "object", "required": [field], "properties": {
+            field: {"type": "array", "items": b64} if many else b64,
+            **({"names": {"type": "array", "items": {"type": "string"}}} if many else {})}}}}}}
 
 
 def _add_page_routes(api: FastAPI, service: Service, settings: ServeSettings) -> None:
@@ -73,7 +99,11 @@ def _add_page_routes(api: FastAPI, service: Service, settings: ServeSettings) ->
     async def runs_page() -> FileResponse:
         return FileResponse(STATIC / "runs.html", headers=page_headers)
 
-    @api.get("/healthz")
+    @api.get("/docs", include_in_schema=False)
+    async def docs_page() -> FileResponse:
+        return FileResponse(STATIC / "docs.html", headers=page_headers)
+
+    @api.get("/healthz", responses={200: {"model": m.Health}, 503: {"model": m.Health}})
     async def healthz() -> JSONResponse:
         body = {"status": "ready" if service.ready else ("failed" if service.error else "loading"),
                 "auth": bool(settings.token), "uptime_s": round(time.time() - service.started, 1)}
@@ -81,11 +111,11 @@ def _add_page_routes(api: FastAPI, service: Service, settings: ServeSettings) ->
             body["error"] = service.error
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
-    @api.get("/v1/info")
+    @api.get("/v1/info", responses={200: {"model": m.Info}, 503: {"model": m.Refusal}})
     async def info() -> dict:
         return service.info()
 
-    @api.get("/v1/classes")
+    @api.get("/v1/classes", responses={200: {"model": m.Classes}, 503: {"model": m.Refusal}})
     async def classes() -> dict:
         kb = service.require_ready().kb
         return {"classes": [{"id": i, "name": n, "description": (kb.descriptions or {}).get(n) or None,
@@ -97,13 +127,15 @@ def _add_page_routes(api: FastAPI, service: Service, settings: ServeSettings) ->
 def _add_classify_routes(api: FastAPI, service: Service, settings: ServeSettings) -> None:
     """/v1/classify, /v1/classify/batch and the support thumbnails."""
 
-    @api.post("/v1/classify")
+    @api.post("/v1/classify", responses={200: {"model": m.ClassifyResult}, **_REFUSALS},
+              openapi_extra=_upload_body("image", many=False))
     async def classify(request: Request) -> JSONResponse:
         service.require_ready()
         [(data, name)] = await read_images(request, settings, "image", many=False)
         return JSONResponse(await service.classify(data, name))
 
-    @api.post("/v1/classify/batch")
+    @api.post("/v1/classify/batch", responses={200: {"model": m.BatchResult}, **_REFUSALS},
+              openapi_extra=_upload_body("images", many=True))
     async def classify_batch(request: Request) -> JSONResponse:
         service.require_ready()
         images = await read_images(request, settings, "images", many=True)
@@ -138,14 +170,9 @@ def _add_run_routes(api: FastAPI, service: Service) -> None:
             raise UploadError(404, "this server was started without --runs")
         return service.runs
 
-    @api.get("/v1/runs")
+    @api.get("/v1/runs", responses={200: {"model": m.Runs}, 404: {"model": m.Refusal}})
     async def runs() -> dict:
-        out = []
-        for name in _runs().list():
-            s = _runs().summary(name)
-            out.append({"name": name, "n_images": s.get("n_images"), "accuracy": s.get("accuracy"),
-                        "slow_rate": s.get("slow_rate")})
-        return {"runs": out}
+        return _runs().overview()
 
     @api.get("/v1/runs/{name}")
     async def run(name: str) -> dict:

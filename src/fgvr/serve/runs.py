@@ -34,7 +34,30 @@ class RunBrowser:
         return runs[name]
 
     def summary(self, name: str) -> dict[str, Any]:
-        return json.loads((self.get(name) / "summary.json").read_text())
+        """A run's summary.json; one that cannot be read as a JSON object is a 422 naming the run (the
+        other runs stay browsable)."""
+        f = self.get(name) / "summary.json"
+        try:
+            s = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UploadError(422, f"run {name}: summary.json cannot be read ({type(e).__name__}: "
+                                   f"{str(e)[:120]}); rerun `fgvr evaluate` on it") from None
+        if not isinstance(s, dict):
+            raise UploadError(422, f"run {name}: summary.json is not a JSON object; rerun `fgvr evaluate` on it")
+        return s
+
+    def overview(self) -> dict[str, Any]:
+        """Every run's headline numbers, and a warning for each run whose summary cannot be read (skipped)."""
+        out, warnings = [], []
+        for name in self.list():
+            try:
+                s = self.summary(name)
+            except UploadError as e:
+                warnings.append(e.reason)
+                continue
+            out.append({"name": name, "n_images": s.get("n_images"), "accuracy": s.get("accuracy"),
+                        "slow_rate": s.get("slow_rate")})
+        return {"runs": out, **({"warnings": warnings} if warnings else {})}
 
     def records(self, name: str) -> list[ResultRow]:
         from fgvr.records import RESULTS, read_rows
@@ -54,9 +77,9 @@ def cell_item(name: str, i: int, r: ResultRow) -> dict[str, Any]:
         return c.final if c.final is not None else c.fast
 
     t = r.trigger or {}
-    return {"n": i, "file": Path(r.path).name, "label": r.label,
-            "prediction": r.prediction_name, "path_taken": r.path_taken,
+    return {"n": i, "file": Path(r.path).name, "label": r.label, "label_id": r.label_id,
+            "prediction": r.prediction, "prediction_name": r.prediction_name, "path_taken": r.path_taken,
             "confidence": r.confidence, "image": f"/v1/runs/{name}/image/{i}",
             "trigger": {"score": t.get("score"), "threshold": t.get("threshold")},
-            "candidates": [{"label": c.name, "score": score(c), "fast": c.fast, "slow": c.slow}
+            "candidates": [{"id": c.id, "name": c.name, "score": score(c), "fast": c.fast, "slow": c.slow}
                            for c in sorted(r.candidates, key=lambda c: -(score(c) or 0))]}

@@ -36,6 +36,25 @@ def header_deadline_protocol(seconds: float) -> type:
     return HeadDeadlineProtocol
 
 
+def connection_limit(wanted: int) -> int:
+    """Open connections uvicorn allows before it answers 503: `wanted`, within the process's file limit
+    (raised to its hard limit first). Idle and half-open connections count, so the limit is set high and
+    the head and keep-alive deadlines are what free them; a low limit let a few hundred slow clients make
+    the server refuse everyone."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = wanted + 256 if hard == resource.RLIM_INFINITY else min(hard, wanted + 256)
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    except (ImportError, ValueError, OSError):
+        return wanted
+    return max(64, min(wanted, soft - 128))
+
+
 def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, port: int,
           settings: ServeSettings) -> int:
     """Run the server until interrupted (0). When the models cannot be loaded, the server stops and the load
@@ -45,6 +64,9 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
 
     import uvicorn
 
+    import dataclasses
+
+    settings = dataclasses.replace(settings, bind=host)  # the Host check follows the address served on
     warning = loud_warning(host, settings.token)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -58,8 +80,10 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
 
     app = create_app(opener, settings, on_load_error=load_failed)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            http=header_deadline_protocol(settings.read_timeout_s), timeout_keep_alive=5,
-                            limit_concurrency=512, lifespan="on")
+                            http=header_deadline_protocol(settings.head_timeout_s),
+                            timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+                            h11_max_incomplete_event_size=16 * 1024,  # request line + headers
+                            limit_concurrency=connection_limit(settings.max_connections), lifespan="on")
     server = uvicorn.Server(config)
     print(f"fgvr serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (loading the models; "
           f"/healthz says when ready)", file=sys.stderr, flush=True)

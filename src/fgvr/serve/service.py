@@ -22,6 +22,11 @@ from fgvr.serve.upload import decode_upload, thumbnail_jpeg
 
 log = logging.getLogger("fgvr.serve")
 
+# The version of the record the API answers with. Its fields are the CLI's (`fgvr classify`, results.jsonl):
+# `prediction` is the class id, `prediction_name` its name, candidates carry `id` and `name`; the API adds
+# `score`, `support`, `why`, `system2` and `timings_ms`. A change of meaning gets a new version.
+RECORD_SCHEMA = "fgvr.result/2"
+
 
 @dataclass
 class _Query:
@@ -47,7 +52,7 @@ class Service:
         self._decode_sem: asyncio.Semaphore | None = None
         self.encoder_q: MicroBatcher | None = None
         self.slow_q: MicroBatcher | None = None
-        self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._thumbs: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
         self.support: list[dict[str, Any]] = []
         self.support_by_class: dict[int, list[int]] = {}
         self._aligned = False
@@ -163,12 +168,13 @@ class Service:
         cands = []
         for c in r.candidates:
             score = c.final if c.final is not None else c.fast
-            cands.append({"label": c.name, "score": score, "id": c.id, "fast": c.fast, "slow": c.slow,
+            cands.append({"id": c.id, "name": c.name, "score": score, "fast": c.fast, "slow": c.slow,
                           "support": self.support_for(c.id, emb)})
         cands.sort(key=lambda c: -c["score"])
         threshold, score = trig.get("threshold"), trig.get("score")
         out: dict[str, Any] = {
-            "prediction": r.prediction_name, "prediction_id": r.prediction, "confidence": r.confidence,
+            "schema": RECORD_SCHEMA, "prediction": r.prediction, "prediction_name": r.prediction_name,
+            "confidence": r.confidence,
             "path_taken": r.path_taken,
             "why": why(r, getattr(system.slow, "name", None)),
             "trigger": {"score": score, "threshold": threshold, "go_slow": trig.get("go_slow"),
@@ -177,7 +183,8 @@ class Service:
                         "terms": trig.get("u")},
             "candidates": cands,
             "system2": None,
-            "fast_prediction": kb.classes[r.fast_prediction] if r.fast_prediction is not None else None,
+            "fast_prediction": r.fast_prediction,
+            "fast_prediction_name": kb.classes[r.fast_prediction] if r.fast_prediction is not None else None,
             "timings_ms": {k: round(v * 1000, 3) for k, v in {**r.timings, **extra_s}.items()},
             "error": r.error,
         }
@@ -185,7 +192,8 @@ class Service:
             out["system2"] = {"name": getattr(system.slow, "name", type(system.slow).__name__),
                               "ran": r.slow_ran,
                               "question": self.question(r),
-                              "answer": kb.classes[r.slow_prediction] if r.slow_prediction is not None else None,
+                              "answer": own_pick(r),
+                              "decision": kb.classes[r.slow_prediction] if r.slow_prediction is not None else None,
                               "rationale": r.rationale, "rules_used": r.rules_used,
                               "tokens_in": r.slow_tokens_in, "tokens_out": r.slow_tokens_out, "error": r.error}
         return out
@@ -221,7 +229,16 @@ class Service:
         return [{"index": i, "url": f"/v1/support/{i}", "similarity": None} for i in idx[:n]]
 
     def thumbnail(self, kind: str, index: int, file: str) -> bytes:
-        key = (kind, index)
+        """A small JPEG of `file`, cached by the file's identity (path, size, modification time) as well as
+        by what it is shown for: a run rewritten, or a file replaced, is decoded afresh."""
+        import os
+
+        try:
+            st = os.stat(file)
+            ident: tuple[Any, ...] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            ident = ()
+        key = (kind, index, file, *ident)
         if key in self._thumbs:
             self._thumbs.move_to_end(key)
             return self._thumbs[key]
@@ -238,6 +255,13 @@ class Service:
                 "threshold": system.trigger.threshold, "budget": system.trigger.budget, "top_k": system.k,
                 "encoder": getattr(getattr(system.encoder, "spec", None), "name", None),
                 "knowledge_base": str(getattr(kb, "path", "") or ""), "runs": self.runs is not None}
+
+
+def own_pick(r: Result) -> str | None:
+    """System 2's own answer: the candidate it gave the most probability (not the decision, which combines
+    it with System 1's); None where it gave none."""
+    scored = [c for c in r.candidates if c.slow is not None]
+    return max(scored, key=lambda c: c.slow).name if scored else None
 
 
 def why(r: Result, slow_name: str | None) -> str:

@@ -17,6 +17,10 @@ class ServeSettings:
     max_pixels: int = 40_000_000  # width x height from the header; more is refused before decoding
     max_batch_images: int = 16  # images in one /v1/classify/batch request
     read_timeout_s: float = 30.0  # a request body must arrive within this (slow client: 408)
+    head_timeout_s: float = 10.0  # the request line and headers must arrive within this (else: closed)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_held_bytes: int = 96 * 2**20  # request bodies held at once, all clients together; more: 503 at once
+    max_connections: int = 4096  # open connections (idle ones included) before uvicorn answers 503
     encode_batch: int = 4  # encoder micro-batch (CPU: bigger did not lower the cost per image, and costs memory)
     encode_wait_ms: float = 5.0  # longest wait for a micro-batch to fill
     slow_batch: int = 4  # System 2 images per call; one call in flight
@@ -25,10 +29,36 @@ class ServeSettings:
     support_per_candidate: int = 3  # support images shown per candidate (nearest first)
     token: str | None = None
     runs: Path | None = None
+    bind: str = "127.0.0.1"  # the address served on: a loopback one answers loopback Host names only
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones (--allowed-host)
 
     @property
     def max_batch_body(self) -> int:
         return 4 * self.max_upload_bytes
+
+    @property
+    def held_cap(self) -> int:
+        """Bytes of request bodies held at once: at least one largest batch body, so one always fits."""
+        return max(self.max_held_bytes, self.max_batch_body)
+
+    @property
+    def checks_host(self) -> bool:
+        """Whether the Host header is checked: always on a loopback address (a web page's DNS rebinding
+        must not reach it), and wherever --allowed-host names the hosts."""
+        return is_loopback(self.bind) or bool(self.allowed_hosts)
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Whether a request's Host header (`name[:port]`, `[v6][:port]`) names this server: a loopback name
+        or one of `allowed_hosts` (case-insensitive, port ignored)."""
+        name = host_header.strip().lower()
+        if name.startswith("["):
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        name = name.rstrip(".")
+        if not name:
+            return False
+        return is_loopback(name) or name in {h.lower().rstrip(".") for h in self.allowed_hosts}
 
 
 class UploadError(Exception):

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
-from fgvr.data import ImageError, load_image
+from fgvr.data import BYTES_PER_PIXEL_BUDGET, ImageError, decode_bytes, load_image
 from fgvr.serve.settings import ServeSettings, UploadError
 
 _TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -24,7 +24,8 @@ _TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 def check_header(data: bytes, max_pixels: int) -> tuple[int, int]:
     """The image's (width, height) from its header alone; refuses what is not an image or would decode to
-    more than `max_pixels` pixels. PIL's open reads only the header: nothing is decoded here."""
+    more than `max_pixels` pixels, or take more than `max_pixels` x 4 bytes in its decoded mode (a 16-bit
+    or float image counts what it becomes). PIL's open reads only the header: nothing is decoded here."""
     if not data:
         raise UploadError(400, "empty image (0 bytes)")
     try:
@@ -32,6 +33,7 @@ def check_header(data: bytes, max_pixels: int) -> tuple[int, int]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
+                mode = im.mode
     except Image.UnidentifiedImageError:
         raise UploadError(400, "not an image (unknown or unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -41,6 +43,10 @@ def check_header(data: bytes, max_pixels: int) -> tuple[int, int]:
     if w * h > max_pixels:
         raise UploadError(413, f"image is {w}x{h} = {w * h:,} pixels, over this server's limit of "
                                f"{max_pixels:,} (a decompression bomb, or a photo to shrink first)")
+    need, budget = decode_bytes(mode, w, h), max_pixels * BYTES_PER_PIXEL_BUDGET
+    if need > budget:
+        raise UploadError(413, f"image is {w}x{h} in mode {mode}: decoding takes {need:,} bytes, over this "
+                               f"server's budget of {budget:,} (send it as 8-bit RGB, or smaller)")
     return w, h
 
 
@@ -53,7 +59,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         f.write(data)
         f.flush()
         try:
-            return load_image(f.name)
+            return load_image(f.name, max_pixels=max_pixels)
         except ImageError as e:
             raise UploadError(400, e.reason) from None
 

@@ -23,7 +23,7 @@ async function classify(file) {
 }
 
 function show(r) {
-  $("top1").textContent = r.prediction;
+  $("top1").textContent = r.prediction_name;
   $("confidence").textContent = fgvr.pct(r.confidence);
   const path = $("path");
   path.textContent = r.path_taken;
@@ -48,7 +48,7 @@ function show(r) {
     const bar = fgvr.el("div", { class: "bar" + (i === 0 ? " top" : "") });
     bar.style.width = (100 * c.score).toFixed(1) + "%";
     body.append(fgvr.el("tr", { class: i === 0 ? "top" : "" },
-      fgvr.el("td", { class: "label", text: c.label }),
+      fgvr.el("td", { class: "label", text: c.name }),
       fgvr.el("td", { class: "score", text: fgvr.pct(c.score) }),
       fgvr.el("td", { class: "barcell" }, bar),
       fgvr.el("td", { class: "small muted", text: fgvr.pct(c.fast) }),
@@ -61,6 +61,8 @@ function show(r) {
     $("s2-name").textContent = s2.name + (s2.ran ? "" : " (did not answer)");
     $("s2-question").textContent = s2.question || "";
     $("s2-answer").textContent = s2.answer || (s2.error ? "no answer: " + s2.error : "–");
+    $("s2-decision").hidden = !s2.decision;
+    $("s2-combined").textContent = s2.decision || "";
     $("s2-rationale").hidden = !s2.rationale;
     $("s2-rationale").textContent = s2.rationale ? "why: " + s2.rationale : "";
     $("s2-rules").hidden = !(s2.rules_used && s2.rules_used.length);
@@ -72,9 +74,9 @@ function show(r) {
   const support = $("support");
   support.replaceChildren();
   r.candidates.slice(0, 3).forEach(c => {
-    const row = fgvr.el("div", { class: "support-row" }, fgvr.el("div", { class: "support-label", text: c.label }));
+    const row = fgvr.el("div", { class: "support-row" }, fgvr.el("div", { class: "support-label", text: c.name }));
     for (const s of c.support || []) {
-      const img = fgvr.el("img", { alt: c.label + " support image " + s.index, title: s.similarity == null ? "" : "similarity " + fgvr.num(s.similarity) });
+      const img = fgvr.el("img", { alt: c.name + " support image " + s.index, title: s.similarity == null ? "" : "similarity " + fgvr.num(s.similarity) });
       fgvr.image(img, s.url);
       row.append(fgvr.el("figure", {}, img, fgvr.el("figcaption", { class: "small muted", text: s.similarity == null ? "#" + s.index : "sim " + fgvr.num(s.similarity, 2) })));
     }
@@ -86,6 +88,9 @@ function show(r) {
 
 $("file").addEventListener("change", e => { if (e.target.files[0]) classify(e.target.files[0]); });
 const drop = $("drop");
+drop.addEventListener("keydown", e => {  // the drop zone is a button for the keyboard: it opens the file picker
+  if (e.target === drop && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); $("file").click(); }
+});
 drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", e => {

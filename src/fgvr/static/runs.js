@@ -41,7 +41,7 @@ async function showCell(name, t, p, classes) {
     fgvr.image(img, it.image);
     const list = fgvr.el("ol", { class: "small" });
     for (const cand of it.candidates) {
-      list.append(fgvr.el("li", { text: `${cand.label} ${fgvr.pct(cand.score)}` + (cand.slow != null ? ` (S1 ${fgvr.pct(cand.fast)}, S2 ${fgvr.pct(cand.slow)})` : "") }));
+      list.append(fgvr.el("li", { text: `${cand.name} ${fgvr.pct(cand.score)}` + (cand.slow != null ? ` (S1 ${fgvr.pct(cand.fast)}, S2 ${fgvr.pct(cand.slow)})` : "") }));
     }
     box.append(fgvr.el("div", { class: "item" }, img,
       fgvr.el("div", {}, fgvr.el("div", { class: "small", text: it.file }),
