@@ -235,3 +235,271 @@ REPLICAS = {
                                                          "data/images"]),
     "flowers-102": (make_flowers, FLOWERS_NAMES, ["imagelabels.mat", "setid.mat", "jpg"]),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the paper's other six, and CoOp's split files
+
+
+def write_coop(folder: Path, file: str, image_dir: str, items: list[tuple[str, int, str]]) -> None:
+    """CoOp's split_zhou_<Name>.json over `items` ([path under image_dir, class index, class name] for every
+    image, class by class): a re-split unlike the official one (per class: image 0 and the last in test,
+    image 1 in val, the rest in train), so a test can tell which split a reader took."""
+    import json
+
+    by_class: dict[int, list] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(list(item))
+    split = {"train": [], "val": [], "test": []}
+    for rows in by_class.values():
+        split["test"] += [rows[0], rows[-1]]
+        split["val"].append(rows[1])
+        split["train"] += rows[2:-1]
+    (folder / file).write_text(json.dumps(split))
+
+
+COOP_TRAIN_PER_CLASS = TRAIN_PER_CLASS + TEST_PER_CLASS - 3
+COOP_TEST_PER_CLASS = 2
+
+BIRDSNAP_SPECIES = [("1", "Acadian Flycatcher", "Empidonax virescens", "Acadian_Flycatcher"),
+                    ("2", "Chuck-will's-widow", "Antrostomus carolinensis", "Chuck_wills_widow"),
+                    ("3", "Blue Jay", "Cyanocitta cristata", "Blue_Jay")]
+
+
+def make_birdsnap(tmp: Path) -> Path:
+    root = tmp / "birdsnap"
+    root.mkdir(parents=True)
+    (root / "species.txt").write_text("id\tcommon\tscientific\tdir\n" + "".join("\t".join(s) + "\n" for s in BIRDSNAP_SPECIES))
+    images, test = ["url\tmd5\tpath\tspecies_id\tbb_x1\tbb_y1\tbb_x2\tbb_y2"], ["path"]
+    for n, (c, i, train) in enumerate(_split(len(BIRDSNAP_SPECIES)), 1):
+        rel = f"{BIRDSNAP_SPECIES[c][3]}/{1000 + n}.jpg"
+        _image(root / "download" / "images" / rel, c, i)
+        images.append(f"http://farm.example/{n}.jpg\t0\t{rel}\t{BIRDSNAP_SPECIES[c][0]}\t1\t1\t15\t15")
+        if not train:
+            test.append(rel)
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "test_images.txt").write_text("\n".join(test) + "\n")
+    return tmp
+
+
+FOOD_CLASSES = ["apple_pie", "baby_back_ribs", "pho"]
+
+
+def make_food101(tmp: Path) -> Path:
+    root = tmp / "food-101"
+    (root / "meta").mkdir(parents=True)
+    rows, items = {"train": [], "test": []}, []
+    for n, (c, i, train) in enumerate(_split(len(FOOD_CLASSES)), 1):
+        rel = f"{FOOD_CLASSES[c]}/{100000 + n}"
+        _image(root / "images" / f"{rel}.jpg", c, i)
+        rows["train" if train else "test"].append(rel)
+        items.append((f"{rel}.jpg", c, FOOD_CLASSES[c]))
+    (root / "meta" / "classes.txt").write_text("\n".join(FOOD_CLASSES) + "\n")
+    (root / "meta" / "labels.txt").write_text("\n".join(c.replace("_", " ").capitalize() for c in FOOD_CLASSES) + "\n")
+    for split, r in rows.items():
+        (root / "meta" / f"{split}.txt").write_text("\n".join(r) + "\n")
+    write_coop(root, "split_zhou_Food101.json", "images", items)
+    return tmp
+
+
+DTD_CLASSES = ["banded", "blotchy", "zigzagged"]
+
+
+def make_dtd(tmp: Path) -> Path:
+    """Two folds: fold 1 puts images 0-2 in train+val and 3-4 in test; fold 2 the other way round."""
+    root = tmp / "dtd"
+    (root / "labels").mkdir(parents=True)
+    lists: dict[str, list[str]] = {f"{p}{f}": [] for p in ("train", "val", "test") for f in (1, 2)}
+    items = []
+    for c, i, train in _split(len(DTD_CLASSES)):
+        rel = f"{DTD_CLASSES[c]}/{DTD_CLASSES[c]}_{i:04d}.jpg"
+        _image(root / "images" / rel, c, i)
+        lists[("train1" if i < 2 else "val1") if train else "test1"].append(rel)
+        lists[("train2" if i >= 3 else "val2") if i >= 2 else "test2"].append(rel)
+        items.append((rel, c, DTD_CLASSES[c]))
+    for name, r in lists.items():
+        (root / "labels" / f"{name}.txt").write_text("\n".join(r) + "\n")
+    write_coop(root, "split_zhou_DescribableTextures.json", "images", items)
+    return tmp
+
+
+SUN_CLASSES = ["/a/abbey", "/b/bakery/shop", "/a/apartment_building/outdoor"]
+SUN_NAMES = ["abbey", "shop bakery", "outdoor apartment building"]
+
+
+def make_sun397(tmp: Path) -> Path:
+    root = tmp / "sun397"
+    (root / "SUN397").mkdir(parents=True)
+    rows, items = {"Training_01": [], "Testing_01": []}, []
+    for n, (c, i, train) in enumerate(_split(len(SUN_CLASSES)), 1):
+        rel = f"{SUN_CLASSES[c].strip('/')}/sun_{n:04d}.jpg"
+        _image(root / "SUN397" / rel, c, i)
+        rows["Training_01" if train else "Testing_01"].append("/" + rel)
+        items.append((rel, c, SUN_NAMES[c]))
+    (root / "ClassName.txt").write_text("\n".join(SUN_CLASSES) + "\n")
+    for name, r in rows.items():
+        (root / f"{name}.txt").write_text("\n".join(r) + "\n")
+    write_coop(root, "split_zhou_SUN397.json", "SUN397", items)
+    return tmp
+
+
+UCF_ACTIONS = ["ApplyEyeMakeup", "Basketball", "YoYo"]
+UCF_NAMES = ["Apply Eye Makeup", "Basketball", "Yo Yo"]
+
+
+def make_ucf101(tmp: Path) -> Path:
+    root = tmp / "ucf101"
+    (root / "ucfTrainTestlist").mkdir(parents=True)
+    rows, items = {"trainlist01": [], "testlist01": []}, []
+    for c, i, train in _split(len(UCF_ACTIONS)):
+        video = f"v_{UCF_ACTIONS[c]}_g{i + 1:02d}_c01"
+        folder = UCF_NAMES[c].replace(" ", "_")
+        _image(root / "UCF-101-midframes" / folder / f"{video}.jpg", c, i)
+        rows["trainlist01" if train else "testlist01"].append(
+            f"{UCF_ACTIONS[c]}/{video}.avi" + (f" {c + 1}" if train else ""))
+        items.append((f"{folder}/{video}.jpg", c, folder))
+    (root / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{c + 1} {a}\n" for c, a in enumerate(UCF_ACTIONS)))
+    for name, r in rows.items():
+        (root / "ucfTrainTestlist" / f"{name}.txt").write_text("\n".join(r) + "\n")
+    write_coop(root, "split_zhou_UCF101.json", "UCF-101-midframes", items)
+    return tmp
+
+
+IMAGENET = [("n01440764", "tench, Tinca tinca"), ("n02012849", "crane"), ("n03126707", "crane")]
+IMAGENET_NAMES = ["tench", "crane (n02012849)", "crane (n03126707)"]
+
+
+def _imagenet_train(root: Path) -> list[tuple[int, int, str]]:
+    val = []
+    for n, (c, i, train) in enumerate(_split(len(IMAGENET)), 1):
+        wnid = IMAGENET[c][0]
+        if train:
+            _image(root / "train" / wnid / f"{wnid}_{n}.JPEG", c, i)
+        else:
+            val.append((c, i, wnid))
+    return val
+
+
+def make_imagenet_devkit(tmp: Path) -> Path:
+    """The raw archives: train/<wnid>/, a flat val/ and the devkit's meta.mat + ground truth."""
+    root = tmp / "imagenet"
+    val = _imagenet_train(root)
+    truth = []
+    for n, (c, i, _) in enumerate(val, 1):
+        _image(root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG", c, i)
+        truth.append(str(c + 1))
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children"]
+    syn = np.zeros((len(IMAGENET) + 1, 1), dtype=[(f, object) for f in fields])
+    for k, (wnid, words) in enumerate(IMAGENET + [("n00001740", "entity")]):
+        syn[k, 0]["ILSVRC2012_ID"] = np.array([[k + 1]], dtype=np.uint16)
+        syn[k, 0]["WNID"], syn[k, 0]["words"], syn[k, 0]["gloss"] = wnid, words, "a gloss"
+        syn[k, 0]["num_children"] = np.array([[0 if k < len(IMAGENET) else 3]], dtype=np.uint16)
+    savemat(data / "meta.mat", {"synsets": syn})
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(truth) + "\n")
+    return tmp
+
+
+def make_imagenet_folders(tmp: Path) -> Path:
+    """torchvision's / CoOp's: train/<wnid>/ and val/<wnid>/, CoOp's classnames.txt beside images/."""
+    root = tmp / "imagenet"
+    val = _imagenet_train(root / "images")
+    for n, (c, i, wnid) in enumerate(val, 1):
+        _image(root / "images" / "val" / wnid / f"ILSVRC2012_val_{n:08d}.JPEG", c, i)
+    (root / "classnames.txt").write_text("".join(f"{w} {n}\n" for (w, _), n in zip(IMAGENET, IMAGENET_NAMES)))
+    return tmp
+
+
+def make_imagenet_kaggle(tmp: Path) -> Path:
+    root = tmp / "imagenet"
+    val = _imagenet_train(root / "ILSVRC" / "Data" / "CLS-LOC")
+    sol = ["ImageId,PredictionString"]
+    for n, (c, i, wnid) in enumerate(val, 1):
+        _image(root / "ILSVRC" / "Data" / "CLS-LOC" / "val" / f"ILSVRC2012_val_{n:08d}.JPEG", c, i)
+        sol.append(f"ILSVRC2012_val_{n:08d},{wnid} 1 1 15 15")
+    (root / "LOC_val_solution.csv").write_text("\n".join(sol) + "\n")
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {s}\n" for w, s in IMAGENET))
+    return tmp
+
+
+EUROSAT = [("AnnualCrop", "Annual Crop Land"), ("Forest", "Forest"), ("SeaLake", "Sea or Lake")]
+CALTECH = [("accordion", "accordion"), ("airplanes", "airplane"), ("Faces", "face")]
+
+
+def _folders_with_coop(tmp: Path, folder: str, image_dir: str, file: str, classes: list[tuple[str, str]]) -> Path:
+    root = tmp / folder
+    items = []
+    for c, i, _ in _split(len(classes)):
+        rel = f"{classes[c][0]}/{classes[c][0]}_{i + 1}.jpg"
+        _image(root / image_dir / rel, c, i)
+        items.append((rel, c, classes[c][1]))
+    write_coop(root, file, image_dir, items)
+    return tmp
+
+
+def make_eurosat(tmp: Path) -> Path:
+    return _folders_with_coop(tmp, "eurosat", "2750", "split_zhou_EuroSAT.json", EUROSAT)
+
+
+def make_caltech101(tmp: Path) -> Path:
+    return _folders_with_coop(tmp, "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", CALTECH)
+
+
+def _with_coop(builder, folder: str, file: str, image_dir: str, names: list[str]):
+    """A replica of the official layout plus CoOp's split file over its images (as CoOp's folder holds it)."""
+    def build(tmp: Path) -> Path:
+        root = builder(tmp)
+        base = next(p for p in (root, root / folder) if p.is_dir() and (p / image_dir if image_dir else p).is_dir()
+                    and p.name == folder)
+        images = base / image_dir if image_dir else base
+        paths = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))
+        write_coop(base, file, image_dir, [(p, c, names[c]) for c in range(len(names)) for p in paths
+                                           if _colour_class(images / p) == c])
+        return root
+    return build
+
+
+def _colour_class(path: Path) -> int:
+    from PIL import Image
+
+    mean = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).mean(0)
+    return next(c for c, col in enumerate(COLOURS) if int(np.argmax(col)) == int(np.argmax(mean)))
+
+
+REPLICAS.update({
+    "birdsnap": (make_birdsnap, [s[1] for s in BIRDSNAP_SPECIES], ["birdsnap/species.txt", "birdsnap/images.txt",
+                                                                    "birdsnap/test_images.txt", "birdsnap/download"]),
+    "food-101": (make_food101, [c.replace("_", " ") for c in FOOD_CLASSES],
+                 ["food-101/meta/classes.txt", "food-101/meta/train.txt", "food-101/meta/test.txt", "food-101/images"]),
+    "dtd": (make_dtd, DTD_CLASSES, ["dtd/labels/train1.txt", "dtd/labels/val1.txt", "dtd/labels/test1.txt",
+                                    "dtd/images", "dtd/labels"]),
+    "imagenet-1k": (make_imagenet_devkit, IMAGENET_NAMES,
+                    ["imagenet/train", "imagenet/val", "imagenet/ILSVRC2012_devkit_t12/data/meta.mat",
+                     "imagenet/ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"]),
+    "imagenet-1k/folders": (make_imagenet_folders, IMAGENET_NAMES,
+                            ["imagenet/images/train", "imagenet/images/val", "imagenet/classnames.txt"]),
+    "imagenet-1k/kaggle": (make_imagenet_kaggle, IMAGENET_NAMES, ["imagenet/LOC_val_solution.csv",
+                                                                  "imagenet/LOC_synset_mapping.txt"]),
+    "sun397": (make_sun397, SUN_NAMES, ["sun397/ClassName.txt", "sun397/Training_01.txt", "sun397/Testing_01.txt",
+                                        "sun397/SUN397"]),
+    "ucf101": (make_ucf101, UCF_NAMES, ["ucf101/UCF-101-midframes", "ucf101/ucfTrainTestlist/classInd.txt",
+                                        "ucf101/ucfTrainTestlist/trainlist01.txt",
+                                        "ucf101/ucfTrainTestlist/testlist01.txt"]),
+})
+
+# name -> (builder of a root holding CoOp's split file, readable class names); the official replicas of the
+# datasets CoOp re-split get the file written over their images
+COOP = {
+    "oxford-pets": (_with_coop(make_pets, "oxford-iiit-pet", "split_zhou_OxfordPets.json", "images", PETS_IDS), PETS_NAMES),
+    "flowers-102": (_with_coop(make_flowers, "flowers", "split_zhou_OxfordFlowers.json", "jpg", FLOWERS_NAMES),
+                    FLOWERS_NAMES),
+    "stanford-cars": (_with_coop(make_cars_devkit, "stanford_cars", "split_zhou_StanfordCars.json", "", CARS_NAMES),
+                      CARS_NAMES),
+    "food-101": (make_food101, [c.replace("_", " ") for c in FOOD_CLASSES]),
+    "dtd": (make_dtd, DTD_CLASSES),
+    "sun397": (make_sun397, SUN_NAMES),
+    "ucf101": (make_ucf101, UCF_NAMES),
+    "eurosat": (make_eurosat, [n for _, n in EUROSAT]),
+    "caltech-101": (make_caltech101, [n for _, n in CALTECH]),
+}

@@ -16,7 +16,7 @@ from fgvr.bench import (BenchError, BenchTable, CellResult, bootstrap_interval, 
                         run_bench, summarise_cells, t_interval)
 from fgvr.cli import cli
 
-ALL = [*R.REPLICAS, "fashion-mnist"]
+ALL = [*(n for n in R.REPLICAS if not n.startswith("imagenet-1k/")), "fashion-mnist"]
 
 
 def _root(name: str, tmp: Path) -> Path:
@@ -219,3 +219,22 @@ def test_bench_refuses_silly_options_before_any_work(tmp_path, option):
                                    "--out", str(tmp_path / "bench"), *option])
     assert res.exit_code == 2, res.output
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_suite_one_row_per_dataset_with_its_split_and_the_mean(tmp_path):
+    """--datasets over one root: a row per dataset (split named), the mean row; a coop split from its file."""
+    root = tmp_path / "data"
+    R.make_cub(root)
+    R.make_eurosat(root)
+    out = tmp_path / "suite"
+    res = CliRunner().invoke(cli, ["bench", "--datasets", "cub-200-2011,eurosat:coop", "--root", str(root),
+                                   "--shots", "1", "--seeds", "0,1", "--no-reports", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table = json.loads((out / "table.json").read_text())
+    assert [d["split"] for d in table["datasets"]] == ["official", "coop: split_zhou_EuroSAT.json"]
+    per = [d["summary"]["1"]["system1"]["mean"] for d in table["datasets"]]
+    assert table["mean"]["1"]["system1"]["mean"] == pytest.approx(sum(per) / 2)
+    assert "| CUB-200-2011 | official | 6 |" in res.output and "| EuroSAT | coop: split_zhou_EuroSAT.json | 6 |" in res.output
+    assert "| **mean of 2** |" in res.output and "--datasets cub-200-2011,eurosat:coop" in res.output
+    bench = json.loads((out / "eurosat" / "bench.json").read_text())
+    assert bench["settings"]["split"] == "coop: split_zhou_EuroSAT.json"

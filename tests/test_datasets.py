@@ -14,8 +14,11 @@ from scipy.io import savemat
 import dataset_replicas as R
 from fgvr.cli import cli
 from fgvr.data import DataError
-from fgvr.datasets import (DATASETS, FLOWERS_102_CLASSES, DatasetLayoutError, cub_class_name, dataset_info,
-                           dogs_class_name, load_splits, pets_class_name)
+from fgvr.datasets import DatasetLayoutError, all_datasets, dataset_info, load_splits, readme_table
+from fgvr.datasets.cub import cub_class_name
+from fgvr.datasets.dogs import dogs_class_name
+from fgvr.datasets.flowers import FLOWERS_102_CLASSES
+from fgvr.datasets.pets import pets_class_name
 
 
 def _build(name: str, tmp_path: Path) -> Path:
@@ -59,7 +62,7 @@ def test_each_missing_file_is_one_clear_error(name, tmp_path):
         assert "Expected the layout" in msg and dataset_info(name.split("/")[0]).published in msg
 
 
-@pytest.mark.parametrize("name", list(R.REPLICAS))
+@pytest.mark.parametrize("name", [n for n in R.REPLICAS if n not in ("birdsnap", "imagenet-1k/folders")])  # no list there
 def test_an_image_missing_from_disk_is_counted_and_named(name, tmp_path):
     root = _build(name, tmp_path)
     victim = sorted(load_splits(name.split("/")[0], root).test.samples, key=lambda x: str(x.path))[0].path
@@ -74,8 +77,8 @@ def test_wrong_root_and_unknown_names(tmp_path):
         load_splits("cub", tmp_path)
     with pytest.raises(DatasetLayoutError, match="is not a folder"):
         load_splits("oxford-pets", tmp_path / "nowhere")
-    with pytest.raises(DataError, match="unknown dataset 'imagenet'.*cub-200-2011"):
-        dataset_info("imagenet")
+    with pytest.raises(DataError, match="unknown dataset 'imagenet-21k'.*cub-200-2011"):
+        dataset_info("imagenet-21k")
     assert dataset_info("CUB").name == "cub-200-2011" and dataset_info("Flowers_102").name == "flowers-102"
     assert dataset_info("cars").name == "stanford-cars" and dataset_info("pets").name == "oxford-pets"
 
@@ -179,7 +182,7 @@ def test_fashion_mnist_writes_only_the_images_asked_for(tmp_path):
 def test_bench_list_and_missing_root(tmp_path):
     r = CliRunner().invoke(cli, ["bench", "--list"])
     assert r.exit_code == 0
-    for info in DATASETS.values():
+    for info in all_datasets():
         assert info.name in r.output and info.published in r.output
     r = CliRunner().invoke(cli, ["bench", "cub", "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "--root DIR is required for cub-200-2011" in r.output
@@ -197,3 +200,109 @@ def test_a_file_that_is_not_a_mat_file(tmp_path):
     with pytest.raises(DatasetLayoutError, match="setid.mat not found") as e:
         load_splits("flowers-102", root)
     assert "readable" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CoOp's split files, folds, partial downloads, the generated listings
+
+
+def _coop_lists(root: Path, info) -> dict:
+    import json
+
+    base = next(p for p in (root, *(root / f for f in info.folders)) if (p / info.coop.file).is_file())
+    images = base / info.coop.image_dir if info.coop.image_dir else base
+    split = json.loads((base / info.coop.file).read_text())
+    return {part: [(images / rel, name.replace("_", " ")) for rel, _, name in split[part]] for part in split}
+
+
+@pytest.mark.parametrize("name", list(R.COOP))
+def test_coop_split_reads_exactly_the_split_file(name, tmp_path):
+    build, names = R.COOP[name]
+    root = build(tmp_path)
+    s = load_splits(name, root, split="coop")
+    info = dataset_info(name)
+    lists = _coop_lists(root, info)
+    assert s.split == f"coop: {info.coop.file}"
+    assert [(x.path, x.label) for x in s.test.samples] == lists["test"]  # exactly CoOp's test list, in order
+    assert [(x.path, x.label) for x in s.train.samples] == lists["train"]  # val is not drawn from
+    assert s.train.classes == sorted(names) == s.test.classes
+    assert len(s.test.samples) == len(names) * R.COOP_TEST_PER_CLASS
+    assert all(x.path.is_file() for x in s.train.samples + s.test.samples)
+    # the file missing: one error naming it; a file that is not JSON: one error too
+    (lists["test"][0][0]).unlink()
+    with pytest.raises(DatasetLayoutError, match=r"1 of the \d+ images listed in .*test are not on disk"):
+        load_splits(name, root, split="coop")
+    coop_file = next(p for p in root.rglob(info.coop.file))
+    coop_file.write_text("<html>")
+    with pytest.raises(DatasetLayoutError, match=f"{info.coop.file} is not a readable JSON file"):
+        load_splits(name, root, split="coop")
+    coop_file.unlink()
+    with pytest.raises(DatasetLayoutError, match=f"{info.coop.file} not found"):
+        load_splits(name, root, split="coop")
+
+
+@pytest.mark.parametrize("name", [n for n in R.REPLICAS if "/" not in n and n not in R.COOP])
+def test_official_test_list_is_exactly_the_publishers(name, tmp_path):
+    """The test images are the official test list's, one for one (the replicas' lists name them in order)."""
+    root = R.REPLICAS[name][0](tmp_path)
+    s = load_splits(name, root)
+    assert len(s.test.samples) == len(set(x.path for x in s.test.samples)) == len(R.REPLICAS[name][1]) * R.TEST_PER_CLASS
+    assert s.test_missing == 0 and s.test_listed == len(s.test.samples) and s.split == "official"
+
+
+def test_split_errors_are_one_line(tmp_path):
+    with pytest.raises(DataError, match="Stanford Dogs has no CoOp split file.*use --split official"):
+        load_splits("stanford-dogs", tmp_path, split="coop")
+    with pytest.raises(DataError, match="EuroSAT publishes no train/test split: use --split coop with split_zhou_EuroSAT.json"):
+        load_splits("eurosat", tmp_path)
+    with pytest.raises(DataError, match="--fold applies only"):
+        load_splits("cub", tmp_path, fold=2)
+    with pytest.raises(DataError, match="--split 'zhou'"):
+        load_splits("cub", tmp_path, split="zhou")
+
+
+def test_dtd_folds_are_named_and_differ(tmp_path):
+    root = R.make_dtd(tmp_path)
+    one, two = load_splits("dtd", root), load_splits("dtd", root, fold=2)
+    assert one.split == "official, fold 1" and two.split == "official, fold 2"
+    assert {x.path.name for x in two.test.samples} == {f"{c}_{i:04d}.jpg" for c in R.DTD_CLASSES for i in (0, 1)}
+    assert not {x.path for x in one.test.samples} & {x.path for x in two.test.samples}
+    with pytest.raises(DatasetLayoutError, match="--fold 11 is outside 1..10"):
+        load_splits("dtd", root, fold=11)
+    with pytest.raises(DatasetLayoutError, match="train3.txt not found"):
+        load_splits("dtd", root, fold=3)
+
+
+def test_birdsnap_partial_download_is_read_and_counted(tmp_path):
+    root = R.make_birdsnap(tmp_path)
+    s = load_splits("birdsnap", root)
+    assert (s.test_listed, s.test_missing, len(s.test.samples)) == (6, 0, 6)
+    victims = [s.test.samples[0].path, s.train.samples[0].path, s.train.samples[1].path]
+    for v in victims:
+        v.unlink()
+    s = load_splits("birdsnap", root)
+    assert (s.test_listed, s.test_missing, len(s.test.samples)) == (6, 1, 5)
+    assert s.train_missing == 2 and len(s.train.samples) == 7
+    assert "5 of 6 on disk (1 missing)" in s.note
+    for x in s.test.samples:
+        x.path.unlink()
+    with pytest.raises(DatasetLayoutError, match="none of the 6 images of test_images.txt"):
+        load_splits("birdsnap", root)
+
+
+def test_imagenet_names_are_readable_and_unique(tmp_path):
+    for build in (R.make_imagenet_devkit, R.make_imagenet_kaggle, R.make_imagenet_folders):
+        s = load_splits("imagenet-1k", build(tmp_path / build.__name__))
+        assert s.test.classes == sorted(R.IMAGENET_NAMES), build.__name__
+        assert len(s.test.samples) == 6 and {x.path.suffix for x in s.test.samples} == {".JPEG"}
+
+
+def test_every_declaration_is_listed_and_the_readme_table_is_generated():
+    names = [d.name for d in all_datasets()]
+    paper = ["stanford-dogs", "flowers-102", "cub-200-2011", "stanford-cars", "oxford-pets", "fgvc-aircraft",
+             "birdsnap", "food-101", "dtd", "imagenet-1k", "sun397", "ucf101"]
+    assert names[:12] == paper and set(names[12:]) == {"eurosat", "caltech-101", "fashion-mnist"}
+    r = CliRunner().invoke(cli, ["bench", "--help"])
+    assert r.exit_code == 0 and all(n in r.output for n in names)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert readme_table() in readme, "README's dataset table is stale: run scripts/dataset_table.py"

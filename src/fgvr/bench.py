@@ -2,15 +2,19 @@
 
     fgvr bench cub-200-2011 --root /data/CUB_200_2011 --shots 1,5,16 --seeds 0,1,2 --reranker --out bench-cub
 
-For every (k, seed) cell: a k-shot knowledge base drawn with `seed` from the dataset's official TRAIN split,
-then the dual system evaluated on its official TEST split (the same test images for every cell, so cells
+For every (k, seed) cell: a k-shot knowledge base drawn with `seed` from the dataset's TRAIN split, then the
+dual system evaluated on its TEST split (the same test images for every cell, so cells
 compare pairwise). Then one table, rows = methods, columns = k, each entry the mean over seeds ± the 95%
 t-interval over seeds, in the form papers print; below it every run with a 95% bootstrap interval over its
 test images, and the paired difference dual − System 1. Exact match on class ids, always.
 
 What lands under OUT:
 
-* `data/train.csv`, `data/test.csv`: the official splits as `path,label` manifests (`--limit N`: the test
+The split is the publisher's (`--split official`, the default; `--fold N` where it comes in folds) or CoOp's
+re-split file (`--split coop`); every table and bench.json name it. Several datasets at once, one table with
+a row per dataset and the mean: `fgvr.bench_suite`.
+
+* `data/train.csv`, `data/test.csv`: the splits as `path,label` manifests (`--limit N`: the test
   manifest holds the N images evaluated, a seeded round-robin over classes). The cells are built from these
   files with the public functions `fgvr build-kb` and `fgvr evaluate` call, so the per-cell commands printed
   under the table are the same computation.
@@ -194,6 +198,15 @@ def _ci(v: float, ci: tuple[float, float], signed: bool = False) -> str:
     return f"{f.format(100 * v)} [{f.format(100 * ci[0])}, {f.format(100 * ci[1])}]"
 
 
+def missing_words(settings: dict[str, Any]) -> str:
+    """What a table says when the test list names images that are not on disk (a partial Birdsnap)."""
+    missing = settings.get("test_images_missing") or 0
+    if not missing:
+        return ""
+    return (f" ({missing:,} of the {settings['test_images_listed']:,} listed test images are not on disk and "
+            "are not evaluated)")
+
+
 def method_names(settings: dict[str, Any]) -> dict[str, str]:
     s2 = settings["system2"]
     s2_name = "visual re-ranker" if s2 == "reranker" else ("none" if s2 == "none" else settings.get("vlm_name", "VLM"))
@@ -216,13 +229,14 @@ def format_table(t: BenchTable) -> str:
         rows.append("| dual − System 1 (paired, points) | "
                     + " | ".join(_pm(t.summary[str(k)]["delta"], signed=True) for k in ks) + " |")
     rows.append("| slow-path rate (%) | " + " | ".join(_pm(t.summary[str(k)]["slow_rate"]) for k in ks) + " |")
-    limit = (f"{n_test:,} of the {s['test_images_official']:,} official test images (`--limit {s['limit']}`: a "
-             "seeded round-robin over classes)" if s["limit"] is not None else f"all {n_test:,} official test images")
+    split = s.get("split", "official")
+    limit = (f"{n_test:,} of the {s['test_images_official']:,} test images (`--limit {s['limit']}`: a "
+             "seeded round-robin over classes)" if s["limit"] is not None else f"all {n_test:,} test images")
     lines = [
-        f"## {t.title}: k-shot top-1 accuracy (%)",
+        f"## {t.title} ({split} split): k-shot top-1 accuracy (%)",
         "",
-        f"{s['classes']} classes; knowledge base from the official train split ({s['train_images']:,} images), "
-        f"{limit}; encoder {s['encoder_name']}; seeds {', '.join(map(str, t.seeds))} for every k; entries are "
+        f"{s['classes']} classes; split: {split}; knowledge base from its train split ({s['train_images']:,} "
+        f"images), {limit}{missing_words(s)}; encoder {s['encoder_name']}; seeds {', '.join(map(str, t.seeds))} for every k; entries are "
         f"mean ± 95% t-interval over seeds (exact match on class ids)."
         + f" The trigger's threshold is the {1 - s['slow_budget']:g} quantile of the test images' own trigger "
           "scores (unlabelled: `fgvr evaluate --calibrate run`), so the slow-path rate meets the budget."
@@ -292,12 +306,18 @@ def _with_cache(options: Any, cache_dir: Path | None) -> Any:
     return replace(options, cache_dir=cache_dir)
 
 
+def split_options(split: str = "official", fold: int | None = None) -> list[str]:
+    """The words of `fgvr bench` that choose this split (none for the default)."""
+    return [*(["--split", split] if split != "official" else []), *(["--fold", str(fold)] if fold is not None else [])]
+
+
 def bench_command(dataset: str, root: str | None, out: str | Path, shots: Sequence[int], seeds: Sequence[int],
-                  extra: Sequence[str]) -> str:
+                  extra: Sequence[str], split: str = "official", fold: int | None = None) -> str:
     """The one command that (re)produces this table: running it again resumes or reuses every cell."""
     args = ["fgvr", "bench", dataset]
     if root is not None:
         args += ["--root", str(root)]
+    args += split_options(split, fold)
     args += ["--shots", ",".join(map(str, shots)), "--seeds", ",".join(map(str, seeds)), *extra, "--out", str(out)]
     return shlex.join(args)
 
@@ -307,6 +327,8 @@ def run_bench(
     out: str | Path,
     *,
     root: str | Path | None = None,
+    split: str = "official",
+    fold: int | None = None,
     shots: Sequence[int] = DEFAULT_SHOTS,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     encoder: str = "efficientnet-lite0",
@@ -327,7 +349,8 @@ def run_bench(
     or a served VLM's URL, opened with `vlm_options` (a `fgvr.backends.BackendOptions`): System 2, and class
     descriptions in the base when the encoder has a text tower.
     `cli_args`: the options to print in the commands besides those named here (VLM loading options).
-    `reports`: write each cell's report.md and plots (what `fgvr evaluate` writes; the table does not need them)."""
+    `reports`: write each cell's report.md and plots (what `fgvr evaluate` writes; the table does not need them).
+    `split`/`fold`: which split of the dataset (`fgvr.datasets.load_splits`); tables and bench.json name it."""
     from fgvr.datasets import dataset_info
 
     shots, seeds = sorted(set(int(k) for k in shots)), sorted(set(int(s) for s in seeds))
@@ -348,7 +371,7 @@ def run_bench(
     with output_lock(out, "bench"), warnings.catch_warnings():  # one bench writes into OUT at a time
         # the manifests under OUT/data name the dataset's own files by absolute path, on purpose
         warnings.filterwarnings("ignore", message=r".*lead outside its folder", category=ManifestWarning)
-        o = dict(root=root, shots=shots, seeds=seeds, encoder=encoder, vlm=vlm, reranker=reranker,
+        o = dict(root=root, split=split, fold=fold, shots=shots, seeds=seeds, encoder=encoder, vlm=vlm, reranker=reranker,
                  slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight, device=device,
                  batch_size=batch_size, vlm_options=vlm_options, cli_args=list(cli_args), reports=reports,
                  progress=progress)
@@ -399,13 +422,14 @@ class _Bench:
 
 
 def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
-    """The official splits -> OUT/data manifests (test: the evaluated images), the settings check, bench.json."""
+    """The dataset's splits -> OUT/data manifests (test: the evaluated images), the settings check, bench.json."""
     from fgvr.backends import is_served, open_backend
     from fgvr.datasets import load_splits
     from fgvr.evaluate import plan
     from fgvr.models.spec import ModelSpec, parse_spec
 
-    splits = load_splits(info.name, o["root"], cache_dir=(out / "data" / "images").resolve())
+    splits = load_splits(info.name, o["root"], split=o["split"], fold=o["fold"],
+                         cache_dir=(out / "data" / "images").resolve())
     items, _ = plan(splits.test, splits.test.classes, o["limit"])
     test = sorted((Sample(Path(p), label) for p, label, _ in items), key=lambda s: str(s.path))
     train = sorted((Sample(s.path.resolve(), s.label) for s in splits.train.samples), key=lambda s: str(s.path))
@@ -417,7 +441,7 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     # a server that does not answer is one clear error before any work (and it writes the descriptions)
     served_backend = open_backend(vlm, _with_cache(o["vlm_options"], None)) if served else None
     settings = {
-        "dataset": info.name, "root": str(splits.root.resolve()),
+        "dataset": info.name, "root": str(splits.root.resolve()), "split": splits.split,
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
         "system2": "reranker" if o["reranker"] else ("vlm" if vlm else "none"),
         "vlm": (f"{vlm} model={getattr(o['vlm_options'], 'model', None)}" if served
@@ -426,7 +450,8 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
         "kb_descriptions": bool(vlm) and enc_spec.family in TEXT_FAMILIES,
         "slow_budget": float(o["slow_budget"]), "top_k": int(o["top_k"]), "weight": float(o["weight"]),
         "limit": o["limit"], "classes": len(splits.train.classes), "train_images": len(train),
-        "test_images_official": len(splits.test.samples),
+        "test_images_official": len(splits.test.samples), "test_images_listed": splits.test_listed,
+        "test_images_missing": splits.test_missing,
         "train_sha256": hashlib.sha256(train_bytes).hexdigest(), "test_sha256": hashlib.sha256(test_bytes).hexdigest(),
     }
     bench_file = out / "bench.json"
@@ -444,7 +469,8 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     eval_opts = _evaluate_options(o, vlm_word)
     command = bench_command(info.name, None if o["root"] is None else str(o["root"]), out, o["shots"], o["seeds"],
                             [*(["--encoder", o["encoder"]] if o["encoder"] != "efficientnet-lite0" else []),
-                             *eval_opts, *(["--limit", str(o["limit"])] if o["limit"] is not None else [])])
+                             *eval_opts, *(["--limit", str(o["limit"])] if o["limit"] is not None else [])],
+                            split=o["split"], fold=o["fold"])
     invocation = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
                   "cells_run": [], "cells_reused": []}
     state = {"settings": settings, "invocations": state["invocations"] + [invocation]}
@@ -453,7 +479,8 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
                settings=settings, enc_spec=enc_spec, vlm_spec=vlm_spec, served_backend=served_backend,
                describe=settings["kb_descriptions"], vlm_word=vlm_word, eval_opts=eval_opts, command=command,
                bench_file=bench_file, state=state, invocation=invocation)
-    b.say(f"{info.title}: {len(train):,} train / {len(test):,} test images, {len(splits.train.classes)} classes; "
+    b.say(f"{info.title} ({splits.split}): {len(train):,} train / {len(test):,} test images{missing_words(settings)}, "
+          f"{len(splits.train.classes)} classes; "
           f"{len(o['shots']) * len(o['seeds'])} cell(s) under {out}")
     return b
 

@@ -827,10 +827,42 @@ def _list_datasets(ctx, param, value) -> None:
         ctx.exit()
 
 
-@cli.command()
-@click.argument("dataset")
+class _BenchCommand(click.Command):
+    """`fgvr bench`: its help names the datasets the package declares (read when help is shown, not at import)."""
+
+    def format_help_text(self, ctx, formatter) -> None:
+        from fgvr.datasets import bench_help
+
+        self.help = (self.help or "").replace("{datasets}", bench_help())
+        super().format_help_text(ctx, formatter)
+
+
+def _dataset_list(ctx, param, value: str | None) -> list[tuple[str, str | None]] | None:
+    """`a,b:coop,c` -> [(a, None), (b, "coop"), (c, None)]: a dataset may name its own split."""
+    if value is None:
+        return None
+    out = []
+    for word in (w.strip() for w in value.split(",")):
+        if word:
+            name, _, split = word.partition(":")
+            out.append((name.strip(), split.strip() or None))
+    if not out:
+        raise click.BadParameter("give one or more dataset names, e.g. cub-200-2011,stanford-dogs")
+    return out
+
+
+@cli.command(cls=_BenchCommand)
+@click.argument("dataset", required=False)
+@click.option("--datasets", "datasets_", default=None, callback=_dataset_list, metavar="A,B,...",
+              help="Several datasets in one table (a row each and the mean); each under its usual folder name in "
+                   "--root; NAME:coop or NAME:official sets one dataset's split.")
 @click.option("--root", type=click.Path(file_okay=False), default=None,
-              help="The dataset's folder as published (fashion-mnist: default /usr/share/datasets/fashion-mnist).")
+              help="The dataset's folder as published, or the folder above it (fashion-mnist: default "
+                   "/usr/share/datasets/fashion-mnist).")
+@click.option("--split", type=click.Choice(["official", "coop"]), default="official", show_default=True,
+              help="The publisher's split, or CoOp's split_zhou_*.json re-split (in the dataset's folder).")
+@click.option("--fold", type=click.IntRange(1), default=None,
+              help="The fold of a dataset published in folds (DTD, SUN397: 1-10; UCF101: 1-3); default 1.")
 @click.option("--shots", default="1,5,16", show_default=True, callback=_int_list, help="k values, comma-separated.")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_int_list, help="Seeds of the k-shot draw.")
 @click.option("--encoder", default="efficientnet-lite0", show_default=True, metavar="SPEC",
@@ -856,29 +888,39 @@ def _list_datasets(ctx, param, value) -> None:
 @click.option("--list", "list_", is_flag=True, is_eager=True, expose_value=False, callback=_list_datasets,
               help="List the datasets fgvr reads, where each is published and its layout, and exit.")
 @vlm_options
-def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k, weight, device, batch_size,
-          out, no_reports, **vlm_opts) -> None:
-    """A paper's k-shot table on DATASET: for every k and seed, a knowledge base from the official train split,
-    the dual system on the official test split; mean ± 95% interval per method. Resumable.
+def bench(dataset, datasets_, root, split, fold, shots, seeds, encoder, vlm, reranker, slow_budget, limit, top_k,
+          weight, device, batch_size, out, no_reports, **vlm_opts) -> None:
+    """A paper's k-shot table on DATASET: for every k and seed, a knowledge base from the train split, the
+    dual system on the test split; mean ± 95% interval per method. Resumable. With --datasets A,B,...: one
+    table with a row per dataset and the mean, as papers' main tables.
 
     \b
-    DATASET: cub-200-2011, stanford-dogs, stanford-cars, oxford-pets, fgvc-aircraft, flowers-102,
-    fashion-mnist (see --list for where each is published and the layout --root must hold).
+    DATASET: {datasets}
+    (see --list for where each is published, its splits and the layout --root must hold).
     """
     from fgvr.bench import run_bench
+    from fgvr.bench_suite import run_suite
     from fgvr.datasets import dataset_info
 
+    if (dataset is None) == (datasets_ is None):
+        raise click.UsageError("name one DATASET, or several with --datasets A,B,... (not both)")
     # the VLM options given on this command line, to print in the commands that reproduce the table
     cli_args = [w for k, v in vlm_opts.items() if v is not None and v is not False and _given(k)
                 for w in ("--" + k.replace("_", "-"), str(v))[:1 if v is True else 2]]
-    info = dataset_info(dataset)  # fgvr's errors are shown as one line with their exit code by the root group
-    if root is None and info.name != "fashion-mnist":
-        raise click.UsageError(f"--root DIR is required for {info.name}: the folder you downloaded it to. "
-                               "`fgvr bench --list` shows the expected layout.")
-    table = run_bench(dataset, out, root=root, shots=shots, seeds=seeds, encoder=encoder,
-                      vlm=vlm_spec(vlm, device, vlm_opts), vlm_options=vlm_backend_options({**vlm_opts, "device": device}),
-                      reranker=reranker, slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight,
-                      device=device, batch_size=batch_size, cli_args=cli_args, reports=not no_reports)
+    wanted = [(dataset, None)] if dataset is not None else datasets_
+    for name, _ in wanted:
+        info = dataset_info(name)  # fgvr's errors are shown as one line with their exit code by the root group
+        if root is None and info.needs_root:
+            raise click.UsageError(f"--root DIR is required for {info.name}: the folder you downloaded it to. "
+                                   "`fgvr bench --list` shows the expected layout.")
+    common = dict(root=root, shots=shots, seeds=seeds, encoder=encoder,
+                  vlm=vlm_spec(vlm, device, vlm_opts), vlm_options=vlm_backend_options({**vlm_opts, "device": device}),
+                  reranker=reranker, slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight,
+                  device=device, batch_size=batch_size, cli_args=cli_args, reports=not no_reports)
+    if dataset is not None:
+        table = run_bench(dataset, out, split=split, fold=fold, **common)
+    else:
+        table = run_suite([(n, s or split) for n, s in datasets_], out, fold=fold, **common)
     click.echo(table.markdown)
     click.echo(f"wrote {out}/table.md and {out}/table.json", err=True)
 
