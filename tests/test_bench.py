@@ -107,7 +107,7 @@ def test_bench_limit_takes_the_same_spread_for_every_cell(tmp_path):
     assert [c.n_test for c in t.cells] == [4, 4]
     test = (out / "data" / "test.csv").read_text().splitlines()[1:]
     assert len(test) == 4 and len({line.rsplit(",", 1)[1] for line in test}) >= 2  # spread over classes
-    assert "4 of the 6 official test images (`--limit 4`" in t.markdown and "--limit 4" in t.command
+    assert "4 of the 6 test images (`--limit 4`" in t.markdown and "--limit 4" in t.command
     assert (out / "k1-seed1" / "run" / "report.md").is_file()  # each cell's report, as `fgvr evaluate` writes
 
 
