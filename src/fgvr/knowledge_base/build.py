@@ -112,10 +112,7 @@ def build_knowledge_base(
     ds = data if isinstance(data, Dataset) else read_dataset(Path(data), classes_file)
     _warn_one_class(ds)
     support, _ = split_k_shot(ds, shots, seed)
-    spec = _encoder_spec(encoder, device)
-    if vlm is not None and not hasattr(vlm, "generate"):
-        raise TypeError(f"build_knowledge_base(vlm=...) takes an open backend (fgvr.backends.get_backend), not {vlm!r}")
-    vlm_spec = vlm
+    spec = _encoder_spec(encoder, vlm, device)
     partial_root = out.parent / f"{out.name}.partial"
     work_dir = _work_dir(out, partial_root, _config_hash(spec.to_json(), augment, max_side))
 
@@ -132,14 +129,14 @@ def build_knowledge_base(
 
     phases["encode"] = time.perf_counter() - t
     t = time.perf_counter()
-    descriptions = {} if vlm_spec is None else write_descriptions(
-        vlm_spec, ds, results, work_dir, max_side=max_side, batch_size=vlm_batch_size, progress=progress)
+    descriptions = {} if vlm is None else write_descriptions(
+        vlm, ds, results, work_dir, max_side=max_side, batch_size=vlm_batch_size, progress=progress)
     text = None
     if has_text:
         with registry.use(spec) as enc:
             text = text_prototypes(enc, ds.classes, descriptions, templates)
 
-    manifest = _manifest(data, ds, spec, vlm_spec, results, labels, skipped, shots=shots, seed=seed,
+    manifest = _manifest(data, ds, spec, vlm, results, labels, skipped, shots=shots, seed=seed,
                          augment=augment, max_side=max_side, classes_file=classes_file, templates=templates,
                          embed_dim=embed_dim, image_size=image_size, has_text=has_text, fingerprint=fp)
     kb = KnowledgeBase(classes=list(ds.classes), encoder_spec=spec.to_json(), encoder_key=spec.key,
@@ -171,10 +168,13 @@ def _fit(kb: KnowledgeBase) -> None:
                             "rule": "leave-one-out; images of single-image classes excluded"}
 
 
-def _encoder_spec(encoder: "str | ModelSpec", device: str) -> "ModelSpec":
-    """The encoder's spec from what the caller gave (a spec string or a ModelSpec)."""
+def _encoder_spec(encoder: "str | ModelSpec", vlm: "VlmBackend | None", device: str) -> "ModelSpec":
+    """The encoder's spec from what the caller gave (a spec string or a ModelSpec); `vlm` must be an open
+    backend or None."""
     from fgvr.models.spec import ModelSpec, parse_spec
 
+    if vlm is not None and not hasattr(vlm, "generate"):
+        raise TypeError(f"build_knowledge_base(vlm=...) takes an open backend (fgvr.backends.get_backend), not {vlm!r}")
     return encoder if isinstance(encoder, ModelSpec) else parse_spec(str(encoder), device=device, role="image-encoder")
 
 
