@@ -267,7 +267,7 @@ def vlm_backend_options(o: dict, cache_dir: "Path | None" = None) -> "BackendOpt
                           openai_key=bool(o.get("vlm_openai_key")))
 
 
-# --- memory (issue 2) -------------------------------------------------------------------------------
+# --- memory ---------------------------------------------------------------------------------------
 
 
 @cli.group()
@@ -381,7 +381,7 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
     click.echo(_json.dumps(rep.to_json(), indent=2) if as_json else rep.format())
 
 
-# --- knowledge base (issue 3) -----------------------------------------------------------------------
+# --- knowledge base -------------------------------------------------------------------------------
 
 
 @cli.command("build-kb")
@@ -439,7 +439,7 @@ def kb_show_cmd(kb_path, max_classes) -> None:
 
     kb = load_knowledge_base(kb_path)
     click.echo(format_knowledge_base(kb, max_classes=max_classes))
-    # Hook for the experience library (issue 5): rules stored under KB/experience/ are listed by
+    # The experience library: rules stored under KB/experience/ are listed by
     # fgvr.rules.describe_rules(kb_path) -> str.
     if (Path(kb_path) / "experience").is_dir():
         from fgvr.rules import describe_rules
@@ -463,12 +463,9 @@ def kb_add_cmd(kb_path, images, label, device, batch_size, workers, vlm, **vlm_o
 
     Only the new images are encoded; class means, fusion and statistics are refitted as a build would.
     """
-    from fgvr.backends import is_served, open_backend
     from fgvr.knowledge_base.incremental import add_images
 
-    vlm_arg = vlm_spec(vlm, device, vlm_opts)
-    if is_served(vlm_arg):
-        vlm_arg = open_backend(vlm_arg, vlm_backend_options({**vlm_opts, "device": device}))
+    vlm_arg = open_vlm(vlm, device, vlm_opts)
     summary = add_images(kb_path, images, label, device=device, batch_size=batch_size, workers=workers,
                          vlm=vlm_arg, progress=True)
     click.echo(summary.format())
@@ -508,7 +505,7 @@ def kb_revert_cmd(kb_path, version) -> None:
     click.echo(revert_base(kb_path, version).format())
 
 
-# --- classify / evaluate (issue 4) ------------------------------------------------------------------
+# --- classify / evaluate --------------------------------------------------------------------------
 
 
 def _system_options(f):
@@ -733,7 +730,7 @@ def compare(run_a, run_b, as_json) -> None:
     click.echo(json.dumps(c.to_json()) if as_json else c.describe())
 
 
-# --- experience library (issue 5) -------------------------------------------------------------------
+# --- experience library ---------------------------------------------------------------------------
 
 
 @cli.command("build-experience")
@@ -780,7 +777,7 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
 
 
 
-# --- demo (issue 6) ---------------------------------------------------------------------------------
+# --- demo -----------------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -802,7 +799,7 @@ def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
     demo_mod.main(out, shots, test_images, seed, slow_budget, quick)
 
 
-# --- bench (issue 15) -------------------------------------------------------------------------------
+# --- bench ----------------------------------------------------------------------------------------
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -879,7 +876,7 @@ def bench(dataset, root, shots, seeds, encoder, vlm, reranker, slow_budget, limi
     click.echo(f"wrote {out}/table.md and {out}/table.json", err=True)
 
 
-# --- serve (issue 14) -------------------------------------------------------------------------------
+# --- serve ----------------------------------------------------------------------------------------
 
 
 def _given(name: str) -> bool:
