@@ -97,9 +97,8 @@ def build_knowledge_base(
 ) -> tuple[KnowledgeBase, KnowledgeBaseBuildSummary]:
     """Build a knowledge base from k images per class of `data` and write it atomically to `out`.
 
-    `encoder`: a spec string (`efficientnet-lite0`, a model folder) or a ModelSpec; `vlm`: an open backend
-    (`fgvr.backends.get_backend`) that writes one description per class, or None. Resumable: see
-    `fgvr.knowledge_base.encoding`. Bad image files are skipped and listed; a class left with no usable
+    `encoder`: a spec string or a ModelSpec; `vlm`: an open backend (`fgvr.backends.get_backend`) that writes
+    one description per class, or None. Resumable: see `fgvr.knowledge_base.encoding`. Bad image files are skipped and listed; a class left with no usable
     support image is an error naming it and its files (the other classes' work is kept for the rerun).
     """
     from fgvr.models import registry
