@@ -70,6 +70,7 @@ def pipeline_on_cuda(tmp: Path, clip_dir: Path, qwen_dir: Path) -> None:
     from fgvr.data import read_dataset
     from fgvr.knowledge_base import build_knowledge_base
     from fgvr.models import registry
+    from fgvr.backends import BackendOptions, get_backend
     from fgvr.pipeline import open_system
 
     data = photo_folder(tmp / "photos")
@@ -90,11 +91,11 @@ def pipeline_on_cuda(tmp: Path, clip_dir: Path, qwen_dir: Path) -> None:
     check("dual system with re-ranker cpu vs cuda", agree == len(paths) and paths_same,
           f"{agree}/{len(paths)} predictions agree; same fast/slow routing {paths_same}")
     registry.unload_all()
-    kb_clip, _ = build_knowledge_base(data, tmp / "kb-clip", shots=3, encoder=str(clip_dir), vlm=str(qwen_dir),
+    kb_clip, _ = build_knowledge_base(data, tmp / "kb-clip", shots=3, encoder=str(clip_dir), vlm=get_backend(str(qwen_dir), BackendOptions(device="cuda")),
                                       device="cuda", progress=False)
     loads_before = {m.key: m.loads for m in registry.report().models}
     torch.cuda.reset_peak_memory_stats()
-    with open_system(tmp / "kb-clip", vlm=str(qwen_dir), device="cuda", budget=1.0) as system:
+    with open_system(tmp / "kb-clip", vlm=get_backend(str(qwen_dir), BackendOptions(device="cuda")), device="cuda", budget=1.0) as system:
         res = [r.to_dict() for r in system.classify_paths(paths[:6])]
     vlm = [k for k in registry.report().models if k.family == "qwen2_5_vl"]
     ok = all(r["path_taken"] == "slow" for r in res) and vlm and vlm[0].device.startswith("cuda")
@@ -116,6 +117,7 @@ def main() -> int:
     import tiny_models
     from PIL import Image
 
+    from fgvr.backends.transformers_vlm import TransformersVlm
     from fgvr.models import parse_spec, registry
     from fgvr.models.probe import CudaProbe
     from fgvr.slow_path import SlowQuery, VlmReasoner
@@ -183,9 +185,9 @@ def main() -> int:
 
     # 4: CPU fp32 vs CUDA answers agree
     try:
-        cpu = VlmReasoner(parse_spec(str(qwen_dir), device="cpu"), names).rank(queries)
+        cpu = VlmReasoner(TransformersVlm(parse_spec(str(qwen_dir), device="cpu")), names).rank(queries)
         for dtype, tol in [("fp32", 1e-3), ("bf16", 0.05)]:
-            gpu = VlmReasoner(parse_spec(str(qwen_dir), dtype=dtype, device="cuda"), names).rank(queries)
+            gpu = VlmReasoner(TransformersVlm(parse_spec(str(qwen_dir), dtype=dtype, device="cuda")), names).rank(queries)
             diff = max(abs(x - y) for ca, ga in zip(cpu, gpu) for x, y in zip(ca.probs, ga.probs))
             check(f"VLM option scores cpu fp32 vs cuda {dtype}", diff < tol, f"max |dp| = {diff:.2e} (tol {tol})")
         registry.unload_all()
@@ -214,7 +216,7 @@ def main() -> int:
             spec = parse_spec(str(qwen_dir), dtype="bf16", device="cuda", quantization=quant)
             torch.cuda.synchronize()
             base = probe.used_bytes()
-            ans = VlmReasoner(spec, names).rank(queries[:2])
+            ans = VlmReasoner(TransformersVlm(spec), names).rank(queries[:2])
             with registry.use(spec):
                 torch.cuda.synchronize()
                 grown = probe.used_bytes() - base

@@ -47,7 +47,9 @@ def main() -> None:
         cands = [[int(c) for c in rng.permutation(len(CLASSES))[: args.k]] for _ in images]
         rows = []
         for mode in ("none", "cyclic", "prior"):
-            reasoner = VlmReasoner(spec, CLASSES, batch_size=8)
+            from fgvr.backends.transformers_vlm import TransformersVlm
+
+            reasoner = VlmReasoner(TransformersVlm(spec, batch_size=8), CLASSES)
             slow = reasoner if mode == "none" else DebiasedSlowPath(reasoner, mode, n_estimate=8)
             t = time.perf_counter()
             first = slow.rank([SlowQuery(im, c, path=str(i)) for i, (im, c) in enumerate(zip(images, cands))])

@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runnable from a checkout
 
 from fgvr.models.footprint import format_bytes, parse_bytes  # noqa: E402
-from fgvr.models.spec import QWEN_PATCH, ModelSpec  # noqa: E402
+from fgvr.models.families.qwen_vl import PATCH as QWEN_PATCH  # noqa: E402
+from fgvr.models.spec import ModelSpec  # noqa: E402
 
 IMAGE_PAD, VISION_START, VISION_END, IM_START, IM_END = 151655, 151652, 151653, 151644, 151645
 
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from fgvr.models import Registry
-    from fgvr.models.configs import architecture
+    from fgvr.models.families import architecture
     from fgvr.models.plan import estimate_spec_bytes, make_plan, parse_image_size
     from fgvr.models.probe import CudaProbe
 

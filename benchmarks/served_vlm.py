@@ -46,9 +46,9 @@ def start(model: Path, tmp: Path, max_batch: int, max_pixels: int) -> tuple[subp
 
 
 def run(url: str, concurrency: int, n: int, images: list[Image.Image], max_pixels: int) -> dict:
-    from fgvr.backends import BackendOptions, open_backend
+    from fgvr.backends import BackendOptions, get_backend
 
-    b = open_backend(url, BackendOptions(max_pixels=max_pixels, concurrency=concurrency))
+    b = get_backend(url, BackendOptions(max_pixels=max_pixels, concurrency=concurrency))
     b.score_options([QUESTION] * concurrency, images[:concurrency], [5] * concurrency)  # warm connections
     b.timings.clear()
     t0, c0 = time.perf_counter(), time.process_time()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from fgvr.backends.transformers_vlm import TransformersVlm
 from fgvr.debias import DebiasedSlowPath, debiased
 from fgvr.slow_path import SlowAnswer, SlowQuery
 
@@ -82,7 +83,7 @@ def test_cyclic_debiasing_with_the_tiny_qwen_is_order_invariant(tiny_qwen_dir):
     from fgvr.slow_path import VlmReasoner
 
     classes = ["coat", "pullover", "shirt", "T-shirt", "dress"]
-    vlm = VlmReasoner(parse_spec(str(tiny_qwen_dir), max_pixels=16 * 28 * 28), classes)
+    vlm = VlmReasoner(TransformersVlm(parse_spec(str(tiny_qwen_dir), max_pixels=16 * 28 * 28)), classes)
     image = Image.new("RGB", (56, 56), (120, 30, 200))
     q1 = SlowQuery(image=image, candidates=[0, 1, 2, 3], path="a")
     q2 = SlowQuery(image=image, candidates=[2, 3, 0, 1], path="a")

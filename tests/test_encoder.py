@@ -97,7 +97,7 @@ def test_resize_filter_is_part_of_the_efficientnet_definition(lite0_spec):
     a spec of the first revision (what older bases record) keeps bicubic both ways, so such a base is
     encoded as it was built. The revision is in the spec's key, so the two never share a registry slot."""
     from fgvr.models.families.efficientnet import RESIZE, REVISION
-    from fgvr.models.spec import SpecError
+    from fgvr.errors import SpecError
 
     small = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
     assert lite0_spec.revision == REVISION and RESIZE[REVISION] == ("bilinear", "bicubic")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fgvr.backends.transformers_vlm import TransformersVlm
 from fgvr.experience import (
     ExperienceError,
     ExperienceLibrary,
@@ -481,8 +482,8 @@ def test_no_label_in_any_reasoning_prompt_with_the_tiny_qwen(kb_copy, tmp_path, 
         if where != kb:
             shutil.copytree(kb_and_data[0], where)
         captured.clear()
-        summary = build_experience(where, dataset, spec, rounds=1, k=3, max_per_class=2, weight=1.0,
-                                   reflector=VlmReflector(spec, max_new_tokens=4),
+        summary = build_experience(where, dataset, TransformersVlm(spec), rounds=1, k=3, max_per_class=2,
+                                   weight=1.0, reflector=VlmReflector(TransformersVlm(spec), max_new_tokens=4),
                                    similarity=TextSimilarity(use_model=False), show_progress=False)
         reasoning = [p for p in captured if "Answer with the letter only." in p]
         reflection = [p for p in captured if "the correct class is" in p]

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from fgvr.backends import get_backend
 from fgvr.data import FewShotWarning, load_image, read_dataset, split_k_shot
 from fgvr.knowledge_base import (
     FORMAT_VERSION,
@@ -355,7 +356,7 @@ def test_text_prototypes_with_vlm_descriptions(tmp_path, tiny_clip_dir, talkativ
     data = _make_folder(tmp_path / "d", {"red_fox": ("red", 4), "blue jay": ("blue", 2), "moss": ("green", 2)})
     out = tmp_path / "kb"
     kb, summary = _quiet_build(data, out, shots=4, seed=0, encoder=str(tiny_clip_dir),
-                               vlm=str(talkative_qwen_dir), batch_size=4)
+                               vlm=get_backend(str(talkative_qwen_dir)), batch_size=4)
     assert summary.descriptions == 3
     stored = json.loads((out / "descriptions.json").read_text(encoding="utf-8"))
     assert set(stored) == {"red fox", "blue jay", "moss"} and all(d.strip() for d in stored.values())

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fgvr.backends.transformers_vlm import TransformersVlm
 from fgvr.pipeline import PATH_ERROR, PATH_FAST, PATH_SLOW, PATH_SLOW_FAILED, PATH_UNAVAILABLE, DualSystem
 from fgvr.trigger import Trigger
 
@@ -149,7 +150,7 @@ def test_dual_system_with_the_tiny_qwen_reasoner_and_experience_rules(images, ti
     kb = colour_kb(enc)
     rule = Rule(id="r1", classes=["orange", "red"], cue="hue", text="Orange is lighter than red.", effect=0.1)
     lib = ExperienceLibrary([rule], classes=kb.classes)
-    vlm = VlmReasoner(parse_spec(str(tiny_qwen_dir)), kb.classes, rationale=True, rationale_tokens=4)
+    vlm = VlmReasoner(TransformersVlm(parse_spec(str(tiny_qwen_dir))), kb.classes, rationale=True, rationale_tokens=4)
     res = DualSystem(kb, enc, vlm, Trigger(threshold=-1.0), k=3, experience=lib).classify_paths(images)
     ok = [r for r in res if r.path_taken != PATH_ERROR]
     assert ok and all(r.path_taken == PATH_SLOW and r.slow_ran for r in ok)

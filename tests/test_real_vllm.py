@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvr.backends import BackendOptions, open_backend
+from fgvr.backends import BackendOptions, get_backend
 from fgvr.backends.transformers_vlm import TransformersVlm
 from fgvr.models import parse_spec
 
@@ -77,7 +77,7 @@ def vllm(vllm_qwen_dir, tmp_path_factory):
 
 
 def test_option_scores_equal_the_in_process_model(vllm, vllm_qwen_dir):
-    b = open_backend(vllm, BackendOptions(**CAP))
+    b = get_backend(vllm, BackendOptions(**CAP))
     try:
         assert b.model == "tinyqwen" and b.answered_model == "tinyqwen" and b.mode == "logprob_token_ids"
         local = TransformersVlm(parse_spec(str(vllm_qwen_dir), **CAP), batch_size=2)
@@ -95,7 +95,7 @@ def test_concurrent_requests_answer_as_one_at_a_time(vllm):
     images = _images(12, seed=1)
     qs = [QUESTIONS[i % 3] for i in range(12)]
     ks = [[3, 2, 5][i % 3] for i in range(12)]
-    one, many = (open_backend(vllm, BackendOptions(**CAP, concurrency=c)) for c in (1, 8))
+    one, many = (get_backend(vllm, BackendOptions(**CAP, concurrency=c)) for c in (1, 8))
     try:
         a, b = one.score_options(qs, images, ks), many.score_options(qs, images, ks)
         assert all(x.error is None and y.error is None for x, y in zip(a, b))

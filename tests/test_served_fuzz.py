@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fgvr.backends import LETTERS, BackendError, BackendOptions, open_backend
+from fgvr.backends import LETTERS, BackendError, BackendOptions, get_backend
 from fgvr.backends.openai_vlm import CACHE_FILE, BadAnswer, model_ids, read_body, read_scores, usage
 
 SERVER = Path(__file__).parent / "vlm_server.py"
@@ -128,7 +128,7 @@ def _admin(url: str, **state) -> None:
 def test_a_refused_reply_is_never_cached(url, tmp_path_factory, reply, token_ids):
     cache = tmp_path_factory.mktemp("cache")
     _admin(url, token_ids=token_ids, misbehave=None)
-    b = open_backend(url, BackendOptions(retries=0, cache_dir=cache, concurrency=2))
+    b = get_backend(url, BackendOptions(retries=0, cache_dir=cache, concurrency=2))
     try:
         _admin(url, misbehave="raw", reply=reply, misbehave_n=1)  # the first question gets it, the second not
         image = Image.fromarray(np.zeros((32, 32, 3), np.uint8))

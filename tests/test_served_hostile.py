@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgvr.backends import BackendError, BackendOptions, open_backend, user_turn
+from fgvr.backends import BackendError, BackendOptions, get_backend, user_turn
 from fgvr.backends.openai_vlm import CACHE_FILE, api_key_for
 
 SERVER = Path(__file__).parent / "vlm_server.py"
@@ -79,7 +79,7 @@ def url(hostile):
 
 
 def backend(url: str, **kw):
-    return open_backend(url, BackendOptions(**{"retries": 1, "backoff_s": 0.01, "timeout_s": 5.0, **kw}))
+    return get_backend(url, BackendOptions(**{"retries": 1, "backoff_s": 0.01, "timeout_s": 5.0, **kw}))
 
 
 def image(i: int = 0) -> Image.Image:

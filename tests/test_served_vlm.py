@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fgvr.backends import LETTERS, BackendError, BackendOptions, fit_pixels, open_backend, user_turn
+from fgvr.backends import LETTERS, BackendError, BackendOptions, fit_pixels, get_backend, user_turn
 from fgvr.backends.openai_vlm import OpenAIVlm, fill_missing, letter_masses
 from fgvr.backends.transformers_vlm import TransformersVlm, letter_token_ids, render_chat, vlm_inputs
 from fgvr.models import parse_spec, registry
@@ -95,7 +95,7 @@ def local(talkative_qwen_dir):
 
 
 def served(url: str, **kw) -> OpenAIVlm:
-    return open_backend(url, BackendOptions(**CAP, **kw))
+    return get_backend(url, BackendOptions(**CAP, **kw))
 
 
 def local_logp(spec, question: str, image: Image.Image) -> torch.Tensor:
@@ -189,7 +189,7 @@ def test_a_server_down_at_start_is_one_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
     with pytest.raises(BackendError, match=f"http://127.0.0.1:{port}/v1 does not answer"):
-        open_backend(f"http://127.0.0.1:{port}/v1", BackendOptions(timeout_s=2))
+        get_backend(f"http://127.0.0.1:{port}/v1", BackendOptions(timeout_s=2))
 
 
 def test_model_name_is_checked(url):

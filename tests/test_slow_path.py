@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fgvr.backends.transformers_vlm import TransformersVlm
 from fgvr.experience import Rule
 from fgvr.models import parse_spec, registry
 from fgvr.slow_path import (
@@ -65,8 +66,8 @@ def test_letters_are_the_real_qwen_tokens(spec):
 
 
 def test_option_scoring_batched_equals_one_by_one(spec, queries):
-    batched = VlmReasoner(spec, CLASSES, DESCRIPTIONS, batch_size=4).rank(queries)
-    single = VlmReasoner(spec, CLASSES, DESCRIPTIONS, batch_size=1).rank(queries)
+    batched = VlmReasoner(TransformersVlm(spec, batch_size=4), CLASSES, DESCRIPTIONS).rank(queries)
+    single = VlmReasoner(TransformersVlm(spec, batch_size=1), CLASSES, DESCRIPTIONS).rank(queries)
     assert len(batched) == len(queries)
     for q, a, b in zip(queries, batched, single):
         assert len(a.probs) == len(q.candidates)
@@ -81,7 +82,7 @@ def test_option_scoring_batched_equals_one_by_one(spec, queries):
 
 def test_probs_are_the_softmax_over_the_letter_logits(spec, queries):
     """Recompute one answer by hand: a plain unpadded forward, next-token logits at 'A', 'B', 'C'."""
-    r = VlmReasoner(spec, CLASSES, DESCRIPTIONS)
+    r = VlmReasoner(TransformersVlm(spec), CLASSES, DESCRIPTIONS)
     q = queries[0]
     got = r.rank([q])[0].probs
     with registry.use(spec) as vlm:
@@ -96,7 +97,7 @@ def test_probs_are_the_softmax_over_the_letter_logits(spec, queries):
 
 
 def test_prompt_has_options_descriptions_rules_and_no_other_class(spec, queries):
-    r = VlmReasoner(spec, CLASSES, DESCRIPTIONS, max_rules=1)
+    r = VlmReasoner(TransformersVlm(spec), CLASSES, DESCRIPTIONS, max_rules=1)
     question, rules = r.question(queries[0])  # candidates shirt, T-shirt, coat
     assert question.splitlines()[1:4] == [
         "A. shirt — A top with a collar and a button placket down the front.",
@@ -118,7 +119,7 @@ def test_pixel_cap_limits_image_tokens(tiny_qwen_dir):
     counts = {}
     for cap in (16, 64):
         spec = parse_spec(str(tiny_qwen_dir), max_pixels=cap * 28 * 28, min_pixels=4 * 28 * 28)
-        r = VlmReasoner(spec, CLASSES)
+        r = VlmReasoner(TransformersVlm(spec), CLASSES)
         with registry.use(spec) as vlm:
             inputs = vlm_inputs(vlm, [render_chat(vlm.processor, [user_turn(r.question(big)[0])])], [big.image])
         counts[cap] = int((inputs["input_ids"] == IMAGE_PAD).sum())
@@ -127,8 +128,8 @@ def test_pixel_cap_limits_image_tokens(tiny_qwen_dir):
 
 
 def test_rationale_is_generated_after_the_scored_answer(spec, queries):
-    plain = VlmReasoner(spec, CLASSES, DESCRIPTIONS).rank(queries[:2])
-    why = VlmReasoner(spec, CLASSES, DESCRIPTIONS, rationale=True, rationale_tokens=8).rank(queries[:2])
+    plain = VlmReasoner(TransformersVlm(spec), CLASSES, DESCRIPTIONS).rank(queries[:2])
+    why = VlmReasoner(TransformersVlm(spec), CLASSES, DESCRIPTIONS, rationale=True, rationale_tokens=8).rank(queries[:2])
     for a, b in zip(plain, why):
         assert np.allclose(a.probs, b.probs, atol=1e-6)  # the rationale never changes the answer
         assert isinstance(b.rationale, str) and a.rationale is None
@@ -136,7 +137,7 @@ def test_rationale_is_generated_after_the_scored_answer(spec, queries):
 
 
 def test_reasoner_holds_a_spec_not_a_model(spec, queries):
-    r = VlmReasoner(spec, CLASSES)
+    r = VlmReasoner(TransformersVlm(spec), CLASSES)
     r.rank(queries[:1])
     assert not any(isinstance(v, torch.nn.Module) for v in vars(r).values())
     rec = registry.report().model(spec.key)
@@ -162,7 +163,7 @@ def test_in_process_batch_is_sized_from_the_gpu_budget(tiny_qwen_dir):
     from fgvr.models.plan import CUDA_CONTEXT_BYTES, workload
 
     cfg = json.loads((tiny_qwen_dir / "config.json").read_text())
-    spec = SimpleNamespace(dtype="bfloat16", max_pixels=1280 * 28 * 28)
+    spec = SimpleNamespace(family="qwen2_5_vl", dtype="bfloat16", max_pixels=1280 * 28 * 28)
     per = workload(cfg, "bfloat16", spec.max_pixels, text_tokens=PLANNED_TEXT_TOKENS, new_tokens=1).working_bytes
     fake = SimpleNamespace(device="cuda:7", spec=spec, model=SimpleNamespace(config=SimpleNamespace(to_dict=lambda: cfg)))
     try:

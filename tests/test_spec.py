@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fgvr.models import ModelSpec, SpecError, parse_spec
-from fgvr.models.spec import DEFAULT_MAX_PIXELS, normalise_device, normalise_dtype
+from fgvr.models.families.qwen_vl import DEFAULT_MAX_PIXELS
+from fgvr.models.spec import normalise_device, normalise_dtype
 
 
 @pytest.fixture()
@@ -110,20 +111,22 @@ def test_a_vlm_defaults_to_bf16_on_cuda_and_fp32_on_cpu(tiny_qwen_dir):
 
 
 def test_cli_vlm_options_become_the_spec_and_the_budget(tiny_qwen_dir):
-    from fgvr.cli import vlm_spec
+    from fgvr.cli import open_vlm
     from fgvr.models import registry
 
     opts = {"vlm_dtype": "fp16", "quant": "int8", "max_visual_tokens": 256, "gpu_budget": "18GiB"}
     try:
-        spec = vlm_spec(str(tiny_qwen_dir), "cuda", opts)
+        backend = open_vlm(str(tiny_qwen_dir), "cuda", opts)
+        assert not backend.served
+        spec = backend.spec
         assert (spec.dtype, spec.quantization, spec.max_pixels, spec.device) == ("float16", "int8", 256 * 28 * 28,
                                                                                 "cuda:0")
         assert registry.process_registry().budget("cuda:0") == 18 * 2**30
     finally:
         registry.set_budget("cuda:0", None)
-    assert vlm_spec(None, "cpu", {}) is None
+    assert open_vlm(None, "cpu", {}) is None
     with pytest.raises(Exception, match="Qwen2.5-VL"):
-        vlm_spec("efficientnet-lite0", "cpu", {})
+        open_vlm("efficientnet-lite0", "cpu", {})
 
 
 def test_a_text_only_model_as_image_encoder_is_one_line_and_not_offered(tmp_path):

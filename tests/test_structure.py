@@ -59,8 +59,20 @@ def _imports(tree: ast.AST, this: str, modules: dict[str, Path]) -> set[str]:
             visit(child)
 
     visit(tree)
+    if _discovers_submodules(tree):  # a package that lists and imports its own modules depends on each
+        prefix = this + "."
+        out.update(m for m in modules if m.startswith(prefix) and "." not in m[len(prefix):])
     out.discard(this)
     return out
+
+
+def _discovers_submodules(tree: ast.AST) -> bool:
+    """A package that finds its plug-ins by listing itself (`pkgutil.iter_modules(__path__)`)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "iter_modules":
+            if any(isinstance(a, ast.Name) and a.id == "__path__" for a in node.args):
+                return True
+    return False
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -111,6 +123,19 @@ def test_the_import_graph_sees_imports_inside_functions():
     assert "fgvr.knowledge_base.storage" in graph["fgvr.knowledge_base.build"]
     assert "fgvr.knowledge_base" in graph["fgvr.pipeline"]  # imported inside open_system
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_a_package_that_lists_its_modules_imports_each_of_them():
+    graph = import_graph()
+    assert "fgvr.models.families.qwen_vl" in graph["fgvr.models.families"]
+    assert "fgvr.backends.openai_vlm" in graph["fgvr.backends"]
+
+
+def test_the_models_floor_never_imports_the_backends():
+    graph = import_graph()
+    floor = [m for m in graph if m == "fgvr.models" or m.startswith("fgvr.models.")]
+    assert {m: sorted(d for d in graph[m] if d.startswith("fgvr.backends")) for m in floor
+            if any(d.startswith("fgvr.backends") for d in graph[m])} == {}
 
 
 def test_no_import_cycle_in_fgvr():

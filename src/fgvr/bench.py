@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from fgvr.data import ManifestWarning, Sample
+from fgvr.defaults import DEFAULTS
 from fgvr.errors import RunMismatchError, UsageError
 from fgvr.io import atomic_write_bytes, atomic_write_json
 from fgvr.run_dir import identity_diff
@@ -64,11 +65,13 @@ from fgvr.run_dir import identity_diff
 if TYPE_CHECKING:
     from fgvr.records import ResultRow
 
+if TYPE_CHECKING:
+    from fgvr.backends import VlmBackend
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SHOTS = (1, 5, 16)
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_BUDGET = 0.3
 BOOTSTRAP_RESAMPLES = 10_000  # 1,000 left a cell's "excludes 0" call to the draw
 CONFIDENCE = 0.95
 TEXT_FAMILIES = ("clip", "siglip")  # encoders with a text tower: VLM class descriptions feed their prototypes
@@ -297,13 +300,25 @@ def _seed_embeddings(cell_run: Path, done_runs: list[Path]) -> None:
             return
 
 
-def _with_cache(options: Any, cache_dir: Path | None) -> Any:
-    """The backend options with a served VLM's answer cache where `fgvr evaluate --out RUN` keeps it."""
-    if options is None:
+def _with_cache(vlm: "VlmBackend | None", cache_dir: Path | None) -> "VlmBackend | None":
+    """The backend with a served VLM's answer cache where `fgvr evaluate --out RUN` keeps it."""
+    if vlm is None:
         return None
-    from dataclasses import replace
+    from fgvr.backends import reopen
 
-    return replace(options, cache_dir=cache_dir)
+    return reopen(vlm, cache_dir=cache_dir)
+
+
+def _vlm_identity(vlm: "VlmBackend | None") -> tuple[str | None, str | None, str | None]:
+    """(what cells are bound to, the name in tables, the --vlm words in the printed commands)."""
+    if vlm is None:
+        return None, None, None
+    text = (getattr(vlm, "opened_as", None) or (None,))[0]
+    spec = getattr(vlm, "spec", None)
+    if vlm.served or spec is None:
+        model = getattr(getattr(vlm, "options", None), "model", None)
+        return f"{text} model={model}", text, text
+    return spec.replace(device="cpu").key, spec.name, text or spec.source
 
 
 def split_options(split: str = "official", fold: int | None = None) -> list[str]:
@@ -331,23 +346,22 @@ def run_bench(
     fold: int | None = None,
     shots: Sequence[int] = DEFAULT_SHOTS,
     seeds: Sequence[int] = DEFAULT_SEEDS,
-    encoder: str = "efficientnet-lite0",
-    vlm: Any = None,
+    encoder: str = DEFAULTS.encoder,
+    vlm: "VlmBackend | None" = None,
     reranker: bool = False,
-    slow_budget: float = DEFAULT_BUDGET,
+    slow_budget: float = DEFAULTS.slow_budget,
     limit: int | None = None,
-    top_k: int = 5,
-    weight: float = 0.5,
+    top_k: int = DEFAULTS.top_k,
+    weight: float = DEFAULTS.decision_weight,
     device: str = "cpu",
     batch_size: int = 16,
-    vlm_options: Any = None,
     cli_args: Sequence[str] = (),
     reports: bool = True,
     progress: bool = True,
 ) -> BenchTable:
-    """Every (k, seed) cell, then the table; see the module docstring. `vlm`: a Qwen2.5-VL folder, a ModelSpec
-    or a served VLM's URL, opened with `vlm_options` (a `fgvr.backends.BackendOptions`): System 2, and class
-    descriptions in the base when the encoder has a text tower.
+    """Every (k, seed) cell, then the table; see the module docstring. `vlm`: an open backend
+    (`fgvr.backends.get_backend`): System 2, and class descriptions in the base when the encoder has a text
+    tower; a served one is opened again per cell with that run's answer cache.
     `cli_args`: the options to print in the commands besides those named here (VLM loading options).
     `reports`: write each cell's report.md and plots (what `fgvr evaluate` writes; the table does not need them).
     `split`/`fold`: which split of the dataset (`fgvr.datasets.load_splits`); tables and bench.json name it."""
@@ -373,7 +387,7 @@ def run_bench(
         warnings.filterwarnings("ignore", message=r".*lead outside its folder", category=ManifestWarning)
         o = dict(root=root, split=split, fold=fold, shots=shots, seeds=seeds, encoder=encoder, vlm=vlm, reranker=reranker,
                  slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight, device=device,
-                 batch_size=batch_size, vlm_options=vlm_options, cli_args=list(cli_args), reports=reports,
+                 batch_size=batch_size, cli_args=list(cli_args), reports=reports,
                  progress=progress)
         b = _prepare(info, out, o)
         cells: list[CellResult] = []
@@ -405,8 +419,7 @@ class _Bench:
     test_csv: Path
     settings: dict[str, Any]
     enc_spec: Any
-    vlm_spec: Any
-    served_backend: Any
+    vlm: "VlmBackend | None"
     describe: bool
     vlm_word: str | None
     eval_opts: list[str]
@@ -423,10 +436,9 @@ class _Bench:
 
 def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     """The dataset's splits -> OUT/data manifests (test: the evaluated images), the settings check, bench.json."""
-    from fgvr.backends import is_served, open_backend
     from fgvr.datasets import load_splits
     from fgvr.evaluate import plan
-    from fgvr.models.spec import ModelSpec, parse_spec
+    from fgvr.models.spec import parse_spec
 
     splits = load_splits(info.name, o["root"], split=o["split"], fold=o["fold"],
                          cache_dir=(out / "data" / "images").resolve())
@@ -436,17 +448,12 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     train_bytes, test_bytes = _csv_bytes(train), _csv_bytes(test)
     vlm, device = o["vlm"], o["device"]
     enc_spec = parse_spec(o["encoder"], device=device, role="image-encoder")
-    served = is_served(vlm)
-    vlm_spec = None if not vlm or served else (vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device))
-    # a server that does not answer is one clear error before any work (and it writes the descriptions)
-    served_backend = open_backend(vlm, _with_cache(o["vlm_options"], None)) if served else None
+    vlm_key, vlm_name, vlm_word = _vlm_identity(vlm)
     settings = {
         "dataset": info.name, "root": str(splits.root.resolve()), "split": splits.split,
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
         "system2": "reranker" if o["reranker"] else ("vlm" if vlm else "none"),
-        "vlm": (f"{vlm} model={getattr(o['vlm_options'], 'model', None)}" if served
-                else vlm_spec.replace(device="cpu").key if vlm_spec is not None else None),
-        "vlm_name": vlm if served else vlm_spec.name if vlm_spec is not None else None,
+        "vlm": vlm_key, "vlm_name": vlm_name,
         "kb_descriptions": bool(vlm) and enc_spec.family in TEXT_FAMILIES,
         "slow_budget": float(o["slow_budget"]), "top_k": int(o["top_k"]), "weight": float(o["weight"]),
         "limit": o["limit"], "classes": len(splits.train.classes), "train_images": len(train),
@@ -465,10 +472,9 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     _write_if_changed(train_csv, train_bytes)
     _write_if_changed(test_csv, test_bytes)
     splits.prepare(test)
-    vlm_word = None if not vlm else (vlm if isinstance(vlm, str) else vlm_spec.source)
     eval_opts = _evaluate_options(o, vlm_word)
     command = bench_command(info.name, None if o["root"] is None else str(o["root"]), out, o["shots"], o["seeds"],
-                            [*(["--encoder", o["encoder"]] if o["encoder"] != "efficientnet-lite0" else []),
+                            [*(["--encoder", o["encoder"]] if o["encoder"] != DEFAULTS.encoder else []),
                              *eval_opts, *(["--limit", str(o["limit"])] if o["limit"] is not None else [])],
                             split=o["split"], fold=o["fold"])
     invocation = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
@@ -476,7 +482,7 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     state = {"settings": settings, "invocations": state["invocations"] + [invocation]}
     atomic_write_json(bench_file, state)
     b = _Bench(info=info, out=out, o=o, splits=splits, test=test, train_csv=train_csv, test_csv=test_csv,
-               settings=settings, enc_spec=enc_spec, vlm_spec=vlm_spec, served_backend=served_backend,
+               settings=settings, enc_spec=enc_spec, vlm=vlm,
                describe=settings["kb_descriptions"], vlm_word=vlm_word, eval_opts=eval_opts, command=command,
                bench_file=bench_file, state=state, invocation=invocation)
     b.say(f"{info.title} ({splits.split}): {len(train):,} train / {len(test):,} test images{missing_words(settings)}, "
@@ -489,8 +495,8 @@ def _evaluate_options(o: dict[str, Any], vlm_word: str | None) -> list[str]:
     """The options of `fgvr evaluate` this bench sets (the same words on `fgvr bench`)."""
     return [*(["--reranker"] if o["reranker"] else []), *(["--vlm", vlm_word] if vlm_word else []),
             *o["cli_args"], "--slow-budget", f"{o['slow_budget']:g}",
-            *(["--top-k", str(o["top_k"])] if o["top_k"] != 5 else []),
-            *(["--weight", f"{o['weight']:g}"] if o["weight"] != 0.5 else []),
+            *(["--top-k", str(o["top_k"])] if o["top_k"] != DEFAULTS.top_k else []),
+            *(["--weight", f"{o['weight']:g}"] if o["weight"] != DEFAULTS.decision_weight else []),
             *(["--device", o["device"]] if o["device"] != "cpu" else [])]
 
 
@@ -526,16 +532,15 @@ def _run_cell(b: _Bench, k: int, seed: int, tag: str, done_runs: list[Path]) -> 
         if b.splits.on_demand:
             b.train_ds = b.train_ds or read_dataset(b.train_csv)
             b.splits.prepare(split_k_shot(b.train_ds, k, seed)[0])
-        describer = (b.served_backend or b.vlm_spec) if b.describe else None  # what `fgvr build-kb --vlm` passes
+        describer = b.vlm if b.describe else None  # what `fgvr build-kb --vlm` passes
         build_knowledge_base(b.train_csv, kb_dir, shots=k, seed=seed, encoder=b.enc_spec, vlm=describer,
                              device=o["device"], progress=o["progress"])
     times = {"knowledge_base_s": round(time.perf_counter() - t0, 2)}
     t0 = time.perf_counter()
     b.say(f"{tag}: evaluation on {len(b.test):,} test images")
     _seed_embeddings(run_dir, done_runs)
-    with open_system(kb_dir, vlm=o["vlm"] if b.served_backend else b.vlm_spec, reranker=o["reranker"],
-                     budget=o["slow_budget"], k=o["top_k"], weight=o["weight"], device=o["device"],
-                     vlm_options=_with_cache(o["vlm_options"], run_dir / "vlm-cache")) as system:
+    with open_system(kb_dir, vlm=_with_cache(b.vlm, run_dir / "vlm-cache"), reranker=o["reranker"],
+                     budget=o["slow_budget"], k=o["top_k"], weight=o["weight"], device=o["device"]) as system:
         config = {"kb": str(kb_dir.resolve()), "encoder": system.encoder.spec.key,
                   "data": str(b.test_csv.resolve()), "limit": None}
         run_evaluation(system, read_dataset(b.test_csv), run_dir, config, batch_size=o["batch_size"],

@@ -79,12 +79,13 @@ def system_binding(system: DualSystem) -> dict[str, Any]:
     what a resumable run (`fgvr evaluate`, `fgvr classify --out`) is bound to besides its data."""
     from fgvr.data import max_decoded_pixels
 
-    slow_spec = getattr(system.slow, "spec", None)
+    from fgvr.slow_path import system2_identity
+
     return {"threshold": None if system.trigger.budget is not None else system.trigger.threshold,
             "budget": system.trigger.budget, "top_k": system.k, "weight": system.weight,
             "slow_all": system.slow_all, "system2": getattr(system.slow, "name", None) if system.slow else None,
-            # an in-process model's spec key, or a served model's identity (URL, model, pixel cap)
-            "system2_spec": getattr(slow_spec, "key", None) or getattr(getattr(system.slow, "backend", None), "key", None),
+            # an in-process model's spec key, or the backend's own identity (a served model's URL, model, cap)
+            "system2_spec": system2_identity(system.slow),
             "n_rules": system.n_rules,
             "rationale": bool(getattr(system.slow, "rationale", False)),
             "kb_digest": knowledge_base_digest(system.kb), "experience_digest": experience_digest(system),

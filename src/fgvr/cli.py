@@ -7,12 +7,18 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from fgvr import __version__
 from fgvr.defaults import DEFAULTS
 from fgvr.errors import FgvrError, debug_enabled, storage_error
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fgvr.backends import BackendOptions, VlmBackend
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -208,7 +214,8 @@ def vlm_options(f):
         click.option("--quant", type=click.Choice(["int8", "nf4"]), default=None,
                      help="Quantise the VLM with bitsandbytes (CUDA only)."),
         click.option("--max-visual-tokens", type=click.IntRange(4), default=None,
-                     help="Pixel cap per image in visual tokens of 28x28 pixels (default 1280)."),
+                     help="Pixel cap per image in the VLM family's visual tokens (Qwen2.5-VL: 28x28 pixels each, "
+                          "default 1280)."),
         click.option("--gpu-budget", type=ByteSize(), default=None, metavar="SIZE",
                      help="Memory the registry may use on the GPU, e.g. 18GiB (default: the card's capacity)."),
         click.option("--vlm-model", default=None, metavar="NAME",
@@ -231,44 +238,36 @@ def vlm_options(f):
     return f
 
 
-def vlm_spec(vlm: str | None, device: str, o: dict):
-    """The VLM's ModelSpec from --vlm and the options above (None without --vlm); applies --gpu-budget."""
-    from fgvr.models import parse_spec, registry
+def open_vlm(vlm: str | None, device: str, o: dict, cache_dir: "Path | None" = None) -> "VlmBackend | None":
+    """--vlm through the one door (`fgvr.backends.get_backend`) with the options above, None without --vlm;
+    applies --gpu-budget. A backend that cannot start (no such folder, a server that does not answer) fails
+    here, before any work. `cache_dir`: where a served backend keeps its answers so a killed run does not
+    ask again."""
+    from fgvr.backends import get_backend
+    from fgvr.models import registry
     from fgvr.models.footprint import parse_bytes
-    from fgvr.models.spec import QWEN_PATCH, SpecError
 
     if o.get("gpu_budget"):
         registry.set_budget(device if device.startswith("cuda") else "cuda:0", parse_bytes(o["gpu_budget"]))
     if not vlm:
         return None
-    from fgvr.backends import is_served
-
-    if is_served(vlm):
-        return vlm  # a server: opened (and probed) by fgvr.backends with vlm_backend_options
-    tokens = o.get("max_visual_tokens")
-    spec = parse_spec(vlm, device=device, dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
-                      max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else None)
-    if spec.family != "qwen2_5_vl":
-        raise SpecError(f"--vlm must be a Qwen2.5-VL model folder; {vlm} is a {spec.family} model")
-    return spec
+    return get_backend(vlm, vlm_backend_options({**o, "device": device}, cache_dir))
 
 
-def vlm_backend_options(o: dict, cache_dir=None):
-    """The `fgvr.backends.BackendOptions` for --vlm from the options above (`cache_dir`: where a served
-    backend keeps its answers so a killed run does not ask again)."""
+def vlm_backend_options(o: dict, cache_dir: "Path | None" = None) -> "BackendOptions":
+    """The `fgvr.backends.BackendOptions` for --vlm from the options above; the pixel cap in visual tokens
+    is turned into pixels by the backend, on its VLM family's grid."""
     from fgvr.backends import BackendOptions
-    from fgvr.models.spec import DEFAULT_MAX_PIXELS, QWEN_PATCH
 
-    tokens = o.get("max_visual_tokens")
     return BackendOptions(device=o.get("device") or "cpu", dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
-                          max_pixels=tokens * QWEN_PATCH * QWEN_PATCH if tokens else DEFAULT_MAX_PIXELS,
+                          max_visual_tokens=o.get("max_visual_tokens"),
                           model=o.get("vlm_model"), concurrency=o.get("vlm_concurrency") or 8,
                           timeout_s=o.get("vlm_timeout") or 120.0,
                           retries=4 if o.get("vlm_retries") is None else o["vlm_retries"], cache_dir=cache_dir,
                           openai_key=bool(o.get("vlm_openai_key")))
 
 
-# --- memory (issue 2) -------------------------------------------------------------------------------
+# --- memory ---------------------------------------------------------------------------------------
 
 
 @cli.group()
@@ -310,14 +309,18 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
     """
     import json as _json
 
-    from fgvr.models.plan import make_plan
-    from fgvr.models.spec import QWEN_PATCH
+    from fgvr.backends import claimant
+    from fgvr.models.plan import make_plan, resolve, vlm_family
 
     if max_pixels and max_visual_tokens:
         raise click.UsageError("give --max-pixels or --max-visual-tokens, not both")
-    if max_visual_tokens:
-        max_pixels = max_visual_tokens * QWEN_PATCH * QWEN_PATCH
-    from fgvr.backends import is_served
+    served = vlm.lower() != "none" and claimant(vlm).SERVED
+    if max_visual_tokens and vlm.lower() != "none" and not served:
+        max_pixels = vlm_family(vlm, resolve(vlm)[1]).vlm.pixels_for_tokens(max_visual_tokens)
+    elif max_visual_tokens:
+        from fgvr.models import families
+
+        max_pixels = families.vlm_declaration().pixels_for_tokens(max_visual_tokens)
 
     if serve:
         from fgvr.models.serve_plan import make_serve_plan
@@ -328,7 +331,6 @@ def memory_plan(vlm, encoder, dtype, encoder_dtype, budget, max_pixels, max_visu
         click.echo(_json.dumps([p.to_json() for p in plans], indent=2) if as_json
                    else "\n\n".join(p.format() for p in plans))
         return
-    served = is_served(vlm)
     if served:
         click.echo(f"System 2 is served by {vlm}: the VLM's memory is the server's (plan it with "
                    "--vlm qwen2.5-vl-7b --serve vllm --gpu SIZE); below, fgvr's own process only.", err=True)
@@ -379,7 +381,7 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
     click.echo(_json.dumps(rep.to_json(), indent=2) if as_json else rep.format())
 
 
-# --- knowledge base (issue 3) -----------------------------------------------------------------------
+# --- knowledge base -------------------------------------------------------------------------------
 
 
 @cli.command("build-kb")
@@ -406,14 +408,11 @@ def build_kb_cmd(data, shots, seed, encoder, vlm, out, batch_size, device, augme
 
     Resumable: rerun the same command after an interruption and finished classes are reused.
     """
-    from fgvr.backends import is_served, open_backend
     from fgvr.knowledge_base import build_knowledge_base
     from fgvr.locks import output_lock
 
     with output_lock(out, "build-kb"):
-        vlm_arg = vlm_spec(vlm, device, vlm_opts)
-        if is_served(vlm_arg):  # opened here so --vlm-model / --vlm-concurrency / ... apply
-            vlm_arg = open_backend(vlm_arg, vlm_backend_options({**vlm_opts, "device": device}))
+        vlm_arg = open_vlm(vlm, device, vlm_opts)
         _, summary = build_knowledge_base(
             data, out, shots=shots, seed=seed, encoder=encoder, vlm=vlm_arg, device=device,
             batch_size=batch_size,
@@ -440,7 +439,7 @@ def kb_show_cmd(kb_path, max_classes) -> None:
 
     kb = load_knowledge_base(kb_path)
     click.echo(format_knowledge_base(kb, max_classes=max_classes))
-    # Hook for the experience library (issue 5): rules stored under KB/experience/ are listed by
+    # The experience library: rules stored under KB/experience/ are listed by
     # fgvr.rules.describe_rules(kb_path) -> str.
     if (Path(kb_path) / "experience").is_dir():
         from fgvr.rules import describe_rules
@@ -464,12 +463,9 @@ def kb_add_cmd(kb_path, images, label, device, batch_size, workers, vlm, **vlm_o
 
     Only the new images are encoded; class means, fusion and statistics are refitted as a build would.
     """
-    from fgvr.backends import is_served, open_backend
     from fgvr.knowledge_base.incremental import add_images
 
-    vlm_arg = vlm_spec(vlm, device, vlm_opts)
-    if is_served(vlm_arg):
-        vlm_arg = open_backend(vlm_arg, vlm_backend_options({**vlm_opts, "device": device}))
+    vlm_arg = open_vlm(vlm, device, vlm_opts)
     summary = add_images(kb_path, images, label, device=device, batch_size=batch_size, workers=workers,
                          vlm=vlm_arg, progress=True)
     click.echo(summary.format())
@@ -509,7 +505,7 @@ def kb_revert_cmd(kb_path, version) -> None:
     click.echo(revert_base(kb_path, version).format())
 
 
-# --- classify / evaluate (issue 4) ------------------------------------------------------------------
+# --- classify / evaluate --------------------------------------------------------------------------
 
 
 def _system_options(f):
@@ -560,8 +556,8 @@ def _system_kwargs(kb, o: dict, slow_all: bool = False, cache_dir=None) -> dict:
 
     enc = o["encoder"]
     enc = str(Path(enc).resolve()) if enc and Path(enc).exists() else enc  # actors may run in another folder
-    return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=vlm_spec(o["vlm"], o["device"], o),
-                reranker=o["reranker"], vlm_options=vlm_backend_options(o, cache_dir), budget=o["slow_budget"],
+    return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=open_vlm(o["vlm"], o["device"], o, cache_dir),
+                reranker=o["reranker"], budget=o["slow_budget"],
                 threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
                 rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all, debias=o.get("debias"))
 
@@ -734,7 +730,7 @@ def compare(run_a, run_b, as_json) -> None:
     click.echo(json.dumps(c.to_json()) if as_json else c.describe())
 
 
-# --- experience library (issue 5) -------------------------------------------------------------------
+# --- experience library ---------------------------------------------------------------------------
 
 
 @cli.command("build-experience")
@@ -767,16 +763,13 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
     from pathlib import Path
 
     from fgvr.data import read_dataset
-    from fgvr.backends import is_served, open_backend
     from fgvr.experience import build_experience, describe_rules
     from fgvr.locks import output_lock
 
-    spec = vlm_spec(vlm, device, vlm_opts)
     with output_lock(Path(kb) / "experience", "build-experience"):
-        if is_served(spec):  # one backend for reasoning and reflection; its answers kept with the base
-            spec = open_backend(spec, vlm_backend_options({**vlm_opts, "device": device},
-                                                          Path(kb) / "experience" / "vlm-cache"))
-        summary = build_experience(kb, read_dataset(Path(data), classes_file), spec, rounds, k=top_k,
+        # one backend for reasoning and reflection; a served one's answers kept with the base
+        backend = open_vlm(vlm, device, vlm_opts, Path(kb) / "experience" / "vlm-cache")
+        summary = build_experience(kb, read_dataset(Path(data), classes_file), backend, rounds, k=top_k,
                                    weight=weight, n_rules=n_rules, max_per_class=max_per_class,
                                    device=device, fresh=fresh)
     click.echo(json.dumps(summary.to_json()))
@@ -784,7 +777,7 @@ def build_experience_cmd(kb, data, vlm, rounds, top_k, weight, n_rules, max_per_
 
 
 
-# --- demo (issue 6) ---------------------------------------------------------------------------------
+# --- demo -----------------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -806,7 +799,7 @@ def demo(shots, test_images, seed, out, slow_budget, quick) -> None:
     demo_mod.main(out, shots, test_images, seed, slow_budget, quick)
 
 
-# --- bench (issue 15) -------------------------------------------------------------------------------
+# --- bench ----------------------------------------------------------------------------------------
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -914,7 +907,7 @@ def bench(dataset, datasets_, root, split, fold, shots, seeds, encoder, vlm, rer
             raise click.UsageError(f"--root DIR is required for {info.name}: the folder you downloaded it to. "
                                    "`fgvr bench --list` shows the expected layout.")
     common = dict(root=root, shots=shots, seeds=seeds, encoder=encoder,
-                  vlm=vlm_spec(vlm, device, vlm_opts), vlm_options=vlm_backend_options({**vlm_opts, "device": device}),
+                  vlm=open_vlm(vlm, device, vlm_opts),
                   reranker=reranker, slow_budget=slow_budget, limit=limit, top_k=top_k, weight=weight,
                   device=device, batch_size=batch_size, cli_args=cli_args, reports=not no_reports)
     if dataset is not None:
@@ -925,7 +918,7 @@ def bench(dataset, datasets_, root, split, fold, shots, seeds, encoder, vlm, rer
     click.echo(f"wrote {out}/table.md and {out}/table.json", err=True)
 
 
-# --- serve (issue 14) -------------------------------------------------------------------------------
+# --- serve ----------------------------------------------------------------------------------------
 
 
 def _given(name: str) -> bool:

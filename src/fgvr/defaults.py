@@ -15,6 +15,7 @@ class Defaults:
     """Why each value: see the module that uses it (named in the comment)."""
 
     shots: int = 5  # support images per class (build-kb, demo)
+    encoder: str = "efficientnet-lite0"  # System 1's encoder: the real image weights packaged offline (build-kb, bench)
     slow_budget: float = 0.3  # fraction of images sent to System 2 (trigger; cli, demo)
     top_k: int = 5  # System 1 candidates handed to System 2 (fast_path, pipeline)
     decision_weight: float = 0.5  # System 2's share in the final distribution (decision)

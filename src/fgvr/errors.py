@@ -60,6 +60,10 @@ class ModelError(FgvrError):
     exit_code = 5
 
 
+class SpecError(ModelError, ValueError):
+    """A model spec that names nothing loadable; the message says what to fetch or type instead."""
+
+
 class RunMismatchError(FgvrError):
     """A resume whose inputs or answer-changing settings differ from the run it would continue."""
 

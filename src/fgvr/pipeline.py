@@ -21,17 +21,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from fgvr.data import ImageError, load_image
 from fgvr.decision import DEFAULT_WEIGHT, decide
 from fgvr.defaults import DEFAULTS
-from fgvr.models.spec import ModelSpec
 from fgvr.fast_path import system1
+from fgvr.models.spec import ModelSpec
 from fgvr.slow_path import SlowAnswer, SlowPath, SlowQuery
 from fgvr.trigger import Trigger
+
+if TYPE_CHECKING:
+    from fgvr.backends import VlmBackend
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +323,7 @@ def open_system(
     kb_path: str | Path,
     *,
     encoder: str | None = None,
-    vlm: str | ModelSpec | None = None,
+    vlm: "VlmBackend | None" = None,
     reranker: bool = False,
     budget: float | None = None,
     threshold: float | None = None,
@@ -332,14 +335,12 @@ def open_system(
     slow_all: bool = False,
     slow_batch: int = 8,
     debias: str | None = None,
-    vlm_options: Any = None,
 ) -> Iterator[DualSystem]:
     """Load the base, lease its encoder from the registry for the duration, and wire up System 2.
 
     `encoder` defaults to the one the base was built with; naming another one is refused by
-    `load_knowledge_base` (embeddings of different encoders are not comparable). `vlm` (a Qwen2.5-VL folder,
-    a ModelSpec, the URL of an OpenAI-compatible server, or an open `fgvr.backends` backend; opened with
-    `vlm_options`, a `BackendOptions`) or `reranker` picks System 2; neither means none (escalations are
+    `load_knowledge_base` (embeddings of different encoders are not comparable). `vlm` (an open backend,
+    `fgvr.backends.get_backend`) or `reranker` picks System 2; neither means none (escalations are
     marked unavailable). The trigger uses `threshold` when given, else `budget` (default 0.3) calibrated on
     the base's support set. `debias` ('cyclic' or 'prior') wraps System 2 in `fgvr.debias` (option-order
     debiasing; off by default).
@@ -354,14 +355,9 @@ def open_system(
         raise ValueError("give --threshold or --slow-budget, not both")
     if threshold is None and budget is None:
         budget = DEFAULTS.slow_budget
-    backend = None
-    if vlm:  # first: a server that does not answer is one clear error before anything is loaded
-        from dataclasses import replace
-
-        from fgvr.backends import BackendOptions, open_backend
-
-        backend = vlm if hasattr(vlm, "score_options") else open_backend(
-            vlm, replace(vlm_options or BackendOptions(), device=device))
+    backend = vlm
+    if backend is not None and not hasattr(backend, "score_options"):
+        raise TypeError(f"open_system(vlm=...) takes an open backend (fgvr.backends.get_backend), not {vlm!r}")
     if encoder is not None:
         spec = parse_spec(encoder, device=device, role="image-encoder")
         kb = load_knowledge_base(kb_path, encoder=spec)  # refuses another encoder's base

@@ -273,7 +273,7 @@ class RayEngine:
                                                    "system2": self.has_system2})
         if self.has_system2:
             vlm = self.open_kwargs.get("vlm")
-            local_vlm = vlm is not None and not isinstance(vlm, str)  # a ModelSpec; a string is a server's URL
+            local_vlm = vlm is not None and not vlm.served  # a served VLM's memory is the server's
             res = {"num_gpus": 1} if self.cuda and local_vlm else {"num_cpus": 0}
             ds = ds.map_batches(SlowStage, batch_size=self.batch_size, batch_format="numpy",
                                 compute=ActorPoolStrategy(size=self.slow_workers),

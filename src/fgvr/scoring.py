@@ -83,14 +83,6 @@ class Support:
         sims[rows, rows + start] = -math.inf
         return s_proto, best_exemplar_scores(sims, self.labels, self.num_classes)
 
-    def loo_scores(self, exemplar_weight: float, chunk: int = 2048) -> torch.Tensor:
-        """(N, C) leave-one-out image scores of every exemplar, in chunks of rows to bound memory."""
-        out = []
-        for start in range(0, self.exemplars.shape[0], chunk):
-            s_proto, s_ex = self.loo_parts(start, start + chunk, exemplar=exemplar_weight > 0)
-            out.append(s_proto if s_ex is None else mix(s_proto, s_ex, exemplar_weight))
-        return torch.cat(out)
-
 
 def nll_per_row(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """(N,) float64 -log softmax(logits / t)[true], computed as `fit_temperature` explains (no rounding to 0)."""

@@ -8,14 +8,19 @@ probability for each candidate, always a valid class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from PIL import Image
 
+from fgvr.defaults import DEFAULTS
 from fgvr.rules import normalise_name
+
 # LETTERS and the chat helpers live with the backends; re-exported for callers that build conversations.
 from fgvr.backends import LETTERS, user_turn  # noqa: F401
 from fgvr.backends.transformers_vlm import letter_token_ids, render_chat, vlm_generate, vlm_inputs  # noqa: F401
+
+if TYPE_CHECKING:
+    from fgvr.backends import VlmBackend
 
 
 @dataclass
@@ -97,20 +102,17 @@ class VlmReasoner:
     """System 2 with a VLM: the image and System 1's top-k as lettered options; the answer is read by
     scoring the options, so it is always one of the candidates and comes with a distribution.
 
-    The VLM is reached through a backend (`fgvr.backends`): in-process transformers or a served model; this
-    class builds the question and reads the answer, the backend decides how the model is asked. Passing a
-    ModelSpec (the old signature) opens the in-process backend on it.
+    The VLM is reached through an open backend (`fgvr.backends.get_backend`): in-process transformers or a
+    served model; this class builds the question and reads the answer, the backend decides how the model is
+    asked.
     """
 
     name = "vlm-reasoner"
 
-    def __init__(self, backend: Any, class_names: Sequence[str], descriptions: dict[str, str] | None = None,
-                 rationale: bool = False, batch_size: int | None = None, max_rules: int = 3,
-                 rationale_tokens: int = 40) -> None:
-        from fgvr.backends import BackendOptions, open_backend
-
+    def __init__(self, backend: "VlmBackend", class_names: Sequence[str], descriptions: dict[str, str] | None = None,
+                 rationale: bool = False, max_rules: int = DEFAULTS.rules, rationale_tokens: int = 40) -> None:
         if not hasattr(backend, "score_options"):
-            backend = open_backend(backend, BackendOptions(batch_size=batch_size))
+            raise TypeError(f"VlmReasoner needs an open backend (fgvr.backends.get_backend), not {backend!r}")
         self.backend = backend
         self.class_names = list(class_names)
         self.descriptions = dict(descriptions or {})
@@ -170,3 +172,18 @@ class VlmReasoner:
                 answers[i].rationale = g.text
             answers[i].tokens_in += g.tokens_in
             answers[i].tokens_out += g.tokens_out
+
+
+def system2_identity(slow: Any) -> str | None:
+    """What answers as System 2, for the run a result is bound to: the loaded model's spec key, else the
+    backend's own identity (`describe()["key"]`: a served model's URL, model and answer mode)."""
+    if slow is None:
+        return None
+    spec = getattr(slow, "spec", None)
+    if spec is not None:
+        return spec.key
+    key = getattr(getattr(slow, "backend", None), "key", None)
+    if key is not None:
+        return key
+    describe = getattr(slow, "describe", None)
+    return describe().get("key") if callable(describe) else None

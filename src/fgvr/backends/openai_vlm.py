@@ -77,11 +77,12 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fgvr.backends import (LETTERS, BackendError, BackendOptions, Generated, OptionScores, fit_pixels, is_served,
-                           user_turn)
+from fgvr.backends.base import (LETTERS, BackendError, BackendOptions, Generated, OptionScores, fit_pixels,
+                                user_turn, with_pixels)
 from fgvr.run_dir import Journal
 
 NAME = "openai"
+SERVED = True
 MODES = ("logprob_token_ids", "top_logprobs", "choice", "letter")
 CACHE_FILE = "answers.jsonl"
 _PROBE = "Answer with one letter only: A or B?"
@@ -96,12 +97,15 @@ _CHUNK = 64 * 1024
 log = logging.getLogger(__name__)
 
 
-def claims(spec: Any) -> bool:
-    return is_served(spec)
+def claims(text: str) -> bool:
+    """An http(s) URL: the address of an OpenAI-compatible server."""
+    return isinstance(text, str) and text.strip().lower().startswith(("http://", "https://"))
 
 
-def open_backend(spec: Any, options: BackendOptions) -> "OpenAIVlm":
-    return OpenAIVlm(str(spec), options)
+def open_backend(text: str, options: BackendOptions) -> "OpenAIVlm":
+    """The server at `text`, probed now (model, letter tokens, answer mode); images are sized for the VLM
+    family `options.family` (the default VLM family's grid when None)."""
+    return OpenAIVlm(text.strip(), with_pixels(options))
 
 
 class HttpError(Exception):
@@ -492,6 +496,7 @@ class OpenAIVlm:
     """A served VLM (see the module docstring)."""
 
     name = NAME
+    served = SERVED
 
     def __init__(self, url: str, options: BackendOptions) -> None:
         self.url = url.rstrip("/")
@@ -523,6 +528,11 @@ class OpenAIVlm:
         answered = f"|as={self.answered_model}" if self.answered_model not in (None, self.model) else ""
         return (f"{NAME}|{self.url}|{self.model}{answered}|maxpx={self.options.max_pixels}"
                 f"|minpx={self.options.min_pixels}")
+
+    def __reduce__(self) -> tuple[Any, tuple[str, BackendOptions]]:
+        """Pickled (a Ray actor's copy) as the URL and options: the other process opens its own connection
+        pool and probes the server itself, rather than receiving threads and sockets."""
+        return (open_backend, (self.url, self.options))
 
     # --- start: model, letters, mode ---------------------------------------------------------------
     def _pick_model(self, wanted: str | None) -> str:

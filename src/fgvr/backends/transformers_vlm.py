@@ -1,4 +1,4 @@
-"""The in-process System 2 backend: a Qwen2.5-VL folder loaded through transformers, leased from the registry.
+"""The in-process System 2 backend: a VLM folder loaded through transformers, leased from the registry.
 
 One generation path for all text (rationales, class descriptions, reflections): `vlm_generate`, greedy, left
 padded, stopping at <|im_end|>. One scoring path: a single forward with `logits_to_keep=1` and the option
@@ -10,14 +10,18 @@ while it runs, and back afterwards); this object holds the spec, never the model
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
-from fgvr.backends import (LETTERS, BackendError, BackendOptions, Generated, OptionScores, fit_pixels,
-                           user_turn)
+from fgvr.backends.base import LETTERS, BackendError, BackendOptions, Generated, OptionScores, user_turn
+
+if TYPE_CHECKING:
+    from fgvr.models.family import VlmDeclaration
+    from fgvr.models.spec import ModelSpec
 
 NAME = "transformers"
+SERVED = False
 CPU_BATCH = 4  # prompts per forward on CPU (memory is not the limit there; speed is)
 MAX_AUTO_BATCH = 8
 PLANNED_TEXT_TOKENS = 400  # the prompt text `fgvr memory plan` assumes per query
@@ -26,20 +30,24 @@ PLANNED_TEXT_TOKENS = 400  # the prompt text `fgvr memory plan` assumes per quer
 FALLBACK = True  # any folder or model name that no other backend claims: parse_spec says what is wrong with it
 
 
-def claims(spec: Any) -> bool:
-    from fgvr.models.spec import ModelSpec
-
-    return isinstance(spec, (ModelSpec, str))
+def claims(text: str) -> bool:
+    return isinstance(text, str)
 
 
-def open_backend(spec: Any, options: BackendOptions) -> "TransformersVlm":
-    from fgvr.models.spec import ModelSpec, parse_spec
+def open_backend(text: str, options: BackendOptions) -> "TransformersVlm":
+    """A local folder of a VLM family (a model name gets parse_spec's "fetch it to ..." error). The pixel cap
+    is the family's: --max-visual-tokens on its grid, else its default."""
+    from fgvr.models import families
+    from fgvr.models.spec import parse_spec
 
-    if not isinstance(spec, ModelSpec):  # a folder; a model name gets parse_spec's "fetch it to ..." error
-        spec = parse_spec(str(spec), device=options.device, dtype=options.dtype, quantization=options.quantization,
-                          max_pixels=options.max_pixels, min_pixels=options.min_pixels)
-    if spec.family != "qwen2_5_vl":
-        raise BackendError(f"--vlm must be a Qwen2.5-VL model folder; {spec.source} is a {spec.family} model")
+    spec = parse_spec(text, device=options.device, dtype=options.dtype, quantization=options.quantization,
+                      min_pixels=options.min_pixels)
+    fam = families.get(spec.family)
+    if fam.vlm is None:
+        titles = ", ".join(f.title for f in families.by_role("vlm"))
+        raise BackendError(f"--vlm must be a VLM model folder ({titles}); {spec.source} is a {fam.title} model")
+    if options.max_pixels or options.max_visual_tokens:
+        spec = spec.replace(max_pixels=options.max_pixels or fam.vlm.pixels_for_tokens(options.max_visual_tokens))
     return TransformersVlm(spec, batch_size=options.batch_size)
 
 
@@ -57,13 +65,20 @@ def vlm_inputs(vlm: Any, texts: list[str], images: list[Image.Image]) -> Any:
         kwargs["max_pixels"] = spec.max_pixels
     if spec.min_pixels:
         kwargs["min_pixels"] = spec.min_pixels
-    inputs = vlm.processor(text=texts, images=[fit_pixels(im, spec.max_pixels, spec.min_pixels) for im in images]
+    decl = _declaration(spec)
+    inputs = vlm.processor(text=texts, images=[decl.fit_pixels(im, spec.max_pixels, spec.min_pixels) for im in images]
                            or None, padding=True, padding_side="left", return_tensors="pt", **kwargs)
     param = next(vlm.model.parameters())
     inputs = inputs.to(param.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     return inputs
+
+
+def _declaration(spec: "ModelSpec") -> "VlmDeclaration":
+    from fgvr.models import families
+
+    return families.vlm_declaration(spec.family)
 
 
 def letter_token_ids(tokenizer: Any, prompt: str, k: int) -> list[int]:
@@ -122,16 +137,18 @@ def auto_batch_size(vlm: Any) -> int:
         return CPU_BATCH
     spare = budget - reg.held_bytes(device) - CUDA_CONTEXT_BYTES
     per_prompt = workload(vlm.model.config.to_dict(), vlm.spec.dtype, vlm.spec.max_pixels,
-                          text_tokens=PLANNED_TEXT_TOKENS, new_tokens=1, batch=1).working_bytes
+                          text_tokens=PLANNED_TEXT_TOKENS, new_tokens=1, batch=1,
+                          vlm=_declaration(vlm.spec)).working_bytes
     return max(1, min(MAX_AUTO_BATCH, spare // max(1, per_prompt)))
 
 
 class TransformersVlm:
-    """A Qwen2.5-VL in this process (see the module docstring)."""
+    """A VLM in this process (see the module docstring)."""
 
     name = NAME
+    served = SERVED
 
-    def __init__(self, spec: Any, batch_size: int | None = None) -> None:
+    def __init__(self, spec: "ModelSpec", batch_size: int | None = None) -> None:
         self.spec = spec
         self.batch_size = batch_size
         self.last_batch_size: int | None = None

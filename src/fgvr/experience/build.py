@@ -7,7 +7,7 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fgvr.experience.heldout import PARTS, BuildSummary, Item, accuracy_per_part, held_out
 from fgvr.experience.log import ExperienceLog
@@ -18,6 +18,9 @@ from fgvr.experience.similarity import TextSimilarity
 from fgvr.io import atomic_write_bytes
 from fgvr.run_dir import Checkpoint, identity_diff
 from fgvr.rules import EXPERIENCE_DIR, FORMAT_VERSION, ExperienceError, ExperienceLibrary, Rule
+
+if TYPE_CHECKING:
+    from fgvr.backends import VlmBackend
 
 log = logging.getLogger("fgvr.experience")
 
@@ -70,17 +73,16 @@ def fingerprint_of(kb: Any, k: int, items: Sequence[Item]) -> dict:
     return {"classes": list(kb.classes), "encoder": getattr(kb, "encoder_key", ""), "k": k, "validation": h}
 
 
-def open_systems(kb: Any, vlm_spec: Any, slow: Any, reflector: Any, n_rules: int) -> tuple[Any, Any]:
-    """System 2 and the reflector: the VLM reasoner and reflector on `vlm_spec` unless given (tests)."""
+def open_systems(kb: Any, vlm: "VlmBackend | None", slow: Any, reflector: Any, n_rules: int) -> tuple[Any, Any]:
+    """System 2 and the reflector: the VLM reasoner and reflector on one open backend unless given (tests)."""
     if slow is not None and reflector is not None:
         return slow, reflector
-    if vlm_spec is None:
+    if vlm is None:
         raise ExperienceError("building the experience library needs a VLM: pass --vlm FOLDER "
-                              "(a Qwen2.5-VL folder saved with save_pretrained)")
-    from fgvr.backends import open_backend
+                              "(a VLM folder saved with save_pretrained) or a served VLM's URL")
     from fgvr.slow_path import VlmReasoner
 
-    backend = vlm_spec if hasattr(vlm_spec, "generate") else open_backend(vlm_spec)  # one for both steps
+    backend = vlm  # one for both steps
     slow = slow or VlmReasoner(backend, kb.classes, getattr(kb, "descriptions", None) or {}, max_rules=n_rules)
     return slow, reflector or VlmReflector(backend)
 
@@ -119,7 +121,7 @@ def start_build(kb: Any, kb_path: Path, dataset: Any, k: int, max_per_class: int
 def build_experience(
     kb_path: str | Path,
     data: Any,
-    vlm_spec: Any = None,
+    vlm: "VlmBackend | None" = None,
     rounds: int = 1,
     *,
     k: int = 5,
@@ -137,7 +139,7 @@ def build_experience(
 
     Every validation image goes through System 2 here (whatever the trigger would do at inference): a rule
     can only be learned from, and measured on, images the VLM has seen. `slow` and `reflector` default to
-    the VLM reasoner and reflector on `vlm_spec`; tests pass scripted ones. Resumes from
+    the VLM reasoner and reflector on the open backend `vlm` (`fgvr.backends.get_backend`); tests pass scripted ones. Resumes from
     experience/progress.json unless `fresh`.
     """
     from fgvr.data import Dataset, read_dataset
@@ -148,7 +150,7 @@ def build_experience(
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     kb_path = Path(kb_path)
     kb = load_knowledge_base(kb_path)
-    slow, reflector = open_systems(kb, vlm_spec, slow, reflector, n_rules)
+    slow, reflector = open_systems(kb, vlm, slow, reflector, n_rules)
     dataset = data if isinstance(data, Dataset) else read_dataset(Path(data))
     summary = BuildSummary()
     state, emb = start_build(kb, kb_path, dataset, k, max_per_class, fresh, summary, device, show_progress)

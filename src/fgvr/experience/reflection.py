@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from fgvr.backends import VlmBackend
 
 
 @dataclass
@@ -46,12 +49,12 @@ class Reflector(Protocol):
 
 class VlmReflector:
     """Reflection with the VLM through its backend (`fgvr.backends`, the same text generation as class
-    descriptions and rationales): greedy, a few dozen tokens. A spec opens the in-process backend."""
+    descriptions and rationales): greedy, a few dozen tokens."""
 
-    def __init__(self, backend: Any, max_new_tokens: int = 160, batch_size: int = 4) -> None:
-        from fgvr.backends import BackendOptions, open_backend
-
-        self.backend = backend if hasattr(backend, "generate") else open_backend(backend, BackendOptions(batch_size=batch_size))
+    def __init__(self, backend: "VlmBackend", max_new_tokens: int = 160) -> None:
+        if not hasattr(backend, "generate"):
+            raise TypeError(f"VlmReflector needs an open backend (fgvr.backends.get_backend), not {backend!r}")
+        self.backend = backend
         self.max_new_tokens = max_new_tokens
 
     def reflect(self, requests: Sequence[ReflectRequest]) -> list[str]:

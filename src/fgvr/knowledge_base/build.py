@@ -16,12 +16,13 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from fgvr import __version__
 from fgvr.data import DEFAULT_MAX_SIDE, Dataset, OneClassWarning, read_dataset, split_k_shot
+from fgvr.defaults import DEFAULTS
 from fgvr.knowledge_base.encoding import (ClassExemplars, _config_hash, _display_path, encode_support,
                                           parse_augment)
 from fgvr.knowledge_base.fitting import choose_fusion, retrieval_stats
@@ -30,6 +31,10 @@ from fgvr.knowledge_base.storage import (FORMAT_VERSION, KnowledgeBase, Knowledg
                                          save_knowledge_base)
 from fgvr.knowledge_base.text import (DEFAULT_TEMPLATES, DESCRIPTION_IMAGES, DESCRIPTION_MAX_NEW_TOKENS,
                                       DESCRIPTION_PROMPT, DESCRIPTION_WEIGHT, text_prototypes, write_descriptions)
+
+if TYPE_CHECKING:
+    from fgvr.backends import VlmBackend
+    from fgvr.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +83,8 @@ def build_knowledge_base(
     *,
     shots: int,
     seed: int = 0,
-    encoder: Any = "efficientnet-lite0",
-    vlm: Any = None,
+    encoder: "str | ModelSpec" = DEFAULTS.encoder,
+    vlm: "VlmBackend | None" = None,
     device: str = "cpu",
     batch_size: int = 32,
     augment: str | Iterable[str] | None = None,
@@ -92,8 +97,8 @@ def build_knowledge_base(
 ) -> tuple[KnowledgeBase, KnowledgeBaseBuildSummary]:
     """Build a knowledge base from k images per class of `data` and write it atomically to `out`.
 
-    `encoder`/`vlm`: a spec string (`efficientnet-lite0`, a model folder) or a ModelSpec. Resumable: see
-    `fgvr.knowledge_base.encoding`. Bad image files are skipped and listed; a class left with no usable
+    `encoder`: a spec string or a ModelSpec; `vlm`: an open backend (`fgvr.backends.get_backend`) that writes
+    one description per class, or None. Resumable: see `fgvr.knowledge_base.encoding`. Bad image files are skipped and listed; a class left with no usable
     support image is an error naming it and its files (the other classes' work is kept for the rerun).
     """
     from fgvr.models import registry
@@ -106,7 +111,7 @@ def build_knowledge_base(
     ds = data if isinstance(data, Dataset) else read_dataset(Path(data), classes_file)
     _warn_one_class(ds)
     support, _ = split_k_shot(ds, shots, seed)
-    spec, vlm_spec = _specs(encoder, vlm, device)
+    spec = _encoder_spec(encoder, vlm, device)
     partial_root = out.parent / f"{out.name}.partial"
     work_dir = _work_dir(out, partial_root, _config_hash(spec.to_json(), augment, max_side))
 
@@ -123,14 +128,14 @@ def build_knowledge_base(
 
     phases["encode"] = time.perf_counter() - t
     t = time.perf_counter()
-    descriptions = {} if vlm_spec is None else write_descriptions(
-        vlm_spec, ds, results, work_dir, max_side=max_side, batch_size=vlm_batch_size, progress=progress)
+    descriptions = {} if vlm is None else write_descriptions(
+        vlm, ds, results, work_dir, max_side=max_side, batch_size=vlm_batch_size, progress=progress)
     text = None
     if has_text:
         with registry.use(spec) as enc:
             text = text_prototypes(enc, ds.classes, descriptions, templates)
 
-    manifest = _manifest(data, ds, spec, vlm_spec, results, labels, skipped, shots=shots, seed=seed,
+    manifest = _manifest(data, ds, spec, vlm, results, labels, skipped, shots=shots, seed=seed,
                          augment=augment, max_side=max_side, classes_file=classes_file, templates=templates,
                          embed_dim=embed_dim, image_size=image_size, has_text=has_text, fingerprint=fp)
     kb = KnowledgeBase(classes=list(ds.classes), encoder_spec=spec.to_json(), encoder_key=spec.key,
@@ -162,22 +167,14 @@ def _fit(kb: KnowledgeBase) -> None:
                             "rule": "leave-one-out; images of single-image classes excluded"}
 
 
-def _specs(encoder: Any, vlm: Any, device: str) -> tuple[Any, Any]:
-    """(encoder spec, VLM backend or None) from spec strings, ModelSpecs, a served VLM's URL or an open
-    `fgvr.backends` backend; an in-process VLM must be a Qwen2.5-VL."""
+def _encoder_spec(encoder: "str | ModelSpec", vlm: "VlmBackend | None", device: str) -> "ModelSpec":
+    """The encoder's spec from what the caller gave (a spec string or a ModelSpec); `vlm` must be an open
+    backend or None."""
     from fgvr.models.spec import ModelSpec, parse_spec
 
-    spec = encoder if isinstance(encoder, ModelSpec) else parse_spec(str(encoder), device=device, role="image-encoder")
-    if vlm is None:
-        return spec, None
-    from fgvr.backends import BackendOptions, is_served, open_backend
-
-    if hasattr(vlm, "generate") or is_served(vlm):  # an open backend, or a served VLM's URL
-        return spec, vlm if hasattr(vlm, "generate") else open_backend(vlm, BackendOptions(device=device))
-    vlm_spec = vlm if isinstance(vlm, ModelSpec) else parse_spec(str(vlm), device=device)
-    if vlm_spec.family != "qwen2_5_vl":
-        raise KnowledgeBaseError(f"--vlm must be a Qwen2.5-VL folder; {vlm} is a {vlm_spec.family} model")
-    return spec, open_backend(vlm_spec, BackendOptions(device=device))
+    if vlm is not None and not hasattr(vlm, "generate"):
+        raise TypeError(f"build_knowledge_base(vlm=...) takes an open backend (fgvr.backends.get_backend), not {vlm!r}")
+    return encoder if isinstance(encoder, ModelSpec) else parse_spec(str(encoder), device=device, role="image-encoder")
 
 
 def _work_dir(out: Path, partial_root: Path, config_hash: str) -> Path:
@@ -221,7 +218,7 @@ def _stack(results: dict[int, ClassExemplars], num_classes: int,
     return exemplars, labels, torch.nn.functional.normalize(sums, dim=1)
 
 
-def _manifest(data: Any, ds: Dataset, spec: Any, vlm_spec: Any, results: dict[int, ClassExemplars],
+def _manifest(data: Any, ds: Dataset, spec: "ModelSpec", vlm: "VlmBackend | None", results: dict[int, ClassExemplars],
               labels: torch.Tensor, skipped: list[dict], *, shots: int, seed: int, augment: tuple[str, ...],
               max_side: int | None, classes_file: Any, templates: Sequence[str], embed_dim: int,
               image_size: int, has_text: bool, fingerprint: dict) -> dict:
@@ -246,8 +243,15 @@ def _manifest(data: Any, ds: Dataset, spec: Any, vlm_spec: Any, results: dict[in
         "support": support_records,
         "skipped": skipped,
         "text": ({"templates": list(templates), "description_weight": DESCRIPTION_WEIGHT} if has_text else None),
-        "vlm": ({"key": vlm_spec.describe()["key"], "name": vlm_spec.describe()["model"],
-                 "backend": vlm_spec.describe()["backend"], "prompt": DESCRIPTION_PROMPT,
-                 "images_per_class": DESCRIPTION_IMAGES, "max_new_tokens": DESCRIPTION_MAX_NEW_TOKENS}
-                if vlm_spec is not None else None),
+        "vlm": _vlm_record(vlm),
     }
+
+
+def _vlm_record(vlm: "VlmBackend | None") -> dict | None:
+    """What the manifest keeps of the backend that wrote the descriptions: its own identity."""
+    if vlm is None:
+        return None
+    who = vlm.describe()
+    return {"key": who["key"], "name": who.get("model", who["key"]), "backend": who.get("backend", vlm.name),
+            "prompt": DESCRIPTION_PROMPT, "images_per_class": DESCRIPTION_IMAGES,
+            "max_new_tokens": DESCRIPTION_MAX_NEW_TOKENS}

@@ -119,15 +119,14 @@ def _describe_new(kb: KnowledgeBase, vlm: Any, label: str, used: list[str], root
 def _open_vlm(kb: KnowledgeBase, vlm: Any, label: str, path: Path, device: str) -> Any:
     """The backend that describes a new class of a base with descriptions (None when nothing is to be
     written); refuses a missing VLM or another one than the base's."""
-    from fgvr.knowledge_base.build import _specs
-
     want = kb.manifest.get("vlm")
     if not want or label in kb.classes:
         return None
     if vlm is None:
         raise KnowledgeBaseError(f"{path} has VLM-written class descriptions ({want.get('name')}): give --vlm "
                                  f"{want.get('name')} so the new class {label!r} gets one too")
-    vlm = _specs(_encoder_spec(kb, device), vlm, device)[1]
+    if not hasattr(vlm, "generate"):
+        raise TypeError(f"add_images(vlm=...) takes an open backend (fgvr.backends.get_backend), not {vlm!r}")
     got = vlm.describe()["key"]
     if got != want.get("key"):
         raise KnowledgeBaseError(f"{path}'s descriptions were written by {want.get('name')} ({want.get('key')}), "

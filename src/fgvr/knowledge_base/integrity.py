@@ -1,7 +1,7 @@
 """Knowledge-base integrity (used by `storage`): everything a base holds is checked before a single score comes out of it.
 
 A base is `manifest.json` + `tensors.safetensors` + `descriptions.json`. The manifest lists the sha256 of
-the other two files in `checksums`, and since issue 11 also seals itself: `manifest_sha256` is the sha256
+the other two files in `checksums`, and also seals itself: `manifest_sha256` is the sha256
 of the manifest's canonical JSON (keys sorted, no whitespace) without that one field. So an edited encoder name,
 a removed class, or a changed support list fails here, as a damaged tensors file always did. A base
 written before manifests were sealed loads with a warning (rebuild it to protect it).

@@ -212,14 +212,3 @@ EFFICIENTNET: dict[str, dict] = {
     "efficientnet-lite0": {"model_name": "efficientnet-lite0", "image_size": 224},
     "efficientnet-lite2": {"model_name": "efficientnet-lite2", "image_size": 260},
 }
-
-
-def architecture(name: str) -> tuple[str, dict] | None:
-    """(family, config) for a model name some family declares in its `known_configs`, or None."""
-    from fgvr.models import families
-
-    low = name.strip().lower()
-    for fam in families.all_families():
-        if low in fam.known_configs:
-            return fam.name, fam.known_configs[low]
-    return None

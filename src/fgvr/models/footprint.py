@@ -117,7 +117,7 @@ def quantised_bytes(model: torch.nn.Module, quantization: str | None) -> int:
         elif quantization == "nf4":
             total += (n + 1) // 2 + math.ceil(n / 64) * 4
         else:
-            from fgvr.models.spec import SpecError
+            from fgvr.errors import SpecError
 
             raise SpecError(f"unknown quantisation {quantization!r}: use int8 or nf4")
     return total

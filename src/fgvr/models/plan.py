@@ -18,7 +18,8 @@ from typing import Callable
 
 from fgvr.models import configs
 from fgvr.models.footprint import format_bytes, module_params, quantised_bytes  # noqa: F401 (re-exported)
-from fgvr.models.spec import DEFAULT_MAX_PIXELS, QWEN_PATCH, ModelSpec, SpecError, normalise_dtype
+from fgvr.models.family import Family, VlmDeclaration
+from fgvr.models.spec import ModelSpec, SpecError, normalise_dtype
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -45,7 +46,7 @@ class Workload:
     """One System 2 generation: a chat prompt with one image at the pixel cap, options, a short answer."""
 
     max_pixels: int
-    visual_tokens: int  # worst case at the cap: floor(max_pixels / 28²)
+    visual_tokens: int  # worst case at the cap: floor(max_pixels / patch²) on the family's grid
     image_size: tuple[int, int]
     image_tokens: int  # the reference image resized under the cap, as the processor does
     text_tokens: int
@@ -135,7 +136,7 @@ def resolve(name_or_folder: str) -> tuple[str, str, dict]:
     """(label, family, config) for a known model name or a local folder with a config.json."""
     from fgvr.models import families
 
-    known = configs.architecture(name_or_folder)
+    known = families.architecture(name_or_folder)
     if known is not None:
         return name_or_folder.strip().lower(), known[0], known[1]
     p = Path(name_or_folder).expanduser()
@@ -152,6 +153,17 @@ def resolve(name_or_folder: str) -> tuple[str, str, dict]:
     if family is None:
         raise SpecError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not one fgvr can plan for")
     return p.resolve().name, family, cfg
+
+
+def vlm_family(name: str, family: str) -> Family:
+    """The declaration of `family`, refused with what to give instead unless it is a VLM family."""
+    from fgvr.models import families
+
+    fam = families.get(family)
+    if fam.vlm is None:
+        titles = ", ".join(f.title for f in families.by_role("vlm"))
+        raise SpecError(f"--vlm {name!r} is a {fam.title} model ({fam.role}); the VLM must be one of: {titles}")
+    return fam
 
 
 def build_meta(family: str, config: dict, dtype: str):
@@ -194,21 +206,24 @@ def estimate_spec_bytes(spec: ModelSpec) -> int:
 # --- the working memory of one System 2 generation ---------------------------------------------------------
 
 
-def visual_tokens_for(height: int, width: int, max_pixels: int, min_pixels: int = 4 * QWEN_PATCH**2) -> int:
-    """Visual tokens Qwen2.5-VL's processor produces for an image (its smart_resize, factor 28): the size
-    every System 2 backend sends (`fgvr.backends.fitted_size`), in 28x28 patches."""
-    from fgvr.backends import fitted_size
+def visual_tokens_for(height: int, width: int, max_pixels: int, min_pixels: int | None = None,
+                      vlm: VlmDeclaration | None = None) -> int:
+    """Visual tokens the VLM family's processor produces for an image: the size every System 2 backend
+    sends (`VlmDeclaration.fit_pixels`), in patches of its grid (`vlm`: the default VLM family's)."""
+    from fgvr.models import families
 
+    vlm = vlm or families.vlm_declaration()
     try:
-        h, w = fitted_size(height, width, max_pixels, min_pixels)
-    except ValueError as e:  # an aspect ratio Qwen's processor refuses: bad input, not a bug
+        return vlm.visual_tokens(height, width, max_pixels, min_pixels)
+    except ValueError as e:  # an aspect ratio the processor refuses: bad input, not a bug
         raise SpecError(f"image size {height}x{width}: {e}") from None
-    return (h // QWEN_PATCH) * (w // QWEN_PATCH)
 
 
 def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int] = (1024, 1024),
-             text_tokens: int = 400, new_tokens: int = 32, batch: int = 1) -> Workload:
-    """Working memory of one generation, term by term, for a Qwen2.5-VL config.
+             text_tokens: int = 400, new_tokens: int = 32, batch: int = 1,
+             vlm: VlmDeclaration | None = None) -> Workload:
+    """Working memory of one generation, term by term, for a Qwen2.5-VL-style config (a vision tower of
+    merged patches before a decoder; `vlm`: how the family tiles an image, the default VLM family's if None).
 
     The peaks of the vision tower and of the language model's prefill do not overlap (the vision features
     are merged into the prompt before the first decoder layer runs), so the larger one counts. Each peak
@@ -224,7 +239,10 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
     head_dim = text.get("head_dim") or hidden // heads
     kv_per_token = 2 * layers * kv_heads * head_dim * b
 
-    tokens = max_pixels // (QWEN_PATCH * QWEN_PATCH)
+    from fgvr.models import families
+
+    vlm = vlm or families.vlm_declaration()
+    tokens = vlm.tokens_at_cap(max_pixels)
     merge = vis.get("spatial_merge_size", 2)
     patches = tokens * merge * merge
     patch_dim = vis.get("in_chans", 3) * vis.get("temporal_patch_size", 2) * vis.get("patch_size", 14) ** 2
@@ -254,7 +272,7 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
     working = kv + max(vision, lm) + logits
     return Workload(
         max_pixels=max_pixels, visual_tokens=tokens, image_size=tuple(image_size),
-        image_tokens=visual_tokens_for(image_size[0], image_size[1], max_pixels), text_tokens=text_tokens,
+        image_tokens=visual_tokens_for(image_size[0], image_size[1], max_pixels, vlm=vlm), text_tokens=text_tokens,
         new_tokens=new_tokens, batch=batch, kv_bytes_per_token=kv_per_token, kv_bytes_per_1k=kv_per_token * 1000,
         kv_bytes=kv, vision_activation_bytes=vision, lm_activation_bytes=lm, logits_bytes=logits,
         working_bytes=working, full_logits_bytes=seq * vocab * b * batch,
@@ -286,28 +304,27 @@ def make_plan(
     """Sizes, working memory, total and verdict; where it does not fit, each change evaluated."""
     from fgvr.models import families
 
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     models: list[ModelSize] = []
-    vlm_cfg = None
+    vlm_cfg, decl = None, families.vlm_declaration()
     if vlm:
         _, family, vlm_cfg = resolve(vlm)
-        if families.get(family).role != "vlm":
-            raise SpecError(f"--vlm {vlm!r} is a {family} model; the VLM must be Qwen2.5-VL")
+        decl = vlm_family(vlm, family).vlm
         models.append(model_size(vlm, "vlm", dtype, quantization))
+    max_pixels = max_pixels or decl.default_max_pixels
     if encoder:
         models.append(model_size(encoder, "encoder", encoder_dtype or dtype))
-    work = workload(vlm_cfg, dtype, max_pixels, image_size, text_tokens, new_tokens, batch) if vlm_cfg else None
+    work = workload(vlm_cfg, dtype, max_pixels, image_size, text_tokens, new_tokens, batch, vlm=decl) if vlm_cfg else None
     total = _total(models, work, context_bytes)
     plan = Plan(budget, models, work, context_bytes, total, total <= budget)
     if plan.fits or not vlm:
         return plan
-    _add_options(plan, vlm, vlm_cfg, dtype, quantization, max_pixels,
-                 lambda cfg, px: workload(cfg, dtype, px, image_size, text_tokens, new_tokens, batch))
+    _add_options(plan, vlm, vlm_cfg, dtype, quantization, max_pixels, decl,
+                 lambda cfg, px: workload(cfg, dtype, px, image_size, text_tokens, new_tokens, batch, vlm=decl))
     return plan
 
 
 def _add_options(plan: Plan, vlm: str, vlm_cfg: dict, dtype: str, quantization: str | None, max_pixels: int,
-                 work_at: Callable[[dict, int], Workload]) -> None:
+                 decl: VlmDeclaration, work_at: Callable[[dict, int], Workload]) -> None:
     """Each change that could make `plan` fit, evaluated (plan.options), and the cheapest that does."""
     models, budget, context_bytes = plan.models, plan.budget, plan.context_bytes
     # Changes in order of what they cost in quality: none, some detail, some accuracy, more accuracy.
@@ -323,11 +340,11 @@ def _add_options(plan: Plan, vlm: str, vlm_cfg: dict, dtype: str, quantization: 
                     vlm_bytes[quant] = model_size(vlm, "vlm", dtype, quant).weight_bytes
                 m.weight_bytes = vlm_bytes[quant]
                 m.quantization = quant
-        px = tokens * QWEN_PATCH * QWEN_PATCH if tokens else max_pixels
+        px = decl.pixels_for_tokens(tokens) if tokens else max_pixels
         return _total(ms, work_at(vlm_cfg, px), context_bytes)
 
     has_encoder = any(m.role == "encoder" for m in models)
-    current_tokens = max_pixels // (QWEN_PATCH * QWEN_PATCH)
+    current_tokens = decl.tokens_at_cap(max_pixels)
     caps = [t for t in PIXEL_CAPS_TO_TRY if t < current_tokens]
     quants = [q for q in ("int8", "nf4") if q != quantization and not (quantization == "nf4" and q == "int8")]
 
@@ -345,7 +362,7 @@ def _add_options(plan: Plan, vlm: str, vlm_cfg: dict, dtype: str, quantization: 
         if enc_off:
             parts.append("encoder off the GPU while the VLM runs (registry offloads it to CPU)")
         if tokens:
-            parts.append(f"pixel cap {tokens} visual tokens (--max-pixels {tokens * QWEN_PATCH * QWEN_PATCH})")
+            parts.append(f"pixel cap {tokens} visual tokens (--max-pixels {decl.pixels_for_tokens(tokens)})")
         if quant:
             parts.append(f"{quant} VLM (--quant {quant}; bitsandbytes, CUDA only)")
         return " + ".join(parts)

@@ -4,7 +4,7 @@
     with registry.use(parse_spec("efficientnet-lite0")) as enc:   # loads once per process, pinned inside
         feats = enc.encode_images(images)
 
-Why it looks like this (our predecessor loaded its 7B VLM twice and ran out of GPU memory):
+Why it looks like this (a VLM loaded twice under two module names runs a GPU out of memory):
 * One ledger per process, kept in a fixed slot in `sys.modules`, not in a module global: the same file
   imported under two module names would otherwise hold two "singletons" and load everything twice.
 * One load per normalised spec key (`ModelSpec.key`): 'cuda' and 'cuda:0', relative and absolute paths are

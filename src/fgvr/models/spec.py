@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fgvr.errors import ModelError
+from fgvr.errors import SpecError
+
+__all__ = ["ModelSpec", "SpecError", "parse_spec", "normalise_device", "normalise_dtype", "folder_digest"]
 
 _DTYPES = {
     "fp32": "float32", "float32": "float32", "float": "float32",
@@ -23,18 +25,6 @@ _DTYPES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
 }
 _QUANT = {None: None, "": None, "none": None, "int8": "int8", "8bit": "int8", "nf4": "nf4", "4bit": "nf4"}
-
-# Qwen2.5-VL: one visual token per 28x28 patch group. The model card advises 256-1280 tokens per image;
-# the processor's own default (16,384 tokens) is what makes a single photo cost gigabytes.
-QWEN_PATCH = 28
-DEFAULT_MAX_VISUAL_TOKENS = 1280
-DEFAULT_MAX_PIXELS = DEFAULT_MAX_VISUAL_TOKENS * QWEN_PATCH * QWEN_PATCH
-DEFAULT_MIN_PIXELS = 4 * QWEN_PATCH * QWEN_PATCH
-
-
-class SpecError(ModelError, ValueError):
-    """A spec that names nothing loadable; the message says what to fetch or type instead."""
-
 
 def normalise_device(device: str | None) -> str:
     """'cuda' and 'cuda:0' are one device; 'auto' picks CUDA where it exists."""

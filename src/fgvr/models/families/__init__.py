@@ -1,10 +1,11 @@
 """Model families: each module in this package describes one family (or two close ones) completely.
 
-A family module declares `FAMILY = Family(...)` (or `FAMILIES = (...)`): what it is called, how a folder
+A family module declares `FAMILY = Family(...)` (or `FAMILIES = (...)`; `Family` is in `fgvr.models.family`): what it is called, how a folder
 of it is recognised, how to load it, its size before loading, the network on the meta device for
 `fgvr memory plan`, and what to try when it does not fit. The spec (`parse_spec`, `ModelSpec.create`),
 the registry and the plan read these declarations and know no family by name, so adding a family is one
-new file here (see docs/ARCHITECTURE.md, "How to add an encoder family").
+new file here (see docs/ARCHITECTURE.md, "How to add an encoder family" and "How to add a VLM family").
+Code chooses a family by its role (`by_role("vlm")`, `vlm_declaration(...)`), never by its name.
 
 Family modules are found and imported on first use, not when this package is imported, so importing
 fgvr imports neither transformers nor any model code.
@@ -15,60 +16,17 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from fgvr.models.family import (ROLES, Family, VlmDeclaration, encoder_fit_hints, hf_dtype_kwargs,
+                                hf_tokenizer_kwargs)
 
 if TYPE_CHECKING:
-    import torch
-
     from fgvr.models.spec import ModelSpec
 
-ROLES = ("image-encoder", "vlm", "text-embedder")
-
-
-def encoder_fit_hints(spec: "ModelSpec", device: str) -> list[str]:
-    """What to try when an encoder does not fit its device's budget (the default for families)."""
-    tries = []
-    if device != "cpu":
-        tries.append("this encoder on the CPU (device=cpu)")
-    if spec.dtype == "float32":
-        tries.append("dtype bf16/fp16 (half the bytes)")
-    return tries
-
-
-@dataclass(frozen=True)
-class Family:
-    """Everything fgvr needs to know about one model family; declared in the family's own module.
-
-    name            the spec's `family` ("clip"); role: one of ROLES.
-    title           how messages name it ("CLIP").
-    load            spec -> loaded object with `torch_modules()` (an `fgvr.encoder.Encoder` for image encoders).
-    estimate_bytes  spec -> bytes of parameters + buffers once loaded, known without loading any weights.
-    build_meta      (config dict, torch dtype) -> the real network, built under the meta device by the caller
-                    (`fgvr memory plan`); None where the family cannot be planned from a config.
-    model_types     config.json `model_type` values that make a folder this family.
-    marker_file     a file whose presence makes a folder this family (checked before config.json).
-    known_configs   model names `fgvr memory plan` can size without a folder: name -> config dict.
-    named_sources   names a user may type for packaged weights: name -> () -> (source, revision or None).
-    local_folder    the spec's source is a model folder (made absolute; its revision is a content digest).
-    spec_defaults   fills a new spec's unset fields, e.g. a VLM's pixel cap: (fields dict) -> fields dict.
-    fit_hints       (spec, device) -> what to try when it does not fit the budget (the registry's error).
-    """
-
-    name: str
-    role: str
-    title: str
-    load: Callable[["ModelSpec"], Any]
-    estimate_bytes: Callable[["ModelSpec"], int]
-    build_meta: Callable[[dict, "torch.dtype"], Any] | None = None
-    model_types: tuple[str, ...] = ()
-    marker_file: str | None = None
-    known_configs: Mapping[str, dict] = field(default_factory=dict)
-    named_sources: Mapping[str, Callable[[], tuple[str, str | None]]] = field(default_factory=dict)
-    local_folder: bool = True
-    spec_defaults: Callable[[dict], dict] | None = None
-    fit_hints: Callable[["ModelSpec", str], list[str]] = encoder_fit_hints
-
+__all__ = ["Family", "VlmDeclaration", "ROLES", "all_families", "names", "get", "by_role", "vlm_declaration",
+           "architecture", "load", "estimate_bytes", "fit_hints", "encoder_fit_hints", "hf_dtype_kwargs",
+           "hf_tokenizer_kwargs"]
 
 @functools.cache
 def all_families() -> tuple[Family, ...]:
@@ -80,6 +38,9 @@ def all_families() -> tuple[Family, ...]:
         for fam in declared:
             if fam.role not in ROLES:
                 raise ValueError(f"{module.__name__}: family {fam.name!r} has unknown role {fam.role!r}")
+            if (fam.role == "vlm") != (fam.vlm is not None):
+                raise ValueError(f"{module.__name__}: family {fam.name!r}: a VLM declares `vlm=VlmDeclaration(...)`"
+                                 " and only a VLM does")
             found.append(fam)
     names = [f.name for f in found]
     if len(set(names)) != len(names):
@@ -97,6 +58,35 @@ def get(name: str) -> Family:
         if fam.name == name:
             return fam
     raise KeyError(f"unknown model family {name!r}; known: {', '.join(names())}")
+
+
+def by_role(role: str) -> tuple[Family, ...]:
+    """The families of one role ("vlm", "image-encoder", "text-embedder"), in module-name order."""
+    return tuple(f for f in all_families() if f.role == role)
+
+
+def vlm_declaration(name: str | None = None) -> VlmDeclaration:
+    """How VLM family `name` sees an image; with no name, the VLM family marked `default` (the pixels a
+    served VLM is sent when fgvr cannot know its family), or the only one there is."""
+    if name is not None:
+        fam = get(name)
+        if fam.vlm is None:
+            raise ValueError(f"{fam.title} is a {fam.role} model, not a VLM")
+        return fam.vlm
+    vlms = by_role("vlm")
+    chosen = [f for f in vlms if f.vlm is not None and f.vlm.default] or list(vlms[:1] if len(vlms) == 1 else ())
+    if len(chosen) != 1:
+        raise ValueError(f"no single default VLM family among {', '.join(f.name for f in vlms) or 'none'}")
+    return chosen[0].vlm  # type: ignore[return-value]
+
+
+def architecture(name: str) -> tuple[str, dict] | None:
+    """(family, config) for a model name some family declares in its `known_configs`, or None."""
+    low = name.strip().lower()
+    for fam in all_families():
+        if low in fam.known_configs:
+            return fam.name, fam.known_configs[low]
+    return None
 
 
 def _family(spec: "ModelSpec") -> Family:
@@ -121,20 +111,3 @@ def fit_hints(spec: "ModelSpec", device: str) -> list[str]:
     return _family(spec).fit_hints(spec, device)
 
 
-# --- transformers version differences, in one place ---------------------------------------------------
-def _transformers_version() -> tuple[int, int, int]:
-    import transformers
-
-    parts = (transformers.__version__.split("+")[0].split(".") + ["0", "0"])[:3]
-    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
-
-
-def hf_dtype_kwargs(dtype: "torch.dtype") -> dict:
-    """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
-    return {"dtype" if _transformers_version() >= (4, 56, 0) else "torch_dtype": dtype}
-
-
-def hf_tokenizer_kwargs() -> dict:
-    """transformers 4.57.3+ warns that every local tokenizer folder saved by 4.57.3+ has Mistral's broken
-    regex ("will lead to incorrect tokenization") whatever the model; the fix is Mistral-only, so say no."""
-    return {"fix_mistral_regex": False} if (4, 57, 3) <= _transformers_version() < (5, 0, 0) else {}

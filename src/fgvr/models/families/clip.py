@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
 
 from fgvr.encoder import Encoder, l2_normalise, torch_dtype
 from fgvr.models import configs
-from fgvr.models.families import Family, hf_dtype_kwargs, hf_tokenizer_kwargs
-from fgvr.models.spec import ModelSpec, SpecError
+from fgvr.models.family import Family, hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.errors import SpecError
+
+if TYPE_CHECKING:
+    from fgvr.models.spec import ModelSpec
 
 
 def _model_class(family: str):

@@ -18,15 +18,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
 
 from fgvr.encoder import Encoder, l2_normalise, pil_to_tensor, resize_center_crop, torch_dtype
 from fgvr.models import configs
-from fgvr.models.families import Family, hf_dtype_kwargs
-from fgvr.models.spec import ModelSpec, SpecError
+from fgvr.models.family import Family, hf_dtype_kwargs
+from fgvr.errors import SpecError
+
+if TYPE_CHECKING:
+    from fgvr.models.spec import ModelSpec
 
 MEAN_POOL_MARKER = "fgvr-mean-pool"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -15,15 +15,18 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from PIL import Image
 
 from fgvr.encoder import Encoder, l2_normalise, pil_to_tensor, resize_center_crop, torch_dtype
 from fgvr.models import configs
-from fgvr.models.families import Family
-from fgvr.models.spec import ModelSpec, SpecError
+from fgvr.models.family import Family
+from fgvr.errors import SpecError
+
+if TYPE_CHECKING:
+    from fgvr.models.spec import ModelSpec
 
 # variant -> (weights package, class holding the weights path, default input size from TF's builder)
 VARIANTS: dict[str, tuple[str, str, int]] = {

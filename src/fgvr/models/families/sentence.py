@@ -8,13 +8,16 @@ once per process and shows up in `fgvr memory report`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from fgvr.encoder import torch_dtype
-from fgvr.models.families import Family
-from fgvr.models.spec import ModelSpec, SpecError
+from fgvr.models.family import Family
+from fgvr.errors import SpecError
+
+if TYPE_CHECKING:
+    from fgvr.models.spec import ModelSpec
 
 
 def packaged_minilm_path() -> Path:
@@ -39,7 +42,7 @@ def estimate_bytes(spec: ModelSpec) -> int:
     and normalise modules hold no tensors)."""
     from transformers import AutoConfig, AutoModel
 
-    from fgvr.models.families import hf_dtype_kwargs
+    from fgvr.models.family import hf_dtype_kwargs
     from fgvr.models.footprint import meta_bytes
 
     config = AutoConfig.from_pretrained(_check_folder(spec))

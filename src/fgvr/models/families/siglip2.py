@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
 
 from fgvr.encoder import l2_normalise, torch_dtype
 from fgvr.models import configs
-from fgvr.models.families import Family, hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.models.family import Family, hf_dtype_kwargs, hf_tokenizer_kwargs
 from fgvr.models.families.clip import CLIPEncoder, _special_tokens_around
-from fgvr.models.spec import ModelSpec, SpecError
+from fgvr.errors import SpecError
+
+if TYPE_CHECKING:
+    from fgvr.models.spec import ModelSpec
 
 TEXT_LENGTH = 64  # the model card's max_length (padding="max_length")
 
