@@ -117,6 +117,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
 
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the exporter's constant-folding notes, not problems
+        warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is the exporter that works here
         torch.onnx.export(module, (example,), buf, input_names=["pixels"], output_names=["out"],
                           dynamic_axes={"pixels": {0: "batch"}, "out": {0: "batch"}}, opset_version=OPSET,
                           dynamo=False)

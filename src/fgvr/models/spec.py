@@ -121,9 +121,12 @@ class ModelSpec:
         if fam.spec_defaults is not None:
             fields = fam.spec_defaults(fields)
         fields["dtype"] = normalise_dtype(fields["dtype"])
-        from fgvr.models.runtime import resolve_runtime  # unset/"auto": FGVR_RUNTIME, else per device
+        from fgvr.models.runtime import RuntimeChoiceError, resolve_runtime
 
-        fields["runtime"] = resolve_runtime(runtime, fields["device"], fields["dtype"], family)
+        try:  # unset/"auto": FGVR_RUNTIME, else ONNX Runtime on CPU where the family exports
+            fields["runtime"] = resolve_runtime(runtime, fields["device"], fields["dtype"], family)
+        except RuntimeChoiceError as e:
+            raise SpecError(str(e)) from None
         return cls(family=family, source=src, revision=revision or "", quantization=quant, **fields)
 
     @property
