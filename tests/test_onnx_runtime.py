@@ -5,7 +5,8 @@ one thread count for every runtime in the process."""
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,19 +126,29 @@ def test_damaged_graph_is_exported_again(tmp_path):
     assert torch.allclose(out, _Tiny().eval()(x).detach(), atol=1e-5)  # batch 3 through a batch-1 export
 
 
-def _export_in_child(path: str, log: str) -> None:
-    onnx_runtime.cached_graph(Path(path), _make(Path(log), delay=0.5))
+_CHILD = """
+import sys, time
+from pathlib import Path
+import torch
+from fgvr.models import onnx_runtime
+
+path, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+def make():
+    with log.open("a") as f:
+        f.write("export\\n")
+    time.sleep(1.0)  # long enough for the other process to reach the lock
+    return torch.nn.Conv2d(3, 4, 3).eval(), torch.zeros(1, 3, 8, 8)
+
+onnx_runtime.cached_graph(path, make)
+"""
 
 
 def test_two_processes_export_once(tmp_path):
+    """Two fresh interpreters (not forks: a forked torch may hang in its thread pool) export at once."""
     path, log = tmp_path / "tiny.onnx", tmp_path / "exports.log"
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_export_in_child, args=(str(path), str(log))) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(log)]) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert log.read_text().count("export") == 1
     assert onnx_runtime.is_intact(path)
     assert not list(tmp_path.glob(".*.tmp"))
