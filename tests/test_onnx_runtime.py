@@ -19,7 +19,7 @@ from fgvr.knowledge_base import load_knowledge_base
 from fgvr.models import ModelSpec, SpecError, parse_spec, registry
 from fgvr.models import onnx_runtime
 from fgvr.reranker import tta_descriptors
-from fgvr.threads import _cgroup_quota, configure, intra_op_threads
+from fgvr.threads import cgroup_quota, configure, intra_op_threads
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +182,10 @@ def test_one_thread_count_for_torch_and_onnx_runtime(tmp_path, monkeypatch):
     assert intra_op_threads() >= 1
 
 
-def test_cgroup_quota(tmp_path):
+def testcgroup_quota(tmp_path):
     f = tmp_path / "cpu.max"
     f.write_text("max 100000\n")
-    assert _cgroup_quota(f) is None
+    assert cgroup_quota(f) is None
     f.write_text("150000 100000\n")
-    assert _cgroup_quota(f) == 2
-    assert _cgroup_quota(tmp_path / "missing") is None
+    assert cgroup_quota(f) == 2
+    assert cgroup_quota(tmp_path / "missing") is None

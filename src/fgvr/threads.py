@@ -26,7 +26,7 @@ ENV = "FGVR_THREADS"
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
-def _cgroup_quota(path: Path = _CGROUP_CPU_MAX) -> int | None:
+def cgroup_quota(path: Path = _CGROUP_CPU_MAX) -> int | None:
     """Cores the cgroup v2 quota allows ("max 100000" means no quota), or None."""
     try:
         quota, period = path.read_text().split()[:2]
@@ -46,7 +46,7 @@ def available_cores() -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = cgroup_quota()
     return max(1, min(cores, quota) if quota else cores)
 
 
