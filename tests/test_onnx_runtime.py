@@ -182,7 +182,7 @@ def test_one_thread_count_for_torch_and_onnx_runtime(tmp_path, monkeypatch):
     assert intra_op_threads() >= 1
 
 
-def testcgroup_quota(tmp_path):
+def test_cgroup_quota(tmp_path):
     f = tmp_path / "cpu.max"
     f.write_text("max 100000\n")
     assert cgroup_quota(f) is None
