@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -95,7 +96,13 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
               help="Show the full traceback of an error (also FGVR_DEBUG=1).")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr (debug messages).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def cli(verbose: int = 0, quiet: bool = False) -> None:
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default=None, envvar="FGVR_RUNTIME",
+              help="What runs the image encoders: auto (ONNX Runtime on CPU where the family exports, torch on "
+                   "CUDA; the default), torch, or onnx. Also FGVR_RUNTIME.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="FGVR_THREADS",
+              help="Intra-op threads for every runtime in this process (default: the cores available, "
+                   "cgroup quota included). Also FGVR_THREADS.")
+def cli(verbose: int = 0, quiet: bool = False, runtime: str | None = None, threads: int | None = None) -> None:
     """Fine-grained visual recognition that thinks fast and slow.
 
     \b
@@ -107,6 +114,11 @@ def cli(verbose: int = 0, quiet: bool = False) -> None:
       fgvr memory plan --vlm qwen2.5-vl-7b --budget 18GiB
     """
     configure_logging(verbose, quiet)
+    from fgvr.threads import configure
+
+    if runtime:
+        os.environ["FGVR_RUNTIME"] = runtime  # read by every spec this process (and its workers) resolves
+    configure(threads)
 
 
 # --- option types: checked at parse time, so nonsense never reaches a step ----------------------------

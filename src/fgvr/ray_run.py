@@ -138,12 +138,11 @@ class _Stage:
     System 2 when `system2`. The trigger's threshold is the driver's (already calibrated there)."""
 
     def __init__(self, open_kwargs: dict[str, Any], threshold: float, system2: bool, threads: int = 0) -> None:
-        import torch
-
         from fgvr.pipeline import open_system
+        from fgvr.threads import configure
 
         if threads > 0:
-            torch.set_num_threads(threads)
+            configure(threads)  # torch and ONNX Runtime in this actor: its num_cpus, no more
         kw = {**open_kwargs, "threshold": threshold, "budget": None}
         if not system2:
             kw.update(vlm=None, reranker=False, slow_all=False)

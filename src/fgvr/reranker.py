@@ -86,18 +86,17 @@ def tta_descriptors(encoder: Any, pixels: torch.Tensor, views: Sequence[str], gr
     """(N,3,H,W) preprocessed pixels -> (N,D') L2-normalised descriptors, averaged over the TTA views.
 
     The descriptor is [pooled, grid layout], each part L2-normalised and weighted equally, so a dot product
-    is the mean of the two cosines. Encoders that expose no feature map (`.model.extract_features`) give the
+    is the mean of the two cosines. Encoders that expose no feature map (`.feature_map`) give the
     pooled embedding only.
     """
-    fmap_fn = getattr(getattr(encoder, "model", None), "extract_features", None)
+    fmap_fn = getattr(encoder, "feature_map", None)  # the encoder's runtime (ONNX Runtime or torch) runs it
     if grid <= 0 or fmap_fn is None:
         pooled = torch.stack([encoder.encode_pixels(_view(pixels, v)).float().cpu() for v in views]).mean(0)
         return F.normalize(pooled, dim=-1)
-    p = next(encoder.model.parameters())
     pooled, layout = [], []
     for view in views:
         with torch.inference_mode():
-            fmap = fmap_fn(_view(pixels, view).to(device=p.device, dtype=p.dtype)).float().cpu()
+            fmap = fmap_fn(_view(pixels, view)).float().cpu()
         if view == "flip":
             fmap = fmap.flip(-1)  # put the mirror image's cells back where the original's are
         pooled.append(F.normalize(fmap.mean(dim=(2, 3)), dim=-1))

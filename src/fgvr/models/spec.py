@@ -78,6 +78,7 @@ class ModelSpec:
     max_pixels: int | None = None
     min_pixels: int | None = None
     image_size: int | None = None  # input resolution for fixed-size encoders
+    runtime: str = "torch"  # what runs the network: "torch" or "onnx" (ONNX Runtime, CPU encoders)
 
     @classmethod
     def create(
@@ -92,6 +93,7 @@ class ModelSpec:
         max_pixels: int | None = None,
         min_pixels: int | None = None,
         image_size: int | None = None,
+        runtime: str | None = None,
     ) -> "ModelSpec":
         family = family.strip().lower().replace("-", "_").replace(".", "_")
         fam = _family(family)
@@ -108,8 +110,14 @@ class ModelSpec:
                   "min_pixels": min_pixels, "image_size": image_size}
         if fam.spec_defaults is not None:
             fields = fam.spec_defaults(fields)
-        return cls(family=family, source=src, revision=revision or "", quantization=quant,
-                   **(fields | {"dtype": normalise_dtype(fields["dtype"])}))
+        fields["dtype"] = normalise_dtype(fields["dtype"])
+        from fgvr.models.runtime import RuntimeChoiceError, resolve_runtime
+
+        try:  # unset/"auto": FGVR_RUNTIME, else ONNX Runtime on CPU where the family exports
+            fields["runtime"] = resolve_runtime(runtime, fields["device"], fields["dtype"], family)
+        except RuntimeChoiceError as e:
+            raise SpecError(str(e)) from None
+        return cls(family=family, source=src, revision=revision or "", quantization=quant, **fields)
 
     @property
     def key(self) -> str:
@@ -124,6 +132,8 @@ class ModelSpec:
             parts.append(f"minpx={self.min_pixels}")
         if self.image_size:
             parts.append(f"size={self.image_size}")
+        if self.runtime != "torch":
+            parts.append(f"rt={self.runtime}")
         return "|".join(parts)
 
     @property
@@ -132,8 +142,11 @@ class ModelSpec:
         return Path(self.source).name
 
     def replace(self, **changes) -> "ModelSpec":
-        """A copy with some fields changed, re-normalised (e.g. the same model on another device)."""
+        """A copy with some fields changed, re-normalised (e.g. the same model on another device). A new
+        device or dtype chooses the runtime again (ONNX Runtime runs on the CPU only) unless one is given."""
         fields = dataclasses.asdict(self) | changes
+        if "runtime" not in changes and ({"device", "dtype"} & changes.keys()):
+            fields["runtime"] = None
         return ModelSpec.create(fields.pop("family"), fields.pop("source"), **fields)
 
     def to_json(self) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -127,11 +128,18 @@ class EfficientNetEncoder(Encoder):
                          for im in images])
         return (x - 127.0) / 128.0
 
-    def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+    graph = None  # an `OrtGraph` of `model.extract_features` when spec.runtime is "onnx"
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) preprocessed -> (N,1280,h,w) last feature map, by ONNX Runtime or torch (spec.runtime)."""
+        if self.graph is not None:
+            return self.graph.run(pixels)
         # The registry may have moved the model (offload to CPU): follow the weights, not the spec.
         p = next(self.model.parameters())
-        fmap = self.model.extract_features(pixels.to(device=p.device, dtype=p.dtype))
-        return fmap.mean(dim=(2, 3))
+        return self.model.extract_features(pixels.to(device=p.device, dtype=p.dtype))
+
+    def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(pixels).mean(dim=(2, 3))
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -154,8 +162,36 @@ def load(spec: ModelSpec) -> EfficientNetEncoder:
     model = model.to(device=spec.device, dtype=torch_dtype(spec.dtype)).eval()
     model.requires_grad_(False)
     enc = EfficientNetEncoder(spec, model)
+    if spec.runtime == "onnx":
+        enc.graph = _onnx_graph(enc, Path(path))
     enc.load_seconds = time.perf_counter() - t0
     return enc
+
+
+class _FeatureMap(torch.nn.Module):
+    """What the ONNX graph computes: preprocessed pixels -> the last feature map (pooling stays in torch,
+    so the re-ranker's grid layout and the pooled feature come from one graph)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(pixels)
+
+
+def _onnx_graph(enc: EfficientNetEncoder, weights: Path):
+    """The cached ONNX export of this network at this input size (made on first use), opened in ORT."""
+    from fgvr.models import onnx_runtime
+
+    def make():
+        return _FeatureMap(enc.model).eval(), torch.zeros(1, 3, enc.image_size, enc.image_size)
+
+    name = onnx_runtime.graph_name(f"{enc.spec.source}-{enc.image_size}px", weights)
+    path = onnx_runtime.cached_graph(onnx_runtime.cache_root(weights) / name, make)
+    return onnx_runtime.open_graph(path)
+
+
 
 
 def _build_meta(config: dict, dtype: torch.dtype) -> torch.nn.Module:

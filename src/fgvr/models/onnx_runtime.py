@@ -1,0 +1,182 @@
+"""ONNX Runtime for the CPU encoders: the network exported locally on first use, cached, and run by ORT.
+
+Why: on CPU, PyTorch eager runs EfficientNet-Lite at about a sixth of what the cores do, and its OpenMP
+threads collapse when anything else runs on the machine; ONNX Runtime runs the same graph several times
+faster with the same features (within 1e-5; benchmarks/encoder_runtime.py). CUDA keeps torch.
+
+The graph is exported by torch's own exporter (`dynamo=False`, nothing downloaded) into a cache:
+
+* where: `FGVR_CACHE_DIR/onnx` when that variable is set; else `fgvr-onnx/` beside the weights file when
+  that folder is writable (a user's venv); else `$XDG_CACHE_HOME/fgvr/onnx` (default `~/.cache/fgvr/onnx`),
+  e.g. for weights in a read-only system site-packages.
+* name: the variant, input size and a digest of everything that changes the graph (weights file name and
+  size, torch and onnx versions, opset, graph format), so new weights or a new torch export afresh.
+* written atomically (temporary file, fsync, rename), with a `.sha256` sidecar written after it; a file
+  whose digest does not match (truncated, damaged, half-copied) is exported again, with a warning.
+* two processes exporting at once: an exclusive `flock` on `<name>.lock` around check-and-export, so the
+  second waits and then finds the first one's graph.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+GRAPH_FORMAT = "1"  # bump when what the exported graph computes changes
+
+
+class OnnxRuntimeMissing(ImportError):
+    """onnxruntime / onnx are not installed (they are fgvr dependencies: `make setup` installs them)."""
+
+
+def cache_root(weights: Path) -> Path:
+    """The folder exported graphs go to for weights at `weights` (see the module docstring)."""
+    env = os.environ.get("FGVR_CACHE_DIR", "").strip()
+    if env:
+        return Path(env).expanduser() / "onnx"
+    beside = weights.parent / "fgvr-onnx"
+    if os.access(beside if beside.is_dir() else weights.parent, os.W_OK):
+        return beside
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fgvr" / "onnx"
+
+
+def graph_name(stem: str, weights: Path) -> str:
+    """`<stem>-<digest>.onnx`: the digest covers the weights file and the exporter that made the graph."""
+    import onnx
+
+    st = weights.stat()
+    ident = [weights.name, st.st_size, torch.__version__.split("+")[0], onnx.__version__, OPSET, GRAPH_FORMAT]
+    return f"{stem}-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}.onnx"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def is_intact(path: Path) -> bool:
+    """The graph exists and its sha256 is the one written beside it when it was exported."""
+    side = _sidecar(path)
+    if not path.is_file() or not side.is_file():
+        return False
+    return side.read_text().strip() == _sha256(path)
+
+
+@contextmanager
+def _export_lock(path: Path) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: the second exporter waits for the first one's file
+        yield
+    finally:
+        os.close(fd)  # drops the flock; the lock file stays (unlinking it would let two holders exist)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Export `module` (input 'pixels', batch axis dynamic, output 'out') to `path`, atomically + digest."""
+    import io
+
+    buf = io.BytesIO()
+    import warnings
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the exporter's constant-folding notes, not problems
+        warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is the exporter that works here
+        torch.onnx.export(module, (example,), buf, input_names=["pixels"], output_names=["out"],
+                          dynamic_axes={"pixels": {0: "batch"}, "out": {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+    data = buf.getvalue()
+    _sidecar(path).unlink(missing_ok=True)  # a graph without a matching sidecar is never trusted
+    _atomic_write(path, data)
+    _atomic_write(_sidecar(path), hashlib.sha256(data).hexdigest().encode())
+
+
+def cached_graph(path: Path, make: Callable[[], tuple[torch.nn.Module, torch.Tensor]]) -> Path:
+    """`path`, exported first with `make()` -> (module, example input) unless an intact copy is there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from fgvr.errors import StorageError
+
+        raise StorageError(f"cannot create the ONNX cache {path.parent} ({e.strerror}): set FGVR_CACHE_DIR "
+                           "to a writable folder, or use --runtime torch") from None
+    with _export_lock(path):
+        if is_intact(path):
+            return path
+        if path.exists():
+            log.warning("%s does not match its checksum (damaged or incomplete): exporting it again", path)
+        else:
+            log.info("exporting %s for ONNX Runtime (once; cached)", path.name)
+        module, example = make()
+        export(module, example, path)
+    return path
+
+
+@dataclass
+class OrtGraph:
+    """An ONNX Runtime session on one exported graph, sized by `fgvr.threads`. Thread-safe: `run` may be
+    called from several threads at once (ORT sessions are), which the server's encoder worker relies on."""
+
+    path: Path
+    session: object
+    threads: int
+
+    def run(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
+        (out,) = self.session.run(["out"], {"pixels": x})
+        return torch.from_numpy(out)
+
+
+def open_graph(path: Path, threads: int | None = None) -> OrtGraph:
+    """An ORT session on `path` with intra-op threads from `fgvr.threads` and one inter-op thread."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise OnnxRuntimeMissing("ONNX Runtime is not installed: `pip install onnxruntime` (or run with "
+                                 "--runtime torch)") from e
+    from fgvr.threads import intra_op_threads
+
+    n = threads or intra_op_threads()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = n
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return OrtGraph(path, session, n)

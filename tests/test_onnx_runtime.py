@@ -1,0 +1,191 @@
+"""ONNX Runtime path of the CPU encoders: the same features and predictions as torch, a spec that records
+which runtime made a base's features, an export cache that survives damage and two exporters at once, and
+one thread count for every runtime in the process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fgvr.cli import cli
+from fgvr.knowledge_base import load_knowledge_base
+from fgvr.models import ModelSpec, SpecError, parse_spec, registry
+from fgvr.models import onnx_runtime
+from fgvr.reranker import tta_descriptors
+from fgvr.threads import cgroup_quota, configure, intra_op_threads
+
+
+@pytest.fixture(scope="module")
+def lite0_pair():
+    """Lite0 under ONNX Runtime and under torch (the graph cached beside the weights, as in use)."""
+    with registry.use(parse_spec("efficientnet-lite0", runtime="onnx")) as ort_enc, \
+            registry.use(parse_spec("efficientnet-lite0", runtime="torch")) as torch_enc:
+        yield ort_enc, torch_enc
+
+
+def test_features_equal_across_runtimes(lite0_pair, sample_photos):
+    ort_enc, torch_enc = lite0_pair
+    assert ort_enc.graph is not None and torch_enc.graph is None
+    a, b = ort_enc.encode_images(sample_photos), torch_enc.encode_images(sample_photos)
+    assert a.shape == b.shape == (2, 1280)
+    assert (a - b).abs().max().item() < 1e-4
+    assert torch.allclose(a.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_reranker_descriptors_equal_across_runtimes(lite0_pair, sample_photos):
+    ort_enc, torch_enc = lite0_pair
+    pixels = torch_enc.preprocess(sample_photos)
+    views = ("identity", "flip")
+    a, b = tta_descriptors(ort_enc, pixels, views, 2), tta_descriptors(torch_enc, pixels, views, 2)
+    assert a.shape == b.shape and (a - b).abs().max().item() < 1e-4
+
+
+def test_runtime_is_chosen_by_device_and_recorded_in_the_key(monkeypatch):
+    monkeypatch.delenv("FGVR_RUNTIME", raising=False)
+    cpu = parse_spec("efficientnet-lite0")
+    assert cpu.runtime == "onnx" and cpu.key.endswith("|rt=onnx")
+    assert parse_spec("efficientnet-lite0", device="cuda").runtime == "torch"
+    assert parse_spec("efficientnet-lite0", dtype="bf16").runtime == "torch"
+    assert cpu.replace(device="cuda").runtime == "torch"  # a base built on CPU reopened on CUDA
+    torch_spec = parse_spec("efficientnet-lite0", runtime="torch")
+    assert torch_spec.key != cpu.key and "rt=" not in torch_spec.key
+    monkeypatch.setenv("FGVR_RUNTIME", "torch")
+    assert parse_spec("efficientnet-lite0").runtime == "torch"
+    with pytest.raises(SpecError, match="use --runtime torch or auto"):
+        parse_spec("efficientnet-lite0", device="cuda", runtime="onnx")
+    with pytest.raises(SpecError, match="unknown runtime"):
+        parse_spec("efficientnet-lite0", runtime="tensorrt")
+
+
+def test_a_spec_without_runtime_is_a_torch_one():
+    """Bases written before the field existed recorded torch features."""
+    old = parse_spec("efficientnet-lite0", runtime="torch").to_json()
+    del old["runtime"]
+    assert ModelSpec(**old).runtime == "torch"
+
+
+def _classify(kb: Path, images: Path, runtime: str, monkeypatch) -> list[dict]:
+    monkeypatch.setenv("FGVR_RUNTIME", runtime)  # restored after the test, whatever the CLI sets
+    files = [str(p) for p in sorted(images.rglob("*.png"))]
+    r = CliRunner().invoke(cli, ["--runtime", runtime, "classify", str(kb), *files, "--threshold", "1.0"])
+    assert r.exit_code == 0, r.output
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def test_a_base_built_with_one_runtime_predicts_the_same_with_the_other(shapes_kb, monkeypatch):
+    kb = load_knowledge_base(shapes_kb, encoder=parse_spec("efficientnet-lite0", runtime="torch"))
+    assert kb.encoder_spec["runtime"] == "onnx"  # built on CPU by default: the base says so
+    test_dir = shapes_kb.parent / "test"
+    onnx_rows = _classify(shapes_kb, test_dir, "onnx", monkeypatch)
+    torch_rows = _classify(shapes_kb, test_dir, "torch", monkeypatch)
+    assert len(onnx_rows) == len(torch_rows) == 6
+    key = next(k for k in ("prediction", "label", "class") if k in onnx_rows[0])
+    assert [r[key] for r in onnx_rows] == [r[key] for r in torch_rows]
+
+
+# --- the export cache -------------------------------------------------------------------------------
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).relu()
+
+
+def _make(log: Path, delay: float = 0.0):
+    def make():
+        with log.open("a") as f:
+            f.write("export\n")
+        time.sleep(delay)
+        return _Tiny().eval(), torch.zeros(1, 3, 8, 8)
+    return make
+
+
+def test_damaged_graph_is_exported_again(tmp_path):
+    path, log = tmp_path / "tiny.onnx", tmp_path / "exports.log"
+    onnx_runtime.cached_graph(path, _make(log))
+    onnx_runtime.cached_graph(path, _make(log))  # intact: used as it is
+    assert log.read_text().count("export") == 1
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert not onnx_runtime.is_intact(path)
+    onnx_runtime.cached_graph(path, _make(log))
+    assert log.read_text().count("export") == 2 and onnx_runtime.is_intact(path)
+    x = torch.rand(3, 3, 8, 8)
+    out = onnx_runtime.open_graph(path, threads=1).run(x)
+    assert torch.allclose(out, _Tiny().eval()(x).detach(), atol=1e-5)  # batch 3 through a batch-1 export
+
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+import torch
+from fgvr.models import onnx_runtime
+
+path, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+def make():
+    with log.open("a") as f:
+        f.write("export\\n")
+    time.sleep(1.0)  # long enough for the other process to reach the lock
+    return torch.nn.Conv2d(3, 4, 3).eval(), torch.zeros(1, 3, 8, 8)
+
+onnx_runtime.cached_graph(path, make)
+"""
+
+
+def test_two_processes_export_once(tmp_path):
+    """Two fresh interpreters (not forks: a forked torch may hang in its thread pool) export at once."""
+    path, log = tmp_path / "tiny.onnx", tmp_path / "exports.log"
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(log)]) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert log.read_text().count("export") == 1
+    assert onnx_runtime.is_intact(path)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cache_goes_to_fgvr_cache_dir_or_beside_writable_weights(tmp_path, monkeypatch):
+    weights = tmp_path / "pkg" / "w.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"x")
+    monkeypatch.delenv("FGVR_CACHE_DIR", raising=False)
+    assert onnx_runtime.cache_root(weights) == weights.parent / "fgvr-onnx"
+    monkeypatch.setenv("FGVR_CACHE_DIR", str(tmp_path / "c"))
+    assert onnx_runtime.cache_root(weights) == tmp_path / "c" / "onnx"
+
+
+# --- threads --------------------------------------------------------------------------------------
+
+
+def test_one_thread_count_for_torch_and_onnx_runtime(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("FGVR_THREADS", "1")
+    try:
+        assert configure() == 1 and torch.get_num_threads() == 1
+        onnx_runtime.cached_graph(tmp_path / "t.onnx", _make(tmp_path / "log"))
+        graph = onnx_runtime.open_graph(tmp_path / "t.onnx")
+        assert graph.threads == 1
+        assert graph.session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("FGVR_THREADS", "lots")
+    assert intra_op_threads() >= 1
+
+
+def test_cgroup_quota(tmp_path):
+    f = tmp_path / "cpu.max"
+    f.write_text("max 100000\n")
+    assert cgroup_quota(f) is None
+    f.write_text("150000 100000\n")
+    assert cgroup_quota(f) == 2
+    assert cgroup_quota(tmp_path / "missing") is None
