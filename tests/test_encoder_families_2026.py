@@ -129,9 +129,9 @@ def test_siglip2_patch_budget_follows_the_spec(tiny_siglip2_dir, sample_photos):
                                            ("siglip2-base-patch16-naflex", 375.2),
                                            ("siglip2-so400m-patch14-384", 1136.0)])
 def test_known_configs_build_the_published_sizes(name, millions):
-    from fgvr.models.families import get
+    from fgvr.models.families import architecture, get
 
-    family, config = configs.architecture(name)
+    family, config = architecture(name)
     with torch.device("meta"):
         model = get(family).build_meta(config, torch.float32)
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.5

@@ -520,7 +520,7 @@ def test_cli_build_experience_and_kb_show(kb_copy, tiny_qwen_dir, tiny_clip_dir)
     assert json.loads((kb / "experience" / "rules.json").read_text())["format_version"] == 1
 
     bad = runner.invoke(cli, ["build-experience", str(kb), str(data), "--vlm", str(tiny_clip_dir)])
-    assert bad.exit_code != 0 and "must be a Qwen2.5-VL model folder" in bad.output
+    assert bad.exit_code != 0 and "must be a VLM model folder" in bad.output
 
     ExperienceLibrary([_rule(1, ["shirt", "T-shirt"], 0.25, support=12)], CLASSES, kb / "experience").save()
     show = runner.invoke(cli, ["kb", "show", str(kb)])
