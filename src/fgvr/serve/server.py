@@ -60,8 +60,6 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
     """Run the server until interrupted (0). When the models cannot be loaded, the server stops and the load
     error is raised here, so the CLI shows it as one line with its family's exit code (4: not a knowledge
     base, 5: a model or server that is not there) instead of a generic failure."""
-    import sys
-
     import uvicorn
 
     import dataclasses
@@ -69,7 +67,7 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
     settings = dataclasses.replace(settings, bind=host)  # the Host check follows the address served on
     warning = loud_warning(host, settings.token)
     if warning:
-        print(warning, file=sys.stderr, flush=True)
+        log.warning("%s", warning)
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -85,8 +83,8 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
                             h11_max_incomplete_event_size=16 * 1024,  # request line + headers
                             limit_concurrency=connection_limit(settings.max_connections), lifespan="on")
     server = uvicorn.Server(config)
-    print(f"fgvr serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (loading the models; "
-          f"/healthz says when ready)", file=sys.stderr, flush=True)
+    log.info("fgvr serve: http://%s:%s/ (loading the models; /healthz says when ready)",
+             host if ":" not in host else f"[{host}]", port)
     server.run()
     if failed:
         raise failed[0]
