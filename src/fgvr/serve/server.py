@@ -83,7 +83,7 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
                             h11_max_incomplete_event_size=16 * 1024,  # request line + headers
                             limit_concurrency=connection_limit(settings.max_connections), lifespan="on")
     server = uvicorn.Server(config)
-    log.info("fgvr serve: http://%s:%s/ (loading the models; /healthz says when ready)",
+    log.info("serve: http://%s:%s/ (loading the models; /healthz says when ready)",
              host if ":" not in host else f"[{host}]", port)
     server.run()
     if failed:
