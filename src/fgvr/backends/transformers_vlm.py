@@ -1,7 +1,7 @@
 """The in-process System 2 backend: a VLM folder loaded through transformers, leased from the registry.
 
 One generation path for all text (rationales, class descriptions, reflections): `vlm_generate`, greedy, left
-padded, stopping at <|im_end|>. One scoring path: a single forward with `logits_to_keep=1` and the option
+padded, stopping at the family's end-of-turn token (<|im_end|> for Qwen). One scoring path: a single forward with `logits_to_keep=1` and the option
 letters' log-probabilities at the next-token position.
 
 The model is leased from the registry for the duration of each call only (so the encoder can be offloaded
@@ -60,12 +60,8 @@ def vlm_inputs(vlm: Any, texts: list[str], images: list[Image.Image]) -> Any:
     """Tokenise a batch (left-padded, so the last position of every row is its next-token position) with
     the pixel cap of the spec, on the model's device; pixel values in the model's dtype."""
     spec = vlm.spec
-    kwargs = {}
-    if spec.max_pixels:
-        kwargs["max_pixels"] = spec.max_pixels
-    if spec.min_pixels:
-        kwargs["min_pixels"] = spec.min_pixels
     decl = _declaration(spec)
+    kwargs = decl.processor_kwargs(spec.max_pixels, spec.min_pixels)
     inputs = vlm.processor(text=texts, images=[decl.fit_pixels(im, spec.max_pixels, spec.min_pixels) for im in images]
                            or None, padding=True, padding_side="left", return_tensors="pt", **kwargs)
     param = next(vlm.model.parameters())
@@ -106,8 +102,9 @@ def vlm_generate(vlm: Any, texts: list[str], images: list[Image.Image],
 
     inputs = vlm_inputs(vlm, texts, images)
     tok = vlm.tokenizer
-    stop = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id, tok.eos_token_id)
-            if isinstance(i, int) and i >= 0]
+    ends = [tok.convert_tokens_to_ids(t) for t in _declaration(vlm.spec).stop_tokens]
+    stop = [i for i in (*ends, tok.pad_token_id, tok.eos_token_id)
+            if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     with torch.inference_mode():
         out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

@@ -35,6 +35,11 @@ def no_serve_flags(engine: str, max_pixels: int, min_pixels: int) -> tuple[list[
     return [], {}
 
 
+def pixel_cap_kwargs(max_pixels: int | None, min_pixels: int | None) -> dict:
+    """The processor keywords that set the pixel cap, as Qwen2-VL-style processors take them (the default)."""
+    return {k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v}
+
+
 def grid_resize(height: int, width: int, factor: int, max_pixels: int, min_pixels: int) -> tuple[int, int]:
     """(H, W) on a grid of `factor` pixels with the area within [min, max] pixels: the `smart_resize` of
     transformers' Qwen2-VL-style image processors, same rounding (shared by VLMs that tile the same way)."""
@@ -64,6 +69,11 @@ class VlmDeclaration:
     serve_flags         (engine, max_pixels, min_pixels) -> (extra command-line words, environment) that
                         make a serving engine ("vllm", "sglang") resize to the same cap.
     default             the family a served VLM's pixels follow when no family is named (one per role).
+    processor_kwargs    (max_pixels, min_pixels) -> the keywords that give the family's processor that cap.
+    stop_tokens         the tokens that end an assistant turn in the family's chat template.
+    workload            (config, dtype, max_pixels, image_size, text_tokens, new_tokens, batch, declaration)
+                        -> `fgvr.models.plan.Workload`: one generation's working memory for the family's own
+                        architecture; None: the Qwen2-VL-style estimate of `fgvr.models.plan.merged_patch_workload`.
     """
 
     patch: int
@@ -72,6 +82,9 @@ class VlmDeclaration:
     fitted_size: Callable[[int, int, int, int], tuple[int, int]]
     serve_flags: Callable[[str, int, int], tuple[list[str], dict[str, str]]] = no_serve_flags
     default: bool = False
+    processor_kwargs: Callable[[int | None, int | None], dict] = pixel_cap_kwargs
+    stop_tokens: tuple[str, ...] = ("<|im_end|>",)
+    workload: Callable[..., Any] | None = None
 
     def pixels_for_tokens(self, tokens: int) -> int:
         """The pixel cap that allows `tokens` visual tokens."""

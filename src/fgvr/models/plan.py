@@ -222,8 +222,19 @@ def visual_tokens_for(height: int, width: int, max_pixels: int, min_pixels: int 
 def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int] = (1024, 1024),
              text_tokens: int = 400, new_tokens: int = 32, batch: int = 1,
              vlm: VlmDeclaration | None = None) -> Workload:
+    """Working memory of one generation for the VLM family `vlm` declares (the default VLM family's if None):
+    the family's own `workload` where it declares one, else `merged_patch_workload`."""
+    from fgvr.models import families
+
+    vlm = vlm or families.vlm_declaration()
+    estimate = vlm.workload or merged_patch_workload
+    return estimate(config, dtype, max_pixels, image_size, text_tokens, new_tokens, batch, vlm)
+
+
+def merged_patch_workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int],
+                          text_tokens: int, new_tokens: int, batch: int, vlm: VlmDeclaration) -> Workload:
     """Working memory of one generation, term by term, for a Qwen2.5-VL-style config (a vision tower of
-    merged patches before a decoder; `vlm`: how the family tiles an image, the default VLM family's if None).
+    merged patches before a decoder; `vlm`: how the family tiles an image).
 
     The peaks of the vision tower and of the language model's prefill do not overlap (the vision features
     are merged into the prompt before the first decoder layer runs), so the larger one counts. Each peak
@@ -239,13 +250,10 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
     head_dim = text.get("head_dim") or hidden // heads
     kv_per_token = 2 * layers * kv_heads * head_dim * b
 
-    from fgvr.models import families
-
-    vlm = vlm or families.vlm_declaration()
     tokens = vlm.tokens_at_cap(max_pixels)
     merge = vis.get("spatial_merge_size", 2)
     patches = tokens * merge * merge
-    patch_dim = vis.get("in_chans", 3) * vis.get("temporal_patch_size", 2) * vis.get("patch_size", 14) ** 2
+    patch_dim = vis.get("in_chans", vis.get("in_channels", 3)) * vis.get("temporal_patch_size", 2) * vis.get("patch_size", 14) ** 2
     vh, vi = vis["hidden_size"], vis["intermediate_size"]
     # Widest point of a block: residual + normed input in the compute dtype, the RMSNorm's fp32
     # temporaries (it upcasts), then either the MLP (gate, up, activation, product) or attention
