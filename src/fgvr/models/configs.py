@@ -212,3 +212,63 @@ EFFICIENTNET: dict[str, dict] = {
     "efficientnet-lite0": {"model_name": "efficientnet-lite0", "image_size": 224},
     "efficientnet-lite2": {"model_name": "efficientnet-lite2", "image_size": 260},
 }
+
+
+# --- InternVL3 (transformers format, OpenGVLab/InternVL3-*-hf) --------------------------------------------
+# InternViT-300M-448px-V2.5 (1B/2B/8B) or InternViT-6B-448px-V2.5 (38B) + a pixel-shuffle MLP projector +
+# a Qwen2.5 decoder with InternVL3's 151,674-token vocabulary. Values from the published config.json files
+# (llm_config / vision_config of OpenGVLab/InternVL3-*, renamed as transformers'
+# convert_internvl_weights_to_hf.py does: qkv_bias -> attention_bias, qk_normalization -> use_qk_norm).
+HUB_IDS.update({
+    "internvl3-1b": "OpenGVLab/InternVL3-1B-hf",
+    "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
+    "internvl3-8b": "OpenGVLab/InternVL3-8B-hf",
+    "internvl3-38b": "OpenGVLab/InternVL3-38B-hf",
+})
+
+_INTERNVIT_300M = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "attention_bias": True, "use_qk_norm": False, "norm_type": "layer_norm", "layer_norm_eps": 1e-06,
+    "hidden_act": "gelu", "image_size": [448, 448], "patch_size": [14, 14], "num_channels": 3,
+    "use_absolute_position_embeddings": True, "layer_scale_init_value": 0.1, "use_mean_pooling": True,
+    "model_type": "internvl_vision",
+}
+_INTERNVIT_6B = _INTERNVIT_300M | {
+    "hidden_size": 3200, "intermediate_size": 12800, "num_hidden_layers": 45, "num_attention_heads": 25,
+    "attention_bias": False, "use_qk_norm": True, "norm_type": "rms_norm",
+}
+
+
+def _internvl(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tie: bool,
+              vision: dict) -> dict:
+    return {
+        "architectures": ["InternVLForConditionalGeneration"],
+        "model_type": "internvl",
+        "downsample_ratio": 0.5,
+        "image_seq_length": 256,
+        "image_token_id": 151667,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": tie,
+        "vision_config": dict(vision),
+        "text_config": {
+            "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "vocab_size": 151674, "hidden_act": "silu",
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+            "tie_word_embeddings": tie, "use_sliding_window": False, "bos_token_id": 151643,
+            "eos_token_id": 151645,
+        },
+    }
+
+
+INTERNVL: dict[str, dict] = {
+    # Decoders: Qwen2.5-0.5B/1.5B/7B/32B. InternVL3 unties the input embedding and lm_head in every size
+    # (the chat configs' "tie_word_embeddings": false), so the 1B has 0.94 B parameters, not 0.80 B.
+    "internvl3-1b": _internvl(896, 4864, 24, 14, 2, False, _INTERNVIT_300M),
+    "internvl3-2b": _internvl(1536, 8960, 28, 12, 2, False, _INTERNVIT_300M),
+    "internvl3-8b": _internvl(3584, 18944, 28, 28, 4, False, _INTERNVIT_300M),
+    "internvl3-38b": _internvl(5120, 27648, 64, 40, 8, False, _INTERNVIT_6B),
+}
