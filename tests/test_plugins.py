@@ -145,7 +145,8 @@ def test_a_vlm_family_is_one_new_file(tiny_qwen_dir, tmp_path, monkeypatch):
         folder.mkdir()
         config = json.loads((tiny_qwen_dir / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "model_type": "gridvl"}))
-        assert [f.name for f in families.by_role("vlm")] == ["gridvl", "qwen2_5_vl"]
+        vlm_names = [f.name for f in families.by_role("vlm")]
+        assert vlm_names[0] == "gridvl" and "qwen2_5_vl" in vlm_names  # found, in module-name order
         assert families.vlm_declaration().patch == 28  # the default VLM family stays the marked one
 
         backend = open_in_process(str(folder), backends.BackendOptions(max_visual_tokens=16))

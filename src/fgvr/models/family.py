@@ -72,7 +72,8 @@ class VlmDeclaration:
     processor_kwargs    (max_pixels, min_pixels) -> the keywords that give the family's processor that cap.
     stop_tokens         the tokens that end an assistant turn in the family's chat template.
     workload            (config, dtype, max_pixels, image_size, text_tokens, new_tokens, batch, declaration)
-                        -> `fgvr.models.plan.Workload`: one generation's working memory for the family's own
+                        -> `fgvr.models.plan.Workload` or a dict of its fields (a family module cannot import
+                        the plan without an import cycle): one generation's working memory for the family's own
                         architecture; None: the Qwen2-VL-style estimate of `fgvr.models.plan.merged_patch_workload`.
     """
 

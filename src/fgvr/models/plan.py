@@ -223,12 +223,15 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
              text_tokens: int = 400, new_tokens: int = 32, batch: int = 1,
              vlm: VlmDeclaration | None = None) -> Workload:
     """Working memory of one generation for the VLM family `vlm` declares (the default VLM family's if None):
-    the family's own `workload` where it declares one, else `merged_patch_workload`."""
+    the family's own `workload` where it declares one, else `merged_patch_workload`. A family's estimate may
+    return the `Workload` fields as a dict: a family module cannot import this module (it imports the spec,
+    which reads the families)."""
     from fgvr.models import families
 
     vlm = vlm or families.vlm_declaration()
     estimate = vlm.workload or merged_patch_workload
-    return estimate(config, dtype, max_pixels, image_size, text_tokens, new_tokens, batch, vlm)
+    work = estimate(config, normalise_dtype(dtype), max_pixels, image_size, text_tokens, new_tokens, batch, vlm)
+    return work if isinstance(work, Workload) else Workload(**work)
 
 
 def merged_patch_workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int],

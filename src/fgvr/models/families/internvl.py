@@ -37,7 +37,6 @@ from fgvr.models.family import Family, VlmDeclaration, hf_dtype_kwargs, hf_token
 if TYPE_CHECKING:
     from PIL import Image
 
-    from fgvr.models.plan import Workload
     from fgvr.models.spec import ModelSpec
 
 TILE = 448
@@ -324,11 +323,11 @@ def _fit_hints(spec: "ModelSpec", device: str) -> list[str]:
 
 
 # --- working memory -----------------------------------------------------------------------------------
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # the plan passes the dtype normalised
 
 
 def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int], text_tokens: int,
-             new_tokens: int, batch: int, vlm: VlmDeclaration) -> "Workload":
+             new_tokens: int, batch: int, vlm: VlmDeclaration) -> dict:
     """Working memory of one generation for InternVL, term by term.
 
     Vision: InternViT runs every tile (the cap's tiles + thumbnail) as its own sequence of 1 + (448/14)^2
@@ -337,11 +336,9 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
     pixel shuffle (4x wider, 4x fewer tokens) and the projector (LayerNorm, linear_1, GELU, linear_2).
     Language model: a Qwen2 decoder over the visual + text tokens (1-D rotary positions). The two peaks do
     not overlap (the image features are scattered into the prompt before the first decoder layer).
+    Returned as the fields of `fgvr.models.plan.Workload` (this module cannot import the plan).
     """
-    from fgvr.models.plan import Workload, visual_tokens_for
-    from fgvr.models.spec import normalise_dtype
-
-    b = _DTYPE_BYTES[normalise_dtype(dtype)]
+    b = _DTYPE_BYTES[dtype]
     text, vis = config.get("text_config", config), config["vision_config"]
     layers, kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
     hidden, inter, heads = text["hidden_size"], text["intermediate_size"], text["num_attention_heads"]
@@ -371,9 +368,9 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
     logits = vocab * 4 * 3
     kv = (seq + new_tokens) * kv_per_token
     kv, vision, lm, logits = kv * batch, vision * batch, lm * batch, logits * batch
-    return Workload(
+    return dict(
         max_pixels=max_pixels, visual_tokens=tokens, image_size=tuple(image_size),
-        image_tokens=visual_tokens_for(image_size[0], image_size[1], max_pixels, vlm=vlm), text_tokens=text_tokens,
+        image_tokens=vlm.visual_tokens(image_size[0], image_size[1], max_pixels), text_tokens=text_tokens,
         new_tokens=new_tokens, batch=batch, kv_bytes_per_token=kv_per_token, kv_bytes_per_1k=kv_per_token * 1000,
         kv_bytes=kv, vision_activation_bytes=vision, lm_activation_bytes=lm, logits_bytes=logits,
         working_bytes=kv + max(vision, lm) + logits, full_logits_bytes=seq * vocab * b * batch,
