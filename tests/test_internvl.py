@@ -38,6 +38,11 @@ def test_tiny_folder_is_the_internvl_family_with_the_real_token_ids(tiny_internv
         assert len(tok) == 151674 == vlm.model.config.text_config.vocab_size
         assert vlm.model.config.image_token_id == 151667
         assert vlm.processor.image_processor.max_patches == internvl.DEFAULT_MAX_TILES
+        for h, w in ((56, 56), (200, 300), (90, 400)):  # the loaded model's count is its processor's own
+            image = Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8))
+            inputs = vlm.processor(text=["<IMG_CONTEXT>"], images=[image], return_tensors="pt",
+                                   **internvl.processor_kwargs(spec.max_pixels, spec.min_pixels))
+            assert int((inputs["input_ids"] == 151667).sum()) == vlm.visual_tokens(h, w) > 0
 
 
 def test_descriptions_and_option_scores_through_the_cli_are_the_models_forward(tmp_path, tiny_clip_dir,
@@ -98,12 +103,12 @@ def test_visual_tokens_are_what_the_real_processor_makes(size, tiles):
     """The family's tile grid against transformers' GotOcr2ImageProcessor at the real 448-pixel tiles."""
     from transformers import GotOcr2ImageProcessor
 
-    ip = GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True)
+    ip = GotOcr2ImageProcessor(size={"height": 448, "width": 448})  # crop_to_patches off, as the bare default
     h, w = size
     image = Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8))
-    out = ip(images=[image], max_patches=tiles, min_patches=1, return_tensors="np")
     decl = families.vlm_declaration("internvl")
     cap = tiles * 448 * 448
+    out = ip(images=[image], **decl.processor_kwargs(cap, 448 * 448), return_tensors="np")
     assert decl.visual_tokens(h, w, cap) == int(out["num_patches"][0]) * 256 == out["pixel_values"].shape[0] * 256
     assert decl.visual_tokens(h, w, cap) <= decl.tokens_at_cap(cap)
     assert decl.fit_pixels(image, cap).size == image.size  # sent as it is: the tiling is decided on the original
@@ -116,7 +121,8 @@ def test_a_visual_token_budget_becomes_a_tile_cap_that_keeps_to_it():
         cap = decl.pixels_for_tokens(budget)
         assert cap % (448 * 448) == 0 and decl.tokens_at_cap(cap) <= budget
     assert decl.tokens_at_cap(decl.pixels_for_tokens(3328)) == 3328  # the folders' own 12 tiles + thumbnail
-    assert decl.processor_kwargs(decl.pixels_for_tokens(768), 448 * 448) == {"max_patches": 2, "min_patches": 1}
+    assert decl.processor_kwargs(decl.pixels_for_tokens(768), 448 * 448) == {"crop_to_patches": True, "max_patches": 2,
+                                                                          "min_patches": 1}
 
 
 def test_memory_plan_weights_are_the_real_internvl3_8b(tmp_path):
@@ -179,3 +185,10 @@ def test_missing_internvl_folder_names_what_to_fetch(tmp_path):
     with pytest.raises(Exception, match="huggingface-cli download OpenGVLab/InternVL3-8B-hf"):
         families.load(spec)
     assert isinstance(spec, ModelSpec)
+
+
+def test_fit_hints_name_fewer_tiles_and_quantisation(tiny_internvl_dir):
+    spec = parse_spec(str(tiny_internvl_dir))
+    hints = families.fit_hints(spec, "cuda")
+    assert any("int8" in h for h in hints)
+    assert any("--max-visual-tokens 1024 gives 3" in h for h in hints)  # 3 tiles + the thumbnail

@@ -143,8 +143,9 @@ class TiledVlmDeclaration(VlmDeclaration):
 
 
 def processor_kwargs(max_pixels: int | None, min_pixels: int | None) -> dict:
-    """The InternVL processor's tile cap: `max_patches` / `min_patches` (its images_kwargs)."""
-    return {"max_patches": tiles_for_pixels(max_pixels, DEFAULT_MAX_TILES),
+    """The InternVL processor's tile cap: `max_patches` / `min_patches` (its images_kwargs), and tiling on
+    (the bare GotOcr2 image processor's default is off; InternVLProcessor turns it on)."""
+    return {"crop_to_patches": True, "max_patches": tiles_for_pixels(max_pixels, DEFAULT_MAX_TILES),
             "min_patches": tiles_for_pixels(min_pixels, DEFAULT_MIN_TILES)}
 
 
@@ -316,8 +317,10 @@ def _fit_hints(spec: "ModelSpec", device: str) -> list[str]:
         q = "int8" if not spec.quantization else "nf4"
         tries.append(f"quantization={q} (needs CUDA and bitsandbytes; see `fgvr memory plan --quant {q}`)")
     tiles = tiles_for_pixels(spec.max_pixels, DEFAULT_MAX_TILES)
-    tries.append(f"fewer tiles per image (now {tiles} x {TILE}x{TILE}: --max-visual-tokens "
-                 f"{max(1, tiles - 1) * TOKENS_PER_TILE + (TOKENS_PER_TILE if tiles > 2 else 0)})")
+    if tiles > 1:
+        fewer = VLM.tokens_at_cap((tiles - 1) * TILE_PIXELS)
+        tries.append(f"fewer tiles per image (now {tiles} of {TILE}x{TILE}; --max-visual-tokens {fewer} "
+                     f"gives {tiles - 1}) to cut the working memory")
     tries.append("the image encoder off the GPU (device=cpu) while the VLM runs")
     return tries
 
