@@ -507,6 +507,47 @@ def kb_log_cmd(kb_path, as_json) -> None:
         click.echo(_json.dumps(record.to_json(), ensure_ascii=False) if as_json else record.format())
 
 
+@kb_group.command("corrections")
+@click.argument("kb_path", metavar="KB", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--state", type=click.Choice(["pending", "accepted", "rejected", "undone"]), default=None,
+              help="only corrections in this state")
+@click.option("--accept", "accept_id", default=None, metavar="ID", help="accept correction ID (`kb add`: a new version)")
+@click.option("--reject", "reject_id", default=None, metavar="ID", help="reject correction ID")
+@click.option("--undo", "undo_id", default=None, metavar="ID", help="undo correction ID (an accepted one: a new version)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per correction")
+def kb_corrections_cmd(kb_path, state, accept_id, reject_id, undo_id, as_json) -> None:
+    """List the corrections made on KB's served page (who, when, the answer replaced, the class named, the
+    experience rules an accepted one contradicts), or review one. A running `fgvr serve` keeps serving the
+    version it loaded until it is restarted or reviews through its own API."""
+    import json as _json
+
+    from fgvr.knowledge_base.corrections import CorrectionQueue, rule_report
+
+    q = CorrectionQueue(kb_path)
+    chosen = [(f, i) for f, i in (("accept", accept_id), ("reject", reject_id), ("undo", undo_id)) if i]
+    if len(chosen) > 1:
+        raise click.UsageError("give one of --accept, --reject or --undo")
+    if chosen:
+        what, cid = chosen[0]
+        c = getattr(q, what)(cid, who=_operator_name())
+        click.echo(c.format())
+        return
+    items = q.list(state)
+    for c in items:
+        click.echo(_json.dumps(c.to_json(), ensure_ascii=False) if as_json else c.format())
+    if not as_json:
+        for rule, ids in rule_report(items).items():
+            click.echo(f"rule {rule} contradicted by {len(ids)} accepted correction(s): {', '.join(ids)}")
+        if not items:
+            click.echo(f"no corrections for {kb_path}", err=True)
+
+
+def _operator_name() -> str:
+    from fgvr.knowledge_base.versions import _who
+
+    return _who()
+
+
 @kb_group.command("revert")
 @click.argument("kb_path", metavar="KB", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("version", type=click.IntRange(min=1))
@@ -947,6 +988,9 @@ def _given(name: str) -> bool:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--token", default=None, envvar="FGVR_TOKEN", show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on the API and /metrics.")
+@click.option("--admin-token", default=None, envvar="FGVR_ADMIN_TOKEN", show_envvar=True,
+              help="The operator's token: review corrections (/v1/corrections list, accept, reject, undo). "
+                   "Without it those routes are refused.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Answer requests whose Host header is NAME too (repeatable). On a loopback address only "
                    "localhost, 127.x and [::1] are answered otherwise (DNS-rebinding protection).")
@@ -967,7 +1011,7 @@ def _given(name: str) -> bool:
 @click.option("--slow-batch", type=click.IntRange(1), default=4, show_default=True,
               help="Images per System 2 call; one call runs at a time.")
 @_system_options
-def serve_cmd(kb, host, port, token, allowed_hosts, runs, max_upload, max_pixels, max_batch_images, read_timeout,
+def serve_cmd(kb, host, port, token, admin_token, allowed_hosts, runs, max_upload, max_pixels, max_batch_images, read_timeout,
               head_timeout, encode_wait_ms, slow_batch, **o) -> None:
     """Serve the knowledge base KB: a JSON API (/v1/classify, /v1/classify/batch, /v1/classes, /healthz,
     /metrics) and a page at / that shows the answer and why (fast or slow, System 2's question, support images).
@@ -989,7 +1033,7 @@ def serve_cmd(kb, host, port, token, allowed_hosts, runs, max_upload, max_pixels
                              max_batch_images=max_batch_images, read_timeout_s=read_timeout, head_timeout_s=head_timeout,
                              encode_batch=o["batch_size"] if _given("batch_size") else 4,
                              encode_wait_ms=encode_wait_ms, slow_batch=slow_batch,
-                             token=token or None, runs=Path(runs) if runs else None, bind=host,
+                             token=token or None, admin_token=admin_token or None, runs=Path(runs) if runs else None, bind=host,
                              allowed_hosts=tuple(allowed_hosts))
     kwargs = {**_system_kwargs(kb, o), "slow_batch": slow_batch}  # options checked before the server starts
 

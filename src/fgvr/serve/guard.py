@@ -73,7 +73,8 @@ class Guard:
                         "with --allowed-host NAME to answer NAME too"}, close)
         if s.token and not self._open(scope["path"]):
             got = headers.get("authorization", "")
-            if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), s.token.encode())):
+            if not (got.startswith("Bearer ") and any(hmac.compare_digest(got[7:].strip().encode(), t.encode())
+                                                       for t in (s.token, s.admin_token) if t)):
                 refused.append("token")
                 return await _send_json(send, 401, {"detail": "a bearer token is required: send "
                                                               "'Authorization: Bearer <token>'"},

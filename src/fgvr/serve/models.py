@@ -102,6 +102,7 @@ class Info(_Open):
     encoder: Optional[str]
     knowledge_base: str
     runs: bool
+    base_version: Optional[int] = Field(None, description="the base version served (it changes when a correction is accepted)")
 
 
 class RunHeadline(_Open):

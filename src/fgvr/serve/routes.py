@@ -54,6 +54,9 @@ def create_app(opener: Callable[[], AbstractContextManager[DualSystem]], setting
     _add_page_routes(api, service, settings)
     _add_classify_routes(api, service, settings)
     _add_run_routes(api, service)
+    from fgvr.serve.corrections import add_correction_routes
+
+    add_correction_routes(api, service, settings)
     _add_metrics_route(api, service)
 
     app = Guard(api, service)

@@ -33,6 +33,37 @@ class _Query:
     image: Image.Image
     name: str
     decode_s: float
+    base: "ServedBase | None" = None  # the base the request started on: it is answered on that one
+
+
+@dataclass
+class ServedBase:
+    """One version of the base as served: the system over it (System 2 included), the same system without
+    System 2 (what the encoder worker runs), and the support list the page's images are addressed by. A
+    base swap builds a new one beside the old and switches `Service.base` in one assignment; requests in
+    flight keep the one they started on. The encoder is shared by every version (the registry holds it)."""
+
+    system: DualSystem
+    fast: DualSystem
+    support: list[dict[str, Any]]
+    support_by_class: dict[int, list[int]]
+    aligned: bool
+    version: int
+
+
+def served_base(system: DualSystem, encode_batch: int, version: int) -> ServedBase:
+    kb = system.kb
+    support = [{"index": i, "class_id": f.class_id, "file": str(f.path)} for i, f in enumerate(kb.support_files())]
+    by_class: dict[int, list[int]] = {}
+    for rec in support:
+        by_class.setdefault(rec["class_id"], []).append(rec["index"])
+    labels = getattr(kb, "exemplar_labels", None)
+    aligned = (labels is not None and len(labels) == len(support)
+               and all(int(labels[i]) == r["class_id"] for i, r in enumerate(support)))
+    # The same trigger (threshold now fixed) without System 2: what the encoder worker runs.
+    fast = DualSystem(kb, system.encoder, None, system.trigger, k=system.k, weight=system.weight,
+                      w=system.w, tau=system.tau, encode_batch=encode_batch)
+    return ServedBase(system, fast, support, by_class, aligned, version)
 
 
 class Service:
@@ -43,8 +74,7 @@ class Service:
                  on_load_error: Callable[[BaseException], None] | None = None) -> None:
         self.opener, self.settings, self.on_load_error = opener, settings, on_load_error
         self.metrics = Metrics()
-        self.system: DualSystem | None = None
-        self.fast: DualSystem | None = None
+        self.base: ServedBase | None = None
         self.error: str | None = None
         self.started = time.time()
         self._stack = ExitStack()
@@ -53,9 +83,6 @@ class Service:
         self.encoder_q: MicroBatcher | None = None
         self.slow_q: MicroBatcher | None = None
         self._thumbs: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
-        self.support: list[dict[str, Any]] = []
-        self.support_by_class: dict[int, list[int]] = {}
-        self._aligned = False
         self.runs = RunBrowser(settings.runs) if settings.runs is not None else None
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -75,17 +102,7 @@ class Service:
         try:
             system = self._stack.enter_context(self.opener())
             kb = system.kb
-            self.support = [{"index": i, "class_id": f.class_id, "file": str(f.path)}
-                            for i, f in enumerate(kb.support_files())]
-            for rec in self.support:
-                self.support_by_class.setdefault(rec["class_id"], []).append(rec["index"])
-            labels = getattr(kb, "exemplar_labels", None)
-            self._aligned = (labels is not None and len(labels) == len(self.support)
-                             and all(int(labels[i]) == r["class_id"] for i, r in enumerate(self.support)))
-            # The same trigger (threshold now fixed) without System 2: what the encoder worker runs.
-            self.fast = DualSystem(kb, system.encoder, None, system.trigger, k=system.k, weight=system.weight,
-                                   w=system.w, tau=system.tau, encode_batch=self.settings.encode_batch)
-            self.system = system
+            self.base = served_base(system, self.settings.encode_batch, base_version(kb))
             log.info("ready: %d classes, System 2 %s, trigger threshold %.4f", len(kb.classes),
                      getattr(system.slow, "name", None), system.trigger.threshold)
         except BaseException as e:  # noqa: BLE001 - reported by /healthz and to the CLI, never swallowed
@@ -103,7 +120,35 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.system is not None
+        return self.base is not None
+
+    @property
+    def system(self) -> DualSystem | None:
+        return self.base.system if self.base is not None else None
+
+    @property
+    def fast(self) -> DualSystem | None:
+        return self.base.fast if self.base is not None else None
+
+    @property
+    def support(self) -> list[dict[str, Any]]:
+        return self.base.support if self.base is not None else []
+
+    @property
+    def support_by_class(self) -> dict[int, list[int]]:
+        return self.base.support_by_class if self.base is not None else {}
+
+    def swap(self, kb: Any) -> ServedBase:
+        """Serve `kb` (a new version of the same base) from now on: its system is built beside the one
+        served now, reusing the loaded encoder and System 2's model, and switched in by one assignment.
+        Requests already in flight finish on the version they started on. Call from a worker thread."""
+        old = self.base
+        if old is None:
+            raise UploadError(503, "not ready: the models are still loading")
+        new = served_base(rebased(old.system, kb), self.settings.encode_batch, base_version(kb))
+        self.base = new
+        log.info("serving base version %d: %d classes (was version %d)", new.version, len(kb.classes), old.version)
+        return new
 
     def require_ready(self) -> DualSystem:
         if self.system is None:
@@ -112,24 +157,36 @@ class Service:
 
     # --- the two batch functions (run on the queues' worker threads) ---------------------------------
     def _fast_batch(self, queries: list[_Query]) -> list[tuple[Result, torch.Tensor]]:
-        assert self.fast is not None
+        assert self.base is not None
         t = time.perf_counter()
-        with torch.inference_mode():
-            emb = self.fast.encoder.encode_images([q.image for q in queries], batch_size=self.settings.encode_batch)
+        with torch.inference_mode():  # every version shares the encoder: one batch whatever their bases
+            emb = self.base.fast.encoder.encode_images([q.image for q in queries], batch_size=self.settings.encode_batch)
         enc_s = (time.perf_counter() - t) / len(queries)
         results = []
         for q, e in zip(queries, emb):  # System 1 per image: a matmul, and per-image decode time stays exact
-            results += self.fast.classify_embeddings(e[None], [q.name], [q.image], {"decode": q.decode_s, "encode": enc_s})
+            fast = (q.base or self.base).fast  # on the version the request started on
+            results += fast.classify_embeddings(e[None], [q.name], [q.image], {"decode": q.decode_s, "encode": enc_s})
         return list(zip(results, emb))
 
     def _slow_batch(self, items: list[tuple[_Query, torch.Tensor, Result]]) -> list[Result]:
-        assert self.system is not None
+        assert self.base is not None
+        res: list[Result | None] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (q, _, _) in enumerate(items):
+            groups.setdefault(id(q.base or self.base), []).append(i)
+        for idx in groups.values():  # one System 2 call per base version in the batch (almost always one)
+            base = items[idx[0]][0].base or self.base
+            for i, r in zip(idx, self._slow_on(base.system, [items[i] for i in idx])):
+                res[i] = r
+        return res  # type: ignore[return-value]
+
+    def _slow_on(self, system: DualSystem, items: list[tuple[_Query, torch.Tensor, Result]]) -> list[Result]:
         out = []
         for (q, e, fast) in items:
             keep = {k: fast.timings[k] for k in ("decode", "encode") if k in fast.timings}
             out.append((q, e, keep))
         emb = torch.stack([e for _, e, _ in out])
-        res = self.system.classify_embeddings(emb, [q.name for q, _, _ in out], [q.image for q, _, _ in out])
+        res = system.classify_embeddings(emb, [q.name for q, _, _ in out], [q.image for q, _, _ in out])
         for r, (_, _, keep) in zip(res, out):
             r.timings.update(keep)
             r.timings["total"] = sum(v for k, v in r.timings.items() if k != "total")
@@ -148,28 +205,34 @@ class Service:
             self._decoding -= 1
 
     async def classify(self, data: bytes, name: str) -> dict[str, Any]:
-        system = self.require_ready()
-        assert self.encoder_q is not None and self.slow_q is not None
+        self.require_ready()
+        base = self.base  # the request is answered on this version, even if a swap happens meanwhile
+        assert base is not None and self.encoder_q is not None and self.slow_q is not None
+        system = base.system
         t0 = time.perf_counter()
         image, decode_s = await self.decode(data)
-        q = _Query(image, name, decode_s)
+        q = _Query(image, name, decode_s, base)
         (result, emb), wait_fast = await self.encoder_q.submit(q)
         wait_slow = 0.0
         if result.path_taken == PATH_UNAVAILABLE and system.slow is not None:
             result, wait_slow = await self.slow_q.submit((q, emb, result))
         self.metrics.result(result)
-        return self.respond(result, emb, {"queue": wait_fast + wait_slow, "request": time.perf_counter() - t0})
+        return self.respond(result, emb, {"queue": wait_fast + wait_slow, "request": time.perf_counter() - t0}, base)
 
     # --- the JSON ------------------------------------------------------------------------------------
-    def respond(self, r: Result, emb: torch.Tensor, extra_s: dict[str, float]) -> dict[str, Any]:
-        system = self.require_ready()
+    def respond(self, r: Result, emb: torch.Tensor, extra_s: dict[str, float],
+                base: ServedBase | None = None) -> dict[str, Any]:
+        self.require_ready()
+        base = base or self.base
+        assert base is not None
+        system = base.system
         kb = system.kb
         trig = r.trigger or {}
         cands = []
         for c in r.candidates:
             score = c.final if c.final is not None else c.fast
             cands.append({"id": c.id, "name": c.name, "score": score, "fast": c.fast, "slow": c.slow,
-                          "support": self.support_for(c.id, emb)})
+                          "support": self.support_for(c.id, emb, base)})
         cands.sort(key=lambda c: -c["score"])
         threshold, score = trig.get("threshold"), trig.get("score")
         out: dict[str, Any] = {
@@ -187,20 +250,21 @@ class Service:
             "fast_prediction_name": kb.classes[r.fast_prediction] if r.fast_prediction is not None else None,
             "timings_ms": {k: round(v * 1000, 3) for k, v in {**r.timings, **extra_s}.items()},
             "error": r.error,
+            "base_version": base.version,
         }
         if r.slow_ran or r.path_taken != "fast" and system.slow is not None:
             out["system2"] = {"name": getattr(system.slow, "name", type(system.slow).__name__),
                               "ran": r.slow_ran,
-                              "question": self.question(r),
+                              "question": self.question(r, system),
                               "answer": own_pick(r),
                               "decision": kb.classes[r.slow_prediction] if r.slow_prediction is not None else None,
                               "rationale": r.rationale, "rules_used": r.rules_used,
                               "tokens_in": r.slow_tokens_in, "tokens_out": r.slow_tokens_out, "error": r.error}
         return out
 
-    def question(self, r: Result) -> str:
+    def question(self, r: Result, system: DualSystem | None = None) -> str:
         """What System 2 was asked: the VLM's exact question where it has one, else what the re-ranker does."""
-        system = self.require_ready()
+        system = system or self.require_ready()
         ids = [c.id for c in r.candidates]
         ask = getattr(system.slow, "question", None)
         if callable(ask):
@@ -214,15 +278,18 @@ class Service:
         names = ", ".join(system.kb.classes[i] for i in ids)
         return f"Which of these is it: {names}? (compared again, more closely, with each candidate's support images)"
 
-    def support_for(self, class_id: int, emb: torch.Tensor) -> list[dict[str, Any]]:
+    def support_for(self, class_id: int, emb: torch.Tensor, base: ServedBase | None = None) -> list[dict[str, Any]]:
         """The candidate's support images, nearest to the query first where the base's exemplars line up
         with its support list (they do for every base fgvr builds)."""
-        idx = self.support_by_class.get(class_id, [])
+        self.require_ready()
+        base = base or self.base
+        assert base is not None
+        idx = base.support_by_class.get(class_id, [])
         n = self.settings.support_per_candidate
         if not idx:
             return []
-        if self._aligned:
-            ex = self.require_ready().kb.exemplars[idx].float()
+        if base.aligned:
+            ex = base.system.kb.exemplars[idx].float()
             sims = (ex @ emb.float().reshape(-1)).tolist()
             order = sorted(range(len(idx)), key=lambda j: -sims[j])[:n]
             return [{"index": idx[j], "url": f"/v1/support/{idx[j]}", "similarity": sims[j]} for j in order]
@@ -254,7 +321,56 @@ class Service:
         return {"classes": len(kb.classes), "system2": getattr(system.slow, "name", None),
                 "threshold": system.trigger.threshold, "budget": system.trigger.budget, "top_k": system.k,
                 "encoder": getattr(getattr(system.encoder, "spec", None), "name", None),
-                "knowledge_base": str(getattr(kb, "path", "") or ""), "runs": self.runs is not None}
+                "knowledge_base": str(getattr(kb, "path", "") or ""), "runs": self.runs is not None,
+                "base_version": self.base.version if self.base is not None else None,
+                "corrections": True, "admin": bool(self.settings.admin_token)}
+
+
+def base_version(kb: Any) -> int:
+    """The version number of a loaded base (1 for a base never changed since its build)."""
+    v = (getattr(kb, "manifest", None) or {}).get("version") or {}
+    try:
+        return int(v.get("number", 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def rebased(system: DualSystem, kb: Any) -> DualSystem:
+    """`system` over another version `kb` of its base: the same loaded encoder, trigger (its threshold was
+    fixed at start) and System 2 model; System 2's class list and descriptions and the experience rules
+    follow the new version. A shallow copy: the system served now is left as it is."""
+    import copy
+
+    new = copy.copy(system)
+    new.kb = kb
+    new.slow = _slow_for(system.slow, kb)
+    if system.slow is not None and getattr(kb, "path", None) is not None:
+        from fgvr.rules import ExperienceLibrary
+
+        lib = ExperienceLibrary.load(kb.path, classes=kb.classes)
+        new.experience = lib if lib.rules else None
+    return new
+
+
+def _slow_for(slow: Any, kb: Any) -> Any:
+    """System 2 for a new version of the base, its model reused: a VLM reasoner gets the new class list and
+    descriptions (a debiasing wrapper is kept around it)."""
+    import copy
+
+    if slow is None:
+        return None
+    if hasattr(slow, "inner") and hasattr(slow, "mode"):  # fgvr.debias.DebiasedSlowPath
+        new = copy.copy(slow)
+        new.inner = _slow_for(slow.inner, kb)
+        return new
+    if hasattr(slow, "class_names"):  # fgvr.slow_path.VlmReasoner
+        new = copy.copy(slow)
+        new.class_names = list(kb.classes)
+        new.descriptions = dict(kb.descriptions or {})
+        return new
+    raise UploadError(409, f"System 2 ({getattr(slow, 'name', type(slow).__name__)}) holds the base's support "
+                           "set itself and cannot follow a new version while serving: the new version is saved; "
+                           "restart fgvr serve to serve it")
 
 
 def own_pick(r: Result) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOKEN_ENV = "FGVR_TOKEN"
+ADMIN_TOKEN_ENV = "FGVR_ADMIN_TOKEN"
 
 
 @dataclass
@@ -28,6 +29,8 @@ class ServeSettings:
     decode_threads: int = 2  # images decoded at once (each may take max_pixels x 4 bytes for a moment)
     support_per_candidate: int = 3  # support images shown per candidate (nearest first)
     token: str | None = None
+    admin_token: str | None = None  # the operator's: accept, reject and undo corrections (refused without one)
+    max_correction_bytes: int = 10 * 2**20  # the image of one correction
     runs: Path | None = None
     bind: str = "127.0.0.1"  # the address served on: a loopback one answers loopback Host names only
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones (--allowed-host)
