@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,38 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@contextmanager
+def running_server(kb: Path, tmp: Path, *args: str, env: dict[str, str] | None = None):
+    """`fgvr serve KB ARGS` on 127.0.0.1:PORT, ready: yields (url, process); stopped (SIGTERM, then SIGKILL)."""
+    port = free_port()
+    log_file = tmp / f"server-{port}.log"
+    log = log_file.open("wb")
+    cmd = [sys.executable, "-c", "from fgvr.cli import main; main()", "serve", str(kb), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, log_file.read_text()
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("fgvr serve did not become ready in 180 s:\n" + log_file.read_text())
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def server(shapes_kb, tmp_path_factory):
     """`fgvr serve KB --runs RUNS` on 127.0.0.1:PORT, ready; stopped (SIGTERM, then SIGKILL) afterwards."""
@@ -57,34 +90,10 @@ def server(shapes_kb, tmp_path_factory):
     with open_system(shapes_kb, threshold=0.5) as system:
         run_evaluation(system, read_dataset(shapes_kb.parent / "test"), tmp / "runs" / "shapes-eval",
                        {"kb": "k", "data": "t"}, progress=False, report=False)
-    port = free_port()
-    log = (tmp / "server.log").open("wb")
-    cmd = [sys.executable, "-c", "from fgvr.cli import main; main()", "serve", str(shapes_kb), "--port", str(port),
-           "--threshold", "0.5", "--runs", str(tmp / "runs"), "--read-timeout", "2", "--head-timeout", "2", "--max-upload", "1MiB",
-           "--max-pixels", "4000000", "--max-batch-images", "4"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp / "server.log").read_text()
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("fgvr serve did not become ready in 180 s:\n" + (tmp / "server.log").read_text())
+    with running_server(shapes_kb, tmp, "--threshold", "0.5", "--runs", str(tmp / "runs"), "--read-timeout", "2",
+                        "--head-timeout", "2", "--max-upload", "1MiB", "--max-pixels", "4000000",
+                        "--max-batch-images", "4") as (url, proc):
         yield url, proc, tmp
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def classify(url: str, data: bytes, name: str = "x.png") -> httpx.Response:
@@ -302,3 +311,81 @@ def test_serve_refuses_a_missing_base_and_warns_beyond_loopback(shapes_kb, tmp_p
     r = CliRunner().invoke(cli, ["serve", str(shapes_kb), "--host", "0.0.0.0", "--threshold", "0.5"],
                            env={"FGVR_TOKEN": "t0k"})
     assert r.exit_code == 0 and "WITHOUT a token" not in r.stderr
+
+
+def test_a_correction_on_the_page_accepted_is_served_while_others_are_answered(shapes_kb, tmp_path):
+    """Issue 24's check: on the page a person marks an answer wrong and names a new class; the operator
+    accepts it through the API; the next request for that photo is answered with the corrected class, while
+    a load of other requests (before, during and after the swap) is served without an error."""
+    import shutil
+
+    sync_playwright = _chromium()
+    kb = tmp_path / "kb"
+    shutil.copytree(shapes_kb, kb)  # the session's base stays as it is
+    photo = tmp_path / "odd disc.png"
+    shape_image("red disc", 991, size=96).save(photo)
+    others = [png_bytes(shape_image(n, 600 + i)) for i, n in enumerate(SHAPES)]
+    op = {"Authorization": "Bearer op-t0ken"}
+    problems: list[str] = []
+    with running_server(kb, tmp_path, "--threshold", "0.5", env={"FGVR_ADMIN_TOKEN": "op-t0ken"}) as (url, proc):
+        first = classify(url, photo.read_bytes()).json()
+        assert first["prediction_name"] == "red disc" and first["base_version"] == 1
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1180, "height": 860})
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.goto(url + "/")
+                page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+                page.set_input_files("#file", str(photo))
+                page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+                assert page.inner_text("#top1") == "red disc"
+                page.click("#wrong")
+                page.wait_for_selector("#correct:not([hidden])", timeout=30_000)
+                names = page.eval_on_selector_all("#correct-class option", "os => os.map(o => o.textContent)")
+                assert "red disc" not in names and {"blue stripes", "green checker"} <= set(names)
+                page.select_option("#correct-class", "__new__")
+                page.fill("#correct-new", "scarlet disc")
+                page.fill("#correct-name", "ana")
+                page.click("#correct-send")
+                page.wait_for_function("() => document.getElementById('correct-status').dataset.id", timeout=30_000)
+                cid = page.eval_on_selector("#correct-status", "e => e.dataset.id")
+                assert "queued for review" in page.inner_text("#correct-status")
+                OUTPUT.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(OUTPUT / "serve_correction.png"), full_page=True)
+            finally:
+                browser.close()
+        queued = httpx.get(url + "/v1/corrections", params={"state": "pending"}, headers=op, timeout=30).json()
+        [c] = queued["corrections"]
+        assert c["id"] == cid and c["label"] == "scarlet disc" and c["who"] == "ana" and c["new_class"]
+        assert c["replaced"]["prediction_name"] == "red disc"
+
+        errors: list[str] = []
+        stop = time.time() + 3600
+        served = [0]
+
+        def load(i: int) -> None:
+            while time.time() < stop:
+                r = classify(url, others[i % len(others)])
+                served[0] += 1
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text}")
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(load, i) for i in range(4)]
+            time.sleep(0.5)
+            accepted = httpx.post(f"{url}/v1/corrections/{cid}/accept", headers=op, timeout=120)
+            assert accepted.status_code == 200, accepted.text
+            assert accepted.json()["served_version"] == 2
+            after = classify(url, photo.read_bytes()).json()
+            time.sleep(0.5)
+            stop = 0
+            for f in futures:
+                f.result(60)
+        assert after["prediction_name"] == "scarlet disc" and after["base_version"] == 2
+        assert not errors, errors[:3]
+        assert served[0] >= 8  # the load really ran across the swap
+        assert httpx.get(url + "/v1/info", timeout=10).json()["base_version"] == 2
+        assert proc.poll() is None
+    assert not problems, problems

@@ -3,6 +3,8 @@
 "use strict";
 const $ = id => document.getElementById(id);
 let ready = false;
+let last = null;  // the photo shown and its answer: what a correction is about
+const NEW_CLASS = "__new__";
 
 async function classify(file) {
   if (!ready) { $("status").textContent = "the server is not ready yet"; return; }
@@ -11,11 +13,13 @@ async function classify(file) {
   photo.hidden = false;
   $("status").textContent = "classifying " + file.name + "…";
   $("result").hidden = true; $("evidence").hidden = true;
+  last = null;
   const form = new FormData();
   form.append("image", file, file.name);
   try {
     const r = await fgvr.json("/v1/classify", { method: "POST", body: form });
     show(r);
+    last = { file, answer: r };
     $("status").textContent = file.name;
   } catch (e) {
     $("status").textContent = `refused (${e.status || "error"}): ${e.message}`;
@@ -84,7 +88,60 @@ function show(r) {
   });
   $("result").hidden = false;
   $("evidence").hidden = false;
+  $("correct").hidden = true;
+  $("wrong").hidden = false;
+  $("correct-status").textContent = "";
 }
+
+// "wrong?": pick the right class from the base's own (or name a new one); the photo goes to the review queue.
+async function openCorrection() {
+  if (!last) return;
+  const sel = $("correct-class");
+  sel.replaceChildren();
+  try {
+    const cls = (await fgvr.json("/v1/classes")).classes;
+    for (const c of cls) {
+      if (c.name !== last.answer.prediction_name) sel.append(fgvr.el("option", { value: String(c.id), text: c.name }));
+    }
+  } catch (e) { $("correct-status").textContent = "cannot list the classes: " + e.message; return; }
+  sel.append(fgvr.el("option", { value: NEW_CLASS, text: "another class (not listed)…" }));
+  $("correct-new-row").hidden = sel.value !== NEW_CLASS;
+  $("correct").hidden = false;
+  $("wrong").hidden = true;
+  sel.focus();
+}
+
+async function sendCorrection(e) {
+  e.preventDefault();
+  if (!last) return;
+  const form = new FormData();
+  form.append("image", last.file, last.file.name);
+  const pick = $("correct-class").value;
+  if (pick === NEW_CLASS) {
+    const name = $("correct-new").value.trim();
+    if (!name) { $("correct-status").textContent = "name the new class"; $("correct-new").focus(); return; }
+    form.append("label", name);
+  } else form.append("class_id", pick);
+  const who = $("correct-name").value.trim();
+  if (who) form.append("name", who);
+  const a = last.answer;
+  form.append("replaced", JSON.stringify({ prediction: a.prediction, prediction_name: a.prediction_name,
+    confidence: a.confidence, path_taken: a.path_taken, rules_used: (a.system2 && a.system2.rules_used) || [] }));
+  $("correct-send").disabled = true;
+  try {
+    const c = await fgvr.json("/v1/corrections", { method: "POST", body: form });
+    $("correct").hidden = true;
+    $("correct-status").textContent = `thank you: correction ${c.id} (${c.label}) is queued for review`;
+    $("correct-status").dataset.id = c.id;
+  } catch (err) {
+    $("correct-status").textContent = `refused (${err.status || "error"}): ${err.message}`;
+  } finally { $("correct-send").disabled = false; }
+}
+
+$("wrong").addEventListener("click", openCorrection);
+$("correct").addEventListener("submit", sendCorrection);
+$("correct-cancel").addEventListener("click", () => { $("correct").hidden = true; $("wrong").hidden = false; });
+$("correct-class").addEventListener("change", () => { $("correct-new-row").hidden = $("correct-class").value !== NEW_CLASS; });
 
 $("file").addEventListener("change", e => { if (e.target.files[0]) classify(e.target.files[0]); });
 const drop = $("drop");

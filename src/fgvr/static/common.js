@@ -45,7 +45,7 @@ const fgvr = {
         try {
           const s = await fgvr.json("/v1/info");
           info.textContent = `${s.classes} classes · encoder ${s.encoder || "?"} · System 2: ${s.system2 || "none"}` +
-            ` · trigger threshold ${fgvr.num(s.threshold)}` + (s.budget != null ? ` (budget ${fgvr.pct(s.budget)}, calibrated on the support set)` : "");
+            (s.base_version != null ? ` · base version ${s.base_version}` : "") + ` · trigger threshold ${fgvr.num(s.threshold)}` + (s.budget != null ? ` (budget ${fgvr.pct(s.budget)}, calibrated on the support set)` : "");
           const link = document.getElementById("runs-link");
           if (link) link.hidden = !s.runs;
           onReady(s);
