@@ -4,6 +4,8 @@
     POST /v1/classify/batch  several (multipart fields `images`, or JSON {"images": [...]}), one result each
     GET  /v1/classes         the base's classes with their support images (by index)
     GET  /v1/support/{i}     support image i of the base's own list, re-encoded as a small JPEG
+    POST /v1/corrections     a person's correction (image + right class) into the review queue beside the base
+    GET  /v1/corrections, POST /v1/corrections/{id}/accept|reject|undo   the operator's review (--admin-token)
     GET  /v1/runs...         with --runs: evaluation runs, their confusion matrix, the images of one cell
     GET  /healthz            200 once the models are loaded (503 while loading)
     GET  /metrics            Prometheus text: requests, latency histogram, paths taken, model memory
@@ -36,10 +38,10 @@ from fgvr.serve.routes import STATIC, create_app
 from fgvr.serve.runs import RunBrowser
 from fgvr.serve.server import header_deadline_protocol, serve
 from fgvr.serve.service import Service, why
-from fgvr.serve.settings import TOKEN_ENV, ServeSettings, UploadError, is_loopback, loud_warning
+from fgvr.serve.settings import ADMIN_TOKEN_ENV, TOKEN_ENV, ServeSettings, UploadError, is_loopback, loud_warning
 from fgvr.serve.upload import b64decode, check_header, decode_upload, read_images, thumbnail_jpeg
 
-__all__ = ["LATENCY_BUCKETS", "STATIC", "TOKEN_ENV", "Guard", "Metrics", "MicroBatcher", "RunBrowser", "Service",
+__all__ = ["ADMIN_TOKEN_ENV", "LATENCY_BUCKETS", "STATIC", "TOKEN_ENV", "Guard", "Metrics", "MicroBatcher", "RunBrowser", "Service",
            "ServeSettings", "UploadError", "b64decode", "check_header", "create_app", "decode_upload",
            "header_deadline_protocol", "is_loopback", "loud_warning", "model_memory_lines", "read_images",
            "resident_bytes", "serve", "thumbnail_jpeg", "why"]
