@@ -257,3 +257,58 @@ def test_cli_lists_and_reviews_the_queue(kb):
     out = CliRunner().invoke(cli, ["kb", "corrections", str(kb), "--json"])
     rows = [json.loads(line) for line in out.output.splitlines()]
     assert {r["id"]: r["state"] for r in rows} == {a.id: "accepted", b.id: "rejected"}
+
+
+def test_a_request_in_flight_during_a_swap_finishes_on_the_version_it_started_on(kb):
+    from fgvr.knowledge_base.incremental import add_images
+
+    photo = png_bytes(shape_image("red disc", 950, size=64))
+    new = kb.parent / "new.png"
+    shape_image("red disc", 951, size=64).save(new)
+    with _client(kb) as c:
+        wait_ready(c)
+        service = c.app.state.service
+        encoder = service.base.fast.encoder
+        entered, release = threading.Event(), threading.Event()
+        real = encoder.encode_images
+
+        def held(images, **kw):  # the first batch waits inside the encoder until the swap is done
+            if not release.is_set() and threading.current_thread().name.startswith("fgvr-encoder"):
+                entered.set()
+                assert release.wait(60)
+            return real(images, **kw)
+
+        encoder.encode_images = held
+        answers: list[dict] = []
+        try:
+            t = threading.Thread(target=lambda: answers.append(_classify(c, photo)))
+            t.start()
+            assert entered.wait(60)
+            add_images(kb, [new], "crimson disc")
+            assert service.swap(load_knowledge_base(kb)).version == 2
+            release.set()
+            t.join(60)
+        finally:
+            release.set()
+            encoder.encode_images = real
+        [old] = answers
+        assert old["base_version"] == 1 and "crimson disc" not in {x["name"] for x in old["candidates"]}
+        now = _classify(c, photo)
+        assert now["base_version"] == 2 and "crimson disc" in {x["name"] for x in now["candidates"]}
+
+
+def test_system2_follows_a_new_version_or_the_swap_is_refused(kb):
+    from types import SimpleNamespace
+
+    from fgvr.debias import DebiasedSlowPath
+    from fgvr.serve import UploadError
+    from fgvr.serve.service import _slow_for
+
+    new = SimpleNamespace(classes=["a", "b", "c", "d"], descriptions={"d": "a new one"})
+    reasoner = SimpleNamespace(name="vlm", class_names=["a", "b", "c"], descriptions={})
+    wrapped = _slow_for(DebiasedSlowPath(reasoner, "cyclic"), new)
+    assert isinstance(wrapped, DebiasedSlowPath) and wrapped.inner.class_names == ["a", "b", "c", "d"]
+    assert wrapped.inner.descriptions == {"d": "a new one"} and reasoner.class_names == ["a", "b", "c"]  # a copy
+    with pytest.raises(UploadError) as e:  # a re-ranker holds the support set itself: restart to serve it
+        _slow_for(SimpleNamespace(name="visual-reranker"), new)
+    assert e.value.status == 409 and "restart" in e.value.reason
