@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,9 @@ def test_swap_under_concurrent_requests_drops_none(kb):
             for i in range(3):
                 add_images(kb, [extra / f"{i}.png"], "green checker")
                 service.swap(load_knowledge_base(kb))
+            deadline = time.time() + 60  # the load goes on until it has been answered on the last version
+            while 4 not in versions and time.time() < deadline and not errors:
+                time.sleep(0.05)
         finally:
             stop.set()
             for t in threads:
