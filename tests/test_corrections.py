@@ -25,9 +25,24 @@ from fgvr.knowledge_base import load_knowledge_base  # noqa: E402
 from fgvr.knowledge_base.corrections import CorrectionQueue, queue_dir  # noqa: E402
 from fgvr.knowledge_base.versions import read_log  # noqa: E402
 from fgvr.serve import ServeSettings, create_app  # noqa: E402
-from test_serve import LOCAL, opener_for, wait_ready  # noqa: E402
 
 OP = {"Authorization": "Bearer op-secret"}
+LOCAL = "http://127.0.0.1"  # the Host a loopback server answers (TestClient's own "testserver" is refused)
+
+
+def opener_for(kb: Path, **kw):
+    from fgvr.pipeline import open_system
+
+    return lambda: open_system(kb, **kw)
+
+
+def wait_ready(client: TestClient, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if client.get("/healthz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server did not become ready")
 
 
 @pytest.fixture()
@@ -306,13 +321,13 @@ def test_system2_follows_a_new_version_or_the_swap_is_refused(kb):
 
     from fgvr.debias import DebiasedSlowPath
     from fgvr.serve import UploadError
-    from fgvr.serve.service import _slow_for
+    from fgvr.serve.service import slow_for
 
     new = SimpleNamespace(classes=["a", "b", "c", "d"], descriptions={"d": "a new one"})
     reasoner = SimpleNamespace(name="vlm", class_names=["a", "b", "c"], descriptions={})
-    wrapped = _slow_for(DebiasedSlowPath(reasoner, "cyclic"), new)
+    wrapped = slow_for(DebiasedSlowPath(reasoner, "cyclic"), new)
     assert isinstance(wrapped, DebiasedSlowPath) and wrapped.inner.class_names == ["a", "b", "c", "d"]
     assert wrapped.inner.descriptions == {"d": "a new one"} and reasoner.class_names == ["a", "b", "c"]  # a copy
     with pytest.raises(UploadError) as e:  # a re-ranker holds the support set itself: restart to serve it
-        _slow_for(SimpleNamespace(name="visual-reranker"), new)
+        slow_for(SimpleNamespace(name="visual-reranker"), new)
     assert e.value.status == 409 and "restart" in e.value.reason

@@ -343,7 +343,7 @@ def rebased(system: DualSystem, kb: Any) -> DualSystem:
 
     new = copy.copy(system)
     new.kb = kb
-    new.slow = _slow_for(system.slow, kb)
+    new.slow = slow_for(system.slow, kb)
     if system.slow is not None and getattr(kb, "path", None) is not None:
         from fgvr.rules import ExperienceLibrary
 
@@ -352,7 +352,7 @@ def rebased(system: DualSystem, kb: Any) -> DualSystem:
     return new
 
 
-def _slow_for(slow: Any, kb: Any) -> Any:
+def slow_for(slow: Any, kb: Any) -> Any:
     """System 2 for a new version of the base, its model reused: a VLM reasoner gets the new class list and
     descriptions (a debiasing wrapper is kept around it)."""
     import copy
@@ -361,7 +361,7 @@ def _slow_for(slow: Any, kb: Any) -> Any:
         return None
     if hasattr(slow, "inner") and hasattr(slow, "mode"):  # fgvr.debias.DebiasedSlowPath
         new = copy.copy(slow)
-        new.inner = _slow_for(slow.inner, kb)
+        new.inner = slow_for(slow.inner, kb)
         return new
     if hasattr(slow, "class_names"):  # fgvr.slow_path.VlmReasoner
         new = copy.copy(slow)
