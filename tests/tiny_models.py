@@ -209,15 +209,15 @@ def build_tiny_qwen3_vl(path: Path) -> Path:
 
 
 def make_talkative(src: Path, out: Path) -> Path:
-    """The tiny random Qwen2.5-VL answers with newlines only (token 198 wins every greedy step), which
-    strips to no answer. Zero that token's (tied) embedding and the end tokens so greedy decoding emits
-    visible gibberish: enough to check text is produced, stored and encoded."""
+    """The tiny random Qwen2.5-VL (or Qwen3-VL) answers with newlines only (token 198 wins every greedy
+    step), which strips to no answer. Zero that token's (tied) embedding and the end tokens so greedy
+    decoding emits visible gibberish: enough to check text is produced, stored and encoded."""
     import shutil
 
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     shutil.copytree(src, out, dirs_exist_ok=True)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src)
+    model = AutoModelForImageTextToText.from_pretrained(src)
     with torch.no_grad():
         for token in (198, 151643, 151645):
             model.get_input_embeddings().weight[token] = 0

@@ -18,7 +18,7 @@ from typing import Callable
 
 from fgvr.models import configs
 from fgvr.models.footprint import format_bytes, module_params, quantised_bytes  # noqa: F401 (re-exported)
-from fgvr.models.family import Family, VlmDeclaration
+from fgvr.models.family import Family, VlmDeclaration, config_without_dtype
 from fgvr.models.spec import ModelSpec, SpecError, normalise_dtype
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -179,16 +179,8 @@ def build_meta(family: str, config: dict, dtype: str):
     if build is None:
         raise SpecError(f"cannot build family {family!r}")
     with torch.device("meta"):
-        return build(_without_dtype(config), getattr(torch, normalise_dtype(dtype)))
+        return build(config_without_dtype(config), getattr(torch, normalise_dtype(dtype)))
 
-
-def _without_dtype(config: dict) -> dict:
-    """`config` without the dtype it was saved in, at every level. A config.json's `torch_dtype`/`dtype`
-    ("bfloat16" in every hub VLM) is copied into its sub-configs, and transformers builds a sub-model in its
-    sub-config's dtype whatever dtype `_from_config` is given: an fp32 Qwen2.5-VL-7B then kept its
-    language model in bf16 (19.03 GB instead of 33.2 GB). The plan's dtype is the one asked for."""
-    return {k: _without_dtype(v) if isinstance(v, dict) else v for k, v in config.items()
-            if k not in ("torch_dtype", "dtype")}
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,6 +11,11 @@ What differs from Qwen2.5-VL, and why this module exists:
   assistant."), so the same question tokenises differently.
 * The architecture: Qwen3VLForConditionalGeneration, a SigLIP-style vision tower with learned position
   embeddings and DeepStack mergers (features of three vision layers added to the first decoder layers).
+  `fgvr memory plan` sizes it exactly (the network on the meta device); its working memory is the
+  Qwen2-VL-style estimate (`plan.merged_patch_workload`): that counts a gated vision MLP where Qwen3-VL's is
+  plain (an over-count) and not the three DeepStack feature maps alive in the prefill (3 x tokens x LM width,
+  31 MB for the 8B at 1280 tokens in bf16). A family `workload` of its own would have to import the plan,
+  which imports the spec, which reads the families: a cycle the structure tests forbid.
 * An image-only processor: the stock Qwen3VLProcessor builds a video processor that needs torchvision.
 """
 
@@ -18,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +34,10 @@ from fgvr.encoder import torch_dtype
 from fgvr.errors import SpecError
 from fgvr.models import configs
 from fgvr.models.families.qwen_vl import QwenVL, _chat_template, _fit_hints, _quantization_config
-from fgvr.models.family import Family, VlmDeclaration, grid_resize, hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.models.family import (Family, VlmDeclaration, config_without_dtype, grid_resize, hf_dtype_kwargs,
+                                hf_tokenizer_kwargs)
 
 if TYPE_CHECKING:
-    from fgvr.models.plan import Workload
     from fgvr.models.spec import ModelSpec
 
 PATCH = 32  # patch_size 16 x spatial_merge_size 2: one visual token per 32x32 pixels
@@ -147,11 +152,18 @@ def _build_meta(config: dict, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def estimate_bytes(spec: ModelSpec) -> int:
-    """Parameter + buffer bytes from the folder's config.json built on the meta device (no weights read)."""
-    from fgvr.models.plan import estimate_spec_bytes
+    """Parameter + buffer bytes from the folder's config.json built on the meta device (no weights read), in
+    the spec's dtype (not the one the config was saved in); int8/nf4 as `footprint.quantised_bytes` counts."""
+    from fgvr.models.footprint import quantised_bytes
 
-    _check_folder(spec)
-    return estimate_spec_bytes(spec)
+    path = _check_folder(spec)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path / 'config.json'}: not valid JSON ({exc}); re-download the model's config.json") from None
+    with torch.device("meta"):
+        model = _build_meta(config_without_dtype(config), torch_dtype(spec.dtype))
+    return quantised_bytes(model, spec.quantization)
 
 
 def _spec_defaults(fields: dict) -> dict:
@@ -183,25 +195,8 @@ def serve_flags(engine: str, max_pixels: int, min_pixels: int) -> tuple[list[str
     return [], {}
 
 
-def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, int], text_tokens: int,
-             new_tokens: int, batch: int, vlm: VlmDeclaration) -> "Workload":
-    """The Qwen2-VL-style estimate plus DeepStack: the merged features of each `deepstack_visual_indexes`
-    layer (visual tokens x LM width) stay alive through the language model's prefill, added to its first
-    layers' hidden states."""
-    from fgvr.models.plan import _DTYPE_BYTES, merged_patch_workload, normalise_dtype
-
-    w = merged_patch_workload(config, dtype, max_pixels, image_size, text_tokens, new_tokens, batch, vlm)
-    text = config.get("text_config", config)
-    stacks = len(config["vision_config"].get("deepstack_visual_indexes", ()))
-    deepstack = stacks * w.visual_tokens * text["hidden_size"] * _DTYPE_BYTES[normalise_dtype(dtype)] * batch
-    lm = w.lm_activation_bytes + deepstack
-    return replace(w, lm_activation_bytes=lm,
-                   working_bytes=w.kv_bytes + max(w.vision_activation_bytes, lm) + w.logits_bytes)
-
-
 VLM = VlmDeclaration(patch=PATCH, default_max_pixels=DEFAULT_MAX_PIXELS, default_min_pixels=DEFAULT_MIN_PIXELS,
-                     fitted_size=fitted_size, serve_flags=serve_flags, processor_kwargs=processor_kwargs,
-                     workload=workload)
+                     fitted_size=fitted_size, serve_flags=serve_flags, processor_kwargs=processor_kwargs)
 
 FAMILY = Family(
     name="qwen3_vl",
