@@ -223,6 +223,21 @@ def test_qwen_bf16_estimate_matches(tiny_qwen_dir):
     _unload_verified(spec)
 
 
+def test_qwen_estimate_is_in_the_specs_dtype_not_the_folders(tiny_qwen_dir, tmp_path):
+    """A hub folder's config.json says bfloat16 at every level; an fp32 spec of it is sized in fp32."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_qwen_dir, tmp_path / "saved-in-bf16")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    cfg["text_config"] = {**cfg.get("text_config", {}), "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    fp32 = families.estimate_bytes(parse_spec(str(folder), dtype="fp32"))
+    bf16 = families.estimate_bytes(parse_spec(str(folder), dtype="bf16"))
+    assert abs(fp32 - 2 * bf16) < 1e-4 * fp32
+
+
 def test_qwen_quantisation_on_cpu_is_a_clear_error(tiny_qwen_dir):
     spec = parse_spec(str(tiny_qwen_dir), quantization="int8")
     with pytest.raises(SpecError, match="quantisation needs CUDA and bitsandbytes"):

@@ -106,6 +106,20 @@ def test_qwen7b_bf16_is_8_29b_params_16_58gb():
     assert abs(m.weight_bytes - 16.58e9) / 16.58e9 < 0.01
 
 
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "qwen3-vl-8b"])
+def test_fp32_weights_are_twice_bf16(name):
+    """The configs say `torch_dtype: bfloat16` (as every hub VLM's does); an fp32 plan is still all fp32.
+    (It was not: the language model stayed in its sub-config's bf16, so `fgvr models` showed the 7B at
+    19.03 GB in fp32 against 16.58 GB in bf16.)"""
+    from fgvr.models.plan import build_meta, resolve
+
+    fp32, bf16 = model_size(name, "vlm", "fp32"), model_size(name, "vlm", "bf16")
+    assert fp32.params == bf16.params
+    assert abs(fp32.weight_bytes - 2 * bf16.weight_bytes) < 1e-6 * fp32.weight_bytes  # only fp32 buffers differ
+    _, family, cfg = resolve(name)
+    assert {p.dtype for p in build_meta(family, cfg | {"torch_dtype": "bfloat16"}, "fp32").parameters()} == {torch.float32}
+
+
 def test_qwen3b_ties_embeddings_7b_does_not():
     tied = model_size("qwen2.5-vl-3b", "vlm", "bf16")
     cfg = QWEN2_5_VL["qwen2.5-vl-3b"]

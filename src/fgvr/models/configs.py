@@ -36,6 +36,10 @@ HUB_IDS: dict[str, str] = {
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
     "qwen2.5-vl-72b": "Qwen/Qwen2.5-VL-72B-Instruct",
+    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
+    "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
+    "qwen3-vl-32b": "Qwen/Qwen3-VL-32B-Instruct",
 }
 
 
@@ -103,6 +107,46 @@ QWEN2_5_VL: dict[str, dict] = {
     "qwen2.5-vl-7b": _qwen(3584, 18944, 28, 28, 4, 152064, False, 28, 3420),
     "qwen2.5-vl-32b": _qwen(5120, 27648, 64, 40, 8, 152064, False, 64, 3456),
     "qwen2.5-vl-72b": _qwen(8192, 29568, 80, 64, 8, 152064, False, 80, 3456),
+}
+
+
+def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, tie: bool, vision: tuple[int, int, int],
+           deepstack: list[int]) -> dict:
+    """A Qwen3-VL-*-Instruct config.json: every size has 8 KV heads of width 128, a 151,936-token vocabulary,
+    interleaved M-RoPE and a 16-pixel-patch vision tower of `vision` = (depth, width, MLP width)."""
+    depth, width, vision_intermediate = vision
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "tie_word_embeddings": tie,
+        "text_config": {
+            "model_type": "qwen3_vl_text", "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 8,
+            "head_dim": 128, "hidden_act": "silu", "vocab_size": 151936, "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-06, "rope_theta": 5000000, "attention_bias": False, "tie_word_embeddings": tie,
+            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+            "bos_token_id": 151643, "eos_token_id": 151645,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl", "depth": depth, "hidden_size": width, "intermediate_size": vision_intermediate,
+            "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": hidden, "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh",
+            "deepstack_visual_indexes": deepstack,
+        },
+    }
+
+
+QWEN3_VL: dict[str, dict] = {
+    # 2B and 4B tie their input embedding and lm_head; 8B and 32B do not. 2B/4B share a 24-layer vision
+    # tower of width 1024, 8B/32B a 27-layer one of width 1152.
+    "qwen3-vl-2b": _qwen3(2048, 6144, 28, 16, True, (24, 1024, 4096), [5, 11, 17]),
+    "qwen3-vl-4b": _qwen3(2560, 9728, 36, 32, True, (24, 1024, 4096), [5, 11, 17]),
+    "qwen3-vl-8b": _qwen3(4096, 12288, 36, 32, False, (27, 1152, 4304), [8, 16, 24]),
+    "qwen3-vl-32b": _qwen3(5120, 25600, 64, 64, False, (27, 1152, 4304), [8, 16, 24]),
 }
 
 

@@ -40,6 +40,15 @@ def pixel_cap_kwargs(max_pixels: int | None, min_pixels: int | None) -> dict:
     return {k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v}
 
 
+def config_without_dtype(config: dict) -> dict:
+    """`config` without the dtype it was saved in, at every level. A config.json's `torch_dtype`/`dtype`
+    ("bfloat16" in every hub VLM) is copied into its sub-configs, and transformers builds each sub-model in
+    its sub-config's dtype whatever dtype `_from_config` is given: an fp32 plan of Qwen2.5-VL-7B kept its
+    language model in bf16 (19.03 GB instead of 33.17 GB). A plan or an estimate is for the dtype asked for."""
+    return {k: config_without_dtype(v) if isinstance(v, dict) else v for k, v in config.items()
+            if k not in ("torch_dtype", "dtype")}
+
+
 def grid_resize(height: int, width: int, factor: int, max_pixels: int, min_pixels: int) -> tuple[int, int]:
     """(H, W) on a grid of `factor` pixels with the area within [min, max] pixels: the `smart_resize` of
     transformers' Qwen2-VL-style image processors, same rounding (shared by VLMs that tile the same way)."""

@@ -18,7 +18,7 @@ from typing import Callable
 
 from fgvr.models import configs
 from fgvr.models.footprint import format_bytes, module_params, quantised_bytes  # noqa: F401 (re-exported)
-from fgvr.models.family import Family, VlmDeclaration
+from fgvr.models.family import Family, VlmDeclaration, config_without_dtype
 from fgvr.models.spec import ModelSpec, SpecError, normalise_dtype
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -179,7 +179,8 @@ def build_meta(family: str, config: dict, dtype: str):
     if build is None:
         raise SpecError(f"cannot build family {family!r}")
     with torch.device("meta"):
-        return build(config, getattr(torch, normalise_dtype(dtype)))
+        return build(config_without_dtype(config), getattr(torch, normalise_dtype(dtype)))
+
 
 
 @functools.lru_cache(maxsize=64)

@@ -25,7 +25,8 @@ import torch
 from fgvr.encoder import torch_dtype
 from fgvr.errors import SpecError
 from fgvr.models import configs
-from fgvr.models.family import Family, VlmDeclaration, grid_resize, hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.models.family import (Family, VlmDeclaration, config_without_dtype, grid_resize, hf_dtype_kwargs,
+                                hf_tokenizer_kwargs)
 
 if TYPE_CHECKING:
     from fgvr.models.spec import ModelSpec
@@ -200,11 +201,17 @@ def load(spec: ModelSpec) -> QwenVL:
 
 
 def estimate_bytes(spec: ModelSpec) -> int:
-    """Parameter + buffer bytes from the folder's config.json built on the meta device (no weights read)."""
-    from transformers import AutoConfig
+    """Parameter + buffer bytes from the folder's config.json built on the meta device (no weights read), in
+    the spec's dtype: the config's saved dtype is dropped first (`config_without_dtype`), else an fp32 spec
+    of a bf16 folder counted its language model in bf16."""
+    from transformers import Qwen2_5_VLConfig
 
-    config = AutoConfig.from_pretrained(_check_folder(spec))
-    return config_bytes(config, spec.dtype, spec.quantization)
+    path = _check_folder(spec)
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path / 'config.json'}: not valid JSON ({exc}); re-download the model's config.json") from None
+    return config_bytes(Qwen2_5_VLConfig(**config_without_dtype(saved)), spec.dtype, spec.quantization)
 
 
 def config_bytes(config: Any, dtype: str, quantization: str | None = None) -> int:
