@@ -186,7 +186,9 @@ def fitted_size(height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS,
 def serve_flags(engine: str, max_pixels: int, min_pixels: int) -> tuple[list[str], dict[str, str]]:
     """The engine's pixel cap: vLLM's `--mm-processor-kwargs` with the processor's own `size` keyword (its
     profiler otherwise reserves the folders' 16,384 visual tokens per image), SGLang's
-    `SGLANG_IMAGE_MAX_PIXELS`. fgvr resizes to the same cap before it sends."""
+    `SGLANG_IMAGE_MAX_PIXELS`. fgvr resizes to the same cap before it sends. The SGLang variable bounds the
+    pixels but not the grid: SGLang versions that pre-resize do it on Qwen2.5-VL's 28-pixel grid for every
+    Qwen family, so the server may resample a Qwen3-VL image once more (README, "The models fgvr knows")."""
     if engine == "vllm":
         size = '{"size": {"shortest_edge": %d, "longest_edge": %d}}' % (min_pixels, max_pixels)
         return ["--mm-processor-kwargs", size], {}
