@@ -62,7 +62,7 @@ def served_base(system: DualSystem, encode_batch: int, version: int) -> ServedBa
                and all(int(labels[i]) == r["class_id"] for i, r in enumerate(support)))
     # The same trigger (threshold now fixed) without System 2: what the encoder worker runs.
     fast = DualSystem(kb, system.encoder, None, system.trigger, k=system.k, weight=system.weight,
-                      w=system.w, tau=system.tau, encode_batch=encode_batch)
+                      w=system.w, tau=system.tau, encode_batch=encode_batch, open_set=system.open_set)
     return ServedBase(system, fast, support, by_class, aligned, version)
 
 
@@ -251,6 +251,8 @@ class Service:
             "timings_ms": {k: round(v * 1000, 3) for k, v in {**r.timings, **extra_s}.items()},
             "error": r.error,
             "base_version": base.version,
+            # open set (fgvr.open_set): true when the answer is "not a class of this base" (prediction None)
+            "unknown": r.unknown, "unknown_score": r.unknown_score,
         }
         if r.slow_ran or r.path_taken != "fast" and system.slow is not None:
             out["system2"] = {"name": getattr(system.slow, "name", type(system.slow).__name__),
