@@ -13,7 +13,7 @@ from PIL import Image
 
 from fgvr.backends import OptionScores
 from fgvr.cli import cli
-from fgvr.data import Dataset, load_image
+from fgvr.data import load_image
 from fgvr.evaluate import run_evaluation
 from fgvr.knowledge_base import KnowledgeBase
 from fgvr.open_set import (MANIFEST_KEY, NONE_OF_THESE, OpenSet, OpenSetError, auroc, calibration,
@@ -101,15 +101,35 @@ def test_old_base_without_calibration_computes_it_on_load(caplog):
     assert calibration(kb) is got  # once per base in memory
 
 
-def test_build_stores_the_calibration(tmp_path):
-    """The base's fit step (build and kb add/remove) writes the quantile table into the manifest."""
-    from fgvr.knowledge_base.build import _fit
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
-    kb = _clustered_kb()
-    _fit(kb)
+
+def test_a_built_base_stores_the_calibration_and_the_cli_answers_unknown(lite0_setup, tmp_path):
+    """End to end on a real (Lite0) base: the build's fit step wrote the quantile table; classify and
+    evaluate take --unknown-rate; evaluate reports the open-set numbers for the test class the base lacks."""
+    from fgvr.knowledge_base import load_knowledge_base
+
+    root, _ = lite0_setup
+    kb = load_knowledge_base(root / "kb")
     rec = kb.manifest[MANIFEST_KEY]
-    assert rec["score"] == "top1_similarity" and len(rec["quantiles"]) == 1001
+    assert rec["score"] == "top1_similarity" and len(rec["quantiles"]) == 1001 and rec["images"] == 9
     assert rec["quantiles"] == sorted(rec["quantiles"])
+    assert calibration(kb) is rec  # stored: nothing recomputed on load
+    img = root / "test" / "yellow_half" / "0.png"
+    res = CliRunner().invoke(cli, ["classify", str(root / "kb"), str(img), "--unknown-threshold", "0.999"])
+    assert res.exit_code == 0, res.output
+    line = _json_lines(res.stdout)[-1]
+    assert line["unknown"] is True and line["prediction"] is None and len(line["candidates"]) == 3
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["evaluate", str(root / "kb"), str(root / "test"), "--unknown-rate", "0.1",
+                                   "--batch-size", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    head = _json_lines(res.stdout)[0]
+    o = json.loads((out / "summary.json").read_text())["open_set"]
+    assert o["n_unknown"] == 1 and o["n_known"] == 12
+    assert head["open_set"]["auroc"] == o["auroc"] and o["setting"]["threshold"] == pytest.approx(
+        threshold_for_rate(kb, 0.1))
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------------

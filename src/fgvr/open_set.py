@@ -218,10 +218,9 @@ def _closed(row: Any) -> int | None:
 def open_set_summary(rows: Sequence[Any], n_boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
     """The open-set numbers of an evaluation's rows (`records.ResultRow`); None when the rows carry no
     unknown score (open set off) or hold no image of a class outside the base."""
-    from fgvr.pipeline import PATH_ERROR
     from fgvr.stats import paired_bootstrap
 
-    readable = [r for r in rows if r.path_taken != PATH_ERROR and r.unknown_score is not None]
+    readable = [r for r in rows if r.unknown_score is not None]  # an unreadable image has no score
     known = [r for r in readable if r.label_id is not None]
     unknown = [r for r in readable if r.label_id is None]
     if not known or not unknown:
