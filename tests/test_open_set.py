@@ -295,3 +295,27 @@ def test_open_set_from_options_refuses_bad_values():
     with pytest.raises(OpenSetError, match="not both"):
         OpenSet.from_options(kb, rate=0.1, threshold=0.5)
     assert OpenSet.from_options(kb) is None
+
+
+# --- serve -------------------------------------------------------------------------------------------------
+
+
+def test_serve_answers_unknown_with_the_candidates(shapes_kb):
+    pytest.importorskip("fastapi", reason="fgvr serve needs the serve extra")
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from fgvr.pipeline import open_system
+    from fgvr.serve import ServeSettings, create_app
+
+    app = create_app(lambda: open_system(shapes_kb, threshold=0.5, unknown_threshold=0.9999), ServeSettings())
+    img = shapes_kb.parent / "test" / "red_disc" / "0.png"
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        deadline = time.time() + 120
+        while c.get("/healthz").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        got = c.post("/v1/classify", files={"image": ("0.png", img.read_bytes(), "image/png")}).json()
+    assert got["unknown"] is True and got["prediction"] is None and got["prediction_name"] is None
+    assert len(got["candidates"]) == 3 and "answered unknown" in got["why"]
+    assert got["unknown_score"] < 0.9999

@@ -239,7 +239,8 @@ class Service:
             "schema": RECORD_SCHEMA, "prediction": r.prediction, "prediction_name": r.prediction_name,
             "confidence": r.confidence,
             "path_taken": r.path_taken,
-            "why": why(r, getattr(system.slow, "name", None)),
+            "why": why(r, getattr(system.slow, "name", None)) + (
+                "; answered unknown: not one of this base's classes (open set)" if r.unknown else ""),
             "trigger": {"score": score, "threshold": threshold, "go_slow": trig.get("go_slow"),
                         "inputs": {k: trig.get(k) for k in ("top1_prob", "margin", "entropy", "precision_lb",
                                                               "precision_correct", "precision_total")},
