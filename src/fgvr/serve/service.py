@@ -347,6 +347,10 @@ def rebased(system: DualSystem, kb: Any) -> DualSystem:
     new = copy.copy(system)
     new.kb = kb
     new.slow = slow_for(system.slow, kb)
+    if getattr(system, "open_set", None) is not None and system.open_set.rate is not None:
+        from fgvr.open_set import OpenSet  # --unknown-rate: its threshold from the new version's support set
+
+        new.open_set = OpenSet.from_options(kb, rate=system.open_set.rate)
     if system.slow is not None and getattr(kb, "path", None) is not None:
         from fgvr.rules import ExperienceLibrary
 
