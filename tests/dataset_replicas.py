@@ -20,9 +20,20 @@ TRAIN_PER_CLASS = 3
 TEST_PER_CLASS = 2
 
 
-def _image(path: Path, cls: int, i: int) -> None:
+def _colour(cls: int, n_colours: int | None) -> tuple[int, int, int]:
+    """COLOURS (cycled) by default; with `n_colours`, one hue of n spread round the colour wheel per class,
+    so a replica of many classes still has a colour per class (the open-set benchmark's CUB replica)."""
+    if n_colours is None:
+        return COLOURS[cls % len(COLOURS)]
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb(cls / n_colours, 0.85 if cls % 2 else 0.55, 0.9 if cls % 3 else 0.6)
+    return int(255 * r), int(255 * g), int(255 * b)
+
+
+def _image(path: Path, cls: int, i: int, n_colours: int | None = None) -> None:
     rng = np.random.default_rng(1000 * cls + i)
-    base = np.array(COLOURS[cls % len(COLOURS)], dtype=np.int16)
+    base = np.array(_colour(cls, n_colours), dtype=np.int16)
     a = np.clip(base + rng.integers(-25, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a).save(path, format="JPEG", quality=95)
@@ -59,20 +70,24 @@ CUB_FOLDERS = ["001.Black_footed_Albatross", "022.Chuck_will_Widow", "182.Yellow
 CUB_NAMES = ["Black-footed Albatross", "Chuck-will's-widow", "Yellow Warbler"]
 
 
-def make_cub(tmp: Path) -> Path:
+def make_cub(tmp: Path, n_classes: int | None = None, train_per_class: int = TRAIN_PER_CLASS,
+             test_per_class: int = TEST_PER_CLASS) -> Path:
+    """The CUB layout with its three classes, or `n_classes` made-up ones ("001.Bird_001", ...; a hue each)."""
+    folders = CUB_FOLDERS if n_classes is None else [f"{c:03d}.Bird_{c:03d}" for c in range(1, n_classes + 1)]
     root = tmp / "CUB_200_2011"
     root.mkdir(parents=True)
     images, labels, split = [], [], []
-    for n, (c, i, train) in enumerate(_split(len(CUB_FOLDERS)), 1):
-        rel = f"{CUB_FOLDERS[c]}/{CUB_FOLDERS[c].split('.', 1)[1]}_{i:04d}_{n}.jpg"
-        _image(root / "images" / rel, c, i)
+    items = [(c, i, i < train_per_class) for c in range(len(folders)) for i in range(train_per_class + test_per_class)]
+    for n, (c, i, train) in enumerate(items, 1):
+        rel = f"{folders[c]}/{folders[c].split('.', 1)[1]}_{i:04d}_{n}.jpg"
+        _image(root / "images" / rel, c, i, n_classes)
         images.append(f"{n} {rel}")
-        labels.append(f"{n} {int(CUB_FOLDERS[c][:3])}")
+        labels.append(f"{n} {int(folders[c][:3])}")
         split.append(f"{n} {int(train)}")
     (root / "images.txt").write_text("\n".join(images) + "\n")
     (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
     (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
-    (root / "classes.txt").write_text("".join(f"{int(f[:3])} {f}\n" for f in CUB_FOLDERS))
+    (root / "classes.txt").write_text("".join(f"{int(f[:3])} {f}\n" for f in folders))
     return tmp  # the folder above CUB_200_2011/: the reader finds it
 
 

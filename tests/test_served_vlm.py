@@ -129,6 +129,24 @@ def test_served_and_local_give_the_same_option_probabilities(url, local):
     assert "api_key" not in json.dumps(d).lower()
 
 
+def test_none_of_these_is_one_more_letter_on_both_backends(url, local):
+    """Open set: the reasoner asks for k + 1 letters, the last "none of these"; the served and in-process
+    backends score that letter alike, and the reasoner keeps its probability apart from the candidates'."""
+    from fgvr.slow_path import SlowQuery, VlmReasoner
+
+    images = _images()[:2]
+    names = ["red disc", "blue stripes", "green checker"]
+    queries = [SlowQuery(image=im, candidates=[0, 1, 2]) for im in images]
+    got = {}
+    for name, backend in (("local", local), ("served", served(url))):
+        answers = VlmReasoner(backend, names, none_option=True).rank(queries)
+        assert all(a.error is None and len(a.probs) == 3 and a.none_prob is not None for a in answers)
+        assert all(abs(sum(a.probs) + a.none_prob - 1) < 1e-4 for a in answers)
+        got[name] = [a.probs + [a.none_prob] for a in answers]
+    assert np.allclose(got["local"], got["served"], atol=1e-4)
+    assert "D. none of these" in VlmReasoner(local, names, none_option=True).question(queries[0])[0]
+
+
 def test_top_logprobs_fallback_and_the_missing_letter_rule(url, local):
     # an older vLLM started with --max-logprobs 5, serving a model that answers letters (a random one would
     # list none of them, and a list without letters is not an answer)

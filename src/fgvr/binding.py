@@ -89,13 +89,17 @@ def system_binding(system: DualSystem) -> dict[str, Any]:
             "n_rules": system.n_rules,
             "rationale": bool(getattr(system.slow, "rationale", False)),
             "kb_digest": knowledge_base_digest(system.kb), "experience_digest": experience_digest(system),
-            "max_image_pixels": max_decoded_pixels()}
+            "max_image_pixels": max_decoded_pixels(),
+            # open set: the threshold answers are rejected below (None: closed set), and its calibration
+            "unknown_threshold": system.open_set.threshold if getattr(system, "open_set", None) else None,
+            "unknown_rate": system.open_set.rate if getattr(system, "open_set", None) else None}
 
 
 
 # What a record depends on; a restart must match them ("limit" too when the run calibrates on itself).
 MUST_MATCH = ("kb_digest", "data_digest", "experience_digest", "encoder", "system2", "system2_spec", "threshold",
-               "budget", "calibrate", "top_k", "weight", "slow_all", "n_rules", "rationale", "max_image_pixels")
+               "budget", "calibrate", "top_k", "weight", "slow_all", "n_rules", "rationale", "max_image_pixels",
+               "unknown_threshold")
 EXPLAIN = {"kb_digest": "the knowledge base's content (rebuilt or changed since)",
          "data_digest": "the data list (images or labels added, removed or relabelled)",
          "experience_digest": "the experience rules of the base",

@@ -585,6 +585,12 @@ def _system_options(f):
         click.option("--debias", type=click.Choice(["none", "cyclic", "prior"]), default="none", show_default=True,
                      help="Option-order debiasing of System 2 (fgvr.debias): cyclic = every order of the options, "
                           "averaged (k calls per image); prior = a letter prior estimated PriDe-style, then divided out."),
+        click.option("--unknown-rate", type=FiniteFloat(0, 1, max_open=True), default=None, metavar="R",
+                     help="Open set: answer 'unknown' for images unlike every class; R is the share of known-class "
+                          "images you accept being answered unknown (threshold from the base's support set, "
+                          "leave-one-out; e.g. 0.05). Off by default. A VLM also gets a 'none of these' option."),
+        click.option("--unknown-threshold", type=FiniteFloat(-1, 1), default=None, metavar="T",
+                     help="Open set with this threshold on System 1's top-1 fused similarity instead of --unknown-rate."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
     ]
     f = vlm_options(image_limit_option(f))  # innermost: listed after --vlm in --help
@@ -601,18 +607,24 @@ def _system_kwargs(kb, o: dict, slow_all: bool = False, cache_dir=None) -> dict:
         raise click.UsageError("choose one System 2: --vlm SPEC or --reranker, not both")
     if o["threshold"] is not None and o["slow_budget"] is not None:
         raise click.UsageError("give --threshold or --slow-budget, not both")
+    open_set = o.get("unknown_rate") is not None or o.get("unknown_threshold") is not None
+    if o.get("unknown_rate") is not None and o.get("unknown_threshold") is not None:
+        raise click.UsageError("give --unknown-rate or --unknown-threshold, not both")
     if o["vlm"]:
         from fgvr.slow_path import LETTERS
 
-        if o["top_k"] > len(LETTERS):
-            raise click.UsageError(f"--top-k {o['top_k']}: a VLM reads at most {len(LETTERS)} lettered options")
+        if o["top_k"] + open_set > len(LETTERS):
+            raise click.UsageError(f"--top-k {o['top_k']}: a VLM reads at most {len(LETTERS)} lettered options"
+                                   + (" (one of them is 'none of these' with --unknown-rate/--unknown-threshold)"
+                                      if open_set else ""))
 
     enc = o["encoder"]
     enc = str(Path(enc).resolve()) if enc and Path(enc).exists() else enc  # actors may run in another folder
     return dict(kb_path=str(Path(kb).resolve()), encoder=enc, vlm=open_vlm(o["vlm"], o["device"], o, cache_dir),
                 reranker=o["reranker"], budget=o["slow_budget"],
                 threshold=o["threshold"], k=o["top_k"], weight=o["weight"], device=o["device"],
-                rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all, debias=o.get("debias"))
+                rationale=o["rationale"], n_rules=o["n_rules"], slow_all=slow_all, debias=o.get("debias"),
+                unknown_rate=o.get("unknown_rate"), unknown_threshold=o.get("unknown_threshold"))
 
 
 def _open_system(kb, o: dict, slow_all: bool = False, cache_dir=None):

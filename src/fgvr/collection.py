@@ -129,7 +129,8 @@ def _parquet_schema():
                       ("fast", pa.float64()), ("slow", pa.float64())])
     return pa.schema([("path", pa.string()), ("path_taken", pa.string()), ("prediction", pa.int64()),
                       ("prediction_name", pa.string()), ("confidence", pa.float64()),
-                      ("candidates", pa.list_(cand)), ("trigger_score", pa.float64()), ("error", pa.string())])
+                      ("candidates", pa.list_(cand)), ("trigger_score", pa.float64()), ("error", pa.string()),
+                      ("unknown", pa.bool_()), ("unknown_score", pa.float64())])
 
 
 def _need_pyarrow() -> None:

@@ -221,6 +221,8 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
                       "peak_memory_this_process": peaks["this_process"],
                       "peak_memory": peaks["run"]}
     summary["config"] = stored
+    if summary.get("open_set") is not None:
+        summary["open_set"]["setting"] = system.open_set.to_dict() if system.open_set is not None else None
     how = getattr(system.slow, "describe", None)  # which System 2 answered, and how (backend, mode)
     summary["system2"] = how() if how else ({"system2": system.slow.name} if system.slow else None)
     atomic_write_json(out / SUMMARY, summary)
@@ -236,7 +238,15 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """The few numbers `fgvr evaluate` prints on stdout (the rest is in summary.json)."""
     keep = ("n_images", "accuracy", "accuracy_system1_alone", "n_unreadable", "accuracy_readable",
             "accuracy_system1_alone_readable", "slow_rate", "system2_calls_per_image", "unknown_classes", "n_errors")
-    return {**{k: summary[k] for k in keep}, "latency_p50_s": summary["latency_s"]["p50"]}
+    out = {**{k: summary[k] for k in keep}, "latency_p50_s": summary["latency_s"]["p50"]}
+    o = summary.get("open_set")
+    if o:  # test images of classes outside the base: how well the unknown score tells them apart
+        out["open_set"] = {"auroc": o["auroc"], "auroc_ci": o["auroc_ci"], "fpr_at_95_tpr": o["fpr_at_95_tpr"],
+                           "fpr_at_95_tpr_ci": o["fpr_at_95_tpr_ci"],
+                           "known_accuracy_with_rejection": o["known_accuracy_with_rejection"],
+                           "known_accuracy_without_rejection": o["known_accuracy_without_rejection"],
+                           "known_accuracy_cost_ci": o["known_accuracy_cost_ci"]}
+    return out
 
 
 def _run_config(system: DualSystem, dataset: Dataset, config: dict[str, Any], calibrate_on: str | None,

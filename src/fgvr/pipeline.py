@@ -30,6 +30,7 @@ from fgvr.decision import DEFAULT_WEIGHT, decide
 from fgvr.defaults import DEFAULTS
 from fgvr.fast_path import system1
 from fgvr.models.spec import ModelSpec
+from fgvr.open_set import unknown_scores
 from fgvr.slow_path import SlowAnswer, SlowPath, SlowQuery
 from fgvr.trigger import Trigger
 
@@ -89,6 +90,12 @@ class Result:
     trigger: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds; batched stages are shared equally
     error: str | None = None
+    # open set (`fgvr.open_set`): unknown is True when the answer is "not a class of the base" (prediction
+    # None then, the candidates still listed); the score is System 1's, recorded whether open set is on or
+    # not; closed_prediction is the answer open set off would have given
+    unknown: bool = False
+    unknown_score: float | None = None
+    closed_prediction: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +122,7 @@ class DualSystem:
     `retrieve(candidate_ids, n) -> list[Rule]` (an `fgvr.rules.ExperienceLibrary`).
     The trigger is used as given: one with a budget needs its threshold before the first image, set by
     the caller (`Trigger.calibrated_on_support(kb)`, as `open_system` does, or by `run_evaluation`).
+    `open_set` (`fgvr.open_set.OpenSet`) lets an answer be "unknown" (see there); None: closed set.
     """
 
     def __init__(
@@ -133,6 +141,7 @@ class DualSystem:
         slow_all: bool = False,
         slow_batch: int = 8,
         encode_batch: int = 32,
+        open_set: Any = None,
     ) -> None:
         from fgvr.knowledge_base.storage import check_encoder_behaviour
 
@@ -141,6 +150,7 @@ class DualSystem:
         self.k, self.weight, self.experience, self.n_rules = k, weight, experience, n_rules
         self.w, self.tau = w, tau
         self.slow_all = slow_all and slow is not None
+        self.open_set = open_set  # a `fgvr.open_set.OpenSet`, or None: every answer is a class of the base
         self.slow_batch, self.encode_batch = max(1, slow_batch), max(1, encode_batch)
         if k < 1:
             raise ValueError(f"top-k must be at least 1, got {k}")
@@ -211,6 +221,7 @@ class DualSystem:
             return []
         t = time.perf_counter()
         fast = system1(self.kb, emb, w=self.w, tau=self.tau, k=self.k)
+        unknown_score = unknown_scores(fast).tolist()
         fast_s = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -252,6 +263,11 @@ class DualSystem:
             best = max(range(len(ids)), key=lambda j: final[j])
             r.prediction, r.prediction_name, r.confidence = ids[best], classes[ids[best]], float(final[best])
             r.candidates = cands
+            r.unknown_score, r.closed_prediction = float(unknown_score[i]), r.prediction
+            if self.open_set is not None:
+                chose_none = final is not fast_p and ans is not None and _picks_none(ans)
+                if self.open_set.rejects(r.unknown_score) or chose_none:
+                    r.unknown, r.prediction, r.prediction_name = True, None, None
             r.timings = {**(timings or {}), "fast": fast_s / n, "trigger": trigger_s / n, "slow": slow_s.get(i, 0.0)}
             out.append(r)
         decide_s = (time.perf_counter() - t_dec) / n
@@ -314,6 +330,12 @@ class DualSystem:
         return answers, errors, seconds
 
 
+def _picks_none(answer: SlowAnswer) -> bool:
+    """System 2's own pick was its "none of these" option (a VLM asked with one, `fgvr.open_set`)."""
+    none = getattr(answer, "none_prob", None)
+    return none is not None and none > max(answer.probs, default=0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # assembling a system from a knowledge base on disk (what `fgvr classify` and `fgvr evaluate` do)
 
@@ -335,6 +357,8 @@ def open_system(
     slow_all: bool = False,
     slow_batch: int = 8,
     debias: str | None = None,
+    unknown_rate: float | None = None,
+    unknown_threshold: float | None = None,
 ) -> Iterator[DualSystem]:
     """Load the base, lease its encoder from the registry for the duration, and wire up System 2.
 
@@ -343,7 +367,8 @@ def open_system(
     `fgvr.backends.get_backend`) or `reranker` picks System 2; neither means none (escalations are
     marked unavailable). The trigger uses `threshold` when given, else `budget` (default 0.3) calibrated on
     the base's support set. `debias` ('cyclic' or 'prior') wraps System 2 in `fgvr.debias` (option-order
-    debiasing; off by default).
+    debiasing; off by default). `unknown_rate` (a share of known images allowed to be answered unknown,
+    calibrated on the base's support set) or `unknown_threshold` turns open set on (`fgvr.open_set`).
     """
     from fgvr.knowledge_base import load_knowledge_base
     from fgvr.models import registry
@@ -364,11 +389,15 @@ def open_system(
     else:
         kb = load_knowledge_base(kb_path)
         spec = ModelSpec(**kb.encoder_spec).replace(device=device)
+    from fgvr.open_set import OpenSet
+
+    open_set = OpenSet.from_options(kb, unknown_rate, unknown_threshold)
     slow: SlowPath | None = None
     if vlm:
         from fgvr.slow_path import VlmReasoner
 
-        slow = VlmReasoner(backend, kb.classes, kb.descriptions, rationale=rationale, max_rules=n_rules)
+        slow = VlmReasoner(backend, kb.classes, kb.descriptions, rationale=rationale, max_rules=n_rules,
+                           none_option=open_set is not None and open_set.none_option)
         # a served backend answers `concurrency` requests at once: give it at least that many per call
         slow_batch = max(slow_batch, getattr(backend, "concurrency", 0))
     elif reranker:
@@ -390,4 +419,4 @@ def open_system(
         trigger = trigger.calibrated_on_support(kb)
     with registry.use(spec) as enc:
         yield DualSystem(kb, enc, slow, trigger, k=k, weight=weight, experience=experience, n_rules=n_rules,
-                         slow_all=slow_all, slow_batch=slow_batch)
+                         slow_all=slow_all, slow_batch=slow_batch, open_set=open_set)

@@ -129,6 +129,8 @@ class Prediction:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     trigger_score: float | None = None
     error: str | None = None
+    unknown: bool = False  # open set: not a class of the base (prediction None, candidates still listed)
+    unknown_score: float | None = None
 
     @classmethod
     def from_result(cls, r: Result) -> "Prediction":
@@ -136,7 +138,7 @@ class Prediction:
                   "fast": c.fast, "slow": c.slow} for c in r.candidates]
         score = (r.trigger or {}).get("score")
         return cls(r.path, r.path_taken, r.prediction, r.prediction_name, r.confidence, cands,
-                   None if score is None else float(score), r.error)
+                   None if score is None else float(score), r.error, r.unknown, r.unknown_score)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Prediction":

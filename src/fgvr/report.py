@@ -184,6 +184,7 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     if summary["unknown_classes"]:
         lines += [f"**Test classes the base does not know:** {', '.join(map(_md, summary['unknown_classes']))} "
                   f"({summary['unknown_class_images']} image(s), classified but not counted in accuracy).", ""]
+    lines += _open_set_lines(summary)
     if summary["errors"]:
         lines += ["## Unreadable images", ""] + [f"- {_code(e['path'])}: {_md(e['error'])}" for e in summary["errors"][:50]] + [""]
     curve = summary["budget_curve"]
@@ -204,6 +205,31 @@ def write_report(run: str | Path, summary: dict[str, Any]) -> Path:
     md = run / "report.md"
     atomic_write_text(md, "\n".join(lines) + "\n")
     return md
+
+
+def _open_set_lines(summary: dict[str, Any]) -> list[str]:
+    """The open-set section (`fgvr.open_set`): only when the test set has classes the base does not hold."""
+    o = summary.get("open_set")
+    if not o:
+        return []
+    ci = lambda k, pct=False: f"[{_fmt(o[k][0], pct)}, {_fmt(o[k][1], pct)}]"  # noqa: E731
+    setting = o.get("setting")
+    how = ("off: no answer was rejected, the rows show what the score would do" if not setting else
+           f"threshold {_fmt(setting['threshold'])} on the {setting['score']}"
+           + (f" (--unknown-rate {setting['rate']})" if setting.get("rate") is not None else ""))
+    return ["## Open set", "",
+            f"{o['n_known']} image(s) of known classes, {o['n_unknown']} of classes outside the base; score: "
+            f"System 1's {o['score']} (low = unknown). Open set {how}. Intervals: {o['intervals']}.", "",
+            "| measure | value | 95% interval |", "| --- | --- | --- |",
+            f"| AUROC, known vs unknown | {_fmt(o['auroc'])} | {ci('auroc_ci')} |",
+            f"| FPR at 95% TPR (unknowns accepted as known) | {_fmt(o['fpr_at_95_tpr'], True)} | {ci('fpr_at_95_tpr_ci', True)} |",
+            f"| known-class accuracy without rejection | {_fmt(o['known_accuracy_without_rejection'], True)} | "
+            f"{ci('known_accuracy_without_rejection_ci', True)} |",
+            f"| known-class accuracy with rejection | {_fmt(o['known_accuracy_with_rejection'], True)} | "
+            f"{ci('known_accuracy_with_rejection_ci', True)} |",
+            f"| accuracy cost of rejection (paired) | {_fmt(o['known_accuracy_cost'], True)} | {ci('known_accuracy_cost_ci', True)} |",
+            f"| known images answered unknown / unknown images answered unknown | "
+            f"{_fmt(o['known_rejected_rate'], True)} / {_fmt(o['unknown_rejected_rate'], True)} | |", ""]
 
 
 def write_tables(run: Path, summary: dict[str, Any]) -> None:

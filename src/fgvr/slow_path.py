@@ -44,6 +44,7 @@ class SlowAnswer:
     rules_used: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None  # this query's System 2 failed (the others in its batch may not have)
+    none_prob: float | None = None  # the "none of these" option's probability, when it was offered (open set)
 
 
 class SlowPath(Protocol):
@@ -77,18 +78,24 @@ def rule_concerns(rule: Any, names: Sequence[str]) -> bool:
 
 
 def build_question(names: Sequence[str], descriptions: dict[str, str] | None = None,
-                   rules: Sequence[Any] = ()) -> str:
+                   rules: Sequence[Any] = (), none_option: bool = False) -> str:
     """The user turn: lettered candidates (with one-line descriptions), the rules, 'answer with the letter'.
 
     Only what System 1 and the experience library know goes in; the true label never does, so the same
-    prompt serves at inference and while the experience library is being built.
+    prompt serves at inference and while the experience library is being built. `none_option` (open set,
+    `fgvr.open_set`) adds one more letter after the candidates: "none of these".
     """
-    if len(names) > len(LETTERS):
-        raise ValueError(f"at most {len(LETTERS)} candidates can be lettered, got {len(names)}")
+    if len(names) + int(none_option) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} options can be lettered, got {len(names)} candidates"
+                         + (" and 'none of these'" if none_option else ""))
     lines = ["Which one of these is shown in the image?"]
     for letter, name in zip(LETTERS, names):
         desc = one_line((descriptions or {}).get(name))
         lines.append(f"{letter}. {name} — {desc}" if desc else f"{letter}. {name}")
+    if none_option:
+        from fgvr.open_set import NONE_OF_THESE
+
+        lines.append(f"{LETTERS[len(names)]}. {NONE_OF_THESE} — the image shows something not listed above")
     if rules:
         lines.append("Lessons from earlier mistakes:")
         for r in rules:
@@ -110,7 +117,8 @@ class VlmReasoner:
     name = "vlm-reasoner"
 
     def __init__(self, backend: "VlmBackend", class_names: Sequence[str], descriptions: dict[str, str] | None = None,
-                 rationale: bool = False, max_rules: int = DEFAULTS.rules, rationale_tokens: int = 40) -> None:
+                 rationale: bool = False, max_rules: int = DEFAULTS.rules, rationale_tokens: int = 40,
+                 none_option: bool = False) -> None:
         if not hasattr(backend, "score_options"):
             raise TypeError(f"VlmReasoner needs an open backend (fgvr.backends.get_backend), not {backend!r}")
         self.backend = backend
@@ -119,6 +127,7 @@ class VlmReasoner:
         self.rationale = rationale
         self.max_rules = max_rules
         self.rationale_tokens = rationale_tokens
+        self.none_option = none_option  # open set: a "none of these" letter after the candidates
 
     @property
     def spec(self) -> Any:
@@ -132,7 +141,7 @@ class VlmReasoner:
         """The question for one query and the rules it uses (those that concern its candidates, at most N)."""
         names = [self.class_names[c] for c in query.candidates]
         rules = [r for r in query.rules if rule_concerns(r, names)][: self.max_rules]
-        return build_question(names, self.descriptions, rules), rules
+        return build_question(names, self.descriptions, rules, none_option=self.none_option), rules
 
     def rank(self, queries: Sequence[SlowQuery]) -> list[SlowAnswer]:
         import time
@@ -141,13 +150,20 @@ class VlmReasoner:
             return []
         t0 = time.perf_counter()
         asked = [self.question(q) for q in queries]
+        extra = int(self.none_option)
         scores = self.backend.score_options([q for q, _ in asked], [q.image for q in queries],
-                                            [len(q.candidates) for q in queries])
+                                            [len(q.candidates) + extra for q in queries])
         if len(scores) != len(queries):
             raise RuntimeError(f"the {self.backend.name} backend gave {len(scores)} answers for {len(queries)} questions")
-        answers = [SlowAnswer(probs=list(s.probs), tokens_in=s.tokens_in, tokens_out=s.tokens_out,
-                              rules_used=[str(r.id) for r in rules], error=s.error)
-                   for s, (_, rules) in zip(scores, asked)]
+        answers = []
+        for s, q, (_, rules) in zip(scores, queries, asked):
+            probs, none = list(s.probs), None
+            if extra and len(probs) == len(q.candidates) + 1:  # the last letter is "none of these"
+                probs, none = probs[:-1], float(probs[-1])
+                if sum(probs) <= 0:  # all its mass on "none of these": no preference among the candidates
+                    probs = [1.0 / len(probs)] * len(probs)
+            answers.append(SlowAnswer(probs=probs, tokens_in=s.tokens_in, tokens_out=s.tokens_out,
+                                      rules_used=[str(r.id) for r in rules], error=s.error, none_prob=none))
         if self.rationale:
             self._add_rationales(queries, asked, answers)
         dt = (time.perf_counter() - t0) / len(queries)
@@ -162,7 +178,9 @@ class VlmReasoner:
         rows = [i for i, a in enumerate(answers) if a.error is None]
         conversations = []
         for i in rows:
-            letter = LETTERS[max(range(len(answers[i].probs)), key=answers[i].probs.__getitem__)]
+            a = answers[i]
+            letter = (LETTERS[len(a.probs)] if a.none_prob is not None and a.none_prob > max(a.probs, default=0.0)
+                      else LETTERS[max(range(len(a.probs)), key=a.probs.__getitem__)])
             conversations.append([user_turn(asked[i][0]),
                                   {"role": "assistant", "content": [{"type": "text", "text": letter}]},
                                   {"role": "user", "content": [{"type": "text", "text": RATIONALE_QUESTION}]}])

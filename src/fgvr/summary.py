@@ -106,6 +106,7 @@ def summarise(records: Sequence[ResultRow | dict[str, Any]], classes: list[str],
             d[r.prediction_name] = d.get(r.prediction_name, 0) + 1
     n_read = max(1, len(readable))
     from fgvr.metrics import classification_metrics
+    from fgvr.open_set import open_set_summary
 
     return {
         **classification_metrics([r.to_dict() for r in records], classes),  # acc1/acc5, balanced accuracy, macro-F1, ECE (fgvr.metrics)
@@ -130,4 +131,7 @@ def summarise(records: Sequence[ResultRow | dict[str, Any]], classes: list[str],
         "tokens_out_per_image": sum(r.slow_tokens_out for r in readable) / n_read if readable else None,
         "latency_s": _pct([r.timings["total"] for r in readable if r.timings.get("total") is not None]),
         "budget_curve": budget_curve(records),
+        "n_answered_unknown": sum(1 for r in records if r.unknown),
+        # AUROC / FPR@95 of the unknown score and the known-class accuracy it costs (None: no unknown class)
+        "open_set": open_set_summary(records),
     }

@@ -160,11 +160,16 @@ def build_knowledge_base(
 
 
 def _fit(kb: KnowledgeBase) -> None:
-    """The fusion System 1 will use, then the leave-one-out statistics under it (recorded in the manifest)."""
+    """The fusion System 1 will use, then the leave-one-out statistics under it (recorded in the manifest),
+    and the leave-one-out distribution of the open-set score (`fgvr.open_set`)."""
     kb.fusion = choose_fusion(kb)
     kb.stats = retrieval_stats(kb, kb.fusion)
     kb.manifest["stats"] = {"excluded": kb.stats.excluded, "loo_accuracy": kb.stats.accuracy,
                             "rule": "leave-one-out; images of single-image classes excluded"}
+    from fgvr.open_set import MANIFEST_KEY, calibration_record
+
+    kb.__dict__.pop("_open_set_calibration", None)
+    kb.manifest[MANIFEST_KEY] = calibration_record(kb)  # the open-set threshold's calibration (fgvr.open_set)
 
 
 def _encoder_spec(encoder: "str | ModelSpec", vlm: "VlmBackend | None", device: str) -> "ModelSpec":

@@ -66,6 +66,8 @@ class ClassifyResult(_Open):
     fast_prediction_name: Optional[str] = None
     timings_ms: dict[str, float]
     error: Optional[str] = None
+    unknown: bool = Field(default=False, description="open set: not a class of the base (prediction is null then)")
+    unknown_score: Optional[float] = Field(default=None, description="System 1's top-1 fused similarity (low = unknown)")
 
 
 class BatchItem(ClassifyResult):

@@ -62,7 +62,7 @@ def served_base(system: DualSystem, encode_batch: int, version: int) -> ServedBa
                and all(int(labels[i]) == r["class_id"] for i, r in enumerate(support)))
     # The same trigger (threshold now fixed) without System 2: what the encoder worker runs.
     fast = DualSystem(kb, system.encoder, None, system.trigger, k=system.k, weight=system.weight,
-                      w=system.w, tau=system.tau, encode_batch=encode_batch)
+                      w=system.w, tau=system.tau, encode_batch=encode_batch, open_set=system.open_set)
     return ServedBase(system, fast, support, by_class, aligned, version)
 
 
@@ -239,7 +239,8 @@ class Service:
             "schema": RECORD_SCHEMA, "prediction": r.prediction, "prediction_name": r.prediction_name,
             "confidence": r.confidence,
             "path_taken": r.path_taken,
-            "why": why(r, getattr(system.slow, "name", None)),
+            "why": why(r, getattr(system.slow, "name", None)) + (
+                "; answered unknown: not one of this base's classes (open set)" if r.unknown else ""),
             "trigger": {"score": score, "threshold": threshold, "go_slow": trig.get("go_slow"),
                         "inputs": {k: trig.get(k) for k in ("top1_prob", "margin", "entropy", "precision_lb",
                                                               "precision_correct", "precision_total")},
@@ -251,6 +252,8 @@ class Service:
             "timings_ms": {k: round(v * 1000, 3) for k, v in {**r.timings, **extra_s}.items()},
             "error": r.error,
             "base_version": base.version,
+            # open set (fgvr.open_set): true when the answer is "not a class of this base" (prediction None)
+            "unknown": r.unknown, "unknown_score": r.unknown_score,
         }
         if r.slow_ran or r.path_taken != "fast" and system.slow is not None:
             out["system2"] = {"name": getattr(system.slow, "name", type(system.slow).__name__),
@@ -344,6 +347,10 @@ def rebased(system: DualSystem, kb: Any) -> DualSystem:
     new = copy.copy(system)
     new.kb = kb
     new.slow = slow_for(system.slow, kb)
+    if getattr(system, "open_set", None) is not None and system.open_set.rate is not None:
+        from fgvr.open_set import OpenSet  # --unknown-rate: its threshold from the new version's support set
+
+        new.open_set = OpenSet.from_options(kb, rate=system.open_set.rate)
     if system.slow is not None and getattr(kb, "path", None) is not None:
         from fgvr.rules import ExperienceLibrary
 

@@ -27,7 +27,7 @@ async function classify(file) {
 }
 
 function show(r) {
-  $("top1").textContent = r.prediction_name;
+  $("top1").textContent = r.unknown ? "unknown (none of this base's classes)" : r.prediction_name;
   $("confidence").textContent = fgvr.pct(r.confidence);
   const path = $("path");
   path.textContent = r.path_taken;
