@@ -310,7 +310,7 @@ def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict
 
 
 def calibration_scores(system: DualSystem, cache: "EmbeddingCache", paths: list[str],
-                       chunk: int = CALIBRATE_CHUNK) -> tuple[torch.Tensor, int]:
+                       chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """(the trigger's score of every readable image among `paths`, how many): System 1 over the cached
     embeddings `chunk` images at a time, so the (N, classes) posteriors of 50,000 images over 1,000 classes
     are never in memory at once; only the N scores are (a quantile needs them all). The scores are each
@@ -318,7 +318,7 @@ def calibration_scores(system: DualSystem, cache: "EmbeddingCache", paths: list[
     kb = system.kb
     parts = [torch.zeros(0, dtype=torch.float64)]
     n = 0
-    for _, emb in cache.readable(paths, chunk):
+    for _, emb in cache.readable(paths, chunk or CALIBRATE_CHUNK):
         fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
         parts.append(system.trigger.scores(fast, kb))
         n += emb.shape[0]
