@@ -52,7 +52,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -148,27 +148,36 @@ def bootstrap_interval(correct: np.ndarray, baseline: np.ndarray | None = None, 
     return float(lo), float(hi)
 
 
-def cell_result(records: Sequence[ResultRow | dict[str, Any]], k: int, seed: int,
+def cell_result(records: Iterable[ResultRow | dict[str, Any]], k: int, seed: int,
                 resamples: int = BOOTSTRAP_RESAMPLES) -> CellResult:
-    """A cell's numbers from its results.jsonl rows (labelled images only; an error is wrong for both)."""
+    """A cell's numbers from its results.jsonl rows (labelled images only; an error is wrong for both), taken
+    one at a time: per image only two booleans are kept (the bootstrap resamples images)."""
     from fgvr.pipeline import PATH_ERROR
-    from fgvr.records import as_rows
+    from fgvr.records import iter_as_rows
 
-    records = as_rows(records)
-    known = [r for r in records if r.known]
-    s1 = np.array([r.fast_prediction is not None and r.fast_prediction == r.label_id for r in known])
-    dual = np.array([bool(r.correct) for r in known])
-    readable = [r for r in records if r.path_taken != PATH_ERROR]
-    slow = [r for r in readable if (r.trigger or {}).get("go_slow")]
+    s1_list: list[bool] = []
+    dual_list: list[bool] = []
+    n = n_readable = n_slow = n_ran = 0
+    for r in iter_as_rows(records):
+        n += 1
+        if r.known:
+            s1_list.append(r.fast_prediction is not None and r.fast_prediction == r.label_id)
+            dual_list.append(bool(r.correct))
+        if r.path_taken != PATH_ERROR:
+            n_readable += 1
+            n_slow += bool((r.trigger or {}).get("go_slow"))
+            n_ran += bool(r.slow_ran)
+    s1, dual = np.array(s1_list, dtype=bool), np.array(dual_list, dtype=bool)
+    known = s1.size
     return CellResult(
-        k=k, seed=seed, n_test=len(known),
+        k=k, seed=seed, n_test=known,
         system1=float(s1.mean()) if known else float("nan"), dual=float(dual.mean()) if known else float("nan"),
         system1_ci=bootstrap_interval(s1, resamples=resamples), dual_ci=bootstrap_interval(dual, resamples=resamples),
         delta=float((dual.astype(float) - s1).mean()) if known else float("nan"),
         delta_ci=bootstrap_interval(dual, s1, resamples=resamples),
-        slow_rate=len(slow) / len(readable) if readable else None,
-        system2_calls_per_image=sum(1 for r in readable if r.slow_ran) / len(readable) if readable else None,
-        errors=len(records) - len(readable),
+        slow_rate=n_slow / n_readable if n_readable else None,
+        system2_calls_per_image=n_ran / n_readable if n_readable else None,
+        errors=n - n_readable,
     )
 
 
@@ -504,7 +513,7 @@ def _run_cell(b: _Bench, k: int, seed: int, tag: str, done_runs: list[Path]) -> 
     """One (k, seed) cell: reused when done with the same binding; else base (kept if built), evaluation."""
     from fgvr.data import read_dataset, split_k_shot
     from fgvr.evaluate import run_evaluation
-    from fgvr.records import RESULTS, read_rows
+    from fgvr.records import RESULTS, iter_rows
     from fgvr.knowledge_base import build_knowledge_base
     from fgvr.pipeline import open_system
 
@@ -547,7 +556,7 @@ def _run_cell(b: _Bench, k: int, seed: int, tag: str, done_runs: list[Path]) -> 
                        progress=o["progress"], report=o["reports"], calibrate="run")
     times["evaluate_s"] = round(time.perf_counter() - t0, 2)
     planned = {str(s.path) for s in b.test}
-    result = cell_result([r for r in read_rows(run_dir / RESULTS) if r.path in planned], k, seed)
+    result = cell_result((r for r in iter_rows(run_dir / RESULTS) if r.path in planned), k, seed)
     result.seconds, result.commands = times, [build_cmd, eval_cmd]
     atomic_write_json(cell_file, {"binding": binding, "result": asdict(result)})
     b.invocation["cells_run"].append(cell.name)

@@ -50,7 +50,7 @@ from fgvr.errors import InputError, KnowledgeBaseError, RunMismatchError, System
 from fgvr.fast_path import system1
 from fgvr.io import atomic_write_bytes, atomic_write_json, json_dumps
 from fgvr.pipeline import PATH_SLOW_FAILED, DualSystem
-from fgvr.records import RESULTS, ResultRow, as_rows, read_results, read_rows, results_journal
+from fgvr.records import RESULTS, ResultRow, iter_rows, read_results, results_journal
 from fgvr.run_dir import RunDir
 from fgvr.summary import budget_curve, summarise
 from fgvr.trigger import Trigger
@@ -59,6 +59,10 @@ __all__ = ["EMBED_DIR", "RESULTS", "SUMMARY", "EmbeddingCache", "EvaluateError",
            "plan", "read_results", "run_evaluation", "summarise", "support_files"]
 
 SUMMARY = "summary.json"
+CALIBRATE_CHUNK = 1024  # images per System 1 call when the threshold is calibrated on the run's images
+# Called with (stage, rows) for every chunk a streaming stage holds at once ("encode", "calibrate",
+# "classify"); None in normal runs. A test sets it to check that memory is bounded by the chunk size.
+STREAM_HOOK: Any = None
 PEAKS = "peak_memory.json"
 log = logging.getLogger(__name__)
 
@@ -99,19 +103,26 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
     return [(p, label, index.get(label)) for p, label in items], unknown
 
 
-def _previous_rows(results: Any, items: list[tuple[str, str, int | None]], out: Path) -> list[ResultRow]:
-    """The rows already in results.jsonl for planned images. A row whose label disagrees with the data's
-    (the data list is bound by its digest, so only a hand-edited file has one) is refused: it would be
-    counted as it stands."""
+def _previous_rows(results: Any, items: list[tuple[str, str, int | None]], out: Path) -> tuple[set[str], int, int]:
+    """(paths already in results.jsonl for planned images, how many of them are labelled, how many right),
+    read one row at a time. A row whose label disagrees with the data's (the data list is bound by its
+    digest, so only a hand-edited file has one) is refused: it would be counted as it stands."""
     plan_of = {p: (label, cid) for p, label, cid in items}
-    rows = [r for r in as_rows(results.read()) if r.path in plan_of]
-    for r in rows:
+    done: set[str] = set()
+    n_known = n_right = 0
+    for d in results.records():
+        if d["path"] not in plan_of:
+            continue
+        r = ResultRow.from_dict(d)
         wrong_mark = r.label_id is not None and r.correct != (r.prediction == r.label_id)
         if (r.label, r.label_id) != plan_of[r.path] or wrong_mark:
             raise EvaluateError(f"{out / RESULTS}: the record of {r.path} says label {r.label!r} (id {r.label_id}, "
                                 f"correct {r.correct}) where the data says {plan_of[r.path][0]!r}: the file was "
                                 f"edited; start fresh with a new --out folder (or delete {out})")
-    return rows
+        done.add(r.path)
+        n_known += r.known
+        n_right += bool(r.correct)
+    return done, n_known, n_right
 
 
 def _round_robin(items: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
@@ -191,7 +202,7 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
                     "them)", n_experience, dataset.root)
     results = results_journal(out / RESULTS)
     previous = _previous_rows(results, items, out)
-    done = {r.path for r in previous}
+    done = previous[0]
     todo = [it for it in items if it[0] not in done]
     if done and todo:
         log.info("resuming %s: %d of %d image(s) already done", out, len(items) - len(todo), len(items))
@@ -210,8 +221,8 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
     wall = time.perf_counter() - t0
     peaks = _record_peak(out, system)
 
-    records = _records_in_plan_order(results.path, items)
-    summary = summarise(records, kb.classes, unknown)
+    planned = _results_in_plan_order(results.path, items)
+    summary = summarise((r for r in iter_rows(results.path) if r.path in planned), kb.classes, unknown)
     summary["support_images_excluded"] = n_support
     summary["experience_images_excluded"] = n_experience
     summary["trigger"] = {"threshold": trigger.threshold, "budget": trigger.budget,
@@ -277,6 +288,8 @@ def _encode_pass(engine: Any, cache: "EmbeddingCache", todo: list, progress: boo
                file=sys.stderr, disable=not progress or not need, dynamic_ncols=True)
     for chunk, enc in engine.encode(need):
         cache.add(chunk, enc)
+        if STREAM_HOOK is not None:
+            STREAM_HOOK("encode", len(chunk))
         bar.update(len(chunk))
     bar.close()
     return cache
@@ -293,11 +306,9 @@ def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict
         return trigger.with_threshold(stored["calibrated_threshold"]), stored
     kb = system.kb
     if calibrate_on == "run":
-        readable = [p for p, _, _ in items if cache.embedding(p) is not None]
-        emb = torch.stack([cache.embedding(p) for p in readable]) if readable else torch.zeros(0, kb.prototypes.shape[1])
-        fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
-        trigger = trigger.calibrated(trigger.scores(fast, kb))
-        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on_images": len(readable)}
+        scores, n = calibration_scores(system, cache, [p for p, _, _ in items])
+        trigger = trigger.calibrated(scores)
+        stored = {**stored, "calibrated_threshold": trigger.threshold, "calibrated_on_images": n}
     else:
         if trigger.threshold is None:
             trigger = trigger.calibrated_on_support(kb, w=system.w, tau=system.tau)
@@ -308,13 +319,30 @@ def _settle_threshold(system: DualSystem, calibrate_on: str | None, stored: dict
     return trigger, stored
 
 
-def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, previous: list[ResultRow],
+def calibration_scores(system: DualSystem, cache: "EmbeddingCache", paths: list[str],
+                       chunk: int | None = None) -> tuple[torch.Tensor, int]:
+    """(the trigger's score of every readable image among `paths`, how many): System 1 over the cached
+    embeddings `chunk` images at a time, so the (N, classes) posteriors of 50,000 images over 1,000 classes
+    are never in memory at once; only the N scores are (a quantile needs them all). The scores are each
+    image's own, so chunking does not change them."""
+    kb = system.kb
+    parts = [torch.zeros(0, dtype=torch.float64)]
+    n = 0
+    for _, emb in cache.readable(paths, chunk or CALIBRATE_CHUNK):
+        fast = system1(kb, emb, w=system.w, tau=system.tau, k=system.k)
+        parts.append(system.trigger.scores(fast, kb))
+        n += emb.shape[0]
+        if STREAM_HOOK is not None:
+            STREAM_HOOK("calibrate", emb.shape[0])
+    return torch.cat(parts), n
+
+
+def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, previous: tuple[set[str], int, int],
                    results: Any, cache: "EmbeddingCache | None", out: Path, progress: bool) -> None:
     """Classify `todo` through the engine, appending each batch's rows to the results journal."""
     from tqdm import tqdm
 
-    n_known = sum(1 for r in previous if r.known)
-    n_right = sum(1 for r in previous if r.correct)
+    _, n_known, n_right = previous
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="evaluate", unit="img",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     labels = {p: (label, cid) for p, label, cid in todo}
@@ -324,6 +352,8 @@ def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, pre
         for row, (p, _, _) in zip(rows, batch):
             row.path = p  # the planned (resolved) path, whatever the engine echoed
         new = {d["path"] for d in results.append([r.to_dict() for r in rows])}
+        if STREAM_HOOK is not None:
+            STREAM_HOOK("classify", len(rows))
         n_known += sum(1 for r in rows if r.path in new and r.known)
         n_right += sum(1 for r in rows if r.path in new and r.correct)
         _record_peak(out, system)
@@ -333,18 +363,27 @@ def _classify_pass(system: DualSystem, engine: Any, items: list, todo: list, pre
     bar.close()
 
 
-def _records_in_plan_order(results_file: Path, items: list) -> list[ResultRow]:
-    """The run's rows in plan order; an engine that finished out of order has its file rewritten so."""
+def _results_in_plan_order(results_file: Path, items: list) -> set[str]:
+    """The planned paths; results.jsonl is checked to hold their rows in plan order, one row at a time.
+    An engine that finished out of order (Ray) has its file rewritten so, the one step that reads the
+    whole file into memory (the local engine appends in plan order and never needs it)."""
     planned = {p for p, _, _ in items}
-    everything = read_results(results_file)
-    records = [r for r in everything if r["path"] in planned]
     order = {p: i for i, (p, _, _) in enumerate(items)}
-    if [r["path"] for r in records] != sorted((r["path"] for r in records), key=order.__getitem__):
-        records.sort(key=lambda r: order[r["path"]])
-        rest = [r for r in everything if r["path"] not in planned]
-        atomic_write_bytes(results_file, "".join(json_dumps(r) + "\n"
-                                                 for r in records + rest).encode("utf-8"))
-    return as_rows(records)
+    last = -1
+    for d in results_journal(results_file).records():
+        at = order.get(d["path"])
+        if at is None:
+            continue
+        if at < last:
+            break
+        last = at
+    else:
+        return planned
+    everything = read_results(results_file)
+    records = sorted((r for r in everything if r["path"] in planned), key=lambda r: order[r["path"]])
+    rest = [r for r in everything if r["path"] not in planned]
+    atomic_write_bytes(results_file, "".join(json_dumps(r) + "\n" for r in records + rest).encode("utf-8"))
+    return planned
 
 
 def check_system2(summary: dict[str, Any], system: DualSystem, out: Path) -> None:
@@ -354,8 +393,8 @@ def check_system2(summary: dict[str, Any], system: DualSystem, out: Path) -> Non
         return
     failed = summary["paths"].get(PATH_SLOW_FAILED, {}).get("n", 0)
     if failed and summary["system2_calls"] == 0:
-        errors = [r for r in read_rows(out / RESULTS, repair=False) if r.path_taken == PATH_SLOW_FAILED]
-        reason = errors[0].error if errors else "unknown"
+        first = next((r for r in iter_rows(out / RESULTS, repair=False) if r.path_taken == PATH_SLOW_FAILED), None)
+        reason = first.error if first else "unknown"
         raise System2Error(
             f"System 2 failed for all {failed} image(s) sent to it, so every answer in {out} is System 1's "
             f"(first error: {reason}); fix the cause and start fresh with a new --out"

@@ -22,7 +22,7 @@ count as wrong, as in `accuracy`, and are left out of the calibration error (the
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 ECE_BINS = 15
 
@@ -34,56 +34,106 @@ def _ranked(record: dict[str, Any]) -> list[int]:
     return [int(c["id"]) for c in sorted(cands, key=key, reverse=True)]
 
 
+def _bin_of(c: float, bins: int) -> int | None:
+    """The ECE bin of a confidence (equal-width on (0, 1], 0 and below in the first), None above 1."""
+    for b in range(bins):
+        if (b / bins < c <= (b + 1) / bins) or (b == 0 and c <= 0.0):
+            return b
+    return None
+
+
 def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float | None:
     """ECE with equal-width bins on (0, 1]; None without any sample."""
-    if not confidences:
-        return None
-    n = len(confidences)
-    total = 0.0
-    for b in range(bins):
-        lo, hi = b / bins, (b + 1) / bins
-        idx = [i for i, c in enumerate(confidences) if (lo < c <= hi) or (b == 0 and c <= 0.0)]
-        if idx:
-            acc = sum(bool(correct[i]) for i in idx) / len(idx)
-            conf = sum(confidences[i] for i in idx) / len(idx)
-            total += len(idx) / n * abs(acc - conf)
-    return total
+    acc = _EceBins(bins)
+    for c, ok in zip(confidences, correct):
+        acc.add(float(c), bool(ok))
+    return acc.value()
 
 
-def classification_metrics(records: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+class _EceBins:
+    """ECE from per-bin sums, filled one image at a time (same numbers as over a list)."""
+
+    def __init__(self, bins: int = ECE_BINS) -> None:
+        self.bins, self.n = bins, 0
+        self.count, self.right, self.conf = [0] * bins, [0] * bins, [0.0] * bins
+
+    def add(self, confidence: float, correct: bool) -> None:
+        self.n += 1
+        b = _bin_of(confidence, self.bins)
+        if b is not None:
+            self.count[b] += 1
+            self.right[b] += bool(correct)
+            self.conf[b] += confidence
+
+    def value(self) -> float | None:
+        if not self.n:
+            return None
+        return sum((self.count[b] / self.n * abs(self.right[b] / self.count[b] - self.conf[b] / self.count[b])
+                    for b in range(self.bins) if self.count[b]), 0.0)
+
+
+class MetricsAccumulator:
+    """`classification_metrics` one record at a time: counts per class (the base's size) and per ECE bin,
+    nothing per image, so the summary of a 50,000-image run does not hold its records."""
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = classes
+        c = len(classes)
+        self.n = self.top1 = self.top5 = 0
+        self.five_everywhere = True  # every answered record kept at least 5 candidates
+        self.tp, self.n_true, self.n_pred = [0] * c, [0] * c, [0] * c
+        self.ece = _EceBins()
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record.get("label_id") is None:
+            return
+        t, p = int(record["label_id"]), record.get("prediction")
+        self.n += 1
+        self.top1 += p == t
+        ranked = _ranked(record)
+        if p is not None and len(ranked) < 5:
+            self.five_everywhere = False
+        self.top5 += t in ranked[:5]
+        if 0 <= t < len(self.n_true):
+            self.n_true[t] += 1
+        if isinstance(p, int) and 0 <= p < len(self.n_pred):
+            self.n_pred[p] += 1
+            self.tp[p] += p == t
+        if record.get("confidence") is not None:
+            self.ece.add(float(record["confidence"]), p == t)
+
+    def result(self) -> dict[str, Any]:
+        if not self.n:
+            return {"acc1": None, "acc5": None, "mean_per_class_recall": None, "top5_accuracy": None,
+                    "balanced_accuracy": None, "macro_f1": None, "ece": None, "per_class_metrics": {}}
+        acc1 = self.top1 / self.n
+        acc5 = self.top5 / self.n if self.five_everywhere else None
+        per_class: dict[str, dict[str, Any]] = {}
+        f1s, recalls = [], []
+        for c, name in enumerate(self.classes):
+            tp, n_true, n_pred = self.tp[c], self.n_true[c], self.n_pred[c]
+            if n_true == 0 and n_pred == 0:
+                continue
+            precision = tp / n_pred if n_pred else 0.0
+            recall = tp / n_true if n_true else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            per_class[name] = {"n": n_true, "predicted": n_pred, "precision": precision, "recall": recall, "f1": f1}
+            f1s.append(f1)
+            if n_true:
+                recalls.append(recall)
+        balanced = sum(recalls) / len(recalls)
+        return {
+            "acc1": acc1, "acc5": acc5, "mean_per_class_recall": balanced,
+            "top5_accuracy": acc5, "balanced_accuracy": balanced, "macro_f1": sum(f1s) / len(f1s),
+            "ece": self.ece.value(),
+            "ece_confidence": "top-1 of the final distribution renormalised over the top-k candidates",
+            "per_class_metrics": per_class,
+        }
+
+
+def classification_metrics(records: Iterable[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
     """The metrics above, and per-class precision / recall / F1 (`per_class_metrics`)."""
-    known = [r for r in records if r.get("label_id") is not None]
-    if not known:
-        return {"acc1": None, "acc5": None, "mean_per_class_recall": None, "top5_accuracy": None,
-                "balanced_accuracy": None, "macro_f1": None, "ece": None, "per_class_metrics": {}}
-    truth = [int(r["label_id"]) for r in known]
-    pred = [r.get("prediction") for r in known]
-    acc1 = sum(p == t for p, t in zip(pred, truth)) / len(known)
-    ranked = [_ranked(r) for r in known]
-    acc5 = None
-    if all(len(rk) >= 5 for rk, r in zip(ranked, known) if r.get("prediction") is not None):
-        acc5 = sum(t in rk[:5] for t, rk in zip(truth, ranked)) / len(known)
-    per_class: dict[str, dict[str, Any]] = {}
-    f1s, recalls = [], []
-    for c, name in enumerate(classes):
-        tp = sum(p == c and t == c for p, t in zip(pred, truth))
-        n_true, n_pred = truth.count(c), sum(p == c for p in pred)
-        if n_true == 0 and n_pred == 0:
-            continue
-        precision = tp / n_pred if n_pred else 0.0
-        recall = tp / n_true if n_true else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"n": n_true, "predicted": n_pred, "precision": precision, "recall": recall, "f1": f1}
-        f1s.append(f1)
-        if n_true:
-            recalls.append(recall)
-    readable = [(float(r["confidence"]), r.get("prediction") == r["label_id"]) for r in known
-                if r.get("confidence") is not None]
-    balanced = sum(recalls) / len(recalls)
-    return {
-        "acc1": acc1, "acc5": acc5, "mean_per_class_recall": balanced,
-        "top5_accuracy": acc5, "balanced_accuracy": balanced, "macro_f1": sum(f1s) / len(f1s),
-        "ece": expected_calibration_error([c for c, _ in readable], [ok for _, ok in readable]),
-        "ece_confidence": "top-1 of the final distribution renormalised over the top-k candidates",
-        "per_class_metrics": per_class,
-    }
+    acc = MetricsAccumulator(classes)
+    for r in records:
+        acc.add(r)
+    return acc.result()

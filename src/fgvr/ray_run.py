@@ -331,8 +331,8 @@ class RayEngine:
                 errors = [r for r in cache.classify(self.system, missing)]
                 yield missing, errors
             rows = [{"path": p, "embedding": cache.embedding(p).float().numpy(), "ok": True, "error": "",
-                     "decode_s": cache.rows[p][1], "encode_s": cache.rows[p][2]}
-                    for p in paths if cache.embedding(p) is not None]
+                     "decode_s": cache.timings(p)[0], "encode_s": cache.timings(p)[1]}
+                    for p in paths if p in cache.index]
             if not rows:
                 return
             ds = self.ray.data.from_items(rows, override_num_blocks=self._blocks(len(rows)))

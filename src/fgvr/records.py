@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from fgvr.pipeline import Candidate, Result
 from fgvr.run_dir import Journal
@@ -67,6 +67,12 @@ def as_rows(records: Iterable[ResultRow | dict[str, Any]]) -> list[ResultRow]:
     return [r if isinstance(r, ResultRow) else ResultRow.from_dict(r) for r in records]
 
 
+def iter_as_rows(records: Iterable[ResultRow | dict[str, Any]]) -> Iterator[ResultRow]:
+    """`as_rows` one at a time (a reader over a 50,000-row file holds one row)."""
+    for r in records:
+        yield r if isinstance(r, ResultRow) else ResultRow.from_dict(r)
+
+
 def _int_or_none(v: Any) -> bool:
     return v is None or (isinstance(v, int) and not isinstance(v, bool))
 
@@ -109,6 +115,12 @@ def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
     """The JSON records of a results file, first record per path kept (see `fgvr.run_dir.Journal`: a torn
     last line is cut when `repair`; a bad line in the middle is skipped, so its image is redone)."""
     return results_journal(Path(path)).read(repair)
+
+
+def iter_rows(path: Path, repair: bool = True) -> Iterator[ResultRow]:
+    """`read_rows` one row at a time (a summary or a bench cell over 50,000 results holds one row)."""
+    for d in results_journal(Path(path)).records(repair):
+        yield ResultRow.from_dict(d)
 
 
 def read_rows(path: Path, repair: bool = True) -> list[ResultRow]:

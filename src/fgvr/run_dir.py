@@ -30,7 +30,7 @@ import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 from fgvr.errors import RunMismatchError
 from fgvr.io import atomic_write_json, json_dumps, with_filename
@@ -87,34 +87,47 @@ class Journal:
         """The records, first per key, in file order; with `repair` a torn last line is cut from the file
         (and a whole last record missing its newline is ended) so the next append starts on a clean line.
         Without `repair` the file is never modified (a reader beside the writer)."""
-        if not self.path.is_file():
-            self.keys = set()
-            return []
-        data = self.path.read_bytes()
-        cut = data.rfind(b"\n") + 1  # everything before `cut` is complete lines
-        records = []
-        for n, line in enumerate(data[:cut].split(b"\n")[:-1], 1):
-            rec = self._parse(line)
-            if rec is not None:
-                records.append(rec)
-            elif line.strip():
-                log.warning("%s, line %d is not a record of this file; skipping it (its work is redone)", self.path, n)
-        tail = data[cut:]
-        if tail.strip():
-            rec = self._parse(tail)
-            if rec is not None:  # complete record, only its newline missing
-                records.append(rec)
-            if repair:
-                self._end_tail(rec is not None, cut)
+        return list(self.records(repair))
+
+    def records(self, repair: bool = True) -> Iterator[dict[str, Any]]:
+        """`read` one line at a time: memory for one record (and the set of keys), not for the file, so a
+        summary over 50,000 results streams. `keys` is complete once the iteration has ended."""
         seen: set[Hashable] = set()
-        unique = []
-        for r in records:
-            k = self.key(r)
-            if k not in seen:
-                seen.add(k)
-                unique.append(r)
         self.keys = seen
-        return unique
+        if not self.path.is_file():
+            return
+        if repair:
+            self._repair_tail()
+        with self.path.open("rb") as f:
+            for n, line in enumerate(f, 1):
+                rec = self._parse(line)
+                if rec is None:
+                    if line.strip() and line.endswith(b"\n"):
+                        log.warning("%s, line %d is not a record of this file; skipping it (its work is redone)",
+                                    self.path, n)
+                    continue
+                k = self.key(rec)
+                if k not in seen:
+                    seen.add(k)
+                    yield rec
+
+    def _repair_tail(self) -> None:
+        """Cut a torn last line, or end a whole last record that lacks its newline (see `read`)."""
+        with self.path.open("rb") as f:
+            end = f.seek(0, 2)
+            cut, pos, block = 0, end, 1 << 16
+            while pos > 0:  # the last newline, read backwards a block at a time
+                step = min(block, pos)
+                pos -= step
+                f.seek(pos)
+                at = f.read(step).rfind(b"\n")
+                if at >= 0:
+                    cut = pos + at + 1
+                    break
+            f.seek(cut)
+            tail = f.read()
+        if tail.strip():
+            self._end_tail(self._parse(tail) is not None, cut)
 
     def _end_tail(self, whole: bool, cut: int) -> None:
         with self.path.open("r+b") as f:
