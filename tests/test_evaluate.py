@@ -8,6 +8,7 @@ import json
 import pytest
 
 from fgvr.data import read_dataset
+from fgvr.records import RECORD_SCHEMA
 from fgvr.evaluate import EvaluateError, budget_curve, read_results, run_evaluation
 from fgvr.pipeline import DualSystem
 from fgvr.trigger import Trigger
@@ -202,6 +203,7 @@ def test_cli_classify_and_evaluate_end_to_end_with_lite0(lite0_setup, tmp_path):
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert lines[0]["prediction_name"] == "red disc" and lines[0]["path_taken"] == "fast"
     assert lines[1]["path_taken"] == "error"
+    assert [x["schema"] for x in lines] == [RECORD_SCHEMA] * 2  # every CLI line says its record version
     # another encoder's base is refused with a clear message (before any model is loaded)
     r = CliRunner().invoke(cli, ["evaluate", str(root / "kb"), str(root / "test"), "--out", str(tmp_path / "x"),
                                  "--encoder", "efficientnet-lite2"])

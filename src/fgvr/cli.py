@@ -700,6 +700,7 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
 
     from fgvr.io import json_dumps
     from fgvr.pipeline import check_outcome
+    from fgvr.records import stamped
 
     if out is None and o["ray_address"]:  # a usage error first: it holds whether or not Ray is installed
         raise click.UsageError("--ray classifies a collection: give it with --out PRED")
@@ -718,7 +719,7 @@ def classify(kb, images, out, fmt, shard_size, **o) -> None:
     with _open_system(kb, o) as system:
         for i in range(0, len(images), o["batch_size"]):
             for r in system.classify_paths(images[i:i + o["batch_size"]]):
-                click.echo(json_dumps(r.to_dict()))
+                click.echo(json_dumps(stamped(r.to_dict())))  # the record schema of every fgvr record
                 paths[r.path_taken] = paths.get(r.path_taken, 0) + 1
     check_outcome(paths, "on its line")
 

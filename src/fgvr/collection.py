@@ -36,7 +36,7 @@ from fgvr.engine import LocalEngine  # noqa: F401 (re-exported: fgvr.collection.
 from fgvr.io import atomic_write_bytes, atomic_write_text, json_dumps, read_user_text
 from fgvr.binding import EXPLAIN, MUST_MATCH, system_binding
 from fgvr.pipeline import DualSystem
-from fgvr.records import Prediction, result_from_dict  # noqa: F401 (re-exported: one record per image)
+from fgvr.records import RECORD_SCHEMA, Prediction, check_schema, result_from_dict  # noqa: F401 (re-exported)
 from fgvr.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,13 @@ def _parquet_schema():
 
     cand = pa.struct([("id", pa.int64()), ("name", pa.string()), ("score", pa.float64()),
                       ("fast", pa.float64()), ("slow", pa.float64())])
-    return pa.schema([("path", pa.string()), ("path_taken", pa.string()), ("prediction", pa.int64()),
-                      ("prediction_name", pa.string()), ("confidence", pa.float64()),
+    # `schema` is a column (every row says its version, as a JSONL row does; pandas, pyarrow and duckdb read
+    # it as any other) and the file's metadata too (`fgvr.schema`), for a reader that looks there
+    return pa.schema([("schema", pa.string()), ("path", pa.string()), ("path_taken", pa.string()),
+                      ("prediction", pa.int64()), ("prediction_name", pa.string()), ("confidence", pa.float64()),
                       ("candidates", pa.list_(cand)), ("trigger_score", pa.float64()), ("error", pa.string()),
-                      ("unknown", pa.bool_()), ("unknown_score", pa.float64())])
+                      ("unknown", pa.bool_()), ("unknown_score", pa.float64())],
+                     metadata={b"fgvr.schema": RECORD_SCHEMA.encode()})
 
 
 def _need_pyarrow() -> None:
@@ -145,7 +148,8 @@ def shard_files(folder: Path) -> list[Path]:
 
 
 def read_predictions(folder: str | Path) -> list[dict[str, Any]]:
-    """Every record of PRED's shards, in shard order, first record per path kept."""
+    """Every record of PRED's shards, in shard order, first record per path kept (a shard of an older fgvr,
+    without `schema`, is read as it is; one of a newer schema is refused, naming the shard)."""
     out, seen = [], set()
     for f in shard_files(Path(folder)):
         if f.suffix == ".parquet":
@@ -156,6 +160,7 @@ def read_predictions(folder: str | Path) -> list[dict[str, Any]]:
         else:
             rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
         for r in rows:
+            check_schema(r, f)
             if r["path"] not in seen:
                 seen.add(r["path"])
                 out.append(r)

@@ -4,6 +4,12 @@ bench, serve's run browser and the summary) and a prediction row of `fgvr classi
 Each is a dataclass with `to_dict` / `from_dict`; the JSON keys on disk are the dataclass fields, so a
 reader names a field (`row.label_id`) instead of guessing with `r.get("label_id")`. `from_dict` takes what
 an older or newer fgvr wrote: a missing field gets its default, an unknown one is ignored.
+
+Every record fgvr writes (a `fgvr classify` line, a `--out` shard row in JSONL or Parquet, a results.jsonl
+row, an API answer) carries `schema`: `RECORD_SCHEMA`, the one version of the record. A change of meaning
+gets a new major (`fgvr.result/3`); a field added without changing the others' meaning may get a minor
+(`fgvr.result/2.1`), which this fgvr reads. A row without `schema` is from an older fgvr and is read as it
+stands; a row of a newer major is refused in one line naming its file (`check_schema`), never half-read.
 """
 
 from __future__ import annotations
@@ -12,10 +18,47 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from fgvr.errors import InputError
 from fgvr.pipeline import Candidate, Result
 from fgvr.run_dir import Journal
 
 RESULTS = "results.jsonl"
+
+# The version of every record fgvr writes (CLI lines, shards, results.jsonl, the API). Its fields are the
+# CLI's: `prediction` is the class id, `prediction_name` its name, candidates carry `id` and `name`.
+RECORD_SCHEMA = "fgvr.result/2"
+_SCHEMA_NAME, _, _SCHEMA_VERSION = RECORD_SCHEMA.partition("/")
+SCHEMA_MAJOR = int(_SCHEMA_VERSION.split(".")[0])
+
+
+class RecordSchemaError(InputError):
+    """A record written by a newer fgvr (or by another program) whose schema this fgvr does not know."""
+
+
+def stamped(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with `schema` first: the form every record is written in."""
+    return {"schema": RECORD_SCHEMA, **{k: v for k, v in d.items() if k != "schema"}}
+
+
+def schema_major(schema: Any) -> int | None:
+    """The major version of a record's `schema` ("fgvr.result/2.1" -> 2), None for one that is not fgvr's."""
+    if not isinstance(schema, str):
+        return None
+    name, _, version = schema.partition("/")
+    head = version.split(".")[0]
+    return int(head) if name == _SCHEMA_NAME and head.isdigit() else None
+
+
+def check_schema(d: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """`d` itself when this fgvr can read it: no `schema` (an older fgvr), or a major it knows. A newer or
+    foreign schema is refused in one line naming `source` (reading it anyway could misread a field)."""
+    if d.get("schema") is None:  # absent, or null in a table that joins old shards with new ones
+        return d
+    major = schema_major(d["schema"])
+    if major is None or major > SCHEMA_MAJOR:
+        raise RecordSchemaError(f"{source}: a record of schema {d['schema']!r}, newer than this fgvr reads "
+                                f"({RECORD_SCHEMA}); upgrade fgvr to read it (pip install -U fgvr)")
+    return d
 
 
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +92,7 @@ class ResultRow(Result):
                       "candidates": [Candidate(**c) for c in d.get("candidates") or []]})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return stamped(asdict(self))
 
     @property
     def known(self) -> bool:
@@ -107,8 +150,9 @@ def valid_result(d: dict[str, Any]) -> bool:
 
 
 def results_journal(path: Path) -> Journal:
-    """results.jsonl as a journal keyed by image path."""
-    return Journal(path, key=lambda r: r["path"], valid=valid_result)
+    """results.jsonl as a journal keyed by image path (a row of a newer schema stops the read: a resume
+    must not redo, nor a reader drop, what a newer fgvr wrote)."""
+    return Journal(path, key=lambda r: r["path"], valid=lambda d: valid_result(check_schema(d, path)))
 
 
 def read_results(path: Path, repair: bool = True) -> list[dict[str, Any]]:
@@ -157,5 +201,5 @@ class Prediction:
         return cls(**_known(cls, d))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return stamped(asdict(self))
 

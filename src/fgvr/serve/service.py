@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from fgvr.pipeline import PATH_UNAVAILABLE, DualSystem, Result
+from fgvr.records import RECORD_SCHEMA
 from fgvr.serve.batcher import MicroBatcher
 from fgvr.serve.metrics import Metrics
 from fgvr.serve.runs import RunBrowser
@@ -22,10 +23,8 @@ from fgvr.serve.upload import decode_upload, thumbnail_jpeg
 
 log = logging.getLogger("fgvr.serve")
 
-# The version of the record the API answers with. Its fields are the CLI's (`fgvr classify`, results.jsonl):
-# `prediction` is the class id, `prediction_name` its name, candidates carry `id` and `name`; the API adds
-# `score`, `support`, `why`, `system2` and `timings_ms`. A change of meaning gets a new version.
-RECORD_SCHEMA = "fgvr.result/2"
+# The API answers with the record of `fgvr classify` and results.jsonl, of the same version
+# (`fgvr.records.RECORD_SCHEMA`); it adds `score`, `support`, `why`, `system2` and `timings_ms`.
 
 
 @dataclass
