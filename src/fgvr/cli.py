@@ -289,7 +289,7 @@ def memory() -> None:
 
 @memory.command("plan")
 @click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
-              help="qwen2.5-vl-3b/7b/32b/72b, a local Qwen2.5-VL folder, or 'none'.")
+              help="a known VLM name (`fgvr models` lists them), a local VLM folder, or 'none'.")
 @click.option("--encoder", default="clip-vit-b32", show_default=True,
               help="clip-vit-b32/b16/l14, siglip-base, efficientnet-lite0/2, a local folder, or 'none'.")
 @click.option("--dtype", default="bf16", show_default=True, help="Compute dtype: bf16, fp16 or fp32.")
@@ -402,7 +402,7 @@ def memory_report(specs, device, dtype, budgets, as_json) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the k-shot draw")
 @click.option("--encoder", default="efficientnet-lite0", show_default=True,
               help="efficientnet-lite0 / efficientnet-lite2, or a local CLIP/SigLIP folder")
-@click.option("--vlm", default=None, help="a local Qwen2.5-VL folder or a served one's URL (http://HOST:PORT/v1): "
+@click.option("--vlm", default=None, help="a local VLM folder of any VLM family `fgvr models` lists or a served one's URL (http://HOST:PORT/v1): "
                                          "writes one description per class")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=str), help="knowledge-base directory to write")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -564,7 +564,7 @@ def kb_revert_cmd(kb_path, version) -> None:
 def _system_options(f):
     """Options shared by `classify` and `evaluate`: which System 2, the trigger, the decision."""
     opts = [
-        click.option("--vlm", metavar="SPEC", help="System 2 = this Qwen2.5-VL model folder (in-process), or the URL "
+        click.option("--vlm", metavar="SPEC", help="System 2 = this VLM folder of any VLM family `fgvr models` lists (in-process), or the URL "
                                                    "of an OpenAI-compatible server (vLLM, SGLang): http://HOST:PORT/v1."),
         click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker (no VLM needed)."),
         click.option("--slow-budget", type=FiniteFloat(0, 1), default=None,
@@ -803,7 +803,7 @@ def compare(run_a, run_b, as_json) -> None:
 @click.argument("kb", type=click.Path(exists=True, file_okay=False))
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--vlm", metavar="SPEC", required=True,
-              help="The Qwen2.5-VL that reasons and reflects: a model folder, or a served model's URL (http://HOST:PORT/v1).")
+              help="The VLM of any VLM family `fgvr models` lists that reasons and reflects: a model folder, or a served model's URL (http://HOST:PORT/v1).")
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Passes over the held-out images (stops early when a pass keeps no new rule).")
 @click.option("--top-k", type=click.IntRange(1), default=DEFAULTS.top_k, show_default=True, help="Candidates for System 2.")
@@ -927,7 +927,7 @@ def _dataset_list(ctx, param, value: str | None) -> list[tuple[str, str | None]]
 @click.option("--encoder", default="efficientnet-lite0", show_default=True, metavar="SPEC",
               help="System 1's encoder: efficientnet-lite0/2, or a local CLIP/SigLIP folder.")
 @click.option("--vlm", metavar="SPEC", default=None,
-              help="System 2 = this Qwen2.5-VL folder or a served one's URL (with a CLIP/SigLIP encoder it also "
+              help="System 2 = this VLM folder of any VLM family `fgvr models` lists or a served one's URL (with a CLIP/SigLIP encoder it also "
                    "writes class descriptions).")
 @click.option("--reranker", is_flag=True, help="System 2 = the CPU visual re-ranker.")
 @click.option("--slow-budget", type=FiniteFloat(0, 1), default=DEFAULTS.slow_budget, show_default=True,
