@@ -19,7 +19,6 @@ How InternVL sees an image, and why this family declares it differently from Qwe
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 import time
@@ -32,7 +31,7 @@ import torch
 from fgvr.encoder import torch_dtype
 from fgvr.errors import SpecError
 from fgvr.models import configs
-from fgvr.models.family import Family, VlmDeclaration, hf_dtype_kwargs, hf_tokenizer_kwargs
+from fgvr.models.family import Family, VlmDeclaration, hf_tokenizer_kwargs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -258,26 +257,14 @@ def load_processor(spec: "ModelSpec") -> Any:
     return image_only_processor(ip, tokenizer, chat_template=_chat_template(path, tokenizer), image_seq_length=seq)
 
 
-def _quantization_config(spec: "ModelSpec"):
-    from fgvr.models.families.qwen_vl import _quantization_config as bnb_config  # one bitsandbytes path
-
-    return bnb_config(spec)
-
-
 def load(spec: "ModelSpec") -> InternVL:
     from transformers import InternVLForConditionalGeneration
 
+    from fgvr.models.families.qwen_vl import load_weights  # one loading path (and one bitsandbytes set-up)
+
     path = _check_folder(spec)
     t0 = time.perf_counter()
-    quant = _quantization_config(spec)
-    kwargs: dict[str, Any] = {**hf_dtype_kwargs(torch_dtype(spec.dtype)), "attn_implementation": "sdpa"}
-    if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": spec.device})
-    elif spec.device.startswith("cuda") and importlib.util.find_spec("accelerate") is not None:
-        kwargs["device_map"] = {"": spec.device}
-    model = InternVLForConditionalGeneration.from_pretrained(path, **kwargs)
-    model = model.to(spec.device) if "device_map" not in kwargs else model
-    model.eval().requires_grad_(False)
+    model = load_weights(InternVLForConditionalGeneration, path, spec)
     processor = load_processor(spec)
     return InternVL(spec, model, processor, processor.tokenizer, load_seconds=time.perf_counter() - t0)
 

@@ -22,7 +22,6 @@ What differs from Qwen2.5-VL, and why this module exists:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -33,8 +32,8 @@ import torch
 from fgvr.encoder import torch_dtype
 from fgvr.errors import SpecError
 from fgvr.models import configs
-from fgvr.models.families.qwen_vl import QwenVL, _chat_template, _fit_hints, _quantization_config
-from fgvr.models.family import (Family, VlmDeclaration, config_without_dtype, grid_resize, hf_dtype_kwargs,
+from fgvr.models.families.qwen_vl import QwenVL, _chat_template, _fit_hints, load_weights
+from fgvr.models.family import (Family, VlmDeclaration, config_without_dtype, grid_resize,
                                 hf_tokenizer_kwargs)
 
 if TYPE_CHECKING:
@@ -131,15 +130,7 @@ def load(spec: ModelSpec) -> QwenVL:
 
     path = _check_folder(spec)
     t0 = time.perf_counter()
-    quant = _quantization_config(spec)
-    kwargs: dict[str, Any] = {**hf_dtype_kwargs(torch_dtype(spec.dtype)), "attn_implementation": "sdpa"}
-    if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": spec.device})
-    elif spec.device.startswith("cuda") and importlib.util.find_spec("accelerate") is not None:
-        kwargs["device_map"] = {"": spec.device}
-    model = Qwen3VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    model = model.to(spec.device) if "device_map" not in kwargs else model
-    model.eval().requires_grad_(False)
+    model = load_weights(Qwen3VLForConditionalGeneration, path, spec)
     processor = load_processor(spec)
     return QwenVL(spec, model, processor, processor.tokenizer, load_seconds=time.perf_counter() - t0)
 

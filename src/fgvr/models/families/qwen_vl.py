@@ -181,11 +181,9 @@ def load_processor(spec: ModelSpec) -> Any:
     return image_only_processor(ip, tokenizer, chat_template=_chat_template(path, tokenizer))
 
 
-def load(spec: ModelSpec) -> QwenVL:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    path = _check_folder(spec)
-    t0 = time.perf_counter()
+def load_weights(model_cls: Any, path: Path, spec: ModelSpec) -> Any:
+    """A transformers VLM class's weights from `path` on `spec.device` in `spec.dtype` (or quantised), in eval
+    mode without gradients: the one loading path of every VLM family built on transformers."""
     quant = _quantization_config(spec)
     kwargs: dict[str, Any] = {**hf_dtype_kwargs(torch_dtype(spec.dtype)), "attn_implementation": "sdpa"}
     if quant is not None:
@@ -193,9 +191,17 @@ def load(spec: ModelSpec) -> QwenVL:
         kwargs.update(quantization_config=quant, device_map={"": spec.device})
     elif spec.device.startswith("cuda") and importlib.util.find_spec("accelerate") is not None:
         kwargs["device_map"] = {"": spec.device}  # straight to the GPU, no full copy in host memory first
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+    model = model_cls.from_pretrained(path, **kwargs)
     model = model.to(spec.device) if "device_map" not in kwargs else model
-    model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def load(spec: ModelSpec) -> QwenVL:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = _check_folder(spec)
+    t0 = time.perf_counter()
+    model = load_weights(Qwen2_5_VLForConditionalGeneration, path, spec)
     processor = load_processor(spec)
     return QwenVL(spec, model, processor, processor.tokenizer, load_seconds=time.perf_counter() - t0)
 
