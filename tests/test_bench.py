@@ -238,3 +238,17 @@ def test_bench_suite_one_row_per_dataset_with_its_split_and_the_mean(tmp_path):
     assert "| **mean of 2** |" in res.output and "--datasets cub-200-2011,eurosat:coop" in res.output
     bench = json.loads((out / "eurosat" / "bench.json").read_text())
     assert bench["settings"]["split"] == "coop: split_zhou_EuroSAT.json"
+
+
+def test_kb_descriptions_follow_the_text_tower_declaration():
+    """Every family with a text tower gets VLM class descriptions in bench (siglip2 was left out when the
+    list was hand-written); an image-only family and a bench without a VLM get none."""
+    from fgvr.bench import kb_descriptions
+    from fgvr.models import families
+
+    towers = {f.name for f in families.all_families() if f.text_tower}
+    assert {"clip", "siglip", "siglip2"} <= towers
+    for fam in families.all_families():
+        assert kb_descriptions(fam.name, True) is fam.text_tower
+        assert kb_descriptions(fam.name, False) is False
+    assert "efficientnet" not in towers

@@ -174,3 +174,34 @@ def test_tests_import_only_the_package_and_their_own_fixtures():
                 elif node.module.startswith("fgvr"):
                     bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert bad == []
+
+
+def _family_name_collections(tree: ast.AST, family_names: set[str]) -> list[tuple[int, list[str]]]:
+    """(line, items) of every tuple/list/set literal of strings in `tree` naming at least one model family."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and node.elts and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+            items = [e.value for e in node.elts]
+            if family_names.intersection(items):
+                found.append((node.lineno, items))
+    return found
+
+
+def test_the_family_name_check_sees_a_hand_written_list():
+    tree = ast.parse('ONNX = ("efficientnet",)\nTEXT = ["clip", "siglip"]\nOK = ("cpu", "cuda")\n')
+    assert _family_name_collections(tree, {"clip", "siglip", "efficientnet"}) == [
+        (1, ["efficientnet"]), (2, ["clip", "siglip"])]
+
+
+def test_no_hand_written_list_of_family_names_outside_the_families():
+    """A family's traits are declared on its `Family` (text_tower, onnx_export, ...); a list of names kept
+    elsewhere goes stale when a family is added (siglip2 was missing from bench's text-tower list)."""
+    from fgvr.models import families
+
+    names = set(families.names())
+    own = SRC / "models" / "families"
+    offenders = [f"{path.relative_to(SRC.parent)}:{line} {items}"
+                 for path in sorted(SRC.rglob("*.py")) if own not in path.parents
+                 for line, items in _family_name_collections(ast.parse(path.read_text(encoding="utf-8")), names)]
+    assert not offenders, "family names listed by hand (declare the trait on Family instead): " + "; ".join(offenders)

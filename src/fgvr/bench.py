@@ -74,7 +74,6 @@ DEFAULT_SHOTS = (1, 5, 16)
 DEFAULT_SEEDS = (0, 1, 2)
 BOOTSTRAP_RESAMPLES = 10_000  # 1,000 left a cell's "excludes 0" call to the draw
 CONFIDENCE = 0.95
-TEXT_FAMILIES = ("clip", "siglip")  # encoders with a text tower: VLM class descriptions feed their prototypes
 
 
 class BenchError(RunMismatchError, RuntimeError):
@@ -443,6 +442,14 @@ class _Bench:
             log.info("bench: %s", msg)
 
 
+def kb_descriptions(family: str, have_vlm: bool) -> bool:
+    """Whether the base asks the VLM for class descriptions: only an encoder with a text tower turns them
+    into text prototypes (the family's `text_tower` declaration)."""
+    from fgvr.models import families
+
+    return have_vlm and families.get(family).text_tower
+
+
 def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     """The dataset's splits -> OUT/data manifests (test: the evaluated images), the settings check, bench.json."""
     from fgvr.datasets import load_splits
@@ -463,7 +470,7 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
         "system2": "reranker" if o["reranker"] else ("vlm" if vlm else "none"),
         "vlm": vlm_key, "vlm_name": vlm_name,
-        "kb_descriptions": bool(vlm) and enc_spec.family in TEXT_FAMILIES,
+        "kb_descriptions": kb_descriptions(enc_spec.family, bool(vlm)),
         "slow_budget": float(o["slow_budget"]), "top_k": int(o["top_k"]), "weight": float(o["weight"]),
         "limit": o["limit"], "classes": len(splits.train.classes), "train_images": len(train),
         "test_images_official": len(splits.test.samples), "test_images_listed": splits.test_listed,

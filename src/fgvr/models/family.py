@@ -143,6 +143,10 @@ class Family:
     spec_defaults   fills a new spec's unset fields, e.g. a VLM's pixel cap: (fields dict) -> fields dict.
     fit_hints       (spec, device) -> what to try when it does not fit the budget (the registry's error).
     vlm             role "vlm" only: how it sees an image and how an engine serves it (`VlmDeclaration`).
+    text_tower      an image encoder with a text tower in the same space (CLIP-style): class names and
+                    VLM-written descriptions become text prototypes (`fgvr bench` asks for descriptions).
+    onnx_export     its image tower exports cleanly to ONNX and `spec.runtime == "onnx"` runs it by ONNX
+                    Runtime (`fgvr.models.runtime`); declared only where the export was checked equal to torch.
     """
 
     name: str
@@ -159,6 +163,8 @@ class Family:
     spec_defaults: Callable[[dict], dict] | None = None
     fit_hints: Callable[["ModelSpec", str], list[str]] = encoder_fit_hints
     vlm: VlmDeclaration | None = None
+    text_tower: bool = False
+    onnx_export: bool = False
 
 
 # --- transformers version differences, in one place ---------------------------------------------------

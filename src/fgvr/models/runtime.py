@@ -1,8 +1,8 @@
 """Which runtime runs an encoder's network: the `runtime` field of a `ModelSpec` and how it is chosen.
 
-"torch" everywhere; "onnx" (ONNX Runtime, `fgvr.models.onnx_runtime`) for the families whose image tower
-exports cleanly, on the CPU in float32, where it is several times faster than torch eager with the same
-features (within 1e-5). "auto" picks onnx where it can run, torch elsewhere (CUDA, half precision). The
+"torch" everywhere; "onnx" (ONNX Runtime, `fgvr.models.onnx_runtime`) for the families that declare
+`onnx_export` (their image tower exports cleanly), on the CPU in float32, where it is several times faster
+than torch eager with the same features (within 1e-5). "auto" picks onnx where it can run, torch elsewhere (CUDA, half precision). The
 knowledge base's encoder check ignores the runtime: features of either are interchangeable.
 """
 
@@ -13,12 +13,21 @@ import os
 from fgvr.errors import ModelError
 
 RUNTIMES = ("auto", "torch", "onnx")
-ONNX_FAMILIES = ("efficientnet",)  # families whose image tower exports cleanly (see docs/ARCHITECTURE.md)
 ENV = "FGVR_RUNTIME"  # the process-wide preference (`fgvr --runtime ...` sets it)
 
 
 class RuntimeChoiceError(ModelError, ValueError):
     """A runtime that does not exist, or ONNX asked for where it cannot run; the message says what to use."""
+
+
+def _exports(family: str) -> bool:
+    """The family declares `onnx_export` (an unknown family is the spec's error to raise, not ours)."""
+    from fgvr.models import families
+
+    try:
+        return families.get(family).onnx_export
+    except KeyError:
+        return False
 
 
 def resolve_runtime(requested: str | None, device: str, dtype: str, family: str) -> str:
@@ -30,11 +39,12 @@ def resolve_runtime(requested: str | None, device: str, dtype: str, family: str)
     r = {"onnxruntime": "onnx", "ort": "onnx"}.get(r, r)
     if r not in RUNTIMES:
         raise RuntimeChoiceError(f"unknown runtime {raw!r}: use auto, torch or onnx")
-    can = family in ONNX_FAMILIES and device == "cpu" and dtype == "float32"
+    exports = _exports(family)
+    can = exports and device == "cpu" and dtype == "float32"
     if r == "auto" or (r == "onnx" and not strict):
         return "onnx" if can else "torch"
     if r == "onnx" and not can:
-        why = (f"the {family} family has no ONNX path" if family not in ONNX_FAMILIES
+        why = (f"the {family} family has no ONNX path" if not exports
                else f"ONNX Runtime runs float32 on the CPU here, not {dtype} on {device}")
         raise RuntimeChoiceError(f"--runtime onnx: {why}; use --runtime torch or auto")
     return r

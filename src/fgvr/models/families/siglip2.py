@@ -153,4 +153,5 @@ def estimate_bytes(spec: ModelSpec) -> int:
 FAMILY = Family(
     name="siglip2", role="image-encoder", title="SigLIP 2", load=load, estimate_bytes=estimate_bytes,
     build_meta=build_meta, model_types=("siglip2",), known_configs=configs.SIGLIP2,
+    text_tower=True,
 )
