@@ -189,3 +189,31 @@ def test_cgroup_quota(tmp_path):
     f.write_text("150000 100000\n")
     assert cgroup_quota(f) == 2
     assert cgroup_quota(tmp_path / "missing") is None
+
+
+def test_the_registry_counts_the_onnx_runtime_sessions_weights():
+    """An ORT-run encoder holds its graph's weights beside the torch modules: the ledger counts both
+    (initializer bytes exactly: tolerance 0), the estimate is an upper bound within 5%, and the budget
+    check uses the sum (a budget with room for two torch-only copies refuses a second copy here)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from fgvr.models.footprint import module_bytes
+    from fgvr.models.registry import MemoryBudgetError, Registry
+
+    reg = Registry()
+    spec = parse_spec("efficientnet-lite0", runtime="onnx")
+    with reg.use(spec) as enc:
+        graph = onnx.load(str(enc.graph.path))
+        init = sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
+        torch_bytes = module_bytes(*enc.torch_modules())
+        record = reg.report().model(spec.key)
+        assert init > 0 and enc.runtime_bytes() == init
+        assert record.measured_bytes == torch_bytes + init
+        assert record.measured_bytes <= record.estimated_bytes <= 1.05 * record.measured_bytes
+        reg.set_budget("cpu", 2 * torch_bytes + init // 2)
+        with pytest.raises(MemoryBudgetError) as err:
+            reg.acquire(parse_spec("efficientnet-lite0", runtime="torch"))
+        assert [h["bytes"] for h in err.value.holders] == [torch_bytes + init]
+    del enc, err  # the test's own references (the traceback holds frames too)
+    assert reg.unload(spec) == "unloaded"

@@ -90,6 +90,11 @@ class Encoder:
         """What the registry measures, moves and leak-checks."""
         raise NotImplementedError
 
+    def runtime_bytes(self) -> int:
+        """Bytes of weights held outside `torch_modules()` by another runtime (an ONNX Runtime session):
+        the registry adds them to what it measures; they are neither moved nor leak-checked."""
+        return 0
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N,3,H,W) float32 CPU tensor, normalised the way this model was trained."""
         raise NotImplementedError

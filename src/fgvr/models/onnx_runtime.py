@@ -148,14 +148,31 @@ def cached_graph(path: Path, make: Callable[[], tuple[torch.nn.Module, torch.Ten
     return path
 
 
+def initializer_bytes(path: Path) -> int:
+    """Bytes of the weights the graph at `path` carries (its initializers, at their stored dtype): what an
+    ORT session holds of its own beside the torch modules. Read from the file's tensor headers (dims x
+    dtype size), so a graph is not decoded to count it. Not an RSS measurement: ORT's arena and any
+    pre-packed copies of the weights come on top (see docs/ARCHITECTURE.md)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        total += int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
 @dataclass
 class OrtGraph:
     """An ONNX Runtime session on one exported graph, sized by `fgvr.threads`. Thread-safe: `run` may be
-    called from several threads at once (ORT sessions are), which the server's encoder worker relies on."""
+    called from several threads at once (ORT sessions are), which the server's encoder worker relies on.
+    `weight_bytes`: the graph's initializer bytes, which the model registry counts on the ledger."""
 
     path: Path
     session: object
     threads: int
+    weight_bytes: int = 0
 
     def run(self, pixels: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
@@ -179,4 +196,4 @@ def open_graph(path: Path, threads: int | None = None) -> OrtGraph:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    return OrtGraph(path, session, n)
+    return OrtGraph(path, session, n, initializer_bytes(path))

@@ -81,6 +81,13 @@ def torch_modules(obj: Any) -> list:
     raise TypeError(f"a loaded model must be an nn.Module or have torch_modules(); got {type(obj).__name__}")
 
 
+def measured_bytes(obj: Any) -> int:
+    """What a loaded object holds: the unique bytes of its torch modules plus the weights another runtime
+    holds for it (`obj.runtime_bytes()`: an ONNX Runtime session's initializers), which torch cannot see."""
+    extra = getattr(obj, "runtime_bytes", None)
+    return module_bytes(*torch_modules(obj)) + (int(extra()) if callable(extra) else 0)
+
+
 @dataclass
 class ModelRecord:
     key: str
@@ -201,10 +208,11 @@ class Registry:
     def __init__(self, loader: Loader | None = None, estimator: Estimator | None = None,
                  measure: Callable[[Any], int] | None = None) -> None:
         """`loader(spec)` and `estimator(spec)` default to the model families; `measure(obj)` to the unique
-        bytes of `obj.torch_modules()`. Tests inject fakes (e.g. the sizes of models this machine lacks)."""
+        bytes of `obj.torch_modules()` plus `obj.runtime_bytes()` (`measured_bytes`). Tests inject fakes
+        (e.g. the sizes of models this machine lacks)."""
         self._loader = loader or _default_loader
         self._estimator = estimator or _default_estimator
-        self._measure = measure or (lambda obj: module_bytes(*torch_modules(obj)))
+        self._measure = measure or measured_bytes
         self._lock = threading.RLock()  # guards the ledger; never held while a model loads
         self._entries: dict[str, _Entry] = {}
         self._budgets: dict[str, int | None] = {}
