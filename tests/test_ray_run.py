@@ -211,3 +211,34 @@ def test_rerun_after_driver_killed_resumes_from_shards(ray_cluster, twins, tmp_p
     assert len(lines) == N and len({r["path"] for r in lines}) == N
     ref = {r["path"]: r for r in read_predictions(root / "ref")}
     assert _answers(lines) == _answers(ref.values())
+
+
+def test_the_drivers_runtime_reaches_every_actor(ray_cluster, twins, monkeypatch):
+    """`fgvr --runtime torch ... --ray ADDRESS`: an actor's environment is the cluster's (this test's
+    cluster was started before FGVR_RUNTIME was set), so the engine hands the driver's preference to every
+    stage, and a stage resolves its encoder spec with it."""
+    from fgvr.ray_run import EncodeStage, RayEngine
+
+    class _Dataset:  # records what each stage would be constructed with
+        def __init__(self) -> None:
+            self.stages: list[tuple[str, dict]] = []
+
+        def map_batches(self, fn, **kwargs):
+            self.stages.append((fn.__name__, kwargs["fn_constructor_kwargs"]))
+            return self
+
+    monkeypatch.setenv("FGVR_RUNTIME", "torch")
+    kwargs = {"kb_path": str(twins / "kb"), "reranker": True}
+    engine = RayEngine(kwargs, system=None, workers=1)
+    ds = _Dataset()
+    engine._decide(engine._encode(ds, 0.5), 0.5)
+    assert [(name, c["runtime"]) for name, c in ds.stages] == [
+        ("EncodeStage", "torch"), ("FastStage", "torch"), ("SlowStage", "torch")]
+
+    monkeypatch.delenv("FGVR_RUNTIME")  # an actor's process: no preference of its own
+    for runtime, expected in ((None, "onnx"), ("torch", "torch")):
+        stage = EncodeStage(kwargs, 0.5, system2=False, runtime=runtime)
+        try:
+            assert stage.system.encoder.spec.runtime == expected
+        finally:
+            stage._opened.__exit__(None, None, None)

@@ -135,12 +135,20 @@ class _NativeStderr:
 
 class _Stage:
     """Opens the dual system in this actor's process once: the knowledge base, the encoder lease, and
-    System 2 when `system2`. The trigger's threshold is the driver's (already calibrated there)."""
+    System 2 when `system2`. The trigger's threshold is the driver's (already calibrated there).
 
-    def __init__(self, open_kwargs: dict[str, Any], threshold: float, system2: bool, threads: int = 0) -> None:
+    `runtime`: the driver's `FGVR_RUNTIME` (`fgvr --runtime`), set in this actor before its encoder spec is
+    resolved. An actor's environment is the cluster's, not the driver's: a cluster started before the driver
+    set it (`ray start`, or `--ray local` inside a process that already holds one) never sees it otherwise."""
+
+    def __init__(self, open_kwargs: dict[str, Any], threshold: float, system2: bool, threads: int = 0,
+                 runtime: str | None = None) -> None:
+        from fgvr.models.runtime import ENV
         from fgvr.pipeline import open_system
         from fgvr.threads import configure
 
+        if runtime:
+            os.environ[ENV] = runtime
         if threads > 0:
             configure(threads)  # torch and ONNX Runtime in this actor: its num_cpus, no more
         kw = {**open_kwargs, "threshold": threshold, "budget": None}
@@ -172,8 +180,9 @@ class FastStage(_Stage):
     """System 1 + trigger (+ the decision when no System 2 runs): a finished record per row, and whether
     the row still needs System 2."""
 
-    def __init__(self, open_kwargs: dict[str, Any], threshold: float, system2: bool) -> None:
-        super().__init__(open_kwargs, threshold, system2=False)
+    def __init__(self, open_kwargs: dict[str, Any], threshold: float, system2: bool,
+                 runtime: str | None = None) -> None:
+        super().__init__(open_kwargs, threshold, system2=False, runtime=runtime)
         self.system2, self.slow_all = system2, bool(open_kwargs.get("slow_all")) and system2
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -201,8 +210,8 @@ class FastStage(_Stage):
 class SlowStage(_Stage):
     """System 2 and the decision for the rows that need it; other rows pass through unchanged."""
 
-    def __init__(self, open_kwargs: dict[str, Any], threshold: float) -> None:
-        super().__init__(open_kwargs, threshold, system2=True)
+    def __init__(self, open_kwargs: dict[str, Any], threshold: float, runtime: str | None = None) -> None:
+        super().__init__(open_kwargs, threshold, system2=True, runtime=runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = list(batch["record"])
@@ -243,6 +252,9 @@ class RayEngine:
         self.cuda = str(open_kwargs.get("device", "cpu")).startswith("cuda")
         self.workers = max(1, workers or (int(res.get("GPU", 0)) if self.cuda and res.get("GPU") else self.cpus))
         self.has_system2 = bool(open_kwargs.get("vlm") or open_kwargs.get("reranker"))
+        from fgvr.models.runtime import ENV
+
+        self.runtime = os.environ.get(ENV) or None  # the driver's --runtime, handed to every actor
 
     def with_system(self, system: Any) -> "RayEngine":
         """The same engine (cluster, actors' settings) for `system`, e.g. with the trigger a run calibrated."""
@@ -260,7 +272,8 @@ class RayEngine:
         return ds.map_batches(EncodeStage, batch_size=self.batch_size, batch_format="numpy",
                               compute=ActorPoolStrategy(size=self.workers),
                               fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
-                                                     "system2": False, "threads": 0 if self.cuda else threads},
+                                                     "system2": False, "threads": 0 if self.cuda else threads,
+                                                     "runtime": self.runtime},
                               **res)
 
     def _decide(self, ds: Any, threshold: float) -> Any:
@@ -269,14 +282,15 @@ class RayEngine:
         ds = ds.map_batches(FastStage, batch_size=self.batch_size, batch_format="numpy",
                             compute=ActorPoolStrategy(size=1), num_cpus=0,
                             fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
-                                                   "system2": self.has_system2})
+                                                   "system2": self.has_system2, "runtime": self.runtime})
         if self.has_system2:
             vlm = self.open_kwargs.get("vlm")
             local_vlm = vlm is not None and not vlm.served  # a served VLM's memory is the server's
             res = {"num_gpus": 1} if self.cuda and local_vlm else {"num_cpus": 0}
             ds = ds.map_batches(SlowStage, batch_size=self.batch_size, batch_format="numpy",
                                 compute=ActorPoolStrategy(size=self.slow_workers),
-                                fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold},
+                                fn_constructor_kwargs={"open_kwargs": self.open_kwargs, "threshold": threshold,
+                                                       "runtime": self.runtime},
                                 **res)
         return ds
 
