@@ -18,12 +18,22 @@ from PIL import Image, ImageOps
 from fgvr.models import ModelSpec, SpecError, parse_spec, registry
 from fgvr.models import families
 from fgvr.models.footprint import module_bytes
+from fgvr.models.registry import measured_bytes
 
 PALACE, DAISY = 698, 985  # ImageNet-1k class ids
 
 
 def _loaded_bytes(obj) -> int:
-    return module_bytes(*obj.torch_modules())
+    """What the registry measures (`registry.measured_bytes`): torch modules plus an ORT session's weights."""
+    return measured_bytes(obj)
+
+
+def _estimate_fits(estimate: int, measured: int, spec: ModelSpec) -> bool:
+    """Exact under torch; under ONNX Runtime the estimate counts the exported tower in full, an upper bound
+    of the graph's initializers (batch norm is folded into the convolutions there), within 5%."""
+    if spec.runtime == "onnx":
+        return measured <= estimate <= 1.05 * measured
+    return estimate == measured
 
 
 def _unload_verified(spec: ModelSpec) -> None:
@@ -34,7 +44,7 @@ def _unload_verified(spec: ModelSpec) -> None:
 
 def _check_registry_accounting(spec: ModelSpec) -> None:
     rec = registry.report().model(spec.key)
-    assert rec.loads >= 1 and rec.estimated_bytes == rec.measured_bytes > 0
+    assert rec.loads >= 1 and rec.measured_bytes > 0 and _estimate_fits(rec.estimated_bytes, rec.measured_bytes, spec)
 
 
 # --- EfficientNet-Lite (real weights) ------------------------------------------------------------------
@@ -48,7 +58,7 @@ def test_lite0_features_and_imagenet_head_on_real_photos(sample_photos):
         feats = enc.encode_images(sample_photos + mirrored, batch_size=3)
         again = enc.encode_images(sample_photos[:1])
         logits = enc.logits(enc.preprocess(sample_photos))
-        assert families.estimate_bytes(spec) == _loaded_bytes(enc)
+        assert _estimate_fits(families.estimate_bytes(spec), _loaded_bytes(enc), spec)
     _check_registry_accounting(spec)
 
     assert feats.shape == (4, 1280) and feats.dtype == torch.float32 and feats.device.type == "cpu"
@@ -69,13 +79,13 @@ def test_lite2_default_and_overridden_input_size(sample_photos):
         pixels = enc.preprocess(sample_photos[:1])
         assert enc.image_size == 260 and pixels.shape == (1, 3, 260, 260)
         assert PALACE in enc.logits(pixels).topk(5).indices[0].tolist()
-        assert families.estimate_bytes(spec) == _loaded_bytes(enc)
+        assert _estimate_fits(families.estimate_bytes(spec), _loaded_bytes(enc), spec)
     small = parse_spec("efficientnet-lite2", image_size=96)
     assert small.key != spec.key
     with registry.use(small) as enc:  # 'same' padding is built for the size it is fed
         feats = enc.encode_images(sample_photos)
         assert enc.preprocess(sample_photos).shape == (2, 3, 96, 96) and feats.shape == (2, 1280)
-        assert families.estimate_bytes(small) == _loaded_bytes(enc)
+        assert _estimate_fits(families.estimate_bytes(small), _loaded_bytes(enc), small)
     del enc
     _unload_verified(small)
 
@@ -84,7 +94,7 @@ def test_efficientnet_bf16_estimate_matches(sample_photos):
     spec = parse_spec("efficientnet-lite0", dtype="bf16", image_size=64)  # small input: bf16 conv is slow on CPU
     with registry.use(spec) as enc:
         assert next(enc.model.parameters()).dtype == torch.bfloat16
-        assert families.estimate_bytes(spec) == _loaded_bytes(enc)
+        assert _estimate_fits(families.estimate_bytes(spec), _loaded_bytes(enc), spec)
         f = enc.encode_images(sample_photos[:1])
         assert f.dtype == torch.float32 and abs(f.norm().item() - 1) < 1e-4
     del enc
@@ -112,7 +122,7 @@ def test_dual_encoder_loads_and_accounts(which, dtype, tiny_clip_dir, tiny_sigli
     with registry.use(spec) as enc:
         assert enc.has_text and next(enc.model.parameters()).dtype == {"fp32": torch.float32,
                                                                        "bf16": torch.bfloat16}[dtype]
-        assert _loaded_bytes(enc) == estimate
+        assert _estimate_fits(estimate, _loaded_bytes(enc), spec)
         img = enc.encode_images(sample_photos + [Image.new("L", (20, 90), 100)])
         txt = enc.encode_texts(["a photo of a cardinal.", "a photo of a sparrow."])
         dim = enc.embed_dim
