@@ -217,3 +217,46 @@ def test_the_registry_counts_the_onnx_runtime_sessions_weights():
         assert [h["bytes"] for h in err.value.holders] == [torch_bytes + init]
     del enc, err  # the test's own references (the traceback holds frames too)
     assert reg.unload(spec) == "unloaded"
+
+
+# --- CLIP and SigLIP image towers under ONNX Runtime --------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny_clip_dir", "tiny_siglip_dir"])
+def test_clip_style_image_features_equal_across_runtimes(fixture, request, sample_photos):
+    """The tiny random checkpoints' image towers exported with the legacy exporter give torch's features
+    (within 1e-4); the text tower stays torch; the ledger counts the session's weights."""
+    folder = request.getfixturevalue(fixture)
+    with registry.use(parse_spec(str(folder), runtime="onnx")) as ort_enc, \
+            registry.use(parse_spec(str(folder), runtime="torch")) as torch_enc:
+        assert parse_spec(str(folder)).runtime == "onnx"  # auto on the CPU: the family declares onnx_export
+        assert ort_enc.graph is not None and torch_enc.graph is None
+        a, b = ort_enc.encode_images(sample_photos), torch_enc.encode_images(sample_photos)
+        assert a.shape == b.shape and (a - b).abs().max().item() < 1e-4
+        flipped = ort_enc.preprocess(sample_photos).flip(-1)  # a re-ranker view: any (N,3,H,W) batch
+        assert (ort_enc.encode_pixels(flipped) - torch_enc.encode_pixels(flipped)).abs().max().item() < 1e-4
+        assert ort_enc.runtime_bytes() > 0 and torch_enc.runtime_bytes() == 0
+        assert torch.equal(ort_enc.encode_texts(["a red disc"]), torch_enc.encode_texts(["a red disc"]))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_clip_dir", "tiny_siglip_dir"])
+def test_clip_style_bases_built_with_either_runtime_predict_the_same(fixture, request, tmp_path, monkeypatch):
+    from fakes import write_shapes
+
+    folder = request.getfixturevalue(fixture)
+    write_shapes(tmp_path / "support", 3, seed=0)
+    write_shapes(tmp_path / "test", 2, seed=1)
+    rows = {}
+    for runtime in ("onnx", "torch"):
+        monkeypatch.setenv("FGVR_RUNTIME", runtime)
+        r = CliRunner().invoke(cli, ["--runtime", runtime, "build-kb", str(tmp_path / "support"), "--shots", "3",
+                                     "--encoder", str(folder), "--out", str(tmp_path / f"kb-{runtime}")])
+        assert r.exit_code == 0, r.output
+        assert load_knowledge_base(tmp_path / f"kb-{runtime}").encoder_spec["runtime"] == runtime
+        rows[runtime] = _classify(tmp_path / f"kb-{runtime}", tmp_path / "test", runtime, monkeypatch)
+    assert len(rows["onnx"]) == len(rows["torch"]) == 6
+    for a, b in zip(rows["onnx"], rows["torch"]):
+        assert (a["path"], a["prediction"]) == (b["path"], b["prediction"])
+        assert [c["id"] for c in a["candidates"]] == [c["id"] for c in b["candidates"]]
+        for ca, cb in zip(a["candidates"], b["candidates"]):
+            assert ca["final"] == pytest.approx(cb["final"], abs=1e-4)

@@ -28,7 +28,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,12 +55,14 @@ def cache_root(weights: Path) -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fgvr" / "onnx"
 
 
-def graph_name(stem: str, weights: Path) -> str:
-    """`<stem>-<digest>.onnx`: the digest covers the weights file and the exporter that made the graph."""
+def graph_name(stem: str, weights: Path, extra: Sequence[object] = ()) -> str:
+    """`<stem>-<digest>.onnx`: the digest covers the weights file, the exporter that made the graph and
+    `extra` (what else identifies the weights, e.g. a model folder's revision)."""
     import onnx
 
     st = weights.stat()
     ident = [weights.name, st.st_size, torch.__version__.split("+")[0], onnx.__version__, OPSET, GRAPH_FORMAT]
+    ident += [str(x) for x in extra]
     return f"{stem}-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}.onnx"
 
 
@@ -118,6 +120,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the exporter's constant-folding notes, not problems
         warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False is the exporter that works here
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants (batch stays dynamic)
         torch.onnx.export(module, (example,), buf, input_names=["pixels"], output_names=["out"],
                           dynamic_axes={"pixels": {0: "batch"}, "out": {0: "batch"}}, opset_version=OPSET,
                           dynamo=False)

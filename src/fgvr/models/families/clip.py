@@ -53,11 +53,15 @@ def estimate_bytes(spec: ModelSpec) -> int:
     (position ids) the safetensors header does not hold, in the dtype the spec loads."""
     from transformers import AutoConfig
 
-    from fgvr.models.footprint import meta_bytes
+    from fgvr.models.footprint import module_bytes
 
     config = AutoConfig.from_pretrained(_check_folder(spec))
     cls = _model_class(spec.family)
-    return meta_bytes(lambda: cls._from_config(config, **hf_dtype_kwargs(torch_dtype(spec.dtype))))
+    with torch.device("meta"):
+        model = cls._from_config(config, **hf_dtype_kwargs(torch_dtype(spec.dtype)))
+    # Under ONNX Runtime the session holds a second, float32 copy of the image tower (and its projection).
+    graph = module_bytes(*_image_tower(model)) if spec.runtime == "onnx" else 0
+    return module_bytes(model) + graph
 
 
 def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -101,8 +105,14 @@ class CLIPEncoder(Encoder):
         # at the end-of-text token under a causal mask, so padding to the batch's longest is exact.
         self.pad_to_limit = spec.family == "siglip"
 
+    graph = None  # an `OrtGraph` of the image tower when spec.runtime is "onnx"
+
     def torch_modules(self) -> list[torch.nn.Module]:
         return [self.model]
+
+    def runtime_bytes(self) -> int:
+        """The ONNX Runtime session's weights (its graph's initializer bytes); 0 on torch."""
+        return self.graph.weight_bytes if self.graph is not None else 0
 
     def _weights(self) -> torch.Tensor:
         return next(self.model.parameters())  # follow the weights if the registry moved them
@@ -112,6 +122,9 @@ class CLIPEncoder(Encoder):
         return out["pixel_values"].float()
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) -> (N,D) projected image features, by ONNX Runtime or torch (spec.runtime)."""
+        if self.graph is not None:
+            return l2_normalise(self.graph.run(pixels)).cpu()
         p = self._weights()
         with torch.inference_mode():
             feats = self.model.get_image_features(pixel_values=pixels.to(device=p.device, dtype=p.dtype))
@@ -194,8 +207,43 @@ def load(spec: ModelSpec) -> CLIPEncoder:
     # The slow processors need only PIL and numpy; the fast ones need torchvision.
     image_processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
     enc = CLIPEncoder(spec, model, tokenizer, image_processor)
+    if spec.runtime == "onnx":
+        enc.graph = _onnx_graph(enc, path)
     enc.load_seconds = time.perf_counter() - t0
     return enc
+
+
+def _image_tower(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules `get_image_features` runs: the vision transformer and, for CLIP, its projection."""
+    return [m for m in (model.vision_model, getattr(model, "visual_projection", None)) if m is not None]
+
+
+class _ImageFeatures(torch.nn.Module):
+    """What the ONNX graph computes: preprocessed pixels -> the projected (not yet normalised) features."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixels)
+
+
+def _onnx_graph(enc: CLIPEncoder, folder: Path):
+    """The cached ONNX export of this folder's image tower (made on first use), opened in ORT. The graph's
+    name covers the spec's revision (config text, weight files' names and sizes) and the weights' mtimes,
+    so a checkpoint dropped in with the same file size is exported afresh."""
+    from fgvr.models import onnx_runtime
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+    def make():
+        return _ImageFeatures(enc.model).eval(), torch.zeros(1, 3, enc.image_size, enc.image_size)
+
+    extra = [enc.spec.revision] + [f.stat().st_mtime_ns for f in files]
+    name = onnx_runtime.graph_name(f"{enc.spec.family}-{enc.image_size}px", files[0], extra=extra)
+    path = onnx_runtime.cached_graph(onnx_runtime.cache_root(files[0]) / name, make)
+    return onnx_runtime.open_graph(path)
 
 
 def _build_meta(family: str):
@@ -211,8 +259,9 @@ def _build_meta(family: str):
 
 FAMILIES = (
     Family(name="clip", role="image-encoder", title="CLIP", load=load, estimate_bytes=estimate_bytes,
-           build_meta=_build_meta("clip"), model_types=("clip",), known_configs=configs.CLIP, text_tower=True),
+           build_meta=_build_meta("clip"), model_types=("clip",), known_configs=configs.CLIP, text_tower=True,
+           onnx_export=True),
     Family(name="siglip", role="image-encoder", title="SigLIP", load=load, estimate_bytes=estimate_bytes,
            build_meta=_build_meta("siglip"), model_types=("siglip",), known_configs=configs.SIGLIP,
-           text_tower=True),
+           text_tower=True, onnx_export=True),
 )
