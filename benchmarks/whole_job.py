@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from serve_load import uptime  # noqa: E402
+from serve_load import cli_env, uptime  # noqa: E402  (serve_load puts this checkout's src on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("torch", "onnx")
@@ -60,22 +59,13 @@ class Run:
     load_before: float
 
 
-def child_env() -> dict[str, str]:
-    """The caller's environment with this checkout's src first, and no runtime preference of its own (the
-    command line's --runtime decides)."""
-    env = dict(os.environ)
-    env.pop("FGVR_RUNTIME", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 def timed(argv: list[str], log: Path) -> tuple[float, float]:
     """Run `argv` to completion; (wall seconds, child CPU seconds). A failure stops the benchmark, with the
     tail of the child's output, since a table of a failed job would be a lie."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with log.open("wb") as f:
-        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT).returncode
+        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=cli_env(), cwd=ROOT).returncode
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
