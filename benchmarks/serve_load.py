@@ -10,8 +10,9 @@ own keep-alive connection, sending one image at a time (POST /v1/classify, multi
 answer before sending the next. A level stops after `--requests` answers or `--seconds`, whichever comes
 first. The levels run in alternation, `--rounds` times (1, 4, 16, 1, 4, 16, ...), and each level's best
 round is reported (its requests/s, with that round's latencies): on a shared machine the other processes'
-load comes and goes, and alternating keeps it from favouring one level. Reported per level: requests/s (answers / wall time), p50 and p99 latency seen by the clients, the
-encoder's mean micro-batch (from /metrics), and the server's resident memory before and after (from /proc).
+load comes and goes, and alternating keeps it from favouring one level. Reported per level: requests/s
+(answers / wall time), p50 and p99 latency seen by the clients, the encoder's mean micro-batch (from /metrics), the CPU milliseconds per answer of the server process and of
+this process's clients (from /proc and process_time), and the server's resident memory before and after.
 `--reranker` adds System 2 (the CPU re-ranker); the trigger's threshold is calibrated on the base's support
 set with `--slow-budget` as `fgvr serve` does.
 
@@ -77,6 +78,12 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def uptime() -> str:
@@ -372,7 +379,11 @@ def main() -> None:
             if a.hostile:
                 extra += hostile(url, stop, counts, threading.Lock())
                 time.sleep(3)  # let them take their connections and bodies first
+            s0, c0 = cpu_s(proc.pid), time.process_time()
             row = run_level(url, photos, clients, a.requests, a.seconds)
+            s1, c1 = cpu_s(proc.pid), time.process_time()
+            n = max(1, row["answered"])
+            row.update(server_cpu_ms=1000 * (s1 - s0) / n, client_cpu_ms=1000 * (c1 - c0) / n)
             stop.set()
             for t in extra:
                 t.join(10)
@@ -410,15 +421,16 @@ def main() -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}  ",
              f"Load before: `{load_before}`  ", f"Load after: `{load_after}`  ",
              f"{len(photos)} distinct query images; {a.rounds} round(s), levels alternating; best round per level:", "",
-             "| clients | answered | errors | req/s | x one client | p50 ms | p99 ms | mean encoder batch | encode ms/image | queue ms | all rounds' req/s |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| clients | answered | errors | req/s | x one client | p50 ms | p99 ms | mean encoder batch | encode ms/image | queue ms "
+             "| server CPU ms/req | client CPU ms/req | all rounds' req/s |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c, r in sorted(best.items()):
         every = ", ".join(f"{x['rps']:.2f}" for x in rows if x["clients"] == c)
         lines.append(f"| {c} | {r['answered']} | {r['errors']} | {r['rps']:.2f} | "
                      f"{r['rps'] / base if base else float('nan'):.2f} | {r['p50_ms'] or float('nan'):.0f} | "
                      f"{r['p99_ms'] or float('nan'):.0f} | "
                      f"{r['mean_encoder_batch'] or 0:.1f} | {r['encode_ms_per_image'] or 0:.0f} | {r['queue_ms'] or 0:.0f} | "
-                     f"{every} |")
+                     f"{r['server_cpu_ms']:.1f} | {r['client_cpu_ms']:.1f} | {every} |")
     if bare_runs:
         batched = {b: max(x["batched"][b] for x in bare_runs) for b in bare_batches}
         single = min(x["single_ms"] for x in bare_runs)
@@ -439,6 +451,9 @@ def main() -> None:
             r1 = best[1]["p50_ms"] / single
             lines.append(f"- one client's p50 latency / bare single-image decode+encode: {best[1]['p50_ms']:.1f} / "
                          f"{single:.1f} ms = **{r1:.2f}** (target <= 1.2: {'met' if r1 <= 1.2 else 'not met'})")
+    lines += ["", f"CPU per answered request: the server process (all its threads: HTTP, decoding, the encoder) and "
+                  f"this process's client threads; req/s x their sum / 1000 is the cores the level used of "
+                  f"{os.cpu_count()}, so the client's share is taken from the server on a machine this small."]
     lines += ["", f"Server resident memory: {rss_ready:.0f} MiB when ready, {rss_start:.0f} MiB after the warm-up "
                   f"(which runs full micro-batches), {rss_end:.0f} MiB at the end ({rss_end - rss_start:+.0f} MiB since "
                   f"the warm-up), {rss_max:.0f} MiB at most after any level; per level, before → after: "
