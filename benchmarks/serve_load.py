@@ -11,8 +11,9 @@ answer before sending the next. A level stops after `--requests` answers or `--s
 first. The levels run in alternation, `--rounds` times (1, 4, 16, 1, 4, 16, ...), and each level's best
 round is reported (its requests/s, with that round's latencies): on a shared machine the other processes'
 load comes and goes, and alternating keeps it from favouring one level. Reported per level: requests/s
-(answers / wall time), p50 and p99 latency seen by the clients, the encoder's mean micro-batch (from /metrics), the CPU milliseconds per answer of the server process and of
-this process's clients (from /proc and process_time), and the server's resident memory before and after.
+(answers / wall time), p50 and p99 latency seen by the clients, the encoder's mean micro-batch (from
+/metrics), the CPU milliseconds per answer of the server process and of this process's clients (from /proc
+and process_time), and the server's resident memory before and after.
 `--reranker` adds System 2 (the CPU re-ranker); the trigger's threshold is calibrated on the base's support
 set with `--slow-budget` as `fgvr serve` does.
 
