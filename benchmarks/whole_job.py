@@ -111,15 +111,17 @@ def main() -> None:
     if a.repeats < 1:
         sys.exit("--repeats must be at least 1")
 
+    known = jobs(a, Path("SUPPORT"))
+    wanted = [j.strip() for j in a.jobs.split(",") if j.strip()]
+    unknown = [j for j in wanted if j not in known]
+    if unknown or not wanted:
+        sys.exit(f"--jobs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+
     tmp = Path(tempfile.mkdtemp(prefix="fgvr-whole-job-"))
     runs: list[Run] = []
     try:
         support = export_support(tmp / "support", a.kb_shots)
         table = jobs(a, support)
-        wanted = [j.strip() for j in a.jobs.split(",") if j.strip()]
-        unknown = [j for j in wanted if j not in table]
-        if unknown or not wanted:
-            sys.exit(f"--jobs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(table)}")
         if not a.no_warmup:
             for rt in RUNTIMES:
                 out = tmp / f"warmup-{rt}"
@@ -146,7 +148,7 @@ def main() -> None:
     def med(job: str, rt: str, field: str) -> float:
         return statistics.median(getattr(x, field) for x in runs if x.job == job and x.runtime == rt)
 
-    example = {job: " ".join(["fgvr", *table[job]("R", Path("OUT"))]) for job in wanted}
+    example = {job: " ".join(["fgvr", *known[job]("R", Path("OUT"))]) for job in wanted}
     lines = ["# The whole job, torch against ONNX Runtime (issue 21 item 4)", "",
              f"Command: `{' '.join([Path(sys.executable).name, 'benchmarks/whole_job.py', *sys.argv[1:]])}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}, "
@@ -160,7 +162,8 @@ def main() -> None:
         every = {rt: ", ".join(f"{x.wall_s:.1f}" for x in runs if x.job == job and x.runtime == rt) for rt in RUNTIMES}
         lines.append(f"| {job} | {t:.1f} | {o:.1f} | {t / o:.2f}x | {med(job, 'torch', 'cpu_s'):.1f} | "
                      f"{med(job, 'onnx', 'cpu_s'):.1f} | {every['torch']} | {every['onnx']} |")
-    lines += ["", "Each job's command (R = torch or onnx, OUT a fresh folder per run):", ""]
+    lines += ["", f"Each job's command (R = torch or onnx, OUT a fresh folder per run, SUPPORT {a.kb_shots} Fashion-MNIST "
+                  "train images per class, seed 0, exported before timing):", ""]
     lines += [f"- {job}: `{cmd}`" for job, cmd in example.items()]
     text = "\n".join(lines) + "\n"
     print(text)
