@@ -1,7 +1,8 @@
-"""How many requests per second does `fgvr serve` answer, and how fast, at 1, 4 and 16 concurrent clients?
+"""How many requests per second does `fgvr serve` answer, and how fast, at 1, 4, 16 and 64 concurrent clients?
 
     .venv/bin/python benchmarks/serve_load.py --kb demo-output/kb-k5-seed0 \
-        --images demo-output/images/test-n100-seed0 [--requests 96] [--seconds 90] [--levels 1,4,16]
+        --images demo-output/images/test-n100-seed0 [--requests 96] [--seconds 90] [--levels 1,4,16,64] \
+        [--runtime onnx]
 
 Starts `fgvr serve KB` as its own process on a free 127.0.0.1 port (loopback only; nothing else is
 contacted), waits for /healthz, warms up, then for each level runs that many client threads, each with its
@@ -9,8 +10,10 @@ own keep-alive connection, sending one image at a time (POST /v1/classify, multi
 answer before sending the next. A level stops after `--requests` answers or `--seconds`, whichever comes
 first. The levels run in alternation, `--rounds` times (1, 4, 16, 1, 4, 16, ...), and each level's best
 round is reported (its requests/s, with that round's latencies): on a shared machine the other processes'
-load comes and goes, and alternating keeps it from favouring one level. Reported per level: requests/s (answers / wall time), p50 and p99 latency seen by the clients, the
-encoder's mean micro-batch (from /metrics), and the server's resident memory before and after (from /proc).
+load comes and goes, and alternating keeps it from favouring one level. Reported per level: requests/s
+(answers / wall time), p50 and p99 latency seen by the clients, the encoder's mean micro-batch (from
+/metrics), the CPU milliseconds per answer of the server process and of this process's clients (from /proc
+and process_time), and the server's resident memory before and after.
 `--reranker` adds System 2 (the CPU re-ranker); the trigger's threshold is calibrated on the base's support
 set with `--slow-budget` as `fgvr serve` does.
 
@@ -19,8 +22,18 @@ set with `--slow-budget` as `fgvr serve` does.
 and paths, and half-open connections that send nothing; the server's peak resident memory is sampled every
 0.1 s, and the hostile clients' answers are counted by status.
 
-The machine is shared: the load average (uptime) before and after is printed with the table. Goal (issue
-14): at 16 clients at least 2x the requests/s of one client, memory flat.
+The bare encoder, in the same run (issue 21 item 3): before the server starts and again after it stops, this
+process loads the base's encoder with the same runtime (`--runtime`, passed to `fgvr --runtime R serve` too;
+default: what `fgvr serve` chooses) and the same thread count (`fgvr.threads`), and measures, with no HTTP:
+its batched images/s on the query images' pixels (already decoded and preprocessed; at the server's micro-batch
+and at 16, `encoder_runtime.images_per_s`), and the single-image latency of decode (the server's own
+`decode_upload`) + preprocess + encode, one image at a time. The better of the two measurements of each is
+kept (the stricter yardstick), and two ratios are printed: served images/s at 16 clients / bare batched
+images/s (target >= 0.8), and one client's p50 latency / bare single-image latency (target <= 1.2).
+`--no-bare` skips it.
+
+The machine is shared: the load average (uptime) before and after is printed with the table. Goals: issue 14,
+at 16 clients at least 2x the requests/s of one client, memory flat; issue 21, the two ratios above.
 """
 
 from __future__ import annotations
@@ -42,6 +55,17 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's fgvr, here and in the CLI subprocesses (cli_env)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # encoder_runtime's helper, for the bare encoder
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for a subprocess of the CLI: this checkout's src first on PYTHONPATH, and no runtime
+    preference of its own (FGVR_RUNTIME dropped: the command line's --runtime decides)."""
+    env = dict(os.environ)
+    env.pop("FGVR_RUNTIME", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def free_port() -> int:
@@ -55,6 +79,12 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def uptime() -> str:
@@ -74,6 +104,46 @@ def batches(url: str) -> tuple[float, float]:
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def bare_encoder(kb: Path, runtime: str | None, photos: list[tuple[str, bytes]], batches: list[int],
+                 seconds: float) -> dict:
+    """The base's encoder in this process, no HTTP: batched images/s per batch size on preprocessed pixels,
+    and the median latency of decode + preprocess + encode of one image (see the module docstring)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `fgvr serve` sets it, before torch starts
+    if runtime:
+        os.environ["FGVR_RUNTIME"] = runtime
+    import torch
+
+    from encoder_runtime import images_per_s
+    from fgvr.knowledge_base import load_knowledge_base
+    from fgvr.models import registry
+    from fgvr.models.spec import ModelSpec
+    from fgvr.serve.settings import ServeSettings
+    from fgvr.serve.upload import decode_upload
+    from fgvr.threads import configure
+
+    max_pixels = ServeSettings().max_pixels  # the server's default limit
+
+    threads = configure()
+    spec = ModelSpec(**load_knowledge_base(kb).encoder_spec).replace(device="cpu")
+    with registry.use(spec) as enc, torch.inference_mode():
+        images = [decode_upload(data, max_pixels) for _, data in photos]
+        pixels = enc.preprocess(images)
+        out = {"encoder": spec.key, "runtime": spec.runtime, "threads": threads, "batched": {}}
+        for b in batches:
+            batch = torch.cat([pixels] * (b // len(pixels) + 1))[:b]
+            out["batched"][b] = images_per_s(enc, batch, seconds)
+        lat: list[float] = []
+        enc.encode_pixels(enc.preprocess(images[:1]))
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds or len(lat) < 5:
+            _, data = photos[len(lat) % len(photos)]
+            t = time.perf_counter()
+            enc.encode_pixels(enc.preprocess([decode_upload(data, max_pixels)]))
+            lat.append(time.perf_counter() - t)
+        out["single_ms"] = 1000 * statistics.median(lat)
+    return out
 
 
 HOSTILE = {"slow_body": 40, "huge_body": 32, "bad_method": 4, "half_open": 600}
@@ -249,11 +319,15 @@ def main() -> None:
     ap.add_argument("--images", required=True, type=Path, help="A folder of query images (searched recursively).")
     ap.add_argument("--requests", type=int, default=96, help="Answers per level (default 96).")
     ap.add_argument("--seconds", type=float, default=90.0, help="Time cap per level (default 90).")
-    ap.add_argument("--levels", default="1,4,16", help="Concurrent clients per level (default 1,4,16).")
+    ap.add_argument("--levels", default="1,4,16,64", help="Concurrent clients per level (default 1,4,16,64).")
     ap.add_argument("--rounds", type=int, default=2, help="Times the levels are run, alternating (default 2).")
     ap.add_argument("--reranker", action="store_true", help="System 2 = the CPU re-ranker.")
     ap.add_argument("--slow-budget", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=None, help="The server's encoder micro-batch (its default: 4).")
+    ap.add_argument("--runtime", choices=["auto", "torch", "onnx"], default=None,
+                    help="fgvr --runtime for the server and the bare encoder (default: what fgvr chooses).")
+    ap.add_argument("--bare-seconds", type=float, default=4.0, help="Seconds per bare-encoder measurement.")
+    ap.add_argument("--no-bare", action="store_true", help="Skip the bare encoder (see above).")
     ap.add_argument("--hostile", action="store_true", help="Hostile clients beside the normal ones (see above).")
     ap.add_argument("--out", type=Path, default=None,
                     help="The table (default benchmarks/results/serve_load.md, serve_load_hostile.md with --hostile).")
@@ -266,11 +340,20 @@ def main() -> None:
     photos = [(p.name, p.read_bytes()) for p in files]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", "from fgvr.cli import main; main()", "serve", str(a.kb), "--port", str(port),
+    from fgvr.serve.settings import ServeSettings
+
+    server_batch = a.batch_size or ServeSettings().encode_batch
+    bare_batches = sorted({server_batch, 16})
+    bare_runs: list[dict] = []
+    if not a.no_bare:
+        bare_runs.append(bare_encoder(a.kb, a.runtime, photos, bare_batches, a.bare_seconds))
+        print(f"bare encoder before the server: {bare_runs[-1]}", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-c", "from fgvr.cli import main; main()",
+           *(["--runtime", a.runtime] if a.runtime else []), "serve", str(a.kb), "--port", str(port),
            "--slow-budget", str(a.slow_budget), *(["--reranker"] if a.reranker else []),
            *(["--batch-size", str(a.batch_size)] if a.batch_size else [])]
     log = open(Path(tempfile.gettempdir()) / f"fgvr-serve-load-{port}.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # OMP_WAIT_POLICY as `fgvr serve` sets it
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env())  # OMP_WAIT_POLICY as `fgvr serve` sets it
     rows = []
     load_before = uptime()
     try:
@@ -284,6 +367,7 @@ def main() -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
+        rss_ready = rss_mib(proc.pid)
         levels = [int(x) for x in a.levels.split(",")]
         run_level(url, photos, max(levels), 2 * max(levels), 120)  # warm-up: full micro-batches, every code path
         rss_start = rss_mib(proc.pid)
@@ -296,7 +380,11 @@ def main() -> None:
             if a.hostile:
                 extra += hostile(url, stop, counts, threading.Lock())
                 time.sleep(3)  # let them take their connections and bodies first
+            s0, c0 = cpu_s(proc.pid), time.process_time()
             row = run_level(url, photos, clients, a.requests, a.seconds)
+            s1, c1 = cpu_s(proc.pid), time.process_time()
+            n = max(1, row["answered"])
+            row.update(server_cpu_ms=1000 * (s1 - s0) / n, client_cpu_ms=1000 * (c1 - c0) / n)
             stop.set()
             for t in extra:
                 t.join(10)
@@ -308,6 +396,7 @@ def main() -> None:
             print(f"round {rnd + 1}, {clients:>3} clients: {row['rps']:.2f} req/s, p50 {row['p50_ms'] or 0:.0f} ms, "
                   f"p99 {row['p99_ms'] or 0:.0f} ms, {row['errors']} errors, RSS peak {row['rss_peak_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
+        rss_end = rss_mib(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -315,9 +404,12 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+    if not a.no_bare:
+        bare_runs.append(bare_encoder(a.kb, a.runtime, photos, bare_batches, a.bare_seconds))
+        print(f"bare encoder after the server: {bare_runs[-1]}", file=sys.stderr, flush=True)
     load_after = uptime()
 
-    rss_end = max((r["rss_after_mib"] for r in rows), default=float("nan"))
+    rss_max = max((r["rss_after_mib"] for r in rows), default=float("nan"))
     best = {}
     for r in rows:
         if r["clients"] not in best or r["rps"] > best[r["clients"]]["rps"]:
@@ -330,17 +422,42 @@ def main() -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}  ",
              f"Load before: `{load_before}`  ", f"Load after: `{load_after}`  ",
              f"{len(photos)} distinct query images; {a.rounds} round(s), levels alternating; best round per level:", "",
-             "| clients | answered | errors | req/s | x one client | p50 ms | p99 ms | mean encoder batch | encode ms/image | queue ms | all rounds' req/s |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| clients | answered | errors | req/s | x one client | p50 ms | p99 ms | mean encoder batch | encode ms/image | queue ms "
+             "| server CPU ms/req | client CPU ms/req | all rounds' req/s |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c, r in sorted(best.items()):
         every = ", ".join(f"{x['rps']:.2f}" for x in rows if x["clients"] == c)
         lines.append(f"| {c} | {r['answered']} | {r['errors']} | {r['rps']:.2f} | "
                      f"{r['rps'] / base if base else float('nan'):.2f} | {r['p50_ms'] or float('nan'):.0f} | "
                      f"{r['p99_ms'] or float('nan'):.0f} | "
                      f"{r['mean_encoder_batch'] or 0:.1f} | {r['encode_ms_per_image'] or 0:.0f} | {r['queue_ms'] or 0:.0f} | "
-                     f"{every} |")
-    lines += ["", f"Server resident memory: {rss_start:.0f} MiB after the warm-up (which runs full micro-batches), "
-                  f"{rss_end:.0f} MiB at most after any level; per level, before → after: "
+                     f"{r['server_cpu_ms']:.1f} | {r['client_cpu_ms']:.1f} | {every} |")
+    if bare_runs:
+        batched = {b: max(x["batched"][b] for x in bare_runs) for b in bare_batches}
+        single = min(x["single_ms"] for x in bare_runs)
+        best_b = max(batched, key=batched.get)
+        lines += ["", f"Bare encoder in this process, no HTTP ({bare_runs[0]['encoder']}, runtime "
+                      f"{bare_runs[0]['runtime']}, {bare_runs[0]['threads']} threads; better of the measurements before "
+                      "and after the server): batched "
+                      + ", ".join(f"{v:.1f} images/s at batch {b}" for b, v in batched.items())
+                      + f"; one image decoded + preprocessed + encoded {single:.1f} ms (median). Every measurement: "
+                      + "; ".join(", ".join(f"batch {b} {v:.1f}/s" for b, v in x["batched"].items())
+                                  + f", single {x['single_ms']:.1f} ms" for x in bare_runs), ""]
+        if 16 in best:
+            r16 = best[16]["rps"] / batched[best_b]
+            lines.append(f"- served images/s at 16 clients / bare batched images/s (batch {best_b}): "
+                         f"{best[16]['rps']:.1f} / {batched[best_b]:.1f} = **{r16:.2f}** (target >= 0.8: "
+                         f"{'met' if r16 >= 0.8 else 'not met'})")
+        if 1 in best and best[1]["p50_ms"]:
+            r1 = best[1]["p50_ms"] / single
+            lines.append(f"- one client's p50 latency / bare single-image decode+encode: {best[1]['p50_ms']:.1f} / "
+                         f"{single:.1f} ms = **{r1:.2f}** (target <= 1.2: {'met' if r1 <= 1.2 else 'not met'})")
+    lines += ["", f"CPU per answered request: the server process (all its threads: HTTP, decoding, the encoder) and "
+                  f"this process's client threads; req/s x their sum / 1000 is the cores the level used of "
+                  f"{os.cpu_count()}, so the client's share is taken from the server on a machine this small."]
+    lines += ["", f"Server resident memory: {rss_ready:.0f} MiB when ready, {rss_start:.0f} MiB after the warm-up "
+                  f"(which runs full micro-batches), {rss_end:.0f} MiB at the end ({rss_end - rss_start:+.0f} MiB since "
+                  f"the warm-up), {rss_max:.0f} MiB at most after any level; per level, before → after: "
                   + "; ".join(f"{r['clients']} clients (round {r['round']}) {r['rss_before_mib']:.0f} → "
                               f"{r['rss_after_mib']:.0f} (peak {r['rss_peak_mib']:.0f})" for r in rows)]
     if a.hostile:
@@ -353,7 +470,9 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text)
     a.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "load_before": load_before,
-                                                      "load_after": load_after, "rss_start_mib": rss_start}, indent=2))
+                                                      "load_after": load_after, "rss_ready_mib": rss_ready,
+                                                      "rss_start_mib": rss_start, "rss_end_mib": rss_end,
+                                                      "bare": bare_runs}, indent=2))
 
 
 if __name__ == "__main__":
