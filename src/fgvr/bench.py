@@ -59,7 +59,7 @@ import numpy as np
 from fgvr.data import ManifestWarning, Sample
 from fgvr.defaults import DEFAULTS
 from fgvr.errors import RunMismatchError, UsageError
-from fgvr.io import atomic_write_bytes, atomic_write_json
+from fgvr.io import atomic_write_bytes, atomic_write_json, path_resolver
 from fgvr.run_dir import identity_diff
 
 if TYPE_CHECKING:
@@ -460,7 +460,8 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
                          cache_dir=(out / "data" / "images").resolve())
     items, _ = plan(splits.test, splits.test.classes, o["limit"])
     test = sorted((Sample(Path(p), label) for p, label, _ in items), key=lambda s: str(s.path))
-    train = sorted((Sample(s.path.resolve(), s.label) for s in splits.train.samples), key=lambda s: str(s.path))
+    resolve = path_resolver()
+    train = sorted((Sample(Path(resolve(s.path)), s.label) for s in splits.train.samples), key=lambda s: str(s.path))
     train_bytes, test_bytes = _csv_bytes(train), _csv_bytes(test)
     vlm, device = o["vlm"], o["device"]
     enc_spec = parse_spec(o["encoder"], device=device, role="image-encoder")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fgvr.errors import InputError
-from fgvr.io import read_user_text
+from fgvr.io import path_resolver, read_user_text
 
 # Files with these suffixes are treated as images; anything else in a class folder is listed as ignored
 # (not silently dropped) so a stray `notes.txt` shows up in the build summary.
@@ -294,8 +295,9 @@ def _read_manifest(path: Path, mapping: dict[str, str] | None, classes_file) -> 
     if not entries:
         raise DataError(f"manifest {path} has a header but no rows")
     samples = labelled_samples(f"manifest {path}", entries, mapping, classes_file)
-    folder = path.parent.resolve()
-    outside = [f"{name} (line {n})" for n, name, full, _ in entries if not full.resolve().is_relative_to(folder)]
+    folder, resolve = path.parent.resolve(), path_resolver()
+    inside = str(folder).rstrip(os.sep) + os.sep
+    outside = [f"{name} (line {n})" for n, name, full, _ in entries if not resolve(full).startswith(inside)]
     if outside:
         warnings.warn(f"manifest {path}: {len(outside)} path(s) lead outside its folder {folder} (first: "
                       f"{outside[0]}); check that this is intended", ManifestWarning, stacklevel=3)
@@ -309,9 +311,10 @@ def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapp
     error, so is a class of the classes file with no row, and so is one image under two labels; an image
     listed twice with one label is read once, with a warning."""
     samples: list[Sample] = []
-    first: dict[Path, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
+    first: dict[str, tuple[int, str]] = {}  # resolved path -> (line, label) where it first appeared
     repeated: list[int] = []
     spellings: dict[str, set[str]] = {}  # class name -> the labels as written that gave it
+    resolve = path_resolver()
     for lineno, name, full, raw in entries:
         if "\x00" in str(full):  # no file system has such a name; Python's path calls raise on it
             raise DataError(f"{where}, line {lineno}: the path {name!r} holds a NUL byte: fix the line")
@@ -322,7 +325,7 @@ def labelled_samples(where: str, entries: list[tuple[int, str, Path, str]], mapp
         if not label:
             raise DataError(f"{where}, line {lineno}: the label {raw!r} is only white space; give the class a name")
         spellings.setdefault(label, set()).add(raw)
-        key = full.resolve()
+        key = resolve(full)
         if key in first:
             line0, label0 = first[key]
             if label0 != label:

@@ -48,7 +48,7 @@ from fgvr.data import Dataset
 from fgvr.embedding_cache import EMBED_DIR, EmbeddingCache
 from fgvr.errors import InputError, KnowledgeBaseError, RunMismatchError, System2Error
 from fgvr.fast_path import system1
-from fgvr.io import atomic_write_bytes, atomic_write_json, json_dumps
+from fgvr.io import atomic_write_bytes, atomic_write_json, json_dumps, path_resolver
 from fgvr.pipeline import PATH_SLOW_FAILED, DualSystem
 from fgvr.records import RESULTS, ResultRow, iter_rows, read_results, results_journal
 from fgvr.run_dir import RunDir
@@ -77,7 +77,8 @@ class EvaluateError(RunMismatchError, RuntimeError):
 
 def support_files(kb: Any) -> set[str]:
     """Resolved paths of the base's support images (from its manifest), to keep them out of a test set."""
-    return {str(f.path.resolve()) for f in kb.support_files()}
+    resolve = path_resolver()
+    return {resolve(f.path) for f in kb.support_files()}
 
 
 def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed: int = 0,
@@ -93,8 +94,9 @@ def plan(dataset: Dataset, kb_classes: list[str], limit: int | None = None, seed
     index = {c: i for i, c in enumerate(kb_classes)}
     unknown = sorted(c for c in dataset.classes if c not in index)
     labels: dict[str, str] = {}
+    resolve = path_resolver()
     for s in dataset.samples:  # one record per file: a repeated row would be a duplicate result
-        p = str(Path(s.path).resolve())
+        p = resolve(s.path)
         if labels.setdefault(p, s.label) != s.label:
             raise InputError(f"{p} is listed under two labels, {labels[p]!r} and {s.label!r}: keep one")
     items = _round_robin(sorted((p, label) for p, label in labels.items() if p not in exclude), seed)
@@ -194,8 +196,10 @@ def _run_locked(system: DualSystem, dataset: Dataset, out: Path, config: dict[st
 
     chose_rules = experience_images(getattr(kb, "path", None)) - support
     items, unknown = plan(dataset, kb.classes, limit, exclude=support | chose_rules)
-    n_support = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in support)
-    n_experience = sum(1 for smp in dataset.samples if str(Path(smp.path).resolve()) in chose_rules)
+    resolve = path_resolver()
+    resolved = [resolve(smp.path) for smp in dataset.samples] if support or chose_rules else []
+    n_support = sum(1 for p in resolved if p in support)
+    n_experience = sum(1 for p in resolved if p in chose_rules)
     _say_what_is_left_out(dataset, items, unknown, n_support)
     if n_experience:
         log.warning("leaving out %d image(s) of %s that the experience build used (its rules were chosen on "
