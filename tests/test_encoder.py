@@ -121,3 +121,23 @@ def test_resize_filter_is_part_of_the_efficientnet_definition(lite0_spec):
         from fgvr.models.families.efficientnet import EfficientNetEncoder
 
         EfficientNetEncoder(lite0_spec.replace(revision="9.9"), torch.nn.Identity())
+
+
+def test_efficientnet_pixels_are_exactly_the_reference_formula(lite0_spec):
+    """The batch is filled in place by numpy (faster than a tensor per image and a stack); the pixels must be
+    bit-identical to the reference (stack of CHW float tensors - 127) / 128, for every input mode, or bases
+    built before would stop matching their fingerprint."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (37, 61, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (300, 200), dtype=np.uint8), mode="L"),
+              Image.fromarray(rng.integers(0, 256, (224, 224, 4), dtype=np.uint8), mode="RGBA")]
+    with registry.use(lite0_spec) as enc:
+        got = enc.preprocess(images)
+        crops = [resize_center_crop(im, enc.image_size, enc.upscale, enc.downscale) for im in images]
+    ref = torch.stack([torch.from_numpy(np.asarray(c.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+                       for c in crops])
+    ref = (ref - 127.0) / 128.0
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == ref.shape
+    assert torch.equal(got, ref)
+    one = pil_to_tensor(images[1])
+    assert one.is_contiguous() and one.shape == (3, 300, 200) and torch.equal(one[0], one[2])

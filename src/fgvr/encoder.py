@@ -60,9 +60,23 @@ def resize_center_crop(image: Image.Image, size: int, upscale: str = "bicubic",
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image to a (3,H,W) float32 tensor of 0..255 values (no torchvision here)."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H,W,3), a fresh writable array
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    """RGB PIL image to a (3,H,W) float32 tensor of 0..255 values (no torchvision here). The HWC -> CHW copy
+    is numpy's, in the same pass as the cast: torch's permute().contiguous() took 1-3 ms per 224-px image
+    on a busy 2-core machine, a sixth of ONNX Runtime's whole encode."""
+    arr = np.asarray(image.convert("RGB"))  # (H,W,3) uint8
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))  # a fresh copy
+
+
+def pil_batch(images: Sequence[Image.Image]) -> np.ndarray:
+    """Same-size RGB images to one (N,3,H,W) float32 array of 0..255 values, each image copied once into
+    place (no per-image tensor, no stack): the caller normalises it in place."""
+    if not images:
+        raise ValueError("pil_batch needs at least one image")
+    w, h = images[0].size
+    out = np.empty((len(images), 3, h, w), dtype=np.float32)
+    for i, im in enumerate(images):
+        out[i] = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    return out
 
 
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from PIL import Image
 
-from fgvr.encoder import Encoder, l2_normalise, pil_to_tensor, resize_center_crop, torch_dtype
+from fgvr.encoder import Encoder, l2_normalise, pil_batch, resize_center_crop, torch_dtype
 from fgvr.models import configs
 from fgvr.models.family import Family
 from fgvr.errors import SpecError
@@ -132,9 +132,10 @@ class EfficientNetEncoder(Encoder):
         return self.graph.weight_bytes if self.graph is not None else 0
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        x = torch.stack([pil_to_tensor(resize_center_crop(im, self.image_size, self.upscale, self.downscale))
-                         for im in images])
-        return (x - 127.0) / 128.0
+        x = pil_batch([resize_center_crop(im, self.image_size, self.upscale, self.downscale) for im in images])
+        x -= 127.0  # the same float32 operations as (x - 127) / 128 on a tensor: identical pixels
+        x /= 128.0
+        return torch.from_numpy(x)
 
     graph = None  # an `OrtGraph` of `model.extract_features` when spec.runtime is "onnx"
 
