@@ -126,6 +126,44 @@ def test_damaged_graph_is_exported_again(tmp_path):
     assert torch.allclose(out, _Tiny().eval()(x).detach(), atol=1e-5)  # batch 3 through a batch-1 export
 
 
+def test_the_weights_count_is_remembered_per_digest_and_the_onnx_import_is_not_paid(tmp_path, monkeypatch):
+    """open_graph counts the session's weights for the registry. Counting parses the graph with the onnx
+    package (half a second to import), so the count is kept beside the graph under its digest: the second
+    open does not parse, a re-exported graph (another digest) is counted afresh, a forged memo is ignored."""
+    path, log = tmp_path / "tiny.onnx", tmp_path / "exports.log"
+    onnx_runtime.cached_graph(path, _make(log))
+    first = onnx_runtime.open_graph(path, threads=1).weight_bytes
+    assert first == onnx_runtime.initializer_bytes(path) > 0
+    memo = path.with_name(path.name + ".weights.json")
+    assert json.loads(memo.read_text())["initializer_bytes"] == first
+
+    calls = []
+    real = onnx_runtime.initializer_bytes
+    monkeypatch.setattr(onnx_runtime, "initializer_bytes", lambda p: calls.append(p) or real(p))
+    assert onnx_runtime.open_graph(path, threads=1).weight_bytes == first and calls == []
+    memo.write_text(json.dumps({"sha256": "0" * 64, "initializer_bytes": 1}))  # another graph's count
+    assert onnx_runtime.open_graph(path, threads=1).weight_bytes == first and len(calls) == 1
+    memo.write_text("{not json")
+    assert onnx_runtime.open_graph(path, threads=1).weight_bytes == first and len(calls) == 2
+
+
+def test_a_cpu_command_does_not_import_onnx_once_the_graph_is_cached(tmp_path):
+    """The onnx package is needed to export and to count a graph's weights once, not to run it."""
+    code = f"""
+import sys
+from pathlib import Path
+import torch
+from fgvr.models import onnx_runtime
+path = Path({str(tmp_path / "g.onnx")!r})
+onnx_runtime.cached_graph(path, lambda: (torch.nn.Conv2d(3, 4, 3).eval(), torch.zeros(1, 3, 8, 8)))
+onnx_runtime.open_graph(path, threads=1)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)  # exports and counts: imports onnx
+    probe = code + "\nprint('onnx' in sys.modules, onnx_runtime.graph_name('x', path))\n"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+    assert out.split()[0] == "False"
+
+
 _CHILD = """
 import sys, time
 from pathlib import Path

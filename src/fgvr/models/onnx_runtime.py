@@ -58,12 +58,23 @@ def cache_root(weights: Path) -> Path:
 def graph_name(stem: str, weights: Path, extra: Sequence[object] = ()) -> str:
     """`<stem>-<digest>.onnx`: the digest covers the weights file, the exporter that made the graph and
     `extra` (what else identifies the weights, e.g. a model folder's revision)."""
-    import onnx
-
     st = weights.stat()
-    ident = [weights.name, st.st_size, torch.__version__.split("+")[0], onnx.__version__, OPSET, GRAPH_FORMAT]
+    ident = [weights.name, st.st_size, torch.__version__.split("+")[0], _onnx_version(), OPSET, GRAPH_FORMAT]
     ident += [str(x) for x in extra]
     return f"{stem}-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}.onnx"
+
+
+def _onnx_version() -> str:
+    """The onnx package's version from its metadata: importing onnx takes about half a second (its
+    ml_dtypes extension), paid by every CPU command before its first image otherwise."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("onnx")
+    except metadata.PackageNotFoundError:
+        import onnx  # not installed as a distribution: ask the module (ImportError if it is not there)
+
+        return onnx.__version__
 
 
 def _sha256(path: Path) -> str:
@@ -166,6 +177,29 @@ def initializer_bytes(path: Path) -> int:
     return total
 
 
+def graph_weight_bytes(path: Path) -> int:
+    """`initializer_bytes(path)`, remembered in `<graph>.weights.json` beside the graph under the digest of
+    its `.sha256` sidecar: counting needs the onnx package, whose import is half a second of every command's
+    start. A memo for another digest (the graph exported again) is not used; a read-only cache counts anew."""
+    memo = path.with_name(path.name + ".weights.json")
+    try:
+        digest = _sidecar(path).read_text().strip()
+    except OSError:
+        return initializer_bytes(path)
+    try:
+        known = json.loads(memo.read_text())
+        if known.get("sha256") == digest and type(known.get("initializer_bytes")) is int:
+            return known["initializer_bytes"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    n = initializer_bytes(path)
+    try:
+        _atomic_write(memo, json.dumps({"sha256": digest, "initializer_bytes": n}).encode())
+    except OSError:
+        pass  # a read-only cache: the count is right, only not remembered
+    return n
+
+
 @dataclass
 class OrtGraph:
     """An ONNX Runtime session on one exported graph, sized by `fgvr.threads`. Thread-safe: `run` may be
@@ -199,4 +233,4 @@ def open_graph(path: Path, threads: int | None = None) -> OrtGraph:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    return OrtGraph(path, session, n, initializer_bytes(path))
+    return OrtGraph(path, session, n, graph_weight_bytes(path))
