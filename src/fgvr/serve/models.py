@@ -68,6 +68,8 @@ class ClassifyResult(_Open):
     error: Optional[str] = None
     unknown: bool = Field(default=False, description="open set: not a class of the base (prediction is null then)")
     unknown_score: Optional[float] = Field(default=None, description="System 1's top-1 fused similarity (low = unknown)")
+    base_version: Optional[int] = Field(None, description="the version of the base that answered (it changes when "
+                                                          "a correction is accepted)")
 
 
 class BatchItem(ClassifyResult):
