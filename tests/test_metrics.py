@@ -192,3 +192,27 @@ def test_huggingface_imagefolder_splits(tmp_path):
                                                           for f, y in rows[:2] + [("imgs/0.png", "dog")]))
     with pytest.raises(DataError, match="labelled 'cat' on line 1 and 'dog' on line 3"):
         read_dataset(root / "test")
+
+
+def test_metrics_read_typed_rows_as_they_read_the_records():
+    from fgvr.pipeline import Candidate, Result
+    from fgvr.records import ResultRow
+
+    rng = np.random.default_rng(1)
+    rows, dicts = [], []
+    for i in range(60):
+        t, ranked = int(rng.integers(4)), [int(x) for x in rng.permutation(4)]
+        p = rng.dirichlet(np.ones(4))
+        fast = sorted((float(x) for x in p), reverse=True)
+        final = [None if i % 3 == 0 else float(x) for x in rng.dirichlet(np.ones(4))]
+        cands = [Candidate(c, f"c{c}", f, None, fi) for c, f, fi in zip(ranked, fast, final)]
+        best = max(cands, key=lambda c: c.final if c.final is not None else c.fast)
+        res = Result(path=f"p{i}", path_taken="fast", prediction=best.id, prediction_name=best.name,
+                     confidence=best.final if best.final is not None else best.fast, candidates=cands)
+        row = ResultRow.of(res, f"c{t}", None if i % 7 == 0 else t)  # a few of a class the base lacks
+        rows.append(row)
+        dicts.append(row.to_dict())
+    classes = [f"c{i}" for i in range(4)]
+    assert classification_metrics(rows, classes) == classification_metrics(dicts, classes)
+    assert classification_metrics(rows, classes)["acc1"] == pytest.approx(
+        np.mean([r.prediction == r.label_id for r in rows if r.label_id is not None]))

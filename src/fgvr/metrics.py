@@ -22,16 +22,18 @@ count as wrong, as in `accuracy`, and are left out of the calibration error (the
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from fgvr.records import ResultRow
 
 ECE_BINS = 15
 
 
-def _ranked(record: dict[str, Any]) -> list[int]:
+def _ranked(row: ResultRow) -> list[int]:
     """Candidate ids, best final probability first (the fast one where the decision did not run)."""
-    cands = record.get("candidates") or []
-    key = lambda c: c.get("final") if c.get("final") is not None else c.get("fast", 0.0)  # noqa: E731
-    return [int(c["id"]) for c in sorted(cands, key=key, reverse=True)]
+    key = lambda c: c.final if c.final is not None else c.fast  # noqa: E731
+    return [int(c.id) for c in sorted(row.candidates, key=key, reverse=True)]
 
 
 def _bin_of(c: float, bins: int) -> int | None:
@@ -73,8 +75,9 @@ class _EceBins:
 
 
 class MetricsAccumulator:
-    """`classification_metrics` one record at a time: counts per class (the base's size) and per ECE bin,
-    nothing per image, so the summary of a 50,000-image run does not hold its records."""
+    """`classification_metrics` one typed row (`fgvr.records.ResultRow`) at a time: counts per class (the
+    base's size) and per ECE bin, nothing per image, so the summary of a 50,000-image run does not hold its
+    rows. The summary feeds it the rows it reads anyway, so no row is turned back into a dict for it."""
 
     def __init__(self, classes: list[str]) -> None:
         self.classes = classes
@@ -84,13 +87,13 @@ class MetricsAccumulator:
         self.tp, self.n_true, self.n_pred = [0] * c, [0] * c, [0] * c
         self.ece = _EceBins()
 
-    def add(self, record: dict[str, Any]) -> None:
-        if record.get("label_id") is None:
+    def add(self, row: ResultRow) -> None:
+        if row.label_id is None:
             return
-        t, p = int(record["label_id"]), record.get("prediction")
+        t, p = int(row.label_id), row.prediction
         self.n += 1
         self.top1 += p == t
-        ranked = _ranked(record)
+        ranked = _ranked(row)
         if p is not None and len(ranked) < 5:
             self.five_everywhere = False
         self.top5 += t in ranked[:5]
@@ -99,8 +102,8 @@ class MetricsAccumulator:
         if isinstance(p, int) and 0 <= p < len(self.n_pred):
             self.n_pred[p] += 1
             self.tp[p] += p == t
-        if record.get("confidence") is not None:
-            self.ece.add(float(record["confidence"]), p == t)
+        if row.confidence is not None:
+            self.ece.add(float(row.confidence), p == t)
 
     def result(self) -> dict[str, Any]:
         if not self.n:
@@ -131,9 +134,21 @@ class MetricsAccumulator:
         }
 
 
-def classification_metrics(records: Iterable[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+def _row(record: ResultRow | dict[str, Any]) -> ResultRow:
+    """A typed row from a row, or from a record's JSON dict. A record made by hand or by another program
+    may leave out what no metric reads (a candidate's `name`; its `fast` where `final` is there, read as 0.0
+    where neither is): those get neutral values here, so such a record is scored as it always was."""
+    from fgvr.records import ResultRow
+
+    if isinstance(record, ResultRow):
+        return record
+    cands = [{"name": "", "fast": 0.0, **c} for c in record.get("candidates") or []]
+    return ResultRow.from_dict({**record, "candidates": cands})
+
+
+def classification_metrics(records: Iterable[ResultRow | dict[str, Any]], classes: list[str]) -> dict[str, Any]:
     """The metrics above, and per-class precision / recall / F1 (`per_class_metrics`)."""
     acc = MetricsAccumulator(classes)
     for r in records:
-        acc.add(r)
+        acc.add(_row(r))
     return acc.result()

@@ -145,7 +145,7 @@ class SummaryAccumulator:
 
     def add(self, row: ResultRow | dict[str, Any]) -> None:
         r = row if isinstance(row, ResultRow) else ResultRow.from_dict(row)
-        self.metrics.add(r.to_dict())
+        self.metrics.add(r)
         self.n += 1
         self.answered_unknown += bool(r.unknown)
         if r.unknown_score is not None:
