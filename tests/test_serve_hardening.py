@@ -194,6 +194,33 @@ def test_a_malformed_summary_is_skipped_and_a_changed_run_shows_its_own_image(sh
         assert second != first and c.get(f"/v1/runs/good/image/{other}").content == first
 
 
+def test_a_run_of_a_newer_record_schema_is_a_409_naming_its_file(shapes_kb, tmp_path):
+    """A results file written by a newer fgvr is refused as a JSON 409 that names the run and its file
+    (the server is older than the run), not a 500; the other runs stay browsable."""
+    from fgvr.records import RECORD_SCHEMA
+
+    runs = tmp_path / "runs"
+    row = {"path": str(shapes_kb.parent / "test" / "red_disc" / "0.png"), "path_taken": "fast", "prediction": 0,
+           "prediction_name": "red disc", "confidence": 0.9, "label": "red disc", "label_id": 0, "correct": True,
+           "candidates": [{"id": 0, "name": "red disc", "fast": 0.9}]}
+    for name, schema in (("newer", "fgvr.result/3"), ("current", RECORD_SCHEMA)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"n_images": 1, "accuracy": 1.0}))
+        (runs / name / "results.jsonl").write_text(json.dumps({"schema": schema, **row}) + "\n")
+    app = create_app(opener_for(shapes_kb, threshold=0.5), ServeSettings(runs=runs))
+    with TestClient(app, base_url=LOCAL) as c:
+        wait_ready(c)
+        assert [x["name"] for x in c.get("/v1/runs").json()["runs"]] == ["current", "newer"]
+        for url in ("/v1/runs/newer/cell?true=0&pred=0", "/v1/runs/newer/image/0"):
+            r = c.get(url)
+            assert r.status_code == 409, (url, r.status_code, r.text)
+            detail = r.json()["detail"]
+            assert "run newer" in detail and "results.jsonl" in detail and "fgvr.result/3" in detail
+            assert "upgrade fgvr" in detail and "\n" not in detail and str(tmp_path) not in detail
+        ok = c.get("/v1/runs/current/cell?true=0&pred=0")
+        assert ok.status_code == 200 and ok.json()["count"] == 1
+
+
 def test_openapi_describes_the_records_and_the_answers_fit_them(client, shapes_kb):
     from fgvr.serve import models
 

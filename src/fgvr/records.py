@@ -32,7 +32,17 @@ SCHEMA_MAJOR = int(_SCHEMA_VERSION.split(".")[0])
 
 
 class RecordSchemaError(InputError):
-    """A record written by a newer fgvr (or by another program) whose schema this fgvr does not know."""
+    """A record written by a newer fgvr (or by another program) whose schema this fgvr does not know:
+    `source` (the file), `schema` (the record's) and `known` (this fgvr's), for a caller that words the
+    refusal for its own audience (the run browser names the run, not the server's path)."""
+
+    def __init__(self, source: str | Path, schema: Any) -> None:
+        self.source, self.schema, self.known = str(source), schema, RECORD_SCHEMA
+        super().__init__(f"{source}: a record of schema {schema!r}, newer than this fgvr reads "
+                         f"({RECORD_SCHEMA}); upgrade fgvr to read it (pip install -U fgvr)")
+
+    def __reduce__(self) -> tuple[type, tuple[str, Any]]:  # pickled whole (a process pool, Ray)
+        return (type(self), (self.source, self.schema))
 
 
 def stamped(d: dict[str, Any]) -> dict[str, Any]:
@@ -56,8 +66,7 @@ def check_schema(d: dict[str, Any], source: str | Path) -> dict[str, Any]:
         return d
     major = schema_major(d["schema"])
     if major is None or major > SCHEMA_MAJOR:
-        raise RecordSchemaError(f"{source}: a record of schema {d['schema']!r}, newer than this fgvr reads "
-                                f"({RECORD_SCHEMA}); upgrade fgvr to read it (pip install -U fgvr)")
+        raise RecordSchemaError(source, d["schema"])
     return d
 
 

@@ -60,13 +60,21 @@ class RunBrowser:
         return {"runs": out, **({"warnings": warnings} if warnings else {})}
 
     def records(self, name: str) -> list[ResultRow]:
-        from fgvr.records import RESULTS, read_rows
+        """A run's result rows. A results file written by a newer fgvr (a record schema this one does not
+        read) is a 409 naming the run's file, not a server error: the server is older than the run, and
+        the other runs stay browsable."""
+        from fgvr.records import RESULTS, RecordSchemaError, read_rows
 
         f = self.get(name) / RESULTS
         mtime = f.stat().st_mtime if f.is_file() else 0.0
         hit = self._cache.get(name)
         if hit is None or hit[0] != mtime:
-            hit = (mtime, read_rows(f, repair=False))  # never modify a run from here
+            try:
+                hit = (mtime, read_rows(f, repair=False))  # never modify a run from here
+            except RecordSchemaError as e:
+                raise UploadError(409, f"run {name}: {RESULTS} holds a record of schema {e.schema!r}, newer "
+                                       f"than this server's fgvr reads ({e.known}); upgrade fgvr where the "
+                                       f"server runs to browse it") from None
             self._cache[name] = hit
         return hit[1]
 

@@ -31,7 +31,15 @@ async function loadRun(name) {
 }
 
 async function showCell(name, t, p, classes) {
-  const c = await fgvr.json(`/v1/runs/${encodeURIComponent(name)}/cell?true=${t}&pred=${p}`);
+  let c;
+  try {
+    c = await fgvr.json(`/v1/runs/${encodeURIComponent(name)}/cell?true=${t}&pred=${p}`);
+  } catch (e) {  // e.g. 409: the run's results were written by a newer fgvr; say so instead of nothing
+    $("cell-title").textContent = e.message;
+    $("cell-items").replaceChildren();
+    $("cell").hidden = false;
+    return;
+  }
   $("cell-title").textContent = `true ${classes[t]} → predicted ${classes[p]}: ${c.count} image(s)` +
     (c.items.length < c.count ? ` (first ${c.items.length} shown)` : "");
   const box = $("cell-items");
