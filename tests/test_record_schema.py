@@ -5,6 +5,7 @@ take rows without it (an older fgvr) and refuse, in one line naming the file, a 
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 
@@ -29,6 +30,9 @@ def test_the_version_is_parsed_and_a_newer_major_is_refused_naming_the_file():
             check_schema({"schema": bad}, "runs/a/results.jsonl")
         msg = str(e.value)
         assert "\n" not in msg and "runs/a/results.jsonl" in msg and bad in msg and RECORD_SCHEMA in msg
+        assert (e.value.source, e.value.schema, e.value.known) == ("runs/a/results.jsonl", bad, RECORD_SCHEMA)
+        again = pickle.loads(pickle.dumps(e.value))  # crosses a process boundary whole (a pool, Ray)
+        assert type(again) is RecordSchemaError and str(again) == msg and again.schema == bad
 
 
 def test_results_rows_carry_the_schema_old_rows_are_read_newer_ones_refused(tmp_path):
