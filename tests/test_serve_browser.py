@@ -220,6 +220,44 @@ def test_page_from_the_keyboard_alone_and_at_390_px(server, tmp_path):
     assert not problems, problems
 
 
+def test_runs_page_says_why_a_run_of_a_newer_schema_cannot_be_browsed(server):
+    """A run whose results.jsonl a newer fgvr wrote: its summary shows, a click on a cell shows the server's
+    one-line refusal (409, naming the run and its file) instead of nothing and an unhandled error."""
+    import json
+    import shutil
+
+    sync_playwright = _chromium()
+    url, _, tmp = server
+    run = tmp / "runs" / "zz-newer"  # listed after the fixture's run, so the other tests' first run stays theirs
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"n_images": 1, "accuracy": 1.0, "slow_rate": 0.0,
+                                                  "confusion": {"classes": ["red disc"], "matrix": [[1]]}}))
+    (run / "results.jsonl").write_text(json.dumps({"schema": "fgvr.result/3", "path": "x.png", "label_id": 0,
+                                                   "prediction": 0}) + "\n")
+    problems: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1180, "height": 860})
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.goto(url + "/runs")
+                page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+                page.select_option("#run", "zz-newer")
+                page.wait_for_function("() => document.getElementById('run-summary').textContent"
+                                       ".startsWith('1 images')", timeout=30_000)
+                page.locator("#matrix td.cell.some").first.click()
+                page.wait_for_selector("#cell:not([hidden])", timeout=30_000)
+                title = page.inner_text("#cell-title")
+                assert "run zz-newer" in title and "results.jsonl" in title and "fgvr.result/3" in title, title
+                assert page.locator("#cell-items .item").count() == 0
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(run)
+    assert not problems, problems
+
+
 def test_slow_clients_time_out_while_others_are_answered(server):
     url, proc, _ = server
     port = int(url.rsplit(":", 1)[1])
