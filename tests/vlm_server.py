@@ -26,7 +26,11 @@ a JSON object of the same names), and every chat request is logged (GET /stats):
     misbehave_n   that many real questions misbehave, then it answers right (null: all of them)
     reply         the JSON value sent as the body for misbehave "raw" (the property tests' answers)
     models_reply  if set, the JSON value /v1/models answers
-Each chat request's log entry also says whether it carried an Authorization header ("auth").
+    served_name   the id it serves under (vLLM's --served-model-name; null: the model folder's name)
+    root          /v1/models' `root` of that id (vLLM: the folder or hub id it loaded; null: left out)
+    answer_name   the `model` its answers carry (null: the served name), as a proxy naming the model behind it
+Each chat request's log entry also says whether it carried an Authorization header ("auth") and the
+(width, height) of each image it carried ("image_sizes").
     max_logprobs  the `--max-logprobs` cap: `top_logprobs` above it is a 400 (vLLM's default 20)
     fail_503      the next N chat requests get 503
     hang_after    after N answered chat requests with an image, further ones hang (until set back to null)
@@ -60,7 +64,7 @@ from pathlib import Path
 STATE = {"token_ids": True, "logprobs": True, "max_logprobs": 20, "fail_503": 0, "hang_after": None,
          "delay_s": 0.0, "ignore_logprobs": False, "stream_always": False, "token_style": "plain",
          "letter_boost": 0.0, "models_shape": "dict", "misbehave": None, "misbehave_n": None, "reply": None,
-         "constraints": True, "models_reply": None}
+         "constraints": True, "models_reply": None, "served_name": None, "root": None, "answer_name": None}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 LOG: list[dict] = []  # one entry per chat request: digest, has_image, status
 LOCK = threading.Lock()
@@ -167,6 +171,26 @@ def _decode_image(url: str):
     return Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1]))).convert("RGB")
 
 
+def _image_sizes(req: dict) -> list[list[int]]:
+    """[width, height] of every image a chat request carries, read from the images' headers."""
+    from PIL import Image
+
+    sizes = []
+    for m in req.get("messages", []):
+        for c in m.get("content") if isinstance(m.get("content"), list) else []:
+            url = (c.get("image_url") or {}).get("url", "") if c.get("type") == "image_url" else ""
+            if ";base64," in url:
+                try:
+                    sizes.append(list(Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1]))).size))
+                except Exception:  # noqa: BLE001 - not an image: logged as such, the request goes on
+                    sizes.append(None)
+    return sizes
+
+
+def _served_name(model) -> str:
+    return STATE["served_name"] or model.name
+
+
 def _messages(raw: list[dict]) -> tuple[list[dict], list]:
     """OpenAI content parts -> the processor's message format, images decoded in order."""
     msgs, images = [], []
@@ -267,7 +291,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            listed = [{"id": self.model.name, "object": "model", "owned_by": "fgvr-tests", "max_model_len": 4096}]
+            listed = [{"id": _served_name(self.model), "object": "model", "owned_by": "fgvr-tests",
+                       "max_model_len": 4096, **({"root": STATE["root"]} if STATE["root"] else {})}]
             if STATE["models_reply"] is not None:
                 return self._send(200, STATE["models_reply"])
             self._send(200, listed if STATE["models_shape"] == "list" else {"object": "list", "data": listed})
@@ -299,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _refusal(self, req: dict, entry: dict) -> tuple[int, str] | None:
         """The error a real server gives this request, if any (unknown model, logprobs off, over the cap)."""
-        if req.get("model") != self.model.name:
+        if req.get("model") != _served_name(self.model):
             return 404, f"The model `{req.get('model')}` does not exist."
         want_lp = bool(req.get("logprobs")) or req.get("top_logprobs") is not None
         if want_lp and not STATE["logprobs"]:
@@ -312,7 +337,8 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self, req: dict, digest: str) -> None:
         has_image = any(isinstance(m.get("content"), list) and any(c.get("type") == "image_url" for c in m["content"])
                         for m in req.get("messages", []))
-        entry = {"digest": digest, "has_image": has_image, "status": None, "auth": bool(self.headers.get("Authorization"))}
+        entry = {"digest": digest, "has_image": has_image, "status": None,
+                 "auth": bool(self.headers.get("Authorization")), "image_sizes": _image_sizes(req)}
         with LOCK:
             LOG.append(entry)
             if STATE["fail_503"] > 0:
@@ -386,7 +412,7 @@ class Handler(BaseHTTPRequestHandler):
         n_out = len(tokens)
         return {
             "id": f"chatcmpl-{digest[:16]}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.model.name,
+            "model": STATE["answer_name"] or _served_name(self.model),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": "length" if n_out >= max_tokens else "stop"}],
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},

@@ -325,7 +325,8 @@ def _vlm_identity(vlm: "VlmBackend | None") -> tuple[str | None, str | None, str
     spec = getattr(vlm, "spec", None)
     if vlm.served or spec is None:
         model = getattr(getattr(vlm, "options", None), "model", None)
-        return f"{text} model={model}", text, text
+        family = getattr(vlm, "family", None)  # a served VLM's images are sized on its family's grid
+        return f"{text} model={model}" + (f" family={family}" if family else ""), text, text
     return spec.replace(device="cpu").key, spec.name, text or spec.source
 
 

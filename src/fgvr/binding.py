@@ -103,6 +103,6 @@ MUST_MATCH = ("kb_digest", "data_digest", "experience_digest", "encoder", "syste
 EXPLAIN = {"kb_digest": "the knowledge base's content (rebuilt or changed since)",
          "data_digest": "the data list (images or labels added, removed or relabelled)",
          "experience_digest": "the experience rules of the base",
-         "system2_spec": "System 2's model (a served one: its URL, model name and pixel cap)",
+         "system2_spec": "System 2's model (a served one: its URL, model name, VLM family and pixel cap)",
          "limit": "--limit (the threshold was "
          "calibrated on the first run's images)"}

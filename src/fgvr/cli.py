@@ -218,6 +218,26 @@ def image_limit_option(f):
                              "default 64000000.")(f)
 
 
+class VlmFamilyName(click.ParamType):
+    """--vlm-family: one of the VLM families the package declares. Read when the option is used or its help
+    shown, not when fgvr starts (the family modules import torch)."""
+
+    name = "family"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        from fgvr.models import families
+
+        return "[" + "|".join(f.name for f in families.by_role("vlm")) + "]"
+
+    def convert(self, value, param, ctx):
+        from fgvr.models import families
+
+        try:
+            return families.vlm_family(str(value)).name
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def vlm_options(f):
     """How the VLM is loaded, shared by every command that takes --vlm: dtype, quantisation, pixel cap, and the
     GPU budget the registry enforces (see `fgvr memory plan` for what fits)."""
@@ -232,6 +252,10 @@ def vlm_options(f):
                      help="Memory the registry may use on the GPU, e.g. 18GiB (default: the card's capacity)."),
         click.option("--vlm-model", default=None, metavar="NAME",
                      help="Served --vlm URL: the model to ask (default: the only one the server lists)."),
+        click.option("--vlm-family", type=VlmFamilyName(), default=None,
+                     help="Served --vlm URL: the VLM family whose grid its images are sized for (default: the "
+                          "family the served model's id names, e.g. Qwen/Qwen3-VL-8B-Instruct, else the default "
+                          "one, with a warning). A local folder says its own."),
         click.option("--vlm-concurrency", type=click.IntRange(1), default=8, show_default=True,
                      help="Served --vlm URL: requests in flight at once (the engine batches them)."),
         click.option("--vlm-timeout", type=FiniteFloat(0, min_open=True), default=120.0, show_default=True,
@@ -272,7 +296,7 @@ def vlm_backend_options(o: dict, cache_dir: "Path | None" = None) -> "BackendOpt
     from fgvr.backends import BackendOptions
 
     return BackendOptions(device=o.get("device") or "cpu", dtype=o.get("vlm_dtype"), quantization=o.get("quant"),
-                          max_visual_tokens=o.get("max_visual_tokens"),
+                          max_visual_tokens=o.get("max_visual_tokens"), family=o.get("vlm_family"),
                           model=o.get("vlm_model"), concurrency=o.get("vlm_concurrency") or 8,
                           timeout_s=o.get("vlm_timeout") or 120.0,
                           retries=4 if o.get("vlm_retries") is None else o["vlm_retries"], cache_dir=cache_dir,

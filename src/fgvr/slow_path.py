@@ -194,7 +194,7 @@ class VlmReasoner:
 
 def system2_identity(slow: Any) -> str | None:
     """What answers as System 2, for the run a result is bound to: the loaded model's spec key, else the
-    backend's own identity (`describe()["key"]`: a served model's URL, model and answer mode)."""
+    backend's own identity (`describe()["key"]`: a served model's URL, model, VLM family and pixel cap)."""
     if slow is None:
         return None
     spec = getattr(slow, "spec", None)

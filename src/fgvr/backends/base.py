@@ -29,7 +29,8 @@ class BackendOptions:
     max_pixels: int | None = None  # None: from max_visual_tokens on the family's grid, else its default cap
     min_pixels: int | None = None  # None: the family's
     max_visual_tokens: int | None = None  # the cap in the family's visual tokens (used when max_pixels is None)
-    family: str | None = None  # the VLM family a served model's images are sized for (None: the default one)
+    family: str | None = None  # the VLM family a served model's images are sized for (--vlm-family; None: the one
+    # the served model's id names, else the default one); a local folder's must match its own
     batch_size: int | None = None  # in-process prompts per forward; None: sized from the GPU budget
     model: str | None = None  # served model name; None: the only one the server lists
     concurrency: int = 8  # requests in flight at once (served)

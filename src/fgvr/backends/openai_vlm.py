@@ -4,8 +4,15 @@ The engine holds the model and the GPU; fgvr sends one chat request per question
 (`concurrency`), so the engine's continuous batching and prefix cache do the work.
 
 What is sent. The same question text as the in-process path, after the image, which goes as a PNG `data:`
-URI already resized to the pixel cap (`fit_pixels`): the served model sees the pixels the local one would.
-Greedy (`temperature: 0`), one new token for scoring.
+URI already resized to the pixel cap (`fit_pixels`) on the served model's VLM family's grid: the served
+model sees the pixels the local one would. Greedy (`temperature: 0`), one new token for scoring.
+
+Which family (`choose_family`, decided once at start, logged in one line and kept in `describe()` and the
+key): the one given (`--vlm-family`, `BackendOptions.family`), else the one whose declaration recognises the
+served model (`fgvr.models.families.recognising_vlm_families`: the id `/v1/models` lists; its `root`, which
+vLLM sets to the folder or hub id it loaded, so a `--served-model-name` alias is seen through; the `model`
+its answers name), else the default VLM family with a warning. Two families recognising one id is an
+error, not a guess.
 
 How options are scored, decided once at start by probing the server (recorded in `describe()`, hence in the
 run's summary and every result line):
@@ -42,11 +49,12 @@ and constraints, is refused at start with that reason.
 Response fields read (OpenAI chat completion object, as vLLM's `ChatCompletionResponse` returns it):
 `model`, `choices[0].logprobs.content[0].top_logprobs[*].token / .logprob`, `choices[0].message.content`
 (SSE: `choices[0].delta.content`), `usage.prompt_tokens`, `usage.completion_tokens`; `GET /v1/models` ->
-`data[*].id` (anything else there is one error); vLLM `POST /tokenize` -> `tokens`.
+`data[*].id` (anything else there is one error) and `data[*].root` where given; vLLM `POST /tokenize` -> `tokens`.
 
-Identity. `describe()["key"]` names the URL, the model asked for, the model the server answers as and the
-pixel cap; runs bind to it, and the answer cache keys on it with the request (each image as the digest of
-its PNG bytes), so a resumed run against another server or model never reads this one's answers.
+Identity. `describe()["key"]` names the URL, the model asked for, the model the server answers as, the VLM
+family its images are sized for and the pixel cap; runs bind to it, and the answer cache keys on it with the
+request (each image as the digest of its PNG bytes), so a resumed run against another server, model or
+family never reads this one's answers.
 Answers are appended to `cache_dir/answers.jsonl`; a killed run that resumes sends no answered request again.
 
 Credentials go only where the user named them: `$FGVR_VLM_API_KEY` (`api_key_env`), else
@@ -70,7 +78,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
@@ -104,8 +112,38 @@ def claims(text: str) -> bool:
 
 def open_backend(text: str, options: BackendOptions) -> "OpenAIVlm":
     """The server at `text`, probed now (model, letter tokens, answer mode); images are sized for the VLM
-    family `options.family` (the default VLM family's grid when None)."""
-    return OpenAIVlm(text.strip(), with_pixels(options))
+    family `options.family`, else the one the served model's id names, else the default one
+    (`choose_family`), and the pixel cap is filled in on that family's grid."""
+    return OpenAIVlm(text.strip(), options)
+
+
+def choose_family(given: str | None, ids: Sequence[tuple[str, str | None]] = ()) -> tuple[str, str]:
+    """The VLM family a served model's images are sized for, and why (the words of the log line): the one
+    `given`, else the family whose declaration recognises the first of `ids` ((what it is, the id) pairs, in
+    order: the id the server lists; its `root`, the folder or hub id the engine loaded, when the id is an
+    alias; the `model` its answers name) that any family recognises, else the default VLM family. An id
+    two families recognise is an error: sized on the wrong grid, every image would be resampled by the server."""
+    from fgvr.models import families
+
+    if given:
+        try:
+            return families.vlm_family(given).name, "given by --vlm-family"
+        except ValueError as e:
+            raise BackendError(f"--vlm-family {given}: {e}") from None
+    seen = {}
+    for what, model_id in ids:
+        if isinstance(model_id, str) and model_id and model_id not in seen:
+            seen[model_id] = what
+    for model_id, what in seen.items():
+        found = families.recognising_vlm_families(model_id)
+        if len(found) > 1:
+            raise BackendError(f"{what} {model_id!r} is recognised by several VLM families "
+                               f"({', '.join(f.name for f in found)}); choose one with --vlm-family")
+        if found:
+            return found[0].name, f"inferred from {what} {model_id!r}"
+    default = families.default_vlm_family()
+    return default.name, (f"the default: no VLM family recognises {' / '.join(map(repr, seen)) or 'the served model'}"
+                          f"; if it is another family, give --vlm-family")
 
 
 class HttpError(Exception):
@@ -446,11 +484,18 @@ def read_scores(response: Any, mode: str, k: int, letter_ids: dict[str, int] | N
 
 def model_ids(listed: Any, url: str) -> list[str]:
     """The ids a `GET /v1/models` answer lists ({"data": [{"id": ...}]}); anything else is one error."""
+    return list(model_roots(listed, url))
+
+
+def model_roots(listed: Any, url: str) -> dict[str, str | None]:
+    """{id: root} of a `GET /v1/models` answer: vLLM's and SGLang's model cards name in `root` the folder or
+    hub id the engine serves (under `--served-model-name` the id is only an alias); None where not given."""
     data = listed.get("data") if isinstance(listed, dict) else None
     if not isinstance(data, list):
         raise BackendError(f"{url}/models answered a JSON {type(listed).__name__} without a \"data\" list, "
                            "not an OpenAI model list: is this an OpenAI-compatible server? Fix --vlm")
-    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    return {m["id"]: m["root"] if isinstance(m.get("root"), str) else None
+            for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)}
 
 
 class AnswerCache:
@@ -482,12 +527,14 @@ class AnswerCache:
             self.journal.append([{"key": key, "response": response}], fsync=False)  # flushed: a kill -9 loses nothing sent
 
 
-def image_data_uri(image: Image.Image, max_pixels: int, min_pixels: int) -> tuple[str, str]:
-    """The image at the pixel cap as a lossless PNG data: URI, and the digest of its bytes (the cache key's
-    part for it). Stored uncompressed: it is sent once over a fast link, and deflate would cost fgvr's
-    process 2-3x the CPU time of everything else it does per request."""
+def image_data_uri(image: Image.Image, max_pixels: int, min_pixels: int,
+                   family: str | None = None) -> tuple[str, str]:
+    """The image at the pixel cap on VLM family `family`'s grid (the default family's when None) as a
+    lossless PNG data: URI, and the digest of its bytes (the cache key's part for it). Stored uncompressed:
+    it is sent once over a fast link, and deflate would cost fgvr's process 2-3x the CPU time of everything
+    else it does per request."""
     buf = io.BytesIO()
-    fit_pixels(image, max_pixels, min_pixels).save(buf, format="PNG", compress_level=0)
+    fit_pixels(image, max_pixels, min_pixels, family).save(buf, format="PNG", compress_level=0)
     data = buf.getvalue()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), hashlib.sha256(data).hexdigest()
 
@@ -500,7 +547,8 @@ class OpenAIVlm:
 
     def __init__(self, url: str, options: BackendOptions) -> None:
         self.url = url.rstrip("/")
-        self.options = options
+        self.opened_options = options  # as given: a pickled copy (a Ray actor's) opens and chooses from these
+        self.options = options  # with the family and its pixel cap filled in once the server is probed
         self.concurrency = max(1, int(options.concurrency))
         self.retries = max(0, int(options.retries))
         self.http = _Http(self.url, api_key_for(self.url, options), options.timeout_s, options.max_reply_bytes)
@@ -514,28 +562,38 @@ class OpenAIVlm:
         self.timings: deque[tuple[float, float, float]] = deque(maxlen=100_000)
         self._count_lock = threading.Lock()
         try:
-            self.model = self._pick_model(options.model)
+            if options.family:  # a misspelt --vlm-family fails before the server is asked anything
+                choose_family(options.family)
+            self.model, self.model_root = self._pick_model(options.model)
             self.answered_model: str | None = None  # the `model` the server's answers carry (the probe's)
             self.letter_ids = self._letter_ids()
             self.mode, self.top_n, self.choice_field = self._detect_mode()
+            self.family, self.family_reason = choose_family(options.family, [
+                ("the served model id", self.model), ("the root /v1/models lists", self.model_root),
+                ("the model its answers name", self.answered_model)])
+            self.options = with_pixels(replace(options, family=self.family))
         except BaseException:
             self.close()
             raise
+        (log.warning if self.family_reason.startswith("the default") else log.info)(
+            "%s: images sized for VLM family %s (%s)", self.url, self.family, self.family_reason)
 
     @property
     def key(self) -> str:
         """The served model's identity: what a run and the answer cache are bound to."""
         answered = f"|as={self.answered_model}" if self.answered_model not in (None, self.model) else ""
-        return (f"{NAME}|{self.url}|{self.model}{answered}|maxpx={self.options.max_pixels}"
+        return (f"{NAME}|{self.url}|{self.model}{answered}|family={self.family}|maxpx={self.options.max_pixels}"
                 f"|minpx={self.options.min_pixels}")
 
     def __reduce__(self) -> tuple[Any, tuple[str, BackendOptions]]:
-        """Pickled (a Ray actor's copy) as the URL and options: the other process opens its own connection
-        pool and probes the server itself, rather than receiving threads and sockets."""
-        return (open_backend, (self.url, self.options))
+        """Pickled (a Ray actor's copy) as the URL and the options as given: the other process opens its own
+        connection pool and probes the server itself (choosing the family as this one did), rather than
+        receiving threads and sockets."""
+        return (open_backend, (self.url, self.opened_options))
 
     # --- start: model, letters, mode ---------------------------------------------------------------
-    def _pick_model(self, wanted: str | None) -> str:
+    def _pick_model(self, wanted: str | None) -> tuple[str, str | None]:
+        """(the model to ask, the folder or hub id the server says it serves under that name, if it says)."""
         try:
             listed = self.http.request("GET", "/models").data
         except HttpError as e:
@@ -544,16 +602,17 @@ class OpenAIVlm:
                                    f"in ${self.options.api_key_env}") from None
             raise BackendError(f"the VLM server at {self.url} does not answer ({e}). Start it (README: "
                                "'System 2 on a served VLM') or fix --vlm; nothing was run.") from None
-        ids = model_ids(listed, self.url)
+        roots = model_roots(listed, self.url)
+        ids = list(roots)
         if wanted:
             if wanted not in ids:
                 raise BackendError(f"--vlm-model {wanted!r} is not served at {self.url}; it serves: "
                                    f"{', '.join(ids)[:300] or 'nothing'}")
-            return wanted
+            return wanted, roots[wanted]
         if len(ids) != 1:
             raise BackendError(f"the server at {self.url} serves {len(ids)} models ({', '.join(ids)[:300] or 'none'}): "
                                "choose one with --vlm-model")
-        return ids[0]
+        return ids[0], roots[ids[0]]
 
     def _letter_ids(self) -> dict[str, int] | None:
         """Each letter's token id from the server's tokenizer (vLLM `POST /tokenize`), or None where the
@@ -672,7 +731,8 @@ class OpenAIVlm:
                 content, kcontent = [], []
                 for c in m["content"]:
                     if c.get("type") == "image":
-                        uri, digest = image_data_uri(next(it), self.options.max_pixels, self.options.min_pixels)
+                        uri, digest = image_data_uri(next(it), self.options.max_pixels, self.options.min_pixels,
+                                                     self.family)
                         content.append({"type": "image_url", "image_url": {"url": uri}})
                         kcontent.append({"type": "image_url", "image_url": {"sha256": digest}})
                     else:
@@ -743,7 +803,8 @@ class OpenAIVlm:
         missing_rule = ("a letter outside the top list gets an equal share of the mass the list leaves over, "
                         "at most the list's smallest probability") if self.mode == "top_logprobs" else None
         return {"backend": NAME, "mode": self.mode, "key": self.key, "url": self.url, "model": self.model,
-                "answered_model": self.answered_model, "top_logprobs": self.top_n,
+                "answered_model": self.answered_model, "model_root": self.model_root, "family": self.family,
+                "family_reason": self.family_reason, "top_logprobs": self.top_n,
                 "choice_field": self.choice_field, "missing_letter_rule": missing_rule,
                 "concurrency": self.concurrency, "timeout_s": self.options.timeout_s, "retries": self.retries,
                 "max_pixels": self.options.max_pixels, "min_pixels": self.options.min_pixels,

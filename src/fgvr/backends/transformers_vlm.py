@@ -46,6 +46,13 @@ def open_backend(text: str, options: BackendOptions) -> "TransformersVlm":
     if fam.vlm is None:
         titles = ", ".join(f.title for f in families.by_role("vlm"))
         raise BackendError(f"--vlm must be a VLM model folder ({titles}); {spec.source} is a {fam.title} model")
+    if options.family and options.family != fam.name:  # --vlm-family is for served models; a folder says its own
+        try:
+            given = families.vlm_family(options.family).title
+        except ValueError as e:
+            raise BackendError(f"--vlm-family {options.family}: {e}") from None
+        raise BackendError(f"--vlm-family {options.family} ({given}), but {spec.source} is a {fam.title} model "
+                           "(its config.json): leave --vlm-family out for a local folder")
     if options.max_pixels or options.max_visual_tokens:
         spec = spec.replace(max_pixels=options.max_pixels or fam.vlm.pixels_for_tokens(options.max_visual_tokens))
     return TransformersVlm(spec, batch_size=options.batch_size)

@@ -84,6 +84,12 @@ class VlmDeclaration:
                         -> `fgvr.models.plan.Workload` or a dict of its fields (a family module cannot import
                         the plan without an import cycle): one generation's working memory for the family's own
                         architecture; None: the Qwen2-VL-style estimate of `fgvr.models.plan.merged_patch_workload`.
+    served_names        regular expressions (case-insensitive, found anywhere in the text) that a served model's
+                        id matches when it is this family. vLLM and SGLang list the hub id or folder the engine
+                        was started with ("Qwen/Qwen3-VL-8B-Instruct", "/models/InternVL3-8B-hf"), so this is how a
+                        served model's images get this family's grid without `--vlm-family`
+                        (`fgvr.models.families.recognising_vlm_families`). Declare only ids whose processor sizes
+                        images exactly as this family's does.
     """
 
     patch: int
@@ -95,6 +101,13 @@ class VlmDeclaration:
     processor_kwargs: Callable[[int | None, int | None], dict] = pixel_cap_kwargs
     stop_tokens: tuple[str, ...] = ("<|im_end|>",)
     workload: Callable[..., Any] | None = None
+    served_names: tuple[str, ...] = ()
+
+    def recognises(self, model_id: str) -> bool:
+        """Whether a served model's id matches one of `served_names`."""
+        import re
+
+        return any(re.search(p, model_id, flags=re.IGNORECASE) for p in self.served_names)
 
     def pixels_for_tokens(self, tokens: int) -> int:
         """The pixel cap that allows `tokens` visual tokens."""

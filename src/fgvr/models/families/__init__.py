@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fgvr.models.spec import ModelSpec
 
 __all__ = ["Family", "VlmDeclaration", "ROLES", "all_families", "names", "get", "by_role", "vlm_declaration",
+           "vlm_family", "default_vlm_family", "recognising_vlm_families",
            "architecture", "load", "estimate_bytes", "fit_hints", "encoder_fit_hints", "hf_dtype_kwargs",
            "hf_tokenizer_kwargs"]
 
@@ -65,19 +66,44 @@ def by_role(role: str) -> tuple[Family, ...]:
     return tuple(f for f in all_families() if f.role == role)
 
 
+def vlm_family(name: str) -> Family:
+    """The VLM family called `name` (what --vlm-family takes); ValueError naming the VLM families otherwise."""
+    vlms = by_role("vlm")
+    for fam in vlms:
+        if fam.name == name:
+            return fam
+    other = next((f for f in all_families() if f.name == name), None)
+    what = f" (the {other.title} family, role {other.role})" if other else ""
+    raise ValueError(f"{name!r}{what} is not a VLM family; the VLM families are: {', '.join(f.name for f in vlms)}")
+
+
+def default_vlm_family() -> Family:
+    """The VLM family marked `default` (the grid a served VLM's images follow when fgvr cannot know its
+    family), or the only one there is."""
+    vlms = by_role("vlm")
+    chosen = [f for f in vlms if f.vlm is not None and f.vlm.default] or list(vlms[:1] if len(vlms) == 1 else ())
+    if len(chosen) != 1:
+        raise ValueError(f"no single default VLM family among {', '.join(f.name for f in vlms) or 'none'}")
+    return chosen[0]
+
+
 def vlm_declaration(name: str | None = None) -> VlmDeclaration:
-    """How VLM family `name` sees an image; with no name, the VLM family marked `default` (the pixels a
-    served VLM is sent when fgvr cannot know its family), or the only one there is."""
+    """How VLM family `name` sees an image; with no name, the default VLM family's (`default_vlm_family`)."""
     if name is not None:
         fam = get(name)
         if fam.vlm is None:
             raise ValueError(f"{fam.title} is a {fam.role} model, not a VLM")
         return fam.vlm
-    vlms = by_role("vlm")
-    chosen = [f for f in vlms if f.vlm is not None and f.vlm.default] or list(vlms[:1] if len(vlms) == 1 else ())
-    if len(chosen) != 1:
-        raise ValueError(f"no single default VLM family among {', '.join(f.name for f in vlms) or 'none'}")
-    return chosen[0].vlm  # type: ignore[return-value]
+    return default_vlm_family().vlm  # type: ignore[return-value]
+
+
+def recognising_vlm_families(model_id: str) -> tuple[Family, ...]:
+    """The VLM families whose declaration recognises a served model's id (as a server lists it, or the
+    folder it serves): one of its `served_names` patterns is in the id, or the id's last path part is one of
+    its `known_configs` names or `model_types`. No family is named here: each declares its own."""
+    last = model_id.strip().rstrip("/").rsplit("/", 1)[-1].lower()
+    return tuple(f for f in by_role("vlm") if f.vlm is not None and
+                 (f.vlm.recognises(model_id) or last in f.known_configs or last in f.model_types))
 
 
 def architecture(name: str) -> tuple[str, dict] | None:

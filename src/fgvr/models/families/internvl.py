@@ -369,7 +369,10 @@ def workload(config: dict, dtype: str, max_pixels: int, image_size: tuple[int, i
 
 VLM = TiledVlmDeclaration(patch=PATCH, default_max_pixels=DEFAULT_MAX_PIXELS, default_min_pixels=DEFAULT_MIN_PIXELS,
                           fitted_size=fitted_size, serve_flags=serve_flags, processor_kwargs=processor_kwargs,
-                          stop_tokens=("<|im_end|>",), workload=workload)
+                          stop_tokens=("<|im_end|>",), workload=workload,
+                          # "OpenGVLab/InternVL3-8B-hf", "InternVL2_5-8B", "InternVL3_5-8B": 448-pixel tiles
+                          # plus a thumbnail in every InternVL release since 1.5
+                          served_names=(r"internvl",))
 
 FAMILY = Family(
     name="internvl",

@@ -189,7 +189,8 @@ def serve_flags(engine: str, max_pixels: int, min_pixels: int) -> tuple[list[str
 
 
 VLM = VlmDeclaration(patch=PATCH, default_max_pixels=DEFAULT_MAX_PIXELS, default_min_pixels=DEFAULT_MIN_PIXELS,
-                     fitted_size=fitted_size, serve_flags=serve_flags, processor_kwargs=processor_kwargs)
+                     fitted_size=fitted_size, serve_flags=serve_flags, processor_kwargs=processor_kwargs,
+                     served_names=(r"qwen3[._-]?vl",))  # "Qwen/Qwen3-VL-8B-Instruct", "Qwen3-VL-30B-A3B-Thinking"
 
 FAMILY = Family(
     name="qwen3_vl",

@@ -285,7 +285,10 @@ def serve_flags(engine: str, max_pixels: int, min_pixels: int) -> tuple[list[str
 
 
 VLM = VlmDeclaration(patch=PATCH, default_max_pixels=DEFAULT_MAX_PIXELS, default_min_pixels=DEFAULT_MIN_PIXELS,
-                     fitted_size=fitted_size, serve_flags=serve_flags, default=True)
+                     fitted_size=fitted_size, serve_flags=serve_flags, default=True,
+                     # Qwen2.5-VL's ids ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"), and Qwen2-VL's: the same
+                     # image processor (Qwen2VLImageProcessor) on the same 28-pixel grid
+                     served_names=(r"qwen2([._-]?5)?[-_ ]?vl",))
 
 FAMILY = Family(
     name="qwen2_5_vl",
