@@ -142,7 +142,8 @@ def test_every_known_model_name_of_a_family_is_recognised_as_that_family(family)
 
 
 def test_an_id_no_family_recognises_is_recognised_by_none():
-    for served in ("scripted", "gpt-4o", "my-vlm", "llava-v1.6-mistral-7b", "Qwen/Qwen2.5-7B-Instruct"):
+    for served in ("scripted", "gpt-4o", "my-vlm", "llava-v1.6-mistral-7b", "Qwen/Qwen2.5-7B-Instruct",
+                   "/tmp/test_qwen3_vl0/internvl/tinyqwen"):  # the folders above the model's say nothing
         assert families.recognising_vlm_families(served) == (), served
 
 
@@ -211,6 +212,19 @@ def test_a_ray_actors_copy_chooses_the_same_family(url):
         assert (copy.family, copy.key) == (b.family, b.key)
         b.close()
         copy.close()
+
+
+def test_a_bench_is_bound_to_the_family(url):
+    """`fgvr bench` reuses a done cell only when its settings match: the family is one of them."""
+    from fgvr.bench import _vlm_identity
+
+    keys = set()
+    for family in VLMS:
+        b = backend(url, family=family)
+        keys.add(_vlm_identity(b)[0])
+        assert f"family={family}" in _vlm_identity(b)[0]
+        b.close()
+    assert len(keys) == len(VLMS)
 
 
 def test_a_local_folder_refuses_another_family(tiny_qwen_dir):

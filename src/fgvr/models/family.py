@@ -84,8 +84,8 @@ class VlmDeclaration:
                         -> `fgvr.models.plan.Workload` or a dict of its fields (a family module cannot import
                         the plan without an import cycle): one generation's working memory for the family's own
                         architecture; None: the Qwen2-VL-style estimate of `fgvr.models.plan.merged_patch_workload`.
-    served_names        regular expressions (case-insensitive, found anywhere in the text) that a served model's
-                        id matches when it is this family. vLLM and SGLang list the hub id or folder the engine
+    served_names        regular expressions (case-insensitive, found anywhere in it) that the last path part of
+                        a served model's id matches when it is this family. vLLM and SGLang list the hub id or folder the engine
                         was started with ("Qwen/Qwen3-VL-8B-Instruct", "/models/InternVL3-8B-hf"), so this is how a
                         served model's images get this family's grid without `--vlm-family`
                         (`fgvr.models.families.recognising_vlm_families`). Declare only ids whose processor sizes

@@ -99,11 +99,13 @@ def vlm_declaration(name: str | None = None) -> VlmDeclaration:
 
 def recognising_vlm_families(model_id: str) -> tuple[Family, ...]:
     """The VLM families whose declaration recognises a served model's id (as a server lists it, or the
-    folder it serves): one of its `served_names` patterns is in the id, or the id's last path part is one of
-    its `known_configs` names or `model_types`. No family is named here: each declares its own."""
-    last = model_id.strip().rstrip("/").rsplit("/", 1)[-1].lower()
+    folder it serves), read in its last path part only ("Qwen3-VL-8B-Instruct" of "Qwen/Qwen3-VL-8B-Instruct"
+    or "/data/internvl-runs/Qwen3-VL-8B-Instruct/": the folders above say nothing about the model): one of the
+    family's `served_names` patterns is in it, or it is one of its `known_configs` names or `model_types`.
+    No family is named here: each declares its own."""
+    last = model_id.strip().rstrip("/").rsplit("/", 1)[-1]
     return tuple(f for f in by_role("vlm") if f.vlm is not None and
-                 (f.vlm.recognises(model_id) or last in f.known_configs or last in f.model_types))
+                 (f.vlm.recognises(last) or last.lower() in f.known_configs or last.lower() in f.model_types))
 
 
 def architecture(name: str) -> tuple[str, dict] | None:
