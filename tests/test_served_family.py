@@ -216,13 +216,13 @@ def test_a_ray_actors_copy_chooses_the_same_family(url):
 
 def test_a_bench_is_bound_to_the_family(url):
     """`fgvr bench` reuses a done cell only when its settings match: the family is one of them."""
-    from fgvr.bench import _vlm_identity
+    from fgvr.bench import vlm_identity
 
     keys = set()
     for family in VLMS:
         b = backend(url, family=family)
-        keys.add(_vlm_identity(b)[0])
-        assert f"family={family}" in _vlm_identity(b)[0]
+        keys.add(vlm_identity(b)[0])
+        assert f"family={family}" in vlm_identity(b)[0]
         b.close()
     assert len(keys) == len(VLMS)
 

@@ -317,7 +317,7 @@ def _with_cache(vlm: "VlmBackend | None", cache_dir: Path | None) -> "VlmBackend
     return reopen(vlm, cache_dir=cache_dir)
 
 
-def _vlm_identity(vlm: "VlmBackend | None") -> tuple[str | None, str | None, str | None]:
+def vlm_identity(vlm: "VlmBackend | None") -> tuple[str | None, str | None, str | None]:
     """(what cells are bound to, the name in tables, the --vlm words in the printed commands)."""
     if vlm is None:
         return None, None, None
@@ -466,7 +466,7 @@ def _prepare(info: Any, out: Path, o: dict[str, Any]) -> _Bench:
     train_bytes, test_bytes = _csv_bytes(train), _csv_bytes(test)
     vlm, device = o["vlm"], o["device"]
     enc_spec = parse_spec(o["encoder"], device=device, role="image-encoder")
-    vlm_key, vlm_name, vlm_word = _vlm_identity(vlm)
+    vlm_key, vlm_name, vlm_word = vlm_identity(vlm)
     settings = {
         "dataset": info.name, "root": str(splits.root.resolve()), "split": splits.split,
         "encoder": enc_spec.replace(device="cpu").key, "encoder_name": enc_spec.name,
