@@ -254,7 +254,7 @@ def vlm_options(f):
                      help="Served --vlm URL: the model to ask (default: the only one the server lists)."),
         click.option("--vlm-family", type=VlmFamilyName(), default=None,
                      help="Served --vlm URL: the VLM family whose grid its images are sized for (default: the "
-                          "family the served model's id names, e.g. Qwen/Qwen3-VL-8B-Instruct, else the default "
+                          "family whose declaration recognises the served model's id, e.g. a hub id, else the default "
                           "one, with a warning). A local folder says its own."),
         click.option("--vlm-concurrency", type=click.IntRange(1), default=8, show_default=True,
                      help="Served --vlm URL: requests in flight at once (the engine batches them)."),

@@ -86,7 +86,7 @@ class VlmDeclaration:
                         architecture; None: the Qwen2-VL-style estimate of `fgvr.models.plan.merged_patch_workload`.
     served_names        regular expressions (case-insensitive, found anywhere in it) that the last path part of
                         a served model's id matches when it is this family. vLLM and SGLang list the hub id or folder the engine
-                        was started with ("Qwen/Qwen3-VL-8B-Instruct", "/models/InternVL3-8B-hf"), so this is how a
+                        was started with ("Org/Model-8B-Instruct", "/models/model-8b"), so this is how a
                         served model's images get this family's grid without `--vlm-family`
                         (`fgvr.models.families.recognising_vlm_families`). Declare only ids whose processor sizes
                         images exactly as this family's does.

@@ -99,8 +99,8 @@ def vlm_declaration(name: str | None = None) -> VlmDeclaration:
 
 def recognising_vlm_families(model_id: str) -> tuple[Family, ...]:
     """The VLM families whose declaration recognises a served model's id (as a server lists it, or the
-    folder it serves), read in its last path part only ("Qwen3-VL-8B-Instruct" of "Qwen/Qwen3-VL-8B-Instruct"
-    or "/data/internvl-runs/Qwen3-VL-8B-Instruct/": the folders above say nothing about the model): one of the
+    folder it serves), read in its last path part only ("Model-8B-Instruct" of "Org/Model-8B-Instruct" or
+    "/data/other-model-runs/Model-8B-Instruct/": the folders above say nothing about the model): one of the
     family's `served_names` patterns is in it, or it is one of its `known_configs` names or `model_types`.
     No family is named here: each declares its own."""
     last = model_id.strip().rstrip("/").rsplit("/", 1)[-1]
