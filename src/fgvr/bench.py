@@ -326,7 +326,9 @@ def vlm_identity(vlm: "VlmBackend | None") -> tuple[str | None, str | None, str 
     if vlm.served or spec is None:
         model = getattr(getattr(vlm, "options", None), "model", None)
         family = getattr(vlm, "family", None)  # a served VLM's images are sized on its family's grid
-        return f"{text} model={model}" + (f" family={family}" if family else ""), text, text
+        from fgvr.backends.openai_vlm import family_key
+
+        return f"{text} model={model}" + family_key(family).replace("|", " "), text, text
     return spec.replace(device="cpu").key, spec.name, text or spec.source
 
 

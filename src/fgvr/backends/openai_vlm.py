@@ -117,6 +117,14 @@ def open_backend(text: str, options: BackendOptions) -> "OpenAIVlm":
     return OpenAIVlm(text.strip(), options)
 
 
+def family_key(family: str | None) -> str:
+    """`|family=NAME` for a key, empty for the default VLM family: every served run, answer cache and base
+    made before the family was chosen used the default family's pixels, and they stay valid."""
+    from fgvr.models import families
+
+    return "" if not family or family == families.default_vlm_family().name else f"|family={family}"
+
+
 def choose_family(given: str | None, ids: Sequence[tuple[str, str | None]] = ()) -> tuple[str, str]:
     """The VLM family a served model's images are sized for, and why (the words of the log line): the one
     `given`, else the family whose declaration recognises the first of `ids` ((what it is, the id) pairs, in
@@ -582,7 +590,7 @@ class OpenAIVlm:
     def key(self) -> str:
         """The served model's identity: what a run and the answer cache are bound to."""
         answered = f"|as={self.answered_model}" if self.answered_model not in (None, self.model) else ""
-        return (f"{NAME}|{self.url}|{self.model}{answered}|family={self.family}|maxpx={self.options.max_pixels}"
+        return (f"{NAME}|{self.url}|{self.model}{answered}{family_key(self.family)}|maxpx={self.options.max_pixels}"
                 f"|minpx={self.options.min_pixels}")
 
     def __reduce__(self) -> tuple[Any, tuple[str, BackendOptions]]:
