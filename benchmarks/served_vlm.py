@@ -86,7 +86,7 @@ def main() -> None:
         model = tiny_models.build_tiny_qwen(Path(tmp) / "tiny-qwen")
         proc, url = start(model, Path(tmp), a.max_batch, max_pixels)
         if a.server_delay:
-            from test_served_vlm import admin
+            from vlm_client import admin
 
             admin(url, delay_s=a.server_delay)
         try:

@@ -8,11 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +16,9 @@ from PIL import Image
 from fgvr.backends import BackendError, BackendOptions, get_backend
 from fgvr.models import families
 from fgvr.models.family import VlmDeclaration
+from vlm_client import admin, start_server
+from vlm_client import request_log as log
 
-SERVER = Path(__file__).parent / "vlm_server.py"
 QUESTION = "Which one?\nA. x\nB. y\nC. z\nAnswer with the letter only."
 VLMS = [f.name for f in families.by_role("vlm")]
 DEFAULT = families.default_vlm_family().name
@@ -33,34 +29,9 @@ HUB_IDS = [("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"), ("Qwen/Qwen3-VL-8B-Ins
            ("OpenGVLab/InternVL2_5-8B", "internvl"), ("/models/qwen2.5-vl-7b", "qwen2_5_vl")]
 
 
-def _start(tmp: Path) -> tuple[subprocess.Popen, str]:
-    ready = tmp / "port"
-    proc = subprocess.Popen([sys.executable, str(SERVER), "--scripted", "--ready-file", str(ready)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(300):
-        if ready.is_file():
-            return proc, f"http://127.0.0.1:{ready.read_text()}/v1"
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode()[-2000:])
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the scripted server did not start within 30 s")
-
-
-def admin(url: str, **state) -> dict:
-    req = urllib.request.Request(url.rsplit("/v1", 1)[0] + "/admin", data=json.dumps(state).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def log(url: str) -> list[dict]:
-    with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/stats", timeout=10) as r:
-        return json.loads(r.read())["requests"]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, url = _start(tmp_path_factory.mktemp("family-server"))
+    proc, url = start_server(tmp_path_factory.mktemp("family-server"), "--scripted", wait_s=30)
     try:
         yield url
     finally:

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
-import sys
 import time
 import tracemalloc
-import urllib.request
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +21,9 @@ from PIL import Image
 
 from fgvr.backends import BackendError, BackendOptions, get_backend, user_turn
 from fgvr.backends.openai_vlm import CACHE_FILE, api_key_for
+from vlm_client import admin, start_server
+from vlm_client import request_log as log
 
-SERVER = Path(__file__).parent / "vlm_server.py"
 DEFAULTS = dict(token_ids=True, logprobs=True, max_logprobs=20, fail_503=0, hang_after=None, delay_s=0.0,
                 ignore_logprobs=False, stream_always=False, token_style="plain", letter_boost=0.0,
                 models_shape="dict", misbehave=None, misbehave_n=None, reply=None, constraints=True,
@@ -36,34 +33,9 @@ ABC = np.exp(-0.7 * np.arange(3)) / np.exp(-0.7 * np.arange(3)).sum()
 QUESTION = "Which one?\nA. x\nB. y\nC. z\nAnswer with the letter only."
 
 
-def _start(tmp: Path) -> tuple[subprocess.Popen, str]:
-    ready = tmp / "port"
-    proc = subprocess.Popen([sys.executable, str(SERVER), "--scripted", "--ready-file", str(ready)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(300):
-        if ready.is_file():
-            return proc, f"http://127.0.0.1:{ready.read_text()}/v1"
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode()[-2000:])
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the scripted server did not start within 30 s")
-
-
-def admin(url: str, **state) -> dict:
-    req = urllib.request.Request(url.rsplit("/v1", 1)[0] + "/admin", data=json.dumps(state).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def log(url: str) -> list[dict]:
-    with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/stats", timeout=10) as r:
-        return json.loads(r.read())["requests"]
-
-
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
-    proc, url = _start(tmp_path_factory.mktemp("hostile"))
+    proc, url = start_server(tmp_path_factory.mktemp("hostile"), "--scripted", wait_s=30)
     try:
         yield url
     finally:

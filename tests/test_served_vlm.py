@@ -25,8 +25,8 @@ from fgvr.backends import LETTERS, BackendError, BackendOptions, fit_pixels, get
 from fgvr.backends.openai_vlm import OpenAIVlm, fill_missing, letter_masses
 from fgvr.backends.transformers_vlm import TransformersVlm, letter_token_ids, render_chat, vlm_inputs
 from fgvr.models import parse_spec, registry
+from vlm_client import admin, start_server, stats
 
-SERVER = Path(__file__).parent / "vlm_server.py"
 CAP = dict(max_pixels=64 * 28 * 28, min_pixels=4 * 28 * 28)
 QUESTIONS = ["Which one of these is shown in the image?\nA. coat\nB. shirt\nC. dress\nAnswer with the letter only.",
              "Which one?\nA. red\nB. blue\nAnswer with the letter only.",
@@ -38,33 +38,6 @@ def _images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 200), (56, 90), (640, 480))]
 
 
-def start_server(model_dir: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """tests/vlm_server.py in its own process; returns it and its /v1 URL once it serves (bounded wait)."""
-    ready = tmp / "port"
-    proc = subprocess.Popen([sys.executable, str(SERVER), "--model", str(model_dir), "--ready-file", str(ready), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(600):
-        if ready.is_file():
-            return proc, f"http://127.0.0.1:{ready.read_text()}/v1"
-        if proc.poll() is not None:
-            raise RuntimeError(f"test server died: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("test server did not start within 60 s")
-
-
-def admin(url: str, **state) -> dict:
-    req = urllib.request.Request(url.rsplit("/v1", 1)[0] + "/admin", data=json.dumps(state).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def stats(url: str) -> dict:
-    with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/stats", timeout=10) as r:
-        return json.loads(r.read())
-
-
 DEFAULT_STATE = dict(token_ids=True, logprobs=True, max_logprobs=20, fail_503=0, hang_after=None, delay_s=0.0,
                      ignore_logprobs=False, stream_always=False, token_style="plain", letter_boost=0.0,
                      models_shape="dict", misbehave=None, misbehave_n=None, reply=None, constraints=True,
@@ -74,7 +47,7 @@ DEFAULT_STATE = dict(token_ids=True, logprobs=True, max_logprobs=20, fail_503=0,
 @pytest.fixture(scope="module")
 def server(talkative_qwen_dir, tmp_path_factory):
     """The tiny Qwen2.5-VL that writes visible text (the plain one writes only newlines: no answer)."""
-    proc, url = start_server(talkative_qwen_dir, tmp_path_factory.mktemp("server"), "--max-batch", "4")
+    proc, url = start_server(tmp_path_factory.mktemp("server"), "--model", str(talkative_qwen_dir), "--max-batch", "4")
     try:
         yield url
     finally:
