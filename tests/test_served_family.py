@@ -16,7 +16,7 @@ from PIL import Image
 from fgvr.backends import BackendError, BackendOptions, get_backend
 from fgvr.models import families
 from fgvr.models.family import VlmDeclaration
-from vlm_client import admin, start_server
+from vlm_client import admin, serving, state
 from vlm_client import request_log as log
 
 QUESTION = "Which one?\nA. x\nB. y\nC. z\nAnswer with the letter only."
@@ -31,19 +31,14 @@ HUB_IDS = [("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"), ("Qwen/Qwen3-VL-8B-Ins
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, url = start_server(tmp_path_factory.mktemp("family-server"), "--scripted", wait_s=30)
-    try:
+    with serving(tmp_path_factory.mktemp("family-server"), "--scripted", wait_s=30) as url:
         yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture()
 def url(server):
-    admin(server, **NAMES)
-    yield server
-    admin(server, **NAMES)
+    with state(server, **NAMES):
+        yield server
 
 
 def photo() -> Image.Image:

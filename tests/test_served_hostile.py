@@ -21,7 +21,7 @@ from PIL import Image
 
 from fgvr.backends import BackendError, BackendOptions, get_backend, user_turn
 from fgvr.backends.openai_vlm import CACHE_FILE, api_key_for
-from vlm_client import admin, start_server
+from vlm_client import admin, serving, state
 from vlm_client import request_log as log
 
 DEFAULTS = dict(token_ids=True, logprobs=True, max_logprobs=20, fail_503=0, hang_after=None, delay_s=0.0,
@@ -35,19 +35,14 @@ QUESTION = "Which one?\nA. x\nB. y\nC. z\nAnswer with the letter only."
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
-    proc, url = start_server(tmp_path_factory.mktemp("hostile"), "--scripted", wait_s=30)
-    try:
+    with serving(tmp_path_factory.mktemp("hostile"), "--scripted", wait_s=30) as url:
         yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture()
 def url(hostile):
-    admin(hostile, **DEFAULTS)
-    yield hostile
-    admin(hostile, **DEFAULTS)
+    with state(hostile, **DEFAULTS):
+        yield hostile
 
 
 def backend(url: str, **kw):

@@ -25,7 +25,7 @@ from fgvr.backends import LETTERS, BackendError, BackendOptions, fit_pixels, get
 from fgvr.backends.openai_vlm import OpenAIVlm, fill_missing, letter_masses
 from fgvr.backends.transformers_vlm import TransformersVlm, letter_token_ids, render_chat, vlm_inputs
 from fgvr.models import parse_spec, registry
-from vlm_client import admin, start_server, stats
+from vlm_client import admin, serving, state, stats
 
 CAP = dict(max_pixels=64 * 28 * 28, min_pixels=4 * 28 * 28)
 QUESTIONS = ["Which one of these is shown in the image?\nA. coat\nB. shirt\nC. dress\nAnswer with the letter only.",
@@ -47,19 +47,14 @@ DEFAULT_STATE = dict(token_ids=True, logprobs=True, max_logprobs=20, fail_503=0,
 @pytest.fixture(scope="module")
 def server(talkative_qwen_dir, tmp_path_factory):
     """The tiny Qwen2.5-VL that writes visible text (the plain one writes only newlines: no answer)."""
-    proc, url = start_server(tmp_path_factory.mktemp("server"), "--model", str(talkative_qwen_dir), "--max-batch", "4")
-    try:
+    with serving(tmp_path_factory.mktemp("server"), "--model", str(talkative_qwen_dir), "--max-batch", "4") as url:
         yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture()
 def url(server):
-    admin(server, **DEFAULT_STATE)
-    yield server
-    admin(server, **DEFAULT_STATE)
+    with state(server, **DEFAULT_STATE):
+        yield server
 
 
 @pytest.fixture(scope="module")

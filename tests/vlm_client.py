@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 SERVER = Path(__file__).parent / "vlm_server.py"
 
@@ -27,6 +29,27 @@ def start_server(tmp: Path, *args: str, wait_s: float = 60.0) -> tuple[subproces
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"test server did not start within {wait_s:.0f} s")
+
+
+@contextmanager
+def serving(tmp: Path, *args: str, wait_s: float = 60.0) -> Iterator[str]:
+    """The server's /v1 URL while it runs (killed at the end: a module fixture's whole life)."""
+    proc, url = start_server(tmp, *args, wait_s=wait_s)
+    try:
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def state(url: str, **defaults) -> Iterator[str]:
+    """`url` with the server set to `defaults` before and after (one test's changes never leak)."""
+    admin(url, **defaults)
+    try:
+        yield url
+    finally:
+        admin(url, **defaults)
 
 
 def admin(url: str, **state) -> dict:
