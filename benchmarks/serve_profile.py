@@ -18,7 +18,7 @@ not to move the figures:
 - the encoder worker: `preprocess` (resize, crop, to pixels), `encoder run` (the runtime's call from the
   worker thread), `system 1` (scoring, trigger, decision: `classify_embeddings`), and the rest of the
   batch function;
-- threads Python does not know (the runtime's own intra-op threads): `runtime threads`.
+- threads Python does not know (the runtimes' own intra-op pools): `other threads`.
 
 Per-thread CPU comes from /proc/self/task/TID/stat, read before and after the measured load; the whole
 process's from /proc/self/stat. `--cprofile` then runs the same load again with cProfile on the event loop
@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `fgvr serve` sets it, before torch starts
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx  # noqa: E402
@@ -142,7 +143,7 @@ def instrument() -> None:
 
             data_received = timed("http parse", cls.data_received)
 
-        PROTOCOL.append(cls.__mro__[2].__name__ if len(cls.__mro__) > 2 else cls.__name__)
+        PROTOCOL.append(next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("uvicorn.")))
         return Timed
 
     server.header_deadline_protocol = protocol
@@ -223,7 +224,7 @@ def measure(url: str, a: argparse.Namespace, controller: int) -> dict:
         if tid == controller:
             role = "profiler's controller"
         else:
-            role = roles.get(tid) or ("event loop" if tid == os.getpid() else "runtime threads")
+            role = roles.get(tid) or ("event loop" if tid == os.getpid() else "other threads (runtime pools)")
         per_role[role] += 1000 * d / n
     return {"row": row, "stages": stages, "threads": dict(per_role), "process_ms": 1000 * (p1 - p0) / n,
             "mean_batch": (n1 - n0) / (b1 - b0) if b1 > b0 else None}
@@ -260,7 +261,8 @@ def report(a: argparse.Namespace, m: dict, load_before: str, load_after: str, cp
             lines.append(f"| encoder worker | {k} | {st[k][0]:.2f} | {st[k][1]:.2f} |")
     if "batch" in st:
         lines.append(f"| encoder worker | batch, other | {st['batch'][0] - inner:.2f} | {st['batch'][1]:.2f} |")
-    lines.append(f"| runtime threads | the encoder's intra-op threads | {th.get('runtime threads', 0.0):.2f} | |")
+    lines.append(f"| other threads | the runtimes' own pools (ONNX Runtime's intra-op threads) | "
+                 f"{th.get('other threads (runtime pools)', 0.0):.2f} | |")
     if cprofile_text:
         lines += ["", "The event loop thread under cProfile (a second run of the same load; own time, top 30; "
                       "cProfile inflates Python code, so read it for where, the table above for how much):", "",
@@ -329,7 +331,7 @@ def main() -> None:
     args = [*(["--runtime", a.runtime] if a.runtime else []), "serve", str(a.kb), "--port", str(port)]
     try:
         cli.main(args=args, prog_name="fgvr")
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt):  # uvicorn re-raises the SIGINT that stopped it
         pass
     if "error" in result:
         raise result["error"]
