@@ -1,12 +1,11 @@
 """The HTTP protocol `fgvr serve` runs under uvicorn (fgvr.serve.server.header_deadline_protocol), with
-httptools (llhttp) where it is installed and with h11 otherwise: the head deadline, the head size limit,
+h11 (the default) and httptools (llhttp, opt-in): the head deadline, the head size limit,
 keep-alive answers, and a large body that is not mistaken for a large head. A real uvicorn server on a
 loopback socket with a one-route app; no models."""
 
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -34,17 +33,16 @@ async def echo_app(scope: dict, receive, send) -> None:
 
 
 @pytest.fixture(params=["httptools", "h11"])
-def protocol(request, monkeypatch) -> type:
-    """The protocol class `serve` gets: httptools' where importable (skipped where not), and h11's (the
-    fallback, forced here by hiding uvicorn's httptools module)."""
+def protocol(request) -> type:
+    """The protocol class `serve` gets: h11's (the default) and httptools' (opt-in; skipped where it is
+    not installed)."""
     if request.param == "httptools":
-        pytest.importorskip("httptools", reason="httptools is not installed (the serve extra installs it)")
-        cls = header_deadline_protocol(0.5)
+        pytest.importorskip("httptools", reason="httptools is not installed")
+        cls = header_deadline_protocol(0.5, http="httptools")
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         assert issubclass(cls, HttpToolsProtocol)
     else:
-        monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)
         cls = header_deadline_protocol(0.5)
         from uvicorn.protocols.http.h11_impl import H11Protocol
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
@@ -36,19 +37,28 @@ class _HeadDeadline:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-def header_deadline_protocol(seconds: float, max_head_bytes: int = MAX_HEAD_BYTES) -> type:
+HTTP_ENV = "FGVR_SERVE_HTTP"  # "httptools" to try uvicorn's httptools protocol (see header_deadline_protocol)
+
+
+def header_deadline_protocol(seconds: float, max_head_bytes: int = MAX_HEAD_BYTES, http: str = "h11") -> type:
     """uvicorn's HTTP protocol with a deadline for the request head: a connection that has not sent complete
     headers within `seconds` of opening is closed (uvicorn itself only times out idle keep-alive
     connections, so a client trickling its headers would hold a connection forever).
 
-    The protocol is uvicorn's httptools one (llhttp, a C parser) where `httptools` is importable, else its
-    pure-Python h11 one, which spends more of the server's CPU per request on parsing and writing
-    (benchmarks/results/serve_profile.md). With either, a head still incomplete after `max_head_bytes` is
-    answered 400 and closed: h11 counts it itself (`h11_max_incomplete_event_size`, set in `serve`); llhttp
-    has no limit, so the httptools protocol here counts the head's bytes as they arrive."""
+    `http`: "h11" (uvicorn's pure-Python protocol, the default) or "httptools" (llhttp, a C parser, where
+    `httptools` is importable; else h11). httptools parsed and wrote a request in about half of h11's CPU
+    (0.11 against 0.21 ms per answer, benchmarks/results/serve_profile.md), but under it the server's
+    resident memory grew by 55-76 MiB over tests/test_serve_browser.py's storm of bad requests (the test's
+    bound is 48); h11 passed that test twice and then measured 52-53 MiB too, as main did, on a machine
+    busy with other tests: not settled, so httptools is opt-in ($FGVR_SERVE_HTTP=httptools). With either, a head still
+    incomplete after `max_head_bytes` is answered 400 and closed: h11 counts it itself
+    (`h11_max_incomplete_event_size`, set in `serve`); llhttp has no limit, so the httptools protocol here
+    counts the head's bytes as they arrive."""
     try:
+        if http != "httptools":
+            raise ImportError
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # no httptools (the serve extra installs it): h11
+    except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
         return type("HeadDeadlineProtocol", (_HeadDeadline, H11Protocol), {"head_seconds": seconds})
@@ -124,7 +134,7 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
 
     app = create_app(opener, settings, on_load_error=load_failed)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            http=header_deadline_protocol(settings.head_timeout_s),
+                            http=header_deadline_protocol(settings.head_timeout_s, http=os.environ.get(HTTP_ENV, "h11")),
                             timeout_keep_alive=max(1, round(settings.keep_alive_s)),
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # h11's own count of it
                             limit_concurrency=connection_limit(settings.max_connections), lifespan="on")
