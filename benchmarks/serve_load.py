@@ -7,7 +7,9 @@
 Starts `fgvr serve KB` as its own process on a free 127.0.0.1 port (loopback only; nothing else is
 contacted), waits for /healthz, warms up, then for each level runs that many client threads, each with its
 own keep-alive connection, sending one image at a time (POST /v1/classify, multipart) and waiting for the
-answer before sending the next. A level stops after `--requests` answers or `--seconds`, whichever comes
+answer before sending the next. The clients are plain sockets sending requests prepared once per image
+(`--client httpx`: httpx, as before, at several times the client CPU per request, which on a 2-core machine
+is CPU the server does not get). A level stops after `--requests` answers or `--seconds`, whichever comes
 first. The levels run in alternation, `--rounds` times (1, 4, 16, 1, 4, 16, ...), and each level's best
 round is reported (its requests/s, with that round's latencies): on a shared machine the other processes'
 load comes and goes, and alternating keeps it from favouring one level. Reported per level: requests/s
@@ -266,16 +268,90 @@ def peak_rss(pid: int, stop: threading.Event, out: list[float]) -> None:
         stop.wait(0.1)
 
 
-def run_level(url: str, photos: list[tuple[str, bytes]], clients: int, n_requests: int, seconds: float) -> dict:
+BOUNDARY = b"fgvr-serve-load-7f3a9c"
+
+
+def classify_request(port: int, name: str, data: bytes) -> bytes:
+    """POST /v1/classify with `data` as the multipart field `image`, head and body as the bytes sent: built
+    once per image, so what a raw client does per request is one send and one read."""
+    if BOUNDARY in data:
+        sys.exit(f"{name} contains the multipart boundary {BOUNDARY!r}; use other images")
+    safe = name.replace('"', "_").encode()
+    body = (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="image"; filename="' + safe
+            + b'"\r\nContent-Type: image/png\r\n\r\n' + data + b"\r\n--" + BOUNDARY + b"--\r\n")
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY.decode()}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+class RawClient:
+    """One keep-alive HTTP/1.1 connection on a plain socket: sends prepared requests and reads the answer
+    (status line, headers, a Content-Length body, or up to the close). A fraction of httpx's CPU per
+    request, which on a 2-core machine is taken from the server being measured."""
+
+    def __init__(self, port: int, timeout: float = 120) -> None:
+        self.port, self.timeout = port, timeout
+        self.sock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def send(self, request: bytes) -> tuple[int, bytes]:
+        try:
+            return self._send(request)
+        except BaseException:
+            self.close()  # the connection's state is unknown: the next request opens a fresh one
+            raise
+
+    def _send(self, request: bytes) -> tuple[int, bytes]:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s = self.sock
+        s.sendall(request)
+        buf = b""
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection before answering")
+            buf += chunk
+        lines = buf[:end].decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip().lower() for k, _, v in (x.partition(":") for x in lines[1:])}
+        body, length = buf[end + 4:], int(headers.get("content-length", -1))
+        while length < 0 or len(body) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                if length < 0:
+                    break
+                raise ConnectionError("the server closed the connection mid-answer")
+            body += chunk
+        if length < 0 or headers.get("connection") == "close":
+            self.close()
+        return status, body
+
+
+def run_level(url: str, photos: list[tuple[str, bytes]], clients: int, n_requests: int, seconds: float,
+              client_kind: str = "raw") -> dict:
+    """`clients` threads, each on its own keep-alive connection, one request at a time. `client_kind`:
+    "raw" (RawClient, prepared requests) or "httpx" (an httpx.Client each, the multipart built per request:
+    what this benchmark used before, several times the CPU per request)."""
     latencies: list[float] = []
     server: list[tuple[float, float]] = []  # the server's own account: encode ms per image, queue ms
     errors: list[str] = []
     lock = threading.Lock()
     sent = [0]
     stop_at = time.perf_counter() + seconds
+    port = int(url.rsplit(":", 1)[1])
+    prepared = [classify_request(port, name, data) for name, data in photos] if client_kind == "raw" else []
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=url, timeout=120) as c:
+        raw = RawClient(port) if client_kind == "raw" else None
+        hx = httpx.Client(base_url=url, timeout=120) if client_kind == "httpx" else None
+        try:
             while time.perf_counter() < stop_at:
                 with lock:
                     if sent[0] >= n_requests:
@@ -285,18 +361,27 @@ def run_level(url: str, photos: list[tuple[str, bytes]], clients: int, n_request
                 name, data = photos[i % len(photos)]
                 t = time.perf_counter()
                 try:
-                    r = c.post("/v1/classify", files={"image": (name, data, "image/png")})
+                    if raw is not None:
+                        status, body = raw.send(prepared[i % len(prepared)])
+                    else:
+                        r = hx.post("/v1/classify", files={"image": (name, data, "image/png")})
+                        status, body = r.status_code, r.content
                     dt = time.perf_counter() - t
                     with lock:
-                        if r.status_code == 200:
+                        if status == 200:
                             latencies.append(dt)
-                            tm = r.json()["timings_ms"]
+                            tm = json.loads(body)["timings_ms"]
                             server.append((tm.get("encode", 0.0), tm.get("queue", 0.0)))
                         else:
-                            errors.append(f"{r.status_code} {r.text[:80]}")
-                except httpx.HTTPError as e:
+                            errors.append(f"{status} {body[:80]!r}")
+                except (OSError, ValueError, httpx.HTTPError) as e:
                     with lock:
                         errors.append(type(e).__name__)
+        finally:
+            if raw is not None:
+                raw.close()
+            if hx is not None:
+                hx.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     t0 = time.perf_counter()
@@ -329,6 +414,9 @@ def main() -> None:
     ap.add_argument("--bare-seconds", type=float, default=4.0, help="Seconds per bare-encoder measurement.")
     ap.add_argument("--no-bare", action="store_true", help="Skip the bare encoder (see above).")
     ap.add_argument("--hostile", action="store_true", help="Hostile clients beside the normal ones (see above).")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="The load clients: raw keep-alive sockets with prepared requests (default), or httpx "
+                         "(what this benchmark used before; several times the client CPU per request).")
     ap.add_argument("--out", type=Path, default=None,
                     help="The table (default benchmarks/results/serve_load.md, serve_load_hostile.md with --hostile).")
     a = ap.parse_args()
@@ -369,7 +457,7 @@ def main() -> None:
             time.sleep(0.3)
         rss_ready = rss_mib(proc.pid)
         levels = [int(x) for x in a.levels.split(",")]
-        run_level(url, photos, max(levels), 2 * max(levels), 120)  # warm-up: full micro-batches, every code path
+        run_level(url, photos, max(levels), 2 * max(levels), 120, a.client)  # warm-up: full micro-batches, every code path
         rss_start = rss_mib(proc.pid)
         for rnd, clients in [(r, c) for r in range(a.rounds) for c in levels]:
             b0, n0 = batches(url)
@@ -381,7 +469,7 @@ def main() -> None:
                 extra += hostile(url, stop, counts, threading.Lock())
                 time.sleep(3)  # let them take their connections and bodies first
             s0, c0 = cpu_s(proc.pid), time.process_time()
-            row = run_level(url, photos, clients, a.requests, a.seconds)
+            row = run_level(url, photos, clients, a.requests, a.seconds, a.client)
             s1, c1 = cpu_s(proc.pid), time.process_time()
             n = max(1, row["answered"])
             row.update(server_cpu_ms=1000 * (s1 - s0) / n, client_cpu_ms=1000 * (c1 - c0) / n)
@@ -421,6 +509,7 @@ def main() -> None:
              f"Command: `{' '.join([Path(sys.executable).name, 'benchmarks/serve_load.py', *sys.argv[1:]])}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}  ",
              f"Load before: `{load_before}`  ", f"Load after: `{load_after}`  ",
+             f"Load clients: {'raw keep-alive sockets, requests prepared once' if a.client == 'raw' else 'httpx'}  ",
              f"{len(photos)} distinct query images; {a.rounds} round(s), levels alternating; best round per level:", "",
              "| clients | answered | errors | req/s | x one client | p50 ms | p99 ms | mean encoder batch | encode ms/image | queue ms "
              "| server CPU ms/req | client CPU ms/req | all rounds' req/s |",

@@ -197,6 +197,36 @@ def test_exif_orientation_is_applied(tmp_path):
     assert r > 200 and b < 60
 
 
+def test_bytes_in_memory_decode_as_their_file_does(tmp_path):
+    """`load_image(name, data=...)` (what the server decodes uploads with, no temporary file) gives the
+    file's pixels for every mode, EXIF rotation and a reduced-scale JPEG, and the file's error otherwise."""
+    Image.new("L", (20, 10), 128).save(tmp_path / "gray.png")
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.save(tmp_path / "rgba.png")
+    Image.new("CMYK", (20, 10), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)
+    Image.fromarray(np.full((10, 20), 32896, dtype=np.uint16)).save(tmp_path / "deep.png")
+    im = Image.new("RGB", (60, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 10, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    Image.new("RGB", (3000, 2000), (10, 200, 10)).save(tmp_path / "big.jpg", quality=80)
+    for name in ["gray.png", "rgba.png", "cmyk.jpg", "deep.png", "rot.jpg", "big.jpg"]:
+        data = (tmp_path / name).read_bytes()
+        a, b = load_image(tmp_path / name, max_side=500), load_image(name, max_side=500, data=data)
+        assert (a.mode, a.size) == (b.mode, b.size) and a.tobytes() == b.tobytes(), name
+    cut = (tmp_path / "rot.jpg").read_bytes()[:300]
+    (tmp_path / "cut.jpg").write_bytes(cut)
+    with pytest.raises(ImageError) as from_file:
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageError) as from_bytes:
+        load_image("cut.jpg", data=cut)
+    assert from_bytes.value.reason == from_file.value.reason
+    with pytest.raises(ImageError, match="empty"):
+        load_image("nothing.png", data=b"")
+
+
 def test_very_large_image_is_downscaled_while_decoding(tmp_path):
     big = tmp_path / "big.jpg"
     Image.new("RGB", (6000, 4000), (10, 200, 10)).save(big, quality=80)

@@ -220,6 +220,20 @@ def test_one_thread_count_for_torch_and_onnx_runtime(tmp_path, monkeypatch):
     assert intra_op_threads() >= 1
 
 
+def test_a_passive_wait_policy_stops_onnx_runtime_spinning(tmp_path, monkeypatch):
+    """`fgvr serve` sets OMP_WAIT_POLICY=PASSIVE (idle workers sleep): ONNX Runtime's pool follows it;
+    elsewhere its own default (spinning, for throughput) stays."""
+    onnx_runtime.cached_graph(tmp_path / "t.onnx", _make(tmp_path / "log"))
+    key = "session.intra_op.allow_spinning"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    options = onnx_runtime.open_graph(tmp_path / "t.onnx", threads=2).session.get_session_options()
+    assert options.get_session_config_entry(key) == "0"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    options = onnx_runtime.open_graph(tmp_path / "t.onnx", threads=2).session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        options.get_session_config_entry(key)
+
+
 def test_cgroup_quota(tmp_path):
     f = tmp_path / "cpu.max"
     f.write_text("max 100000\n")

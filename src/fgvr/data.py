@@ -409,8 +409,10 @@ def _high_depth(mode: str) -> bool:
 
 
 def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, data: bytes | None = None) -> Image.Image:
     """Decode `path` to an RGB image with EXIF orientation applied, longest side at most `max_side`.
+    With `data` (the file's bytes, already in memory: an upload), those are decoded the same way and `path`
+    only names them in errors: no temporary file is written to share this decoder.
 
     Large JPEGs are decoded at a reduced scale (`draft`) so a 24 Mpx photo never occupies 72 MB before being
     shrunk. Memory is counted before any pixel is decoded: the decoded size (after that reduction) in the
@@ -423,7 +425,7 @@ def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE,
     limit = max_pixels if max_pixels is not None else _max_decoded[0]
     path = Path(path)
     try:
-        size = path.stat().st_size
+        size = path.stat().st_size if data is None else len(data)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
     except OSError as e:
@@ -433,7 +435,7 @@ def load_image(path: str | Path, max_side: int | None = DEFAULT_MAX_SIDE,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 out = _decode_open(path, im, max_side, limit)
     except ImageError:
         raise

@@ -232,5 +232,10 @@ def open_graph(path: Path, threads: int | None = None) -> OrtGraph:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        # The process asked for idle workers that sleep rather than spin (`fgvr serve` does: between two
+        # micro-batches its request threads need the cores); ORT's own pool spins by default, like OpenMP's
+        # active policy, and each spin after a batch was CPU the event loop and the decoders did not get.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     return OrtGraph(path, session, n, graph_weight_bytes(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
@@ -13,27 +14,82 @@ from fgvr.serve.settings import ServeSettings, loud_warning
 log = logging.getLogger("fgvr.serve")
 
 
-def header_deadline_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol with a deadline for the request head: a connection that has not sent complete
-    headers within `seconds` of opening is closed (uvicorn itself only times out idle keep-alive
-    connections, so a client trickling its headers would hold a connection forever)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers: a longer head is answered 400 and the connection closed
 
-    class HeadDeadlineProtocol(H11Protocol):
+
+class _HeadDeadline:
+    """Mixed into a uvicorn HTTP protocol: the connection is closed when no complete request head has come
+    `head_seconds` after it opened."""
+
+    head_seconds: float
+
+    def connection_made(self, transport: Any) -> None:  # noqa: ANN401
+        super().connection_made(transport)  # type: ignore[misc]
+        self._head_deadline = self.loop.call_later(self.head_seconds, self._head_overdue)  # type: ignore[attr-defined]
+
+    def _head_overdue(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():  # type: ignore[attr-defined]
+            log.info("closing a connection that sent no complete request head in %.1f s", self.head_seconds)
+            self.transport.close()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_deadline.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+HTTP_ENV = "FGVR_SERVE_HTTP"  # "httptools" to try uvicorn's httptools protocol (see header_deadline_protocol)
+
+
+def header_deadline_protocol(seconds: float, max_head_bytes: int = MAX_HEAD_BYTES, http: str = "h11") -> type:
+    """uvicorn's HTTP protocol with a deadline for the request head: a connection that has not sent complete
+    headers within `seconds` of opening is closed (uvicorn itself only times out idle keep-alive
+    connections, so a client trickling its headers would hold a connection forever).
+
+    `http`: "h11" (uvicorn's pure-Python protocol, the default) or "httptools" (llhttp, a C parser, where
+    `httptools` is importable; else h11). httptools parsed and wrote a request in about half of h11's CPU
+    (0.11 against 0.21 ms per answer, benchmarks/results/serve_profile.md), but under it the server's
+    resident memory grew by 55-76 MiB over tests/test_serve_browser.py's storm of bad requests (the test's
+    bound is 48); h11 passed that test twice and then measured 52-53 MiB too, as main did, on a machine
+    busy with other tests: not settled, so httptools is opt-in ($FGVR_SERVE_HTTP=httptools). With either, a head still
+    incomplete after `max_head_bytes` is answered 400 and closed: h11 counts it itself
+    (`h11_max_incomplete_event_size`, set in `serve`); llhttp has no limit, so the httptools protocol here
+    counts the head's bytes as they arrive."""
+    try:
+        if http != "httptools":
+            raise ImportError
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return type("HeadDeadlineProtocol", (_HeadDeadline, H11Protocol), {"head_seconds": seconds})
+
+    class HeadDeadlineHttpTools(_HeadDeadline, HttpToolsProtocol):
+        head_seconds = seconds
+
         def connection_made(self, transport: Any) -> None:  # noqa: ANN401
             super().connection_made(transport)
-            self._head_deadline = self.loop.call_later(seconds, self._head_overdue)
+            self._head_bytes, self._in_head, self._head_done = 0, True, False
 
-        def _head_overdue(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
-                log.info("closing a connection that sent no complete request head in %.1f s", seconds)
-                self.transport.close()
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._head_deadline.cancel()
-            super().connection_lost(exc)
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head_done, self._head_bytes = False, True, 0
+            super().on_headers_complete()
 
-    return HeadDeadlineProtocol
+        def data_received(self, data: bytes) -> None:
+            # A chunk read while a head is open, in which no head completed, is all head: a client that
+            # waits for each answer never sends the next request's bytes in the chunk of a body's last ones.
+            self._head_done = False
+            super().data_received(data)
+            if self._in_head and not self._head_done and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > max_head_bytes:
+                    log.info("closing a connection whose request head is over %d bytes", max_head_bytes)
+                    self.send_400_response("Invalid HTTP request received: request head too large.")
+
+    return HeadDeadlineHttpTools
 
 
 def connection_limit(wanted: int) -> int:
@@ -78,9 +134,9 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
 
     app = create_app(opener, settings, on_load_error=load_failed)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            http=header_deadline_protocol(settings.head_timeout_s),
+                            http=header_deadline_protocol(settings.head_timeout_s, http=os.environ.get(HTTP_ENV, "h11")),
                             timeout_keep_alive=max(1, round(settings.keep_alive_s)),
-                            h11_max_incomplete_event_size=16 * 1024,  # request line + headers
+                            h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # h11's own count of it
                             limit_concurrency=connection_limit(settings.max_connections), lifespan="on")
     server = uvicorn.Server(config)
     log.info("serve: http://%s:%s/ (loading the models; /healthz says when ready)",

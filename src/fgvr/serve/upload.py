@@ -7,8 +7,6 @@ import base64
 import binascii
 import io
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,6 @@ from PIL import Image
 
 from fgvr.data import BYTES_PER_PIXEL_BUDGET, ImageError, decode_bytes, load_image
 from fgvr.serve.settings import ServeSettings, UploadError
-
-_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
 
 def check_header(data: bytes, max_pixels: int) -> tuple[int, int]:
     """The image's (width, height) from its header alone; refuses what is not an image or would decode to
@@ -52,16 +47,14 @@ def check_header(data: bytes, max_pixels: int) -> tuple[int, int]:
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     """Header check, then the same decoder `fgvr classify` uses on files (`fgvr.data.load_image`: EXIF
-    orientation, reduced-scale JPEG decoding, transparency, 16-bit data, truncation). The bytes go through
-    a temporary file (in /dev/shm where there is one) so that files and uploads share one decoder."""
+    orientation, reduced-scale JPEG decoding, transparency, 16-bit data, truncation), on the bytes in
+    memory (they once went through a temporary file, which cost a file's creation, write and removal per
+    request)."""
     check_header(data, max_pixels)
-    with tempfile.NamedTemporaryFile(prefix="fgvr-upload-", dir=_TMP) as f:
-        f.write(data)
-        f.flush()
-        try:
-            return load_image(f.name, max_pixels=max_pixels)
-        except ImageError as e:
-            raise UploadError(400, e.reason) from None
+    try:
+        return load_image("upload", max_pixels=max_pixels, data=data)
+    except ImageError as e:
+        raise UploadError(400, e.reason) from None
 
 
 def b64decode(text: Any) -> bytes:
