@@ -316,14 +316,28 @@ def test_bad_input_storm_then_good_requests_as_before_and_memory_back(server):
         lambda: httpx.post(url + "/v1/classify", timeout=60, files={"image": ("big.jpg", big_ok, "image/jpeg")}),
     ]
     want = [413, 400, 400, 413, 413, 413, 400, 200]
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda i: kinds[i % len(kinds)]().status_code, range(48)))
-    assert got == [want[i % len(want)] for i in range(48)]
+
+    def storm() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda i: kinds[i % len(kinds)]().status_code, range(48)))
+        assert got == [want[i % len(want)] for i in range(48)]
+
+    storm()
     after = [classify(url, p).json() for p in photos for _ in range(4)]
     assert [(a["prediction_name"], round(a["confidence"], 5)) for a in after] == \
            [(b["prediction_name"], round(b["confidence"], 5)) for b in before]
-    growth = rss(proc.pid) - rss0
-    assert growth < 48 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over the storm"
+    # Resident memory after a storm swings with what glibc's per-thread arenas keep of four 1800x1200
+    # decodes at once: 29-54 MiB over the warm state in eight storms on this machine, up and down, so one
+    # reading is no leak test (a 48 MiB bound on one storm failed on main under load). A leak grows with
+    # every storm: the last three storms' lowest reading must not pass the first three's highest, and no
+    # storm may take the server far from where it started.
+    seen = [rss(proc.pid) - rss0]
+    for _ in range(5):
+        storm()
+        seen.append(rss(proc.pid) - rss0)
+    mib = [round(g / 2**20, 1) for g in seen]
+    assert max(seen) < 160 * 2**20, f"resident memory grew by up to {max(mib)} MiB over the storms {mib}"
+    assert min(seen[3:]) <= max(seen[:3]) + 8 * 2**20, f"resident memory climbs storm after storm (MiB): {mib}"
     metrics = httpx.get(url + "/metrics", timeout=10).text
     assert 'route="/v1/classify",status="413"' in metrics and 'route="/v1/classify",status="400"' in metrics
     assert httpx.get(url + "/healthz", timeout=10).json()["status"] == "ready" and proc.poll() is None
