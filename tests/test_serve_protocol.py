@@ -153,3 +153,20 @@ def test_a_head_not_complete_by_the_deadline_is_closed_while_others_are_answered
             good.sendall(post(b"/y", b"abc"))
             assert answer(good).endswith(b"\r\n\r\n3")
         assert closed(half) and closed(silent)  # by the server, not answered
+
+
+def test_the_protocol_switch_refuses_a_misspelt_value_and_says_when_httptools_is_missing(monkeypatch, caplog):
+    """$FGVR_SERVE_HTTP is read once: a typo is one line naming the variable, not a silent h11, and asking
+    for httptools where it is not installed says so and serves with h11."""
+    import sys
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from fgvr.errors import UsageError
+
+    with pytest.raises(UsageError, match="FGVR_SERVE_HTTP='htttools'"):
+        header_deadline_protocol(0.5, http="htttools")
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)  # import fails
+    with caplog.at_level("WARNING", logger="fgvr.serve"):
+        cls = header_deadline_protocol(0.5, http="httptools")
+    assert issubclass(cls, H11Protocol) and "httptools is not installed" in caplog.text

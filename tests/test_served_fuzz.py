@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fgvr.backends import LETTERS, BackendError, BackendOptions, get_backend
-from fgvr.backends.openai_vlm import CACHE_FILE, BadAnswer, model_ids, read_body, read_scores, usage
+from fgvr.backends.openai_vlm import CACHE_FILE, BadAnswer, model_roots, read_body, read_scores, usage
 
 SERVER = Path(__file__).parent / "vlm_server.py"
 MODES = ["logprob_token_ids", "top_logprobs", "choice", "letter"]
@@ -79,11 +79,11 @@ def test_any_reply_is_read_as_a_distribution_or_refused(reply, mode, k, ids):
 @given(listed=models)
 def test_any_models_list_is_read_or_refused_in_one_line(listed):
     try:
-        ids = model_ids(listed, "http://127.0.0.1:1/v1")
+        roots = model_roots(listed, "http://127.0.0.1:1/v1")
     except BackendError as e:
         one_line(e)
         return
-    assert all(isinstance(i, str) for i in ids)
+    assert all(isinstance(i, str) and (r is None or isinstance(r, str)) for i, r in roots.items())
 
 
 @settings(max_examples=200, deadline=None)

@@ -490,14 +490,10 @@ def read_scores(response: Any, mode: str, k: int, letter_ids: dict[str, int] | N
     return [1.0 if c == answer else 0.0 for c in letters]
 
 
-def model_ids(listed: Any, url: str) -> list[str]:
-    """The ids a `GET /v1/models` answer lists ({"data": [{"id": ...}]}); anything else is one error."""
-    return list(model_roots(listed, url))
-
-
 def model_roots(listed: Any, url: str) -> dict[str, str | None]:
-    """{id: root} of a `GET /v1/models` answer: vLLM's and SGLang's model cards name in `root` the folder or
-    hub id the engine serves (under `--served-model-name` the id is only an alias); None where not given."""
+    """{id: root} of a `GET /v1/models` answer ({"data": [{"id": ..., "root": ...}]}; anything else is one
+    error): vLLM's and SGLang's model cards name in `root` the folder or hub id the engine serves (under
+    `--served-model-name` the id is only an alias); None where not given."""
     data = listed.get("data") if isinstance(listed, dict) else None
     if not isinstance(data, list):
         raise BackendError(f"{url}/models answered a JSON {type(listed).__name__} without a \"data\" list, "

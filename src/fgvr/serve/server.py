@@ -45,21 +45,29 @@ def header_deadline_protocol(seconds: float, max_head_bytes: int = MAX_HEAD_BYTE
     headers within `seconds` of opening is closed (uvicorn itself only times out idle keep-alive
     connections, so a client trickling its headers would hold a connection forever).
 
-    `http`: "h11" (uvicorn's pure-Python protocol, the default) or "httptools" (llhttp, a C parser, where
-    `httptools` is importable; else h11). httptools parsed and wrote a request in about half of h11's CPU
-    (0.11 against 0.21 ms per answer, benchmarks/results/serve_profile.md), but under it the server's
-    resident memory grew by 55-76 MiB over tests/test_serve_browser.py's storm of bad requests (the test's
-    bound is 48); h11 passed that test twice and then measured 52-53 MiB too, as main did, on a machine
-    busy with other tests: not settled, so httptools is opt-in ($FGVR_SERVE_HTTP=httptools). With either, a head still
-    incomplete after `max_head_bytes` is answered 400 and closed: h11 counts it itself
+    `http`: "h11" (uvicorn's pure-Python protocol, the default) or "httptools" (llhttp, a C parser; when
+    `httptools` is not installed, h11 with a warning); anything else is a UsageError naming $FGVR_SERVE_HTTP.
+    httptools parsed and wrote a request in about half of h11's CPU (0.11 against 0.21 ms per answer,
+    benchmarks/results/serve_profile.md) but is opt-in: its effect on resident memory over a storm of bad
+    requests was not settled (55-76 MiB after one storm under it, measured while other tests loaded the
+    machine), and llhttp answers methods it does not know with 400 where h11 passes them on (405/404). With
+    either, a head still incomplete after `max_head_bytes` is answered 400 and closed: h11 counts it itself
     (`h11_max_incomplete_event_size`, set in `serve`); llhttp has no limit, so the httptools protocol here
     counts the head's bytes as they arrive."""
+    if http not in ("h11", "httptools"):
+        from fgvr.errors import UsageError
+
+        raise UsageError(f"{HTTP_ENV}={http!r}: use h11 (the default) or httptools")
     try:
         if http != "httptools":
             raise ImportError
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        if http == "httptools":
+            log.warning("%s=httptools, but httptools is not installed (pip install httptools): serving with h11",
+                        HTTP_ENV)
 
         return type("HeadDeadlineProtocol", (_HeadDeadline, H11Protocol), {"head_seconds": seconds})
 
@@ -134,7 +142,8 @@ def serve(opener: Callable[[], AbstractContextManager[DualSystem]], host: str, p
 
     app = create_app(opener, settings, on_load_error=load_failed)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            http=header_deadline_protocol(settings.head_timeout_s, http=os.environ.get(HTTP_ENV, "h11")),
+                            http=header_deadline_protocol(settings.head_timeout_s,
+                                                          http=os.environ.get(HTTP_ENV, "h11").strip() or "h11"),
                             timeout_keep_alive=max(1, round(settings.keep_alive_s)),
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # h11's own count of it
                             limit_concurrency=connection_limit(settings.max_connections), lifespan="on")
