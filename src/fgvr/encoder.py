@@ -99,6 +99,7 @@ class Encoder:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float = 0.0  # set by the loader: weights read + moved, for reports
+    graph = None  # the `fgvr.models.onnx_runtime.OrtGraph` running the image tower when spec.runtime is "onnx"
 
     def torch_modules(self) -> list[torch.nn.Module]:
         """What the registry measures, moves and leak-checks."""
@@ -106,8 +107,9 @@ class Encoder:
 
     def runtime_bytes(self) -> int:
         """Bytes of weights held outside `torch_modules()` by another runtime (an ONNX Runtime session):
-        the registry adds them to what it measures; they are neither moved nor leak-checked."""
-        return 0
+        the registry adds them to what it measures; they are neither moved nor leak-checked. The ONNX
+        Runtime session's graph initializer bytes where `graph` is set."""
+        return self.graph.weight_bytes if self.graph is not None else 0
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N,3,H,W) float32 CPU tensor, normalised the way this model was trained."""

@@ -105,14 +105,8 @@ class CLIPEncoder(Encoder):
         # at the end-of-text token under a causal mask, so padding to the batch's longest is exact.
         self.pad_to_limit = spec.family == "siglip"
 
-    graph = None  # an `OrtGraph` of the image tower when spec.runtime is "onnx"
-
     def torch_modules(self) -> list[torch.nn.Module]:
         return [self.model]
-
-    def runtime_bytes(self) -> int:
-        """The ONNX Runtime session's weights (its graph's initializer bytes); 0 on torch."""
-        return self.graph.weight_bytes if self.graph is not None else 0
 
     def _weights(self) -> torch.Tensor:
         return next(self.model.parameters())  # follow the weights if the registry moved them

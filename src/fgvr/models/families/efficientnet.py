@@ -127,17 +127,11 @@ class EfficientNetEncoder(Encoder):
     def torch_modules(self) -> list[torch.nn.Module]:
         return [self.model]
 
-    def runtime_bytes(self) -> int:
-        """The ONNX Runtime session's weights (its graph's initializer bytes); 0 on torch."""
-        return self.graph.weight_bytes if self.graph is not None else 0
-
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         x = pil_batch([resize_center_crop(im, self.image_size, self.upscale, self.downscale) for im in images])
         x -= 127.0  # the same float32 operations as (x - 127) / 128 on a tensor: identical pixels
         x /= 128.0
         return torch.from_numpy(x)
-
-    graph = None  # an `OrtGraph` of `model.extract_features` when spec.runtime is "onnx"
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N,3,H,W) preprocessed -> (N,1280,h,w) last feature map, by ONNX Runtime or torch (spec.runtime)."""
